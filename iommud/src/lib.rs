@@ -1,0 +1,2 @@
+//! iommud: the IOMMU server.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! libdma: client library of iommud.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! Intel VT-d encoding and software model.
+#![deny(missing_docs)]
