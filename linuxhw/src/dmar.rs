@@ -1,0 +1,5 @@
+//! x
+#[derive(Debug, thiserror::Error)]
+#[error("x")]
+/// x
+pub enum DmarError {}
