@@ -1,2 +1,11 @@
 //! Intel VT-d encoding and software model.
+//!
+//! - [`regs`]: register offsets, capability decoding, command/status encodings.
+//! - [`entry`]: root, context and second-level page-table entries.
+//! - [`desc`]: invalidation-queue descriptors.
+//! - [`sim`]: a software model of a VT-d unit living in shared memory.
 #![deny(missing_docs)]
+
+pub mod desc;
+pub mod entry;
+pub mod regs;
