@@ -1,0 +1,228 @@
+//! The QEMU guest harness: boot a Debian cloud kernel with a busybox initramfs holding
+//! the project's static binaries, on a q35 machine with an emulated Intel VT-d unit (left
+//! alone by the guest kernel) and two e1000 NICs on one hub (a TX→RX loop).
+//!
+//! Reuse it from a new subcommand like this:
+//!
+//! ```ignore
+//! let out = guest::run(
+//!     &GuestRun::new("netloop", "iommud & sleep 1; e1000d --selftest")
+//!         .package("iommud")
+//!         .package("e1000d")
+//!         .caching_mode(true)
+//!         .timeout(Duration::from_secs(120)),
+//! )?;
+//! out.expect_success()?;                       // `GUEST-EXIT 0` seen, no timeout
+//! let pkts = out.value("PACKETS");             // from a line `PACKETS 1000` in the console
+//! ```
+//!
+//! Guest facts: NICs at 0000:00:01.0 and 0000:00:02.0 (8086:100e), VT-d registers at
+//! 0xfed90000 (`/dev/mem`, `iomem=relaxed`), 64 × 2 MiB hugepages reserved and hugetlbfs
+//! mounted at `/dev/hugepages`, busybox applets on `PATH`, project binaries in `/bin`.
+
+pub mod cpio;
+pub mod deps;
+pub mod image;
+pub mod qemu;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::util::Result;
+
+/// Number of 2 MiB hugepages the guest reserves at boot.
+pub const HUGEPAGES: u32 = 64;
+/// Printed by `/init` just before the job starts.
+pub const START_MARKER: &str = "GUEST-START";
+/// Printed by `/init` after the job: `GUEST-EXIT <exit status of /job.sh>`.
+pub const EXIT_MARKER: &str = "GUEST-EXIT";
+
+/// An extra file placed in the initramfs.
+#[derive(Debug, Clone)]
+pub struct GuestFile {
+    /// Absolute path in the guest, e.g. `/etc/iommud.conf`.
+    pub path: String,
+    pub contents: Vec<u8>,
+    /// Permission bits, e.g. `0o644` or `0o755`.
+    pub mode: u32,
+}
+
+/// One guest boot: what goes in the image, what runs, and how long it may take.
+#[derive(Debug, Clone)]
+pub struct GuestRun {
+    /// Names the image (`target/guest/images/<name>.cpio`) and log (`target/guest/logs/<name>.log`).
+    pub name: String,
+    /// `-device intel-iommu,caching-mode=on`: non-present→present changes need invalidation too.
+    pub caching_mode: bool,
+    /// Cargo packages whose binaries (all `[[bin]]`s, built static, release) go into `/bin`.
+    pub packages: Vec<String>,
+    /// Extra files for the initramfs.
+    pub files: Vec<GuestFile>,
+    /// Shell script (busybox `sh`) run as `/job.sh` by `/init` once proc, sys, devtmpfs,
+    /// hugetlbfs (`/dev/hugepages`) and tmpfs (`/tmp`, `/dev/shm`) are mounted. Its exit
+    /// status (that of its last command, or `exit N`) is reported as `GUEST-EXIT N`.
+    pub script: String,
+    /// Wall-clock limit for the whole boot; QEMU is killed when it passes.
+    pub timeout: Duration,
+    /// NIC model for both NICs (`e1000`, or `igb` for QEMU ≥ 8).
+    pub nic_model: String,
+    /// Appended to the kernel command line.
+    pub extra_append: String,
+    /// Appended to QEMU's arguments.
+    pub extra_qemu_args: Vec<String>,
+    /// Stream the console to stdout while it runs (it is always logged).
+    pub echo: bool,
+    /// Connect QEMU to the terminal's stdin (for `guest-shell`).
+    pub interactive: bool,
+}
+
+impl GuestRun {
+    /// A run named `name` executing `script`, with no project binaries, caching mode off,
+    /// two e1000 NICs, a 120 s timeout and the console echoed.
+    pub fn new(name: impl Into<String>, script: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            caching_mode: false,
+            packages: Vec::new(),
+            files: Vec::new(),
+            script: script.into(),
+            timeout: Duration::from_secs(120),
+            nic_model: "e1000".into(),
+            extra_append: String::new(),
+            extra_qemu_args: Vec::new(),
+            echo: true,
+            interactive: false,
+        }
+    }
+
+    /// Adds the binaries of cargo package `pkg` to `/bin`.
+    pub fn package(mut self, pkg: impl Into<String>) -> Self {
+        self.packages.push(pkg.into());
+        self
+    }
+
+    pub fn caching_mode(mut self, on: bool) -> Self {
+        self.caching_mode = on;
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    #[allow(dead_code)] // API for guest tests to come
+    /// Adds a file at `path` in the guest.
+    pub fn file(
+        mut self,
+        path: impl Into<String>,
+        contents: impl Into<Vec<u8>>,
+        mode: u32,
+    ) -> Self {
+        self.files.push(GuestFile {
+            path: path.into(),
+            contents: contents.into(),
+            mode,
+        });
+        self
+    }
+
+    #[allow(dead_code)] // API for guest tests to come
+    pub fn nic_model(mut self, model: impl Into<String>) -> Self {
+        self.nic_model = model.into();
+        self
+    }
+
+    #[allow(dead_code)] // API for guest tests to come
+    pub fn echo(mut self, on: bool) -> Self {
+        self.echo = on;
+        self
+    }
+}
+
+/// What a boot left behind.
+#[derive(Debug, Clone)]
+pub struct GuestOutput {
+    /// The full console (and QEMU stderr, prefixed `[qemu] `) log.
+    pub log_path: PathBuf,
+    /// The console output, `\r` removed.
+    pub console: String,
+    /// N from the last `GUEST-EXIT N` line; `None` if the job never finished.
+    pub exit_marker: Option<i32>,
+    /// QEMU was killed at the timeout.
+    pub timed_out: bool,
+    /// Wall-clock time from QEMU start to exit.
+    pub duration: Duration,
+}
+
+impl GuestOutput {
+    /// The job ran to completion with exit status 0.
+    pub fn success(&self) -> bool {
+        self.exit_marker == Some(0) && !self.timed_out
+    }
+
+    /// `Ok` on [`success`](Self::success), else an error naming the log.
+    pub fn expect_success(&self) -> Result<()> {
+        if self.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "guest job failed ({}); log: {}",
+            if self.timed_out {
+                "timed out".to_string()
+            } else {
+                match self.exit_marker {
+                    Some(c) => format!("exit status {c}"),
+                    None => "no GUEST-EXIT marker".to_string(),
+                }
+            },
+            self.log_path.display()
+        ))
+    }
+
+    /// Console lines printed by the job (between the start and exit markers).
+    pub fn job_lines(&self) -> impl Iterator<Item = &str> {
+        let mut inside = false;
+        self.console.lines().filter(move |l| {
+            let t = l.trim();
+            // The console may prefix terminal escapes to the marker's line.
+            if t.ends_with(START_MARKER) {
+                inside = true;
+                return false;
+            }
+            if t.starts_with(EXIT_MARKER) {
+                inside = false;
+            }
+            inside
+        })
+    }
+
+    /// The rest of the first job line starting with `key` followed by a space, trimmed:
+    /// `value("VTD CAP")` on `VTD CAP 0x00D2008C222F0606` gives `0x00D2008C222F0606`.
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.job_lines().find_map(|l| {
+            l.trim()
+                .strip_prefix(key)
+                .filter(|r| r.starts_with(' '))
+                .map(str::trim)
+        })
+    }
+}
+
+/// Ensures the dependencies, builds the image and boots it. Fails only if the harness
+/// itself fails (build, missing QEMU, ...); a failing or hung job is reported in the output.
+pub fn run(run: &GuestRun) -> Result<GuestOutput> {
+    let assets = deps::ensure()?;
+    let initrd = image::build(run, &assets)?;
+    qemu::boot(run, &assets, &initrd)
+}
+
+/// Parses a `0x…` (or bare) hexadecimal number.
+pub fn parse_hex(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    u64::from_str_radix(s, 16).ok()
+}

@@ -1,0 +1,179 @@
+//! Booting the guest under QEMU (TCG), logging its console, enforcing a timeout.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::deps::Assets;
+use super::{GuestOutput, GuestRun, EXIT_MARKER, HUGEPAGES};
+use crate::util::{describe, guest_dir, mkdirs, Result};
+
+/// The kernel command line: keep the guest kernel off the VT-d unit so userspace owns it.
+pub fn kernel_cmdline(run: &GuestRun) -> String {
+    let mut s = format!(
+        "console=ttyS0 intel_iommu=off intremap=off iomem=relaxed hugepagesz=2M hugepages={HUGEPAGES} panic=-1 quiet"
+    );
+    if !run.extra_append.is_empty() {
+        s.push(' ');
+        s.push_str(&run.extra_append);
+    }
+    s
+}
+
+/// QEMU's arguments for `run`. The IOMMU comes before the NICs; with `-vga none` the NICs
+/// are 00:01.0 and 00:02.0 (devfn 0x08, 0x10).
+pub fn qemu_args(run: &GuestRun, assets: &Assets, initrd: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-M",
+        "q35",
+        "-smp",
+        "2",
+        "-m",
+        "1G",
+        "-vga",
+        "none",
+        "-nographic",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push("-kernel".into());
+    a.push(assets.kernel.display().to_string());
+    a.push("-initrd".into());
+    a.push(initrd.display().to_string());
+    a.push("-append".into());
+    a.push(kernel_cmdline(run));
+    a.push("-device".into());
+    a.push(format!(
+        "intel-iommu,intremap=off,caching-mode={}",
+        if run.caching_mode { "on" } else { "off" }
+    ));
+    for id in ["a", "b"] {
+        a.push("-netdev".into());
+        a.push(format!("hubport,hubid=0,id={id}"));
+        a.push("-device".into());
+        // No option ROM: the guest never boots from the network, and iPXE only slows TCG.
+        a.push(format!("{},netdev={id},romfile=", run.nic_model));
+    }
+    a.extend(run.extra_qemu_args.iter().cloned());
+    a
+}
+
+/// Boots `initrd`, streams and logs the console, kills QEMU at `run.timeout`.
+pub fn boot(run: &GuestRun, assets: &Assets, initrd: &Path) -> Result<GuestOutput> {
+    let logs = guest_dir().join("logs");
+    mkdirs(&logs)?;
+    let log_path = logs.join(format!("{}.log", run.name));
+    let log = File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let log = Arc::new(Mutex::new(log));
+
+    let mut cmd = Command::new(&assets.qemu);
+    cmd.args(qemu_args(run, assets, initrd))
+        .stdin(if run.interactive {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .stdout(if run.interactive {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
+        .stderr(Stdio::piped());
+    writeln!(log.lock().unwrap(), "# {}", describe(&cmd)).ok();
+    let start = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start `{}`: {e}", describe(&cmd)))?;
+
+    let console = Arc::new(Mutex::new(String::new()));
+    // Interactive runs hand the terminal to QEMU and log only QEMU's stderr.
+    let out_thread = child.stdout.take().map(|stdout| {
+        let (log, console, echo) = (log.clone(), console.clone(), run.echo);
+        thread::spawn(move || pump(stdout, "", log, Some(console), echo))
+    });
+    let err_thread = {
+        let log = log.clone();
+        let stderr = child.stderr.take().expect("piped stderr");
+        thread::spawn(move || pump(stderr, "[qemu] ", log, None, true))
+    };
+
+    let deadline = start + run.timeout;
+    let mut timed_out = false;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() >= deadline => {
+                timed_out = true;
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(50)),
+            Err(e) => return Err(format!("waiting for QEMU: {e}")),
+        }
+    }
+    let duration = start.elapsed();
+    if let Some(t) = out_thread {
+        let _ = t.join();
+    }
+    let _ = err_thread.join();
+    if timed_out {
+        let msg = format!(
+            "xtask: guest `{}` timed out after {:?}; QEMU killed",
+            run.name, run.timeout
+        );
+        eprintln!("{msg}");
+        writeln!(log.lock().unwrap(), "# {msg}").ok();
+    }
+    let console = std::mem::take(&mut *console.lock().unwrap());
+    let exit_marker = console.lines().rev().find_map(|l| {
+        l.trim()
+            .strip_prefix(EXIT_MARKER)
+            .and_then(|r| r.trim().parse::<i32>().ok())
+    });
+    Ok(GuestOutput {
+        log_path,
+        console,
+        exit_marker,
+        timed_out,
+        duration,
+    })
+}
+
+/// Copies lines from `src` to the log (and stdout when `echo`), collecting them if asked.
+fn pump(
+    src: impl Read,
+    prefix: &str,
+    log: Arc<Mutex<File>>,
+    collect: Option<Arc<Mutex<String>>>,
+    echo: bool,
+) {
+    let mut r = BufReader::new(src);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let text = String::from_utf8_lossy(&buf);
+        let line = text.trim_end_matches(['\n', '\r']).replace('\r', "");
+        writeln!(log.lock().unwrap(), "{prefix}{line}").ok();
+        if echo {
+            println!("{prefix}{line}");
+        }
+        if let Some(c) = &collect {
+            let mut c = c.lock().unwrap();
+            c.push_str(&line);
+            c.push('\n');
+        }
+    }
+}
