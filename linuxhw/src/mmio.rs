@@ -1,7 +1,7 @@
 //! Memory-mapped I/O regions: physical ranges through `/dev/mem`, PCI BARs through sysfs
 //! `resource<N>` files.
 //!
-//! Accesses are volatile, naturally aligned and bounds-checked. An offset outside the region
+//! Accesses are volatile, naturally aligned (by physical/virtual address) and bounds-checked. An offset outside the region
 //! (or a misaligned one) is a programming error, but it is reported as
 //! [`Error::OutOfBounds`] rather than a panic, so a bad register offset computed from a
 //! device's capability bits can never turn into a wild access or a crash. No Rust reference
@@ -50,9 +50,9 @@ pub(crate) fn page_span(start: u64, len: usize) -> Option<(u64, usize, usize)> {
     Some((base, delta, map_len))
 }
 
-/// Checks that a `width`-byte access at `offset` lies inside `len` bytes and is aligned.
-pub(crate) fn access_ok(offset: usize, width: usize, len: usize) -> bool {
-    offset % width == 0 && offset.checked_add(width).is_some_and(|end| end <= len)
+/// Checks that a `width`-byte access at `offset` lies inside `len` bytes.
+pub(crate) fn in_bounds(offset: usize, width: usize, len: usize) -> bool {
+    offset.checked_add(width).is_some_and(|end| end <= len)
 }
 
 impl MmioRegion {
@@ -146,7 +146,9 @@ impl MmioRegion {
     }
 
     fn check(&self, offset: usize, width: usize) -> Result<*mut u8> {
-        if access_ok(offset, width, self.len) {
+        // Alignment is checked on the address: the region may start unaligned in its page.
+        let addr = (self.map_base.as_ptr() as usize + self.delta).wrapping_add(offset);
+        if in_bounds(offset, width, self.len) && addr % width == 0 {
             // SAFETY: offset + width <= len, and the region lies inside the mapping.
             Ok(unsafe { self.as_ptr().add(offset) })
         } else {
@@ -162,7 +164,7 @@ impl MmioRegion {
     /// Volatile 32-bit read at `offset` (must be 4-byte aligned and in bounds).
     pub fn read32(&self, offset: usize) -> Result<u32> {
         let p = self.check(offset, 4)?;
-        // SAFETY: p is in bounds and 4-byte aligned (the mapping is page-aligned); volatile
+        // SAFETY: p is in bounds and 4-byte aligned (checked on the address); volatile
         // because the device may change the value at any time.
         Ok(unsafe { p.cast::<u32>().read_volatile() })
     }
@@ -223,12 +225,11 @@ mod tests {
 
     #[test]
     fn access_bounds() {
-        assert!(access_ok(0, 4, 4));
-        assert!(!access_ok(4, 4, 4));
-        assert!(access_ok(8, 8, 16));
-        assert!(!access_ok(12, 8, 16)); // misaligned and overruns
-        assert!(!access_ok(2, 4, 16)); // misaligned
-        assert!(!access_ok(usize::MAX - 3, 4, usize::MAX)); // overflow
+        assert!(in_bounds(0, 4, 4));
+        assert!(!in_bounds(4, 4, 4));
+        assert!(in_bounds(8, 8, 16));
+        assert!(!in_bounds(12, 8, 16));
+        assert!(!in_bounds(usize::MAX - 3, 4, usize::MAX)); // overflow
     }
 
     fn file_with(dir: &TempDir, len: usize) -> std::path::PathBuf {
@@ -288,6 +289,10 @@ mod tests {
             u32::from_le_bytes([b(last), b(last + 1), b(last + 2), b(last + 3)])
         );
         assert!(r.read32(PAGE_SIZE).is_err());
+        // Region starting 2 bytes into a page: offset 2 is the 4-byte-aligned address.
+        let r = MmioRegion::map_file_at(&p, 2, 16).expect("map");
+        assert!(r.read32(0).is_err());
+        assert_eq!(r.read32(2).ok(), Some(u32::from_le_bytes([4, 5, 6, 7])));
     }
 
     #[test]
