@@ -1,2 +1,11 @@
-//! libdma: client library of iommud.
+//! libdma: the client library of iommud.
+//!
+//! A driver links this crate, connects to iommud, attaches to the domain of
+//! its PCI function and then maps and unmaps DMA buffers. With the
+//! `magazine` strategy the fast path makes no IPC: see [`magazine`].
 #![deny(missing_docs)]
+
+pub mod magazine;
+pub mod proto;
+pub mod shared;
+pub mod shm;

@@ -1,0 +1,771 @@
+//! The wire protocol between libdma and iommud, defined in one place.
+//!
+//! Every message is one datagram on a Unix `SOCK_SEQPACKET` socket: a fixed
+//! 64-byte header, optionally followed by a payload of at most
+//! [`MAX_PAYLOAD`] bytes (only the path operations carry one). All integers
+//! are little-endian. File descriptors (shared memory) travel beside the
+//! datagram as `SCM_RIGHTS`.
+//!
+//! ```text
+//! offset size field
+//!      0    4 magic        "IOMD" (0x444D_4F49 little-endian)
+//!      4    2 version      [`VERSION`]
+//!      6    2 op           [`Op`]; a reply carries the request's op | 0x8000
+//!      8    4 seq          chosen by the client, echoed by the reply
+//!     12    4 status       0 = ok, else an [`ErrorCode`] (replies only)
+//!     16   40 args         five u64, meaning per op (see [`Request`])
+//!     56    4 payload_len  bytes after the header
+//!     60    4 reserved     must be 0
+//! ```
+//!
+//! Decoding never panics: any byte string gives a message or a [`ProtoError`].
+
+use thiserror::Error;
+
+/// `"IOMD"` read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"IOMD");
+/// Protocol version; bumped on any incompatible change.
+pub const VERSION: u16 = 1;
+/// Size of the fixed header.
+pub const HEADER_LEN: usize = 64;
+/// Largest payload (path text) a message may carry.
+pub const MAX_PAYLOAD: usize = 16 * 1024;
+/// Largest datagram either side sends or accepts.
+pub const MAX_MESSAGE: usize = HEADER_LEN + MAX_PAYLOAD;
+/// Bit set in `op` of every reply.
+pub const REPLY_BIT: u16 = 0x8000;
+
+/// Operation codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Op {
+    /// Version handshake.
+    Hello = 1,
+    /// Attach to (create) the domain of a PCI function.
+    Attach = 2,
+    /// Allocate DMA-capable memory for the client.
+    AllocPool = 3,
+    /// Map `len` bytes at physical `phys` (iommud allocates the IOVA).
+    Map = 4,
+    /// Unmap a mapping made by [`Op::Map`].
+    Unmap = 5,
+    /// Return a magazine of clean IOVAs and/or take a full one.
+    Exchange = 6,
+    /// One-way: the domain has unmapped IOVAs waiting for invalidation.
+    FlushHint = 7,
+    /// Invalidate now and reply when the domain's completed epoch covers all unmaps.
+    FlushSync = 8,
+    /// Give the domain back: iommud unmaps, invalidates and reclaims everything.
+    Detach = 9,
+    /// Read a scheme path (payload: path); reply payload: text.
+    ReadPath = 10,
+    /// Write a scheme path (payload: path, NUL, value).
+    WritePath = 11,
+    /// Sim platform only: get the simulated machine's memory and state fds.
+    SimInfo = 12,
+    /// Stop the daemon.
+    Shutdown = 13,
+}
+
+impl Op {
+    fn from_u16(v: u16) -> Option<Op> {
+        Some(match v {
+            1 => Op::Hello,
+            2 => Op::Attach,
+            3 => Op::AllocPool,
+            4 => Op::Map,
+            5 => Op::Unmap,
+            6 => Op::Exchange,
+            7 => Op::FlushHint,
+            8 => Op::FlushSync,
+            9 => Op::Detach,
+            10 => Op::ReadPath,
+            11 => Op::WritePath,
+            12 => Op::SimInfo,
+            13 => Op::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// Error codes carried in a reply's `status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// The request could not be decoded.
+    #[error("malformed request")]
+    Malformed = 1,
+    /// The client speaks another protocol version.
+    #[error("protocol version mismatch")]
+    Version = 2,
+    /// An argument is out of range or inconsistent.
+    #[error("invalid argument")]
+    Invalid = 3,
+    /// The request needs an attached domain and there is none.
+    #[error("no domain attached")]
+    NoDomain = 4,
+    /// The domain is in use (attached elsewhere, or not idle for a switch).
+    #[error("busy")]
+    Busy = 5,
+    /// Out of physical memory for tables or pools.
+    #[error("out of memory")]
+    NoMemory = 6,
+    /// Out of IOVA space.
+    #[error("out of IOVA space")]
+    NoSpace = 7,
+    /// A frame or IOVA does not belong to the caller.
+    #[error("not owned by this client")]
+    NotOwner = 8,
+    /// A hardware wait ran out of time.
+    #[error("hardware timeout")]
+    Timeout = 9,
+    /// The operation does not apply to this strategy or platform.
+    #[error("unsupported")]
+    Unsupported = 10,
+    /// No such scheme path.
+    #[error("no such path")]
+    NotFound = 11,
+    /// The hardware reported an error.
+    #[error("hardware error")]
+    Hardware = 12,
+}
+
+impl ErrorCode {
+    /// Decodes a status word; `None` for 0 (ok) and unknown codes map to `Malformed`.
+    pub fn from_status(status: u32) -> Option<ErrorCode> {
+        Some(match status {
+            0 => return None,
+            2 => ErrorCode::Version,
+            3 => ErrorCode::Invalid,
+            4 => ErrorCode::NoDomain,
+            5 => ErrorCode::Busy,
+            6 => ErrorCode::NoMemory,
+            7 => ErrorCode::NoSpace,
+            8 => ErrorCode::NotOwner,
+            9 => ErrorCode::Timeout,
+            10 => ErrorCode::Unsupported,
+            11 => ErrorCode::NotFound,
+            12 => ErrorCode::Hardware,
+            _ => ErrorCode::Malformed,
+        })
+    }
+}
+
+/// Why a byte string is not a message.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ProtoError {
+    /// Fewer bytes than the header.
+    #[error("truncated message: {0} bytes, header needs {HEADER_LEN}")]
+    Truncated(usize),
+    /// Wrong magic number.
+    #[error("bad magic {0:#010x}")]
+    BadMagic(u32),
+    /// Unsupported protocol version.
+    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    BadVersion(u16),
+    /// Unknown operation code.
+    #[error("unknown op {0:#06x}")]
+    BadOp(u16),
+    /// `payload_len` disagrees with the datagram or exceeds the maximum.
+    #[error("payload length {claimed} does not match the {actual} bytes received (max {MAX_PAYLOAD})")]
+    BadPayloadLen {
+        /// Length in the header.
+        claimed: usize,
+        /// Bytes actually after the header.
+        actual: usize,
+    },
+    /// Reserved bits are not zero.
+    #[error("reserved field is not zero")]
+    Reserved,
+    /// A field has a value the op does not allow.
+    #[error("bad field: {0}")]
+    BadField(&'static str),
+}
+
+/// DMA direction, as seen from the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Dir {
+    /// The device reads memory (e.g. a TX buffer): the entry needs R.
+    ToDevice = 1,
+    /// The device writes memory (e.g. an RX buffer): the entry needs W.
+    FromDevice = 2,
+    /// Both.
+    Bidirectional = 3,
+}
+
+impl Dir {
+    /// Decodes the wire value.
+    pub fn from_u64(v: u64) -> Option<Dir> {
+        match v {
+            1 => Some(Dir::ToDevice),
+            2 => Some(Dir::FromDevice),
+            3 => Some(Dir::Bidirectional),
+            _ => None,
+        }
+    }
+    /// Device may read.
+    pub fn read(self) -> bool {
+        matches!(self, Dir::ToDevice | Dir::Bidirectional)
+    }
+    /// Device may write.
+    pub fn write(self) -> bool {
+        matches!(self, Dir::FromDevice | Dir::Bidirectional)
+    }
+}
+
+/// How IOVAs are assigned in a domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Strategy {
+    /// Translation off for the device: IOVA = physical address (the no-IOMMU baseline).
+    NoIommu = 0,
+    /// The research's baseline: every map and unmap is a round trip to iommud.
+    Global = 1,
+    /// Per-core magazines of IOVAs delegated to the client.
+    Magazine = 2,
+}
+
+impl Strategy {
+    /// All strategies, in the order reports list them.
+    pub const ALL: [Strategy; 3] = [Strategy::NoIommu, Strategy::Global, Strategy::Magazine];
+    /// Decodes the wire value.
+    pub fn from_u64(v: u64) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|s| *s as u64 == v)
+    }
+    /// The name used on the command line and in scheme paths.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::NoIommu => "noiommu",
+            Strategy::Global => "global",
+            Strategy::Magazine => "magazine",
+        }
+    }
+    /// Parses [`Strategy::name`].
+    pub fn parse(s: &str) -> Option<Strategy> {
+        Strategy::ALL.into_iter().find(|x| x.name() == s.trim())
+    }
+}
+
+/// When unmapped IOVAs are invalidated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FlushPolicy {
+    /// Invalidate and wait on every unmap.
+    Strict = 1,
+    /// Per-core batches tagged with epochs; completion published in shared memory.
+    PerCore = 2,
+}
+
+impl FlushPolicy {
+    /// All policies.
+    pub const ALL: [FlushPolicy; 2] = [FlushPolicy::Strict, FlushPolicy::PerCore];
+    /// Decodes the wire value.
+    pub fn from_u64(v: u64) -> Option<FlushPolicy> {
+        FlushPolicy::ALL.into_iter().find(|s| *s as u64 == v)
+    }
+    /// The name used on the command line and in scheme paths.
+    pub fn name(self) -> &'static str {
+        match self {
+            FlushPolicy::Strict => "strict",
+            FlushPolicy::PerCore => "percore",
+        }
+    }
+    /// Parses [`FlushPolicy::name`].
+    pub fn parse(s: &str) -> Option<FlushPolicy> {
+        FlushPolicy::ALL.into_iter().find(|x| x.name() == s.trim())
+    }
+}
+
+/// A request, decoded and validated for shape (not yet against server state).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// args: [version].
+    Hello {
+        /// The client's [`VERSION`].
+        version: u64,
+    },
+    /// args: [bdf, strategy, flush].
+    Attach {
+        /// PCI source id (bus << 8 | dev << 3 | fn).
+        bdf: u16,
+        /// Requested strategy.
+        strategy: Strategy,
+        /// Requested flush policy.
+        flush: FlushPolicy,
+    },
+    /// args: [bytes]. Reply args: [phys_base, fd_offset, len]; fd attached.
+    AllocPool {
+        /// Bytes wanted (rounded up to the platform's chunk).
+        bytes: u64,
+    },
+    /// args: [phys, len, dir]. Reply args: [iova].
+    Map {
+        /// Physical address of the buffer.
+        phys: u64,
+        /// Length in bytes (> 0).
+        len: u64,
+        /// Direction.
+        dir: Dir,
+    },
+    /// args: [iova, len].
+    Unmap {
+        /// IOVA returned by [`Request::Map`].
+        iova: u64,
+        /// Length given to the map.
+        len: u64,
+    },
+    /// args: [pages, returned, want]. The client wrote `returned` clean IOVAs of
+    /// size class `pages` into the exchange page; the reply's args[0] says how
+    /// many full-magazine IOVAs iommud wrote back there (at most `want`).
+    Exchange {
+        /// Size class in pages (a power of two, 1..=32).
+        pages: u64,
+        /// IOVAs handed back in the exchange page.
+        returned: u64,
+        /// IOVAs wanted (≤ magazine size).
+        want: u64,
+    },
+    /// No args, no reply.
+    FlushHint,
+    /// No args.
+    FlushSync,
+    /// No args.
+    Detach,
+    /// Payload: UTF-8 path.
+    ReadPath {
+        /// The path, e.g. `/scheme/iommu/stats`.
+        path: String,
+    },
+    /// Payload: path, NUL, value.
+    WritePath {
+        /// The path.
+        path: String,
+        /// The value written.
+        value: String,
+    },
+    /// No args. Reply: fds (memory, state), args [mem_bytes].
+    SimInfo,
+    /// No args.
+    Shutdown,
+}
+
+/// A decoded message header with its arguments and payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Operation (reply bit stripped).
+    pub op: Op,
+    /// True for replies.
+    pub reply: bool,
+    /// Sequence number.
+    pub seq: u32,
+    /// Status (replies).
+    pub status: u32,
+    /// Arguments.
+    pub args: [u64; 5],
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    /// Encodes into a datagram.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; HEADER_LEN + self.payload.len()];
+        b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+        let op = self.op as u16 | if self.reply { REPLY_BIT } else { 0 };
+        b[6..8].copy_from_slice(&op.to_le_bytes());
+        b[8..12].copy_from_slice(&self.seq.to_le_bytes());
+        b[12..16].copy_from_slice(&self.status.to_le_bytes());
+        for (i, a) in self.args.iter().enumerate() {
+            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_le_bytes());
+        }
+        b[56..60].copy_from_slice(&(self.payload.len() as u32).to_le_bytes());
+        b[HEADER_LEN..].copy_from_slice(&self.payload);
+        b
+    }
+
+    /// Decodes a datagram; never panics.
+    pub fn decode(b: &[u8]) -> Result<Frame, ProtoError> {
+        if b.len() < HEADER_LEN {
+            return Err(ProtoError::Truncated(b.len()));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let u64_at = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let magic = u32_at(0);
+        if magic != MAGIC {
+            return Err(ProtoError::BadMagic(magic));
+        }
+        let version = u16_at(4);
+        if version != VERSION {
+            return Err(ProtoError::BadVersion(version));
+        }
+        let raw_op = u16_at(6);
+        let op = Op::from_u16(raw_op & !REPLY_BIT).ok_or(ProtoError::BadOp(raw_op))?;
+        let claimed = u32_at(56) as usize;
+        let actual = b.len() - HEADER_LEN;
+        if claimed != actual || claimed > MAX_PAYLOAD {
+            return Err(ProtoError::BadPayloadLen { claimed, actual });
+        }
+        if u32_at(60) != 0 {
+            return Err(ProtoError::Reserved);
+        }
+        let mut args = [0u64; 5];
+        for (i, a) in args.iter_mut().enumerate() {
+            *a = u64_at(16 + 8 * i);
+        }
+        Ok(Frame {
+            op,
+            reply: raw_op & REPLY_BIT != 0,
+            seq: u32_at(8),
+            status: u32_at(12),
+            args,
+            payload: b[HEADER_LEN..].to_vec(),
+        })
+    }
+}
+
+impl Request {
+    /// The op code of this request.
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Hello { .. } => Op::Hello,
+            Request::Attach { .. } => Op::Attach,
+            Request::AllocPool { .. } => Op::AllocPool,
+            Request::Map { .. } => Op::Map,
+            Request::Unmap { .. } => Op::Unmap,
+            Request::Exchange { .. } => Op::Exchange,
+            Request::FlushHint => Op::FlushHint,
+            Request::FlushSync => Op::FlushSync,
+            Request::Detach => Op::Detach,
+            Request::ReadPath { .. } => Op::ReadPath,
+            Request::WritePath { .. } => Op::WritePath,
+            Request::SimInfo => Op::SimInfo,
+            Request::Shutdown => Op::Shutdown,
+        }
+    }
+
+    /// Whether iommud answers this request (all but [`Request::FlushHint`]).
+    pub fn wants_reply(&self) -> bool {
+        !matches!(self, Request::FlushHint)
+    }
+
+    /// Encodes into a frame with the given sequence number.
+    pub fn to_frame(&self, seq: u32) -> Frame {
+        let mut args = [0u64; 5];
+        let mut payload = Vec::new();
+        match self {
+            Request::Hello { version } => args[0] = *version,
+            Request::Attach {
+                bdf,
+                strategy,
+                flush,
+            } => {
+                args[0] = u64::from(*bdf);
+                args[1] = *strategy as u64;
+                args[2] = *flush as u64;
+            }
+            Request::AllocPool { bytes } => args[0] = *bytes,
+            Request::Map { phys, len, dir } => {
+                args[0] = *phys;
+                args[1] = *len;
+                args[2] = *dir as u64;
+            }
+            Request::Unmap { iova, len } => {
+                args[0] = *iova;
+                args[1] = *len;
+            }
+            Request::Exchange {
+                pages,
+                returned,
+                want,
+            } => {
+                args[0] = *pages;
+                args[1] = *returned;
+                args[2] = *want;
+            }
+            Request::ReadPath { path } => payload = path.as_bytes().to_vec(),
+            Request::WritePath { path, value } => {
+                payload = path.as_bytes().to_vec();
+                payload.push(0);
+                payload.extend_from_slice(value.as_bytes());
+            }
+            Request::FlushHint
+            | Request::FlushSync
+            | Request::Detach
+            | Request::SimInfo
+            | Request::Shutdown => {}
+        }
+        Frame {
+            op: self.op(),
+            reply: false,
+            seq,
+            status: 0,
+            args,
+            payload,
+        }
+    }
+
+    /// Encodes into a datagram.
+    pub fn encode(&self, seq: u32) -> Vec<u8> {
+        self.to_frame(seq).encode()
+    }
+
+    /// Decodes and shape-checks a request datagram; returns its sequence number too.
+    pub fn decode(b: &[u8]) -> Result<(u32, Request), ProtoError> {
+        let f = Frame::decode(b)?;
+        if f.reply || f.status != 0 {
+            return Err(ProtoError::BadField("reply bit or status set in a request"));
+        }
+        let a = f.args;
+        let no_payload = |r: Request| {
+            if f.payload.is_empty() {
+                Ok(r)
+            } else {
+                Err(ProtoError::BadField("unexpected payload"))
+            }
+        };
+        let req = match f.op {
+            Op::Hello => no_payload(Request::Hello { version: a[0] })?,
+            Op::Attach => no_payload(Request::Attach {
+                bdf: u16::try_from(a[0]).map_err(|_| ProtoError::BadField("bdf > 0xffff"))?,
+                strategy: Strategy::from_u64(a[1])
+                    .ok_or(ProtoError::BadField("unknown strategy"))?,
+                flush: FlushPolicy::from_u64(a[2])
+                    .ok_or(ProtoError::BadField("unknown flush policy"))?,
+            })?,
+            Op::AllocPool => no_payload(Request::AllocPool { bytes: a[0] })?,
+            Op::Map => no_payload(Request::Map {
+                phys: a[0],
+                len: a[1],
+                dir: Dir::from_u64(a[2]).ok_or(ProtoError::BadField("unknown direction"))?,
+            })?,
+            Op::Unmap => no_payload(Request::Unmap {
+                iova: a[0],
+                len: a[1],
+            })?,
+            Op::Exchange => no_payload(Request::Exchange {
+                pages: a[0],
+                returned: a[1],
+                want: a[2],
+            })?,
+            Op::FlushHint => no_payload(Request::FlushHint)?,
+            Op::FlushSync => no_payload(Request::FlushSync)?,
+            Op::Detach => no_payload(Request::Detach)?,
+            Op::SimInfo => no_payload(Request::SimInfo)?,
+            Op::Shutdown => no_payload(Request::Shutdown)?,
+            Op::ReadPath => Request::ReadPath {
+                path: String::from_utf8(f.payload.clone())
+                    .map_err(|_| ProtoError::BadField("path is not UTF-8"))?,
+            },
+            Op::WritePath => {
+                let nul = f
+                    .payload
+                    .iter()
+                    .position(|&c| c == 0)
+                    .ok_or(ProtoError::BadField("write payload has no NUL"))?;
+                Request::WritePath {
+                    path: String::from_utf8(f.payload[..nul].to_vec())
+                        .map_err(|_| ProtoError::BadField("path is not UTF-8"))?,
+                    value: String::from_utf8(f.payload[nul + 1..].to_vec())
+                        .map_err(|_| ProtoError::BadField("value is not UTF-8"))?,
+                }
+            }
+        };
+        Ok((f.seq, req))
+    }
+}
+
+/// A reply: status, arguments, payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// Op being answered.
+    pub op: Op,
+    /// Sequence number of the request.
+    pub seq: u32,
+    /// `Ok(args)` or the error.
+    pub result: Result<[u64; 5], ErrorCode>,
+    /// Payload (text for [`Op::ReadPath`], error detail otherwise).
+    pub payload: Vec<u8>,
+}
+
+impl Reply {
+    /// Encodes into a datagram.
+    pub fn encode(&self) -> Vec<u8> {
+        let (status, args) = match self.result {
+            Ok(a) => (0, a),
+            Err(e) => (e as u32, [0; 5]),
+        };
+        let mut payload = self.payload.clone();
+        payload.truncate(MAX_PAYLOAD);
+        Frame {
+            op: self.op,
+            reply: true,
+            seq: self.seq,
+            status,
+            args,
+            payload,
+        }
+        .encode()
+    }
+
+    /// Decodes a reply datagram; never panics.
+    pub fn decode(b: &[u8]) -> Result<Reply, ProtoError> {
+        let f = Frame::decode(b)?;
+        if !f.reply {
+            return Err(ProtoError::BadField("reply bit missing"));
+        }
+        Ok(Reply {
+            op: f.op,
+            seq: f.seq,
+            result: match ErrorCode::from_status(f.status) {
+                None => Ok(f.args),
+                Some(e) => Err(e),
+            },
+            payload: f.payload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Dir, ErrorCode, FlushPolicy, Op, ProtoError, Reply, Request};
+    use proptest::prelude::*;
+
+    #[test]
+    fn header_layout_matches_the_documented_offsets() {
+        let b = Request::Map {
+            phys: 0x1122_3344_5566_7788,
+            len: 0x1000,
+            dir: Dir::FromDevice,
+        }
+        .encode(0xA1B2_C3D4);
+        assert_eq!(b.len(), 64);
+        assert_eq!(&b[0..4], b"IOMD");
+        assert_eq!(&b[4..6], &[1, 0]); // version 1
+        assert_eq!(&b[6..8], &[4, 0]); // op Map = 4
+        assert_eq!(&b[8..12], &[0xD4, 0xC3, 0xB2, 0xA1]);
+        assert_eq!(&b[12..16], &[0; 4]);
+        assert_eq!(&b[16..24], &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(&b[24..32], &[0, 0x10, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[32..40], &[2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[56..64], &[0; 8]);
+    }
+
+    #[test]
+    fn reply_sets_the_high_op_bit_and_status() {
+        let r = Reply {
+            op: Op::Unmap,
+            seq: 7,
+            result: Err(ErrorCode::NotOwner),
+            payload: b"iova 0x5000 not mapped".to_vec(),
+        };
+        let b = r.encode();
+        assert_eq!(&b[6..8], &[5, 0x80]);
+        assert_eq!(&b[12..16], &[8, 0, 0, 0]);
+        assert_eq!(&b[56..60], &[22, 0, 0, 0]);
+        assert_eq!(Reply::decode(&b), Ok(r));
+    }
+
+    fn arb_request() -> impl proptest::strategy::Strategy<Value = Request> {
+        prop_oneof![
+            any::<u64>().prop_map(|version| Request::Hello { version }),
+            (any::<u16>(), 0usize..3, 0usize..2).prop_map(|(bdf, s, f)| Request::Attach {
+                bdf,
+                strategy: super::Strategy::ALL[s],
+                flush: FlushPolicy::ALL[f],
+            }),
+            any::<u64>().prop_map(|bytes| Request::AllocPool { bytes }),
+            (any::<u64>(), any::<u64>(), 1u64..4).prop_map(|(phys, len, d)| Request::Map {
+                phys,
+                len,
+                dir: Dir::from_u64(d).unwrap(),
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(iova, len)| Request::Unmap { iova, len }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(pages, returned, want)| {
+                Request::Exchange {
+                    pages,
+                    returned,
+                    want,
+                }
+            }),
+            Just(Request::FlushHint),
+            Just(Request::FlushSync),
+            Just(Request::Detach),
+            "[a-z/0-9:.]{0,64}".prop_map(|path| Request::ReadPath { path }),
+            ("[a-z/0-9:.]{0,64}", "[a-z0-9 ]{0,16}")
+                .prop_map(|(path, value)| Request::WritePath { path, value }),
+            Just(Request::SimInfo),
+            Just(Request::Shutdown),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in arb_request(), seq in any::<u32>()) {
+            let b = req.encode(seq);
+            prop_assert_eq!(Request::decode(&b), Ok((seq, req)));
+        }
+
+        #[test]
+        fn decoding_random_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::decode(&b);
+            let _ = Reply::decode(&b);
+        }
+
+        #[test]
+        fn mutated_valid_messages_never_panic(req in arb_request(), pos in 0usize..128, byte in any::<u8>(), cut in 0usize..128) {
+            let mut b = req.encode(1);
+            if pos < b.len() { b[pos] = byte; }
+            let _ = Request::decode(&b);
+            b.truncate(cut.min(b.len()));
+            prop_assert!(cut >= 64 || Request::decode(&b).is_err());
+        }
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_header() {
+        let good = Request::Detach.encode(1);
+        assert_eq!(Request::decode(&good[..63]), Err(ProtoError::Truncated(63)));
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert!(matches!(Request::decode(&b), Err(ProtoError::BadMagic(_))));
+        let mut b = good.clone();
+        b[4] = 9;
+        assert_eq!(Request::decode(&b), Err(ProtoError::BadVersion(9)));
+        let mut b = good.clone();
+        b[6] = 0x77;
+        assert_eq!(Request::decode(&b), Err(ProtoError::BadOp(0x77)));
+        let mut b = good.clone();
+        b[56] = 1;
+        assert!(matches!(
+            Request::decode(&b),
+            Err(ProtoError::BadPayloadLen {
+                claimed: 1,
+                actual: 0
+            })
+        ));
+        let mut b = good.clone();
+        b[61] = 1;
+        assert_eq!(Request::decode(&b), Err(ProtoError::Reserved));
+        let mut b = Request::Attach {
+            bdf: 8,
+            strategy: super::Strategy::Magazine,
+            flush: FlushPolicy::PerCore,
+        }
+        .encode(1);
+        b[24] = 77;
+        assert_eq!(
+            Request::decode(&b),
+            Err(ProtoError::BadField("unknown strategy"))
+        );
+        let mut b = good;
+        b[7] = 0x80;
+        assert!(Request::decode(&b).is_err(), "a reply is not a request");
+    }
+}

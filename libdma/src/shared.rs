@@ -1,0 +1,115 @@
+//! Layout of the memory iommud shares with each attached client.
+//!
+//! One memfd per domain, [`SHARED_LEN`] bytes:
+//!
+//! * page 0, [`DomainPage`]: the invalidation epochs and the client's
+//!   fast-path counters (one block per CPU slot, so iommud can serve the
+//!   domain's `stats` path without asking the client);
+//! * page 1, the exchange area: up to [`EXCHANGE_SLOTS`] IOVAs a magazine
+//!   exchange hands back or out (the 64-byte messages carry only counts).
+//!
+//! ## Epochs (the per-core deferred invalidation protocol)
+//!
+//! `epoch` starts at 1 and only iommud advances it, once at the start of each
+//! invalidation of the domain; when that invalidation's wait descriptor has
+//! completed, iommud stores the epoch it started from into `completed`.
+//!
+//! A client that clears a leaf entry then reads `epoch` (with a `SeqCst`
+//! fence between) tags the IOVA with the value `t` it read. The clear happened
+//! before iommud moved the epoch past `t`, so the invalidation that did so
+//! covers it: once `completed >= t`, the IOVA can be reused. To ask for that,
+//! the client raises `wanted` to `t` and, if `hint_pending` was 0, sends one
+//! one-way `FlushHint`. iommud clears `hint_pending` *before* reading
+//! `wanted`, so no request is lost between the two.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// Bytes of the shared memfd.
+pub const SHARED_LEN: usize = 2 * 4096;
+/// Offset of the exchange area.
+pub const EXCHANGE_OFFSET: usize = 4096;
+/// IOVAs that fit in the exchange area.
+pub const EXCHANGE_SLOTS: usize = 4096 / 8;
+/// CPU slots with their own counter block.
+pub const MAX_CPUS: usize = 32;
+
+/// The client's per-CPU-slot counters (written by the client only, under the
+/// slot's lock, read by iommud at any time).
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct CpuCounters {
+    /// Fast-path maps.
+    pub maps: AtomicU64,
+    /// Fast-path unmaps.
+    pub unmaps: AtomicU64,
+    /// Maps served from a CPU-local magazine.
+    pub mag_hits: AtomicU64,
+    /// Maps that found the CPU's magazines empty.
+    pub mag_misses: AtomicU64,
+    /// Dirty batches completed into clean magazines without IPC.
+    pub batches_recycled: AtomicU64,
+    /// Longest time (ns) an unmapped IOVA waited for its invalidation.
+    pub stale_ns_max: AtomicU64,
+    /// Sum of per-batch stale windows (ns), for the mean.
+    pub stale_ns_sum: AtomicU64,
+    /// Batches measured in `stale_ns_sum`.
+    pub stale_batches: AtomicU64,
+}
+
+/// Page 0 of the shared memfd.
+#[repr(C)]
+#[derive(Debug)]
+pub struct DomainPage {
+    /// Current epoch (iommud advances it when an invalidation starts).
+    pub epoch: AtomicU64,
+    /// Highest epoch whose invalidation has completed.
+    pub completed: AtomicU64,
+    /// Highest tag a client waits for.
+    pub wanted: AtomicU64,
+    /// 1 while a `FlushHint` is on its way and not yet taken by iommud.
+    pub hint_pending: AtomicU32,
+    /// Nonzero once iommud has detached the domain (client must stop).
+    pub dead: AtomicU32,
+    /// Client counters per CPU slot.
+    pub cpu: [CpuCounters; MAX_CPUS],
+}
+
+const _: () = assert!(std::mem::size_of::<DomainPage>() <= EXCHANGE_OFFSET);
+
+impl DomainPage {
+    /// Views the start of a shared mapping as the domain page.
+    ///
+    /// # Safety
+    /// `ptr` must point to at least `size_of::<DomainPage>()` bytes of shared
+    /// memory, 8-byte aligned, that stay mapped for `'a` and are only ever
+    /// accessed atomically (which holds for the memfds iommud creates: every
+    /// field is an atomic).
+    pub unsafe fn from_ptr<'a>(ptr: *mut u8) -> &'a DomainPage {
+        // SAFETY: guaranteed by the caller; all fields are atomics, so shared
+        // references are the right way to access memory another process writes.
+        unsafe { &*ptr.cast::<DomainPage>() }
+    }
+
+    /// Initialises a fresh page (iommud, before sharing it).
+    pub fn init(&self) {
+        self.epoch.store(1, Ordering::SeqCst);
+        self.completed.store(0, Ordering::SeqCst);
+        self.wanted.store(0, Ordering::SeqCst);
+        self.hint_pending.store(0, Ordering::SeqCst);
+        self.dead.store(0, Ordering::SeqCst);
+    }
+
+    /// Sums one counter over all CPU slots.
+    pub fn sum(&self, f: impl Fn(&CpuCounters) -> &AtomicU64) -> u64 {
+        self.cpu.iter().map(|c| f(c).load(Ordering::Relaxed)).sum()
+    }
+
+    /// Maximum of one counter over all CPU slots.
+    pub fn max(&self, f: impl Fn(&CpuCounters) -> &AtomicU64) -> u64 {
+        self.cpu
+            .iter()
+            .map(|c| f(c).load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+}

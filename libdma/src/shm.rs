@@ -1,0 +1,190 @@
+//! Shared memory: memfds mapped into both iommud and its clients.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+/// Creates an anonymous shared-memory file of `len` bytes (zero-filled).
+pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
+    let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: FFI call with a valid NUL-terminated name; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = libc::off_t::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: plain FFI call on an fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// A `MAP_SHARED` mapping of (part of) a file, unmapped on drop.
+///
+/// The memory may be written by other processes (and, for DMA memory, by
+/// devices) at any time, so this type never hands out Rust references into
+/// it: callers use raw pointers with volatile or atomic accesses.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all accesses through it are raw
+// (volatile or atomic), so moving or sharing the handle between threads is sound.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from `offset` (page-aligned), read-write.
+    pub fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Mapping> {
+        if len == 0 || offset % 4096 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad mapping: offset {offset:#x} len {len:#x}"),
+            ));
+        }
+        let off = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: a fresh mapping chosen by the kernel; it aliases no Rust object.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(io::ErrorKind::Other)?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (mappings are never empty); for clippy's `len` convention.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Reads a u64 at a byte offset (8-byte aligned), volatile.
+    pub fn read_u64(&self, off: usize) -> Option<u64> {
+        if off % 8 != 0 || off.checked_add(8)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked above); volatile because another
+        // process or a device may write this memory.
+        Some(unsafe { self.ptr.as_ptr().add(off).cast::<u64>().read_volatile() })
+    }
+
+    /// Writes a u64 at a byte offset (8-byte aligned), volatile.
+    pub fn write_u64(&self, off: usize, v: u64) -> Option<()> {
+        if off % 8 != 0 || off.checked_add(8)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked above); volatile as in `read_u64`.
+        unsafe { self.ptr.as_ptr().add(off).cast::<u64>().write_volatile(v) };
+        Some(())
+    }
+
+    /// Copies bytes out, volatile byte by byte is not needed: the range is
+    /// bounds-checked and copied with `copy_nonoverlapping` from a raw pointer.
+    pub fn read_bytes(&self, off: usize, out: &mut [u8]) -> Option<()> {
+        if off.checked_add(out.len())? > self.len {
+            return None;
+        }
+        // SAFETY: source range checked in bounds; `out` is a distinct Rust buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+        };
+        Some(())
+    }
+
+    /// Copies bytes in.
+    pub fn write_bytes(&self, off: usize, data: &[u8]) -> Option<()> {
+        if off.checked_add(data.len())? > self.len {
+            return None;
+        }
+        // SAFETY: destination range checked in bounds; `data` is a distinct Rust buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len())
+        };
+        Some(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the range mmap returned; no references into it exist.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Writes back the CPU cache lines covering `[ptr, ptr+len)` so a non-coherent
+/// IOMMU (ECAP.C = 0) sees table writes (VT-d 3.x §6.5: software must flush).
+pub fn flush_cache_range(ptr: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let start = ptr as usize & !63;
+        let end = ptr as usize + len;
+        let mut p = start;
+        while p < end {
+            // SAFETY: clflush takes any mapped address; the range belongs to a live mapping
+            // of the caller's.
+            unsafe { core::arch::x86_64::_mm_clflush(p as *const u8) };
+            p += 64;
+        }
+        // SAFETY: a fence instruction, no memory operands.
+        unsafe { core::arch::x86_64::_mm_mfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ptr, len);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn two_mappings_of_one_memfd_see_each_others_writes() {
+        let fd = memfd("t", 8192).unwrap();
+        let a = Mapping::new(fd.as_fd(), 0, 8192).unwrap();
+        let b = Mapping::new(fd.as_fd(), 4096, 4096).unwrap();
+        a.write_u64(4096 + 16, 0xdead_beef_0bad_f00d).unwrap();
+        assert_eq!(b.read_u64(16), Some(0xdead_beef_0bad_f00d));
+        b.write_bytes(100, b"hello").unwrap();
+        let mut out = [0u8; 5];
+        a.read_bytes(4196, &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+    }
+
+    #[test]
+    fn out_of_bounds_and_misaligned_accesses_are_refused() {
+        let fd = memfd("t", 4096).unwrap();
+        let m = Mapping::new(fd.as_fd(), 0, 4096).unwrap();
+        assert_eq!(m.read_u64(4096), None);
+        assert_eq!(m.read_u64(4), None);
+        assert_eq!(m.write_u64(usize::MAX - 3, 1), None);
+        assert!(m.write_bytes(4090, &[0; 7]).is_none());
+        assert!(Mapping::new(fd.as_fd(), 100, 4096).is_err());
+    }
+}
