@@ -98,10 +98,8 @@ fn check(out: &GuestOutput, caching_mode: bool) -> usize {
         ("VTD ECAP", VTD_ECAP),
     ] {
         let got = reg(k);
-        expect(
-            got == Some(want),
-            &format!("{k} = {want:#X} (read {got:#X?})"),
-        );
+        let read = got.map_or("nothing".to_string(), |v| format!("{v:#X}"));
+        expect(got == Some(want), &format!("{k} = {want:#X} (read {read})"));
     }
     let huge = out
         .value("HugePages_Total:")
