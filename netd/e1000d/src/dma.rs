@@ -1,0 +1,232 @@
+//! The driver's view of DMA: memory the device can reach, and per-buffer mappings.
+//!
+//! The driver core only sees [`DmaMapper`]: where IOVAs come from (identity, an IOMMU
+//! domain through libdma, ...) is the mapper's business. Rings are mapped once at open;
+//! packet buffers are mapped before each descriptor is handed to the NIC and unmapped
+//! when the NIC is done with it.
+
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+use linuxhw::hugemem::HugeRegion;
+
+use crate::{Error, Result};
+
+/// Direction of a DMA transfer, as seen from the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dir {
+    /// The device reads the buffer (TX).
+    ToDevice,
+    /// The device writes the buffer (RX).
+    FromDevice,
+    /// Both (descriptor rings: the device reads descriptors and writes status back).
+    Bidirectional,
+}
+
+/// A piece of DMA-capable memory: CPU virtual address, physical address, length.
+///
+/// Physically contiguous over `len`. The memory belongs to the mapper that allocated it
+/// and stays valid while that mapper lives. Access it only through raw pointers (volatile
+/// where the device writes it): never form a Rust reference into it.
+#[derive(Debug, Clone, Copy)]
+pub struct DmaBuf {
+    virt: NonNull<u8>,
+    phys: u64,
+    len: usize,
+}
+
+impl DmaBuf {
+    /// Describes memory at `virt` (physical `phys`, `len` bytes, physically contiguous).
+    ///
+    /// # Safety
+    /// `virt` must be valid for reads and writes of `len` bytes for as long as the value
+    /// (and its copies) is used, and `phys` must be its physical address.
+    pub unsafe fn new(virt: NonNull<u8>, phys: u64, len: usize) -> Self {
+        DmaBuf { virt, phys, len }
+    }
+
+    /// CPU pointer to the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.virt.as_ptr()
+    }
+
+    /// Physical address of the first byte.
+    pub fn phys(&self) -> u64 {
+        self.phys
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks that `offset..offset + len` lies inside the buffer.
+    pub fn check_range(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= self.len => Ok(()),
+            _ => Err(Error::Dma {
+                op: "map",
+                msg: format!(
+                    "range {offset:#x}+{len:#x} outside a {:#x}-byte buffer",
+                    self.len
+                ),
+            }),
+        }
+    }
+}
+
+/// How the driver obtains DMA memory and device addresses (IOVAs) for it.
+pub trait DmaMapper {
+    /// Allocates `len` bytes of zeroed, physically contiguous DMA-capable memory.
+    fn alloc(&self, len: usize) -> Result<DmaBuf>;
+    /// Makes `buf[offset..offset + len]` reachable by the device; returns its IOVA.
+    fn map(&self, buf: &DmaBuf, offset: usize, len: usize, dir: Dir) -> Result<u64>;
+    /// Ends a mapping made by [`map`](Self::map) with the same `iova` and `len`.
+    fn unmap(&self, iova: u64, len: usize, dir: Dir) -> Result<()>;
+}
+
+impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
+    fn alloc(&self, len: usize) -> Result<DmaBuf> {
+        (**self).alloc(len)
+    }
+    fn map(&self, buf: &DmaBuf, offset: usize, len: usize, dir: Dir) -> Result<u64> {
+        (**self).map(buf, offset, len, dir)
+    }
+    fn unmap(&self, iova: u64, len: usize, dir: Dir) -> Result<()> {
+        (**self).unmap(iova, len, dir)
+    }
+}
+
+/// Where the next allocation goes inside a region whose physical contiguity ends at
+/// every `page` boundary: returns the aligned offset, or `None` if `len` does not fit.
+///
+/// Allocations are aligned to 128 bytes (ring base addresses need 16, 128 keeps rings and
+/// buffers on cache lines), never cross a `page` boundary, and never exceed `region_len`.
+pub fn bump_place(used: usize, len: usize, page: usize, region_len: usize) -> Option<usize> {
+    const ALIGN: usize = 128;
+    if len == 0 || len > page {
+        return None;
+    }
+    let mut off = used.checked_next_multiple_of(ALIGN)?;
+    if off / page != (off + len - 1) / page {
+        off = off.checked_next_multiple_of(page)?;
+    }
+    (off.checked_add(len)? <= region_len).then_some(off)
+}
+
+struct Arena {
+    region: HugeRegion,
+    used: usize,
+}
+
+/// No IOMMU: IOVA = physical address. Memory comes from locked hugepages (or 4 KiB pages
+/// when the system has none), carved by a bump allocator and freed with the mapper.
+pub struct PhysMapper {
+    arenas: Mutex<Vec<Arena>>,
+    counts: Mutex<(u64, u64)>,
+}
+
+/// Bytes requested from linuxhw at a time.
+const ARENA_LEN: usize = 2 << 20;
+
+impl PhysMapper {
+    /// A mapper with no memory yet.
+    pub fn new() -> Self {
+        PhysMapper {
+            arenas: Mutex::new(Vec::new()),
+            counts: Mutex::new((0, 0)),
+        }
+    }
+
+    /// Maps and unmaps done so far.
+    pub fn counts(&self) -> (u64, u64) {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Default for PhysMapper {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DmaMapper for PhysMapper {
+    fn alloc(&self, len: usize) -> Result<DmaBuf> {
+        let mut arenas = self.arenas.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = |a: &Arena| bump_place(a.used, len, a.region.page_size(), a.region.len());
+        if arenas.last().and_then(fits).is_none() {
+            let region =
+                HugeRegion::alloc(ARENA_LEN).or_else(|_| HugeRegion::alloc_small(ARENA_LEN))?;
+            arenas.push(Arena { region, used: 0 });
+        }
+        let arena = arenas.last_mut().ok_or(Error::Dma {
+            op: "alloc",
+            msg: "no arena".into(),
+        })?;
+        let off = fits(arena).ok_or_else(|| Error::Dma {
+            op: "alloc",
+            msg: format!(
+                "{len:#x} bytes do not fit one physically contiguous {:#x}-byte page",
+                arena.region.page_size()
+            ),
+        })?;
+        arena.used = off + len;
+        // SAFETY: off + len <= region.len() (bump_place), so the pointer stays inside the
+        // region, which lives as long as this mapper (arenas are never dropped early).
+        let virt = unsafe { NonNull::new_unchecked(arena.region.as_ptr().add(off)) };
+        let phys = arena.region.phys_of(off);
+        // SAFETY: virt is valid for len bytes while the mapper lives; the range does not
+        // cross a page boundary, so phys..phys+len is its contiguous physical range.
+        Ok(unsafe { DmaBuf::new(virt, phys, len) })
+    }
+
+    fn map(&self, buf: &DmaBuf, offset: usize, len: usize, _dir: Dir) -> Result<u64> {
+        buf.check_range(offset, len)?;
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        Ok(buf.phys() + offset as u64)
+    }
+
+    fn unmap(&self, _iova: u64, _len: usize, _dir: Dir) -> Result<()> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bump_aligns_and_never_crosses_a_page() {
+        let page = 4096;
+        assert_eq!(bump_place(0, 2048, page, 8192), Some(0));
+        assert_eq!(bump_place(2048, 2048, page, 8192), Some(2048));
+        assert_eq!(bump_place(4096, 2048, page, 8192), Some(4096));
+        assert_eq!(bump_place(1, 16, page, 8192), Some(128));
+        // 2048 at 3000 would cross into the next page: moved to 4096.
+        assert_eq!(bump_place(3000, 2048, page, 8192), Some(4096));
+        // Does not fit the region.
+        assert_eq!(bump_place(6144, 4096, page, 8192), None);
+        // Larger than a contiguous page.
+        assert_eq!(bump_place(0, 8192, page, 8192), None);
+        assert_eq!(bump_place(0, 0, page, 8192), None);
+    }
+
+    #[test]
+    fn check_range_bounds() {
+        let mut backing = [0u8; 64];
+        let p = NonNull::new(backing.as_mut_ptr()).expect("stack pointer");
+        // SAFETY: backing is valid for 64 bytes for this test's duration.
+        let b = unsafe { DmaBuf::new(p, 0x1000, 64) };
+        assert!(b.check_range(0, 64).is_ok());
+        assert!(b.check_range(60, 4).is_ok());
+        assert!(b.check_range(60, 5).is_err());
+        assert!(b.check_range(0, 0).is_err());
+        assert!(b.check_range(usize::MAX, 2).is_err());
+    }
+}

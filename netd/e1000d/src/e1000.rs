@@ -1,0 +1,578 @@
+//! The 82540EM driver: reset, ring setup, polled send and receive.
+
+use std::ptr;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use linuxhw::mmio::MmioRegion;
+
+use crate::desc::{rx_err, rx_sta, tx_sta, RxDesc, TxDesc, DESC_LEN};
+use crate::dma::{Dir, DmaBuf, DmaMapper};
+use crate::pci::Function;
+use crate::regs::{self, ctrl, eerd, rah, rctl, stat, status, tctl, tipg};
+use crate::ring;
+use crate::{Error, Result};
+
+/// PCI vendor id of Intel.
+pub const VENDOR: u16 = 0x8086;
+/// PCI device id of the 82540EM (QEMU `-device e1000`).
+pub const DEVICE: u16 = 0x100E;
+/// Descriptors per ring (TX and RX). 256 × 16 B = 4 KiB: one page, a multiple of 128 B.
+pub const RING_LEN: u16 = 256;
+/// Bytes per packet buffer (RCTL.BSIZE = 2048).
+pub const BUF_LEN: usize = 2048;
+/// Largest frame accepted by [`E1000::send`]: 1500-byte payload + 14-byte header (the
+/// NIC appends the CRC; no VLAN tag, RCTL.LPE off).
+pub const MAX_FRAME: usize = 1514;
+
+const RESET_TIMEOUT: Duration = Duration::from_millis(100);
+const LINK_TIMEOUT: Duration = Duration::from_secs(2);
+const EERD_TIMEOUT: Duration = Duration::from_millis(10);
+
+/// Counters kept by the driver (software) and read from the NIC (hardware, `hw_*`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames handed to the NIC.
+    pub tx_packets: u64,
+    /// Bytes handed to the NIC.
+    pub tx_bytes: u64,
+    /// TX descriptors written back with excess or late collision.
+    pub tx_errors: u64,
+    /// `send` calls refused because every TX descriptor was in flight.
+    pub tx_ring_full: u64,
+    /// Good frames received.
+    pub rx_packets: u64,
+    /// Bytes of good frames received.
+    pub rx_bytes: u64,
+    /// RX descriptors with any error bit (frames dropped).
+    pub rx_errors: u64,
+    /// Of those, CRC/alignment errors (RDESC.ERRORS.CE).
+    pub rx_crc_errors: u64,
+    /// RX descriptors without EOP or with an impossible length (dropped).
+    pub rx_malformed: u64,
+    /// Buffer maps performed (rings + packets).
+    pub maps: u64,
+    /// Buffer unmaps performed.
+    pub unmaps: u64,
+    /// NIC: good packets received (GPRC).
+    pub hw_gprc: u64,
+    /// NIC: good packets transmitted (GPTC).
+    pub hw_gptc: u64,
+    /// NIC: CRC errors (CRCERRS).
+    pub hw_crcerrs: u64,
+    /// NIC: missed packets (MPC).
+    pub hw_mpc: u64,
+    /// NIC: receive-no-buffers events (RNBC).
+    pub hw_rnbc: u64,
+}
+
+/// A descriptor ring in DMA memory, mapped once for the device's lifetime.
+struct Ring {
+    mem: DmaBuf,
+    iova: u64,
+    n: u16,
+}
+
+impl Ring {
+    fn slot(&self, i: u16) -> *mut u64 {
+        debug_assert!(i < self.n);
+        // SAFETY: i < n and mem holds n * 16 bytes, so the offset stays in the buffer.
+        unsafe {
+            self.mem
+                .as_ptr()
+                .add(usize::from(i) * DESC_LEN)
+                .cast::<u64>()
+        }
+    }
+
+    /// Volatile read of descriptor `i` (the device writes status back into it).
+    fn read(&self, i: u16) -> [u64; 2] {
+        let p = self.slot(i);
+        // SAFETY: p points at a 16-byte, 16-aligned descriptor inside the ring, which lives
+        // as long as the mapper; volatile because the device writes it.
+        unsafe { [p.read_volatile(), p.add(1).read_volatile()] }
+    }
+
+    /// Volatile write of descriptor `i`: address word first, then length/status word.
+    fn write(&self, i: u16, w: [u64; 2]) {
+        let p = self.slot(i);
+        // SAFETY: as in `read`; the slot is owned by software (not between head and tail).
+        unsafe {
+            p.write_volatile(w[0]);
+            p.add(1).write_volatile(w[1]);
+        }
+    }
+}
+
+/// What a TX slot holds while the device owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxSlot {
+    Free,
+    /// A packet buffer mapped at `iova` for `len` bytes.
+    Mapped {
+        iova: u64,
+        len: usize,
+    },
+    /// A descriptor pointing at an address nobody mapped (fault injection).
+    Raw,
+}
+
+/// An 82540EM owned from userspace. Polled: no interrupts.
+pub struct E1000<M: DmaMapper> {
+    bdf: String,
+    regs: MmioRegion,
+    mapper: M,
+    mac: [u8; 6],
+    tx: Ring,
+    tx_bufs: Vec<DmaBuf>,
+    tx_slots: Vec<TxSlot>,
+    tx_tail: u16,
+    tx_clean: u16,
+    rx: Ring,
+    rx_bufs: Vec<DmaBuf>,
+    rx_iova: Vec<Option<u64>>,
+    rx_next: u16,
+    stats: Stats,
+    scratch: Vec<u8>,
+}
+
+impl<M: DmaMapper> E1000<M> {
+    /// Claims the function at `bdf`, resets it, sets up both rings and waits for link.
+    pub fn open(bdf: &str, mapper: M) -> Result<Self> {
+        let func = Function::open(bdf, VENDOR, DEVICE)?;
+        func.enable()?;
+        let regs = func.bar0()?;
+        reset(&regs)?;
+
+        let tx_mem = mapper.alloc(usize::from(RING_LEN) * DESC_LEN)?;
+        let rx_mem = mapper.alloc(usize::from(RING_LEN) * DESC_LEN)?;
+        let mut tx_bufs = Vec::with_capacity(usize::from(RING_LEN));
+        let mut rx_bufs = Vec::with_capacity(usize::from(RING_LEN));
+        for _ in 0..RING_LEN {
+            tx_bufs.push(mapper.alloc(BUF_LEN)?);
+            rx_bufs.push(mapper.alloc(BUF_LEN)?);
+        }
+        let tx_iova = mapper.map(&tx_mem, 0, tx_mem.len(), Dir::Bidirectional)?;
+        let rx_iova = mapper.map(&rx_mem, 0, rx_mem.len(), Dir::Bidirectional)?;
+        let mut nic = E1000 {
+            bdf: func.bdf().to_string(),
+            regs,
+            mapper,
+            mac: [0; 6],
+            tx: Ring {
+                mem: tx_mem,
+                iova: tx_iova,
+                n: RING_LEN,
+            },
+            tx_bufs,
+            tx_slots: vec![TxSlot::Free; usize::from(RING_LEN)],
+            tx_tail: 0,
+            tx_clean: 0,
+            rx: Ring {
+                mem: rx_mem,
+                iova: rx_iova,
+                n: RING_LEN,
+            },
+            rx_bufs,
+            rx_iova: vec![None; usize::from(RING_LEN)],
+            rx_next: 0,
+            stats: Stats {
+                maps: 2,
+                ..Stats::default()
+            },
+            scratch: Vec::with_capacity(BUF_LEN),
+        };
+        nic.mac = nic.read_mac()?;
+        nic.setup_rx()?;
+        nic.setup_tx()?;
+        nic.wait_link(LINK_TIMEOUT)?;
+        Ok(nic)
+    }
+
+    /// The function's PCI address.
+    pub fn bdf(&self) -> &str {
+        &self.bdf
+    }
+
+    /// The station address (RAL0/RAH0, or the EEPROM when RAH0.AV is clear).
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The mapper this NIC uses.
+    pub fn mapper(&self) -> &M {
+        &self.mapper
+    }
+
+    /// STATUS.LU.
+    pub fn link_up(&self) -> Result<bool> {
+        Ok(self.regs.read32(regs::STATUS)? & status::LU != 0)
+    }
+
+    fn wait_link(&self, bound: Duration) -> Result<()> {
+        let start = Instant::now();
+        while !self.link_up()? {
+            if start.elapsed() > bound {
+                return Err(Error::NoLink {
+                    ms: bound.as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    fn read_mac(&self) -> Result<[u8; 6]> {
+        let lo = self.regs.read32(regs::RAL0)?;
+        let hi = self.regs.read32(regs::RAH0)?;
+        if hi & rah::AV != 0 {
+            let l = lo.to_le_bytes();
+            let h = hi.to_le_bytes();
+            return Ok([l[0], l[1], l[2], l[3], h[0], h[1]]);
+        }
+        // 8254x SDM 5.6.1: EEPROM words 0..2 hold the Ethernet address.
+        let mut mac = [0u8; 6];
+        for w in 0..3u32 {
+            let v = self.eeprom_read(w)?.to_le_bytes();
+            mac[2 * w as usize] = v[0];
+            mac[2 * w as usize + 1] = v[1];
+        }
+        Ok(mac)
+    }
+
+    fn eeprom_read(&self, word: u32) -> Result<u16> {
+        self.regs
+            .write32(regs::EERD, eerd::START | (word << eerd::ADDR_SHIFT))?;
+        let start = Instant::now();
+        loop {
+            let v = self.regs.read32(regs::EERD)?;
+            if v & eerd::DONE != 0 {
+                return Ok((v >> eerd::DATA_SHIFT) as u16);
+            }
+            if start.elapsed() > EERD_TIMEOUT {
+                return Err(Error::Timeout {
+                    what: "EERD.DONE (0x0014 bit 4)",
+                    ms: EERD_TIMEOUT.as_millis() as u64,
+                });
+            }
+        }
+    }
+
+    /// 8254x SDM 14.4: receive initialization.
+    fn setup_rx(&mut self) -> Result<()> {
+        for i in 0..128 {
+            self.regs.write32(regs::MTA + 4 * i, 0)?;
+        }
+        for i in 0..self.rx.n {
+            self.refill(i)?;
+        }
+        self.regs.write32(regs::RDBAL, self.rx.iova as u32)?;
+        self.regs
+            .write32(regs::RDBAH, (self.rx.iova >> 32) as u32)?;
+        self.regs
+            .write32(regs::RDLEN, u32::from(self.rx.n) * DESC_LEN as u32)?;
+        self.regs.write32(regs::RDH, 0)?;
+        // All n buffers are posted; the device owns [RDH, RDT): keep the last slot back.
+        self.regs.write32(regs::RDT, u32::from(self.rx.n - 1))?;
+        self.rx_next = 0;
+        self.regs.write32(
+            regs::RCTL,
+            rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM | rctl::BSIZE_2048 | rctl::SECRC,
+        )?;
+        Ok(())
+    }
+
+    /// 8254x SDM 14.5: transmit initialization.
+    fn setup_tx(&mut self) -> Result<()> {
+        for i in 0..self.tx.n {
+            self.tx.write(i, [0, 0]);
+        }
+        self.regs.write32(regs::TDBAL, self.tx.iova as u32)?;
+        self.regs
+            .write32(regs::TDBAH, (self.tx.iova >> 32) as u32)?;
+        self.regs
+            .write32(regs::TDLEN, u32::from(self.tx.n) * DESC_LEN as u32)?;
+        self.regs.write32(regs::TDH, 0)?;
+        self.regs.write32(regs::TDT, 0)?;
+        self.regs.write32(regs::TIDV, 0)?;
+        self.regs.write32(
+            regs::TCTL,
+            tctl::EN
+                | tctl::PSP
+                | (tctl::CT_DEFAULT << tctl::CT_SHIFT)
+                | (tctl::COLD_FULL_DUPLEX << tctl::COLD_SHIFT),
+        )?;
+        self.regs.write32(regs::TIPG, tipg::COPPER_DEFAULT)?;
+        Ok(())
+    }
+
+    /// Maps RX buffer `i` and writes its descriptor (status cleared).
+    fn refill(&mut self, i: u16) -> Result<()> {
+        let idx = usize::from(i);
+        let iova = self
+            .mapper
+            .map(&self.rx_bufs[idx], 0, BUF_LEN, Dir::FromDevice)?;
+        self.stats.maps += 1;
+        self.rx_iova[idx] = Some(iova);
+        self.rx.write(i, RxDesc::empty(iova).to_words());
+        Ok(())
+    }
+
+    /// Posts a TX descriptor for `addr`/`len`, recording what the slot holds.
+    fn post_tx(&mut self, addr: u64, len: u16, slot: TxSlot) -> Result<()> {
+        let i = self.tx_tail;
+        self.tx.write(i, TxDesc::frame(addr, len).to_words());
+        self.tx_slots[usize::from(i)] = slot;
+        // Descriptor and buffer contents must be visible before the tail moves.
+        fence(Ordering::SeqCst);
+        self.tx_tail = ring::next(i, self.tx.n);
+        self.regs.write32(regs::TDT, u32::from(self.tx_tail))?;
+        Ok(())
+    }
+
+    fn check_tx_room(&mut self) -> Result<()> {
+        self.reap_tx()?;
+        if ring::is_full(self.tx_clean, self.tx_tail, self.tx.n) {
+            self.stats.tx_ring_full += 1;
+            return Err(Error::RingFull {
+                slots: usize::from(self.tx.n - 1),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies `frame` (header included, CRC excluded) into a TX buffer, maps it and
+    /// hands it to the NIC. Reaps finished descriptors first (unmapping their buffers).
+    /// Frames shorter than 60 bytes are padded by the NIC (TCTL.PSP).
+    pub fn send(&mut self, frame: &[u8]) -> Result<()> {
+        if frame.len() > MAX_FRAME {
+            return Err(Error::FrameTooLong {
+                len: frame.len(),
+                max: MAX_FRAME,
+            });
+        }
+        if frame.is_empty() {
+            return Err(Error::Device("refusing to send an empty frame".into()));
+        }
+        self.check_tx_room()?;
+        let i = usize::from(self.tx_tail);
+        let buf = self.tx_bufs[i];
+        // SAFETY: buf is valid for BUF_LEN >= frame.len() bytes; slot i is Free (between
+        // clean and tail is the device's; tail is not), so the device does not read it now.
+        unsafe { ptr::copy_nonoverlapping(frame.as_ptr(), buf.as_ptr(), frame.len()) };
+        let iova = self.mapper.map(&buf, 0, frame.len(), Dir::ToDevice)?;
+        self.stats.maps += 1;
+        self.post_tx(
+            iova,
+            frame.len() as u16,
+            TxSlot::Mapped {
+                iova,
+                len: frame.len(),
+            },
+        )?;
+        self.stats.tx_packets += 1;
+        self.stats.tx_bytes += frame.len() as u64;
+        Ok(())
+    }
+
+    /// Fault injection: posts one TX descriptor pointing at `iova`, which nobody mapped.
+    /// With an IOMMU the device's read is blocked (and recorded by iommud); the emulated
+    /// e1000 still writes DD back, so the slot is reaped like any other, with no unmap.
+    pub fn send_unmapped(&mut self, iova: u64, len: u16) -> Result<()> {
+        self.check_tx_room()?;
+        self.post_tx(iova, len, TxSlot::Raw)
+    }
+
+    /// Reaps TX descriptors the NIC has finished (DD set): unmaps their buffers.
+    /// Returns how many were reaped.
+    pub fn reap_tx(&mut self) -> Result<usize> {
+        let mut done = 0;
+        while !ring::is_empty(self.tx_clean, self.tx_tail) {
+            let i = self.tx_clean;
+            let d = TxDesc::from_words(self.tx.read(i));
+            if d.sta & tx_sta::DD == 0 {
+                break;
+            }
+            fence(Ordering::Acquire);
+            if d.sta & (tx_sta::EC | tx_sta::LC) != 0 {
+                self.stats.tx_errors += 1;
+            }
+            let idx = usize::from(i);
+            if let TxSlot::Mapped { iova, len } = self.tx_slots[idx] {
+                self.mapper.unmap(iova, len, Dir::ToDevice)?;
+                self.stats.unmaps += 1;
+            }
+            self.tx_slots[idx] = TxSlot::Free;
+            self.tx_clean = ring::next(i, self.tx.n);
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// TX descriptors handed to the NIC and not yet reaped.
+    pub fn tx_in_flight(&self) -> usize {
+        usize::from(ring::distance(self.tx_clean, self.tx_tail, self.tx.n))
+    }
+
+    /// Waits (bounded) until every posted TX descriptor is done and reaped.
+    pub fn flush_tx(&mut self, bound: Duration) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            self.reap_tx()?;
+            if self.tx_in_flight() == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > bound {
+                return Err(Error::Timeout {
+                    what: "TX descriptor DD (TDESC.STA bit 0)",
+                    ms: bound.as_millis() as u64,
+                });
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Receives one frame into `out` (replacing its contents). Returns `false` when no
+    /// frame is waiting. Frames with errors are counted and dropped.
+    pub fn recv(&mut self, out: &mut Vec<u8>) -> Result<bool> {
+        let mut got = false;
+        self.recv_batch(1, |f| {
+            out.clear();
+            out.extend_from_slice(f);
+            got = true;
+        })?;
+        Ok(got)
+    }
+
+    /// Receives up to `max` frames, calling `f` on each (a copy out of the DMA buffer).
+    /// Each buffer is unmapped when the NIC is done with it and mapped again before it is
+    /// handed back. Returns the number of good frames.
+    pub fn recv_batch(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> Result<usize> {
+        let mut good = 0;
+        let mut examined = 0;
+        while good < max && examined < usize::from(self.rx.n) {
+            let i = self.rx_next;
+            let idx = usize::from(i);
+            if self.rx_iova[idx].is_none() {
+                // A previous refill failed: retry it before looking further.
+                self.refill(i)?;
+                self.give_back(i)?;
+                continue;
+            }
+            let d = RxDesc::from_words(self.rx.read(i));
+            if !d.done() {
+                break;
+            }
+            examined += 1;
+            fence(Ordering::Acquire);
+            if let Some(iova) = self.rx_iova[idx].take() {
+                self.mapper.unmap(iova, BUF_LEN, Dir::FromDevice)?;
+                self.stats.unmaps += 1;
+            }
+            let len = usize::from(d.len);
+            if d.errors != 0 {
+                self.stats.rx_errors += 1;
+                if d.errors & rx_err::CE != 0 {
+                    self.stats.rx_crc_errors += 1;
+                }
+            } else if d.status & rx_sta::EOP == 0 || len == 0 || len > BUF_LEN {
+                self.stats.rx_malformed += 1;
+            } else {
+                self.scratch.clear();
+                self.scratch.resize(len, 0);
+                let src = self.rx_bufs[idx].as_ptr();
+                // SAFETY: the device wrote back DD for this slot (acquire fence above) and
+                // the buffer is unmapped, so the device is done with it; len <= BUF_LEN is
+                // within the buffer; the copy goes through raw pointers, no reference.
+                unsafe { ptr::copy_nonoverlapping(src, self.scratch.as_mut_ptr(), len) };
+                self.stats.rx_packets += 1;
+                self.stats.rx_bytes += len as u64;
+                good += 1;
+                f(&self.scratch);
+            }
+            // Clear the written-back status so this slot is never processed twice, even
+            // if the refill below fails.
+            self.rx.write(i, [0, 0]);
+            self.refill(i)?;
+            self.give_back(i)?;
+        }
+        Ok(good)
+    }
+
+    /// Slot `i` is refilled: it becomes the held-back slot, releasing the previous one.
+    fn give_back(&mut self, i: u16) -> Result<()> {
+        fence(Ordering::SeqCst);
+        self.regs.write32(regs::RDT, u32::from(i))?;
+        self.rx_next = ring::next(i, self.rx.n);
+        Ok(())
+    }
+
+    /// The driver's counters plus the NIC's (statistics registers are clear-on-read and
+    /// are accumulated here).
+    pub fn stats(&mut self) -> Result<Stats> {
+        self.stats.hw_gprc += u64::from(self.regs.read32(stat::GPRC)?);
+        self.stats.hw_gptc += u64::from(self.regs.read32(stat::GPTC)?);
+        self.stats.hw_crcerrs += u64::from(self.regs.read32(stat::CRCERRS)?);
+        self.stats.hw_mpc += u64::from(self.regs.read32(stat::MPC)?);
+        self.stats.hw_rnbc += u64::from(self.regs.read32(stat::RNBC)?);
+        Ok(self.stats)
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        // Stop all DMA before any mapping goes away.
+        self.regs.write32(regs::RCTL, 0)?;
+        self.regs.write32(regs::TCTL, 0)?;
+        reset(&self.regs)?;
+        for slot in self.tx_slots.iter_mut() {
+            if let TxSlot::Mapped { iova, len } = *slot {
+                self.mapper.unmap(iova, len, Dir::ToDevice)?;
+            }
+            *slot = TxSlot::Free;
+        }
+        for iova in self.rx_iova.iter_mut() {
+            if let Some(iova) = iova.take() {
+                self.mapper.unmap(iova, BUF_LEN, Dir::FromDevice)?;
+            }
+        }
+        self.mapper
+            .unmap(self.tx.iova, self.tx.mem.len(), Dir::Bidirectional)?;
+        self.mapper
+            .unmap(self.rx.iova, self.rx.mem.len(), Dir::Bidirectional)?;
+        Ok(())
+    }
+}
+
+impl<M: DmaMapper> Drop for E1000<M> {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            eprintln!("e1000d: {}: shutdown: {e}", self.bdf);
+        }
+    }
+}
+
+/// 8254x SDM 14.3 / 13.4.1: global reset with interrupts masked before and after.
+fn reset(regs: &MmioRegion) -> Result<()> {
+    regs.write32(regs::IMC, u32::MAX)?;
+    let c = regs.read32(regs::CTRL)?;
+    regs.write32(regs::CTRL, c | ctrl::RST)?;
+    // The SDM asks for at least 1 µs before the next access after a reset.
+    std::thread::sleep(Duration::from_micros(10));
+    let start = Instant::now();
+    while regs.read32(regs::CTRL)? & ctrl::RST != 0 {
+        if start.elapsed() > RESET_TIMEOUT {
+            return Err(Error::ResetTimeout {
+                ms: RESET_TIMEOUT.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    regs.write32(regs::IMC, u32::MAX)?;
+    regs.read32(regs::ICR)?;
+    // Link up, auto-speed detection, out of link and PHY reset.
+    let c = regs.read32(regs::CTRL)?;
+    regs.write32(
+        regs::CTRL,
+        (c | ctrl::SLU | ctrl::ASDE) & !(ctrl::LRST | ctrl::PHY_RST),
+    )?;
+    Ok(())
+}

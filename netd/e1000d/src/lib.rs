@@ -1,0 +1,17 @@
+//! e1000d: a userspace Intel 82540EM (QEMU `e1000`) driver that maps every packet
+//! buffer for DMA before the NIC sees it and unmaps it when the NIC is done, through a
+//! [`DmaMapper`] (identity here, an IOMMU domain through libdma in the real setup).
+#![deny(missing_docs)]
+
+pub mod desc;
+pub mod dma;
+mod e1000;
+mod error;
+pub mod payload;
+pub mod pci;
+pub mod regs;
+pub mod ring;
+
+pub use dma::{Dir, DmaBuf, DmaMapper, PhysMapper};
+pub use e1000::{Stats, BUF_LEN, DEVICE, E1000, MAX_FRAME, RING_LEN, VENDOR};
+pub use error::{Error, Result};
