@@ -1,0 +1,99 @@
+//! The two hardware seams iommud's policy code needs, each with a real
+//! implementation (Linux `/dev/mem` + hugepages, Redox memory scheme) and a
+//! model (the `sim` platform over [`vtd::sim`]).
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use thiserror::Error;
+
+/// Errors from the hardware seams.
+#[derive(Debug, Error)]
+pub enum HwError {
+    /// No physical memory left for tables or pools.
+    #[error("out of physical memory ({0})")]
+    NoMemory(&'static str),
+    /// A physical address outside every region iommud owns.
+    #[error("physical address {0:#x} is not in memory iommud owns")]
+    BadPhys(u64),
+    /// A wait on the hardware ran out of time.
+    #[error("timed out after {ms} ms waiting for {what}")]
+    Timeout {
+        /// What was awaited (register and bit).
+        what: &'static str,
+        /// Milliseconds waited.
+        ms: u64,
+    },
+    /// The hardware reported an error.
+    #[error("hardware error: {0}")]
+    Hardware(String),
+    /// The hardware lacks something iommud needs.
+    #[error("unsupported hardware: {0}")]
+    Unsupported(String),
+    /// An OS call failed.
+    #[error("{what}: {err}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        err: std::io::Error,
+    },
+}
+
+/// Register access to one VT-d unit (32- and 64-bit, at byte offsets).
+pub trait Mmio: Send + Sync {
+    /// Reads a 32-bit register.
+    fn read32(&self, off: usize) -> u32;
+    /// Reads a 64-bit register.
+    fn read64(&self, off: usize) -> u64;
+    /// Writes a 32-bit register.
+    fn write32(&self, off: usize, v: u32);
+    /// Writes a 64-bit register.
+    fn write64(&self, off: usize, v: u64);
+}
+
+/// Physically contiguous memory that can be shared with a client process:
+/// the client maps `len` bytes of `fd` from `fd_offset`; byte `i` of that
+/// mapping has physical address `phys + i`.
+#[derive(Clone, Debug)]
+pub struct Region {
+    /// File to map.
+    pub fd: Arc<OwnedFd>,
+    /// Offset of the region in the file (page-aligned).
+    pub fd_offset: u64,
+    /// Physical address of the first byte.
+    pub phys: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl Region {
+    /// True if `[phys, phys+len)` lies inside the region.
+    pub fn contains(&self, phys: u64, len: u64) -> bool {
+        phys >= self.phys
+            && len <= self.len
+            && phys
+                .checked_add(len)
+                .is_some_and(|end| end <= self.phys + self.len)
+    }
+}
+
+/// Physical memory: iommud's page-table frames, the invalidation queue, and
+/// the regions handed to clients (DMA pools, leaf-table arenas).
+pub trait PhysMem: Send + Sync {
+    /// Allocates one zeroed 4 KiB frame for a table.
+    fn alloc_frame(&self) -> Result<u64, HwError>;
+    /// Frees a frame from [`PhysMem::alloc_frame`].
+    fn free_frame(&self, phys: u64);
+    /// Allocates a zeroed shareable region of at least `len` bytes, aligned to `align`.
+    fn alloc_region(&self, len: u64, align: u64) -> Result<Region, HwError>;
+    /// Frees a region.
+    fn free_region(&self, region: &Region);
+    /// Reads a u64 (volatile) at a physical address iommud owns.
+    fn read_u64(&self, phys: u64) -> Result<u64, HwError>;
+    /// Writes a u64 (volatile) at a physical address iommud owns.
+    fn write_u64(&self, phys: u64, v: u64) -> Result<(), HwError>;
+    /// Reads a u32 (volatile), e.g. an invalidation-wait status word.
+    fn read_u32(&self, phys: u64) -> Result<u32, HwError>;
+    /// Writes back CPU cache lines of `[phys, phys+len)` (needed when ECAP.C = 0).
+    fn flush(&self, phys: u64, len: u64);
+}

@@ -1,0 +1,2 @@
+//! Platform backends: the implementations of [`crate::hw::Mmio`] and
+//! [`crate::hw::PhysMem`].
