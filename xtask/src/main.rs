@@ -24,7 +24,9 @@ usage: cargo xtask <command> [options]
                             boot a guest to an interactive shell (quit: Ctrl-A X)
   guest-smoke [--caching-mode]
                             (see below)
-  test [--host-only]        fmt --check, clippy -D warnings, cargo test, then every guest test
+  test [--host-only] [--keep-going]
+                            fmt --check, clippy -D warnings, cargo test, then every guest test
+                            (stops at the first failure unless --keep-going)
   demo                      the end-to-end demo (placeholder)
   help                      this text
 
@@ -146,11 +148,17 @@ fn dispatch(args: &[String]) -> Result<()> {
             let o = parse_guest_opts(rest)?;
             smoke::run(o.caching_mode)
         }
-        "test" => match rest {
-            [] => pipeline::test(false),
-            [h] if h == "--host-only" => pipeline::test(true),
-            _ => Err(format!("test: unknown options {rest:?}")),
-        },
+        "test" => {
+            let (mut host_only, mut keep_going) = (false, false);
+            for a in rest {
+                match a.as_str() {
+                    "--host-only" => host_only = true,
+                    "--keep-going" => keep_going = true,
+                    other => return Err(format!("test: unknown option `{other}`")),
+                }
+            }
+            pipeline::test(host_only, keep_going)
+        }
         "demo" => demo::run(),
         other => match tests::guest_tests().into_iter().find(|t| t.name == other) {
             Some(t) => (t.run)(),

@@ -21,8 +21,8 @@ fn cargo_step(name: &str, args: &'static [&'static str]) -> Step {
     }
 }
 
-/// Runs the steps in order, stopping at the first failure.
-pub fn test(host_only: bool) -> Result<()> {
+/// Runs the steps in order, stopping at the first failure unless `keep_going`.
+pub fn test(host_only: bool, keep_going: bool) -> Result<()> {
     let mut steps = vec![
         cargo_step(
             "cargo fmt --all -- --check",
@@ -64,8 +64,12 @@ pub fn test(host_only: bool) -> Result<()> {
             Err(e) => {
                 failed += 1;
                 println!("==== {}: FAILED ({secs:.1} s): {e} ====", step.name);
-                result = Err(format!("step `{}` failed", step.name));
-                break;
+                if result.is_ok() {
+                    result = Err(format!("step `{}` failed", step.name));
+                }
+                if !keep_going {
+                    break;
+                }
             }
         }
     }

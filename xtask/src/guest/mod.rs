@@ -226,3 +226,30 @@ pub fn parse_hex(s: &str) -> Option<u64> {
         .unwrap_or(s);
     u64::from_str_radix(s, 16).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(console: &str) -> GuestOutput {
+        GuestOutput {
+            log_path: PathBuf::new(),
+            console: console.into(),
+            exit_marker: Some(0),
+            timed_out: false,
+            duration: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn job_lines_and_values() {
+        let o =
+            output("KEY boot\n\x1bc\x1b[2JGUEST-START\nKEY 1\nVTD CAP 0x86\nGUEST-EXIT 0\nKEY 2\n");
+        assert_eq!(o.job_lines().collect::<Vec<_>>(), ["KEY 1", "VTD CAP 0x86"]);
+        assert_eq!(o.value("KEY"), Some("1"));
+        assert_eq!(o.value("VTD"), Some("CAP 0x86"));
+        assert_eq!(o.value("VTD CAP").and_then(parse_hex), Some(0x86));
+        assert_eq!(o.value("VT"), None);
+        assert!(o.success());
+    }
+}
