@@ -165,7 +165,7 @@ fn pump(
             Ok(_) => {}
         }
         let text = String::from_utf8_lossy(&buf);
-        let line = text.trim_end_matches(['\n', '\r']).replace('\r', "");
+        let line = strip_escapes(text.trim_end_matches(['\n', '\r']));
         writeln!(log.lock().unwrap(), "{prefix}{line}").ok();
         if echo {
             println!("{prefix}{line}");
@@ -175,5 +175,41 @@ fn pump(
             c.push_str(&line);
             c.push('\n');
         }
+    }
+}
+
+/// Drops `\r` and terminal escape sequences (SeaBIOS clears the screen with `ESC c`,
+/// which would also reset the terminal `cargo xtask` runs in).
+fn strip_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        match c {
+            '\x1b' => {
+                if it.next() == Some('[') {
+                    // CSI: parameters, then one final byte in '@'..='~'.
+                    for c in it.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn strips_escapes() {
+        assert_eq!(
+            super::strip_escapes("\x1bc\x1b[?7l\x1b[2JGUEST-START\r"),
+            "GUEST-START"
+        );
+        assert_eq!(super::strip_escapes("a\x1b[0mb"), "ab");
     }
 }
