@@ -138,6 +138,9 @@ pub struct E1000<M: DmaMapper> {
 
 impl<M: DmaMapper> E1000<M> {
     /// Claims the function at `bdf`, resets it, sets up both rings and waits for link.
+    ///
+    /// On QEMU the NIC model queues incoming frames for about 1 s after RCTL is written,
+    /// so frames sent right after `open` arrive late (not lost).
     pub fn open(bdf: &str, mapper: M) -> Result<Self> {
         let func = Function::open(bdf, VENDOR, DEVICE)?;
         func.enable()?;

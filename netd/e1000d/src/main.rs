@@ -24,7 +24,13 @@ const USAGE: &str =
 [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR]\n       e1000d info BDF";
 
 /// No frame arrived for this long: everything in flight is written off as lost.
-const STALL: Duration = Duration::from_millis(500);
+const STALL: Duration = Duration::from_secs(2);
+/// Sequence number of warm-up probes (never a data frame's).
+const PROBE_SEQ: u64 = u64::MAX;
+/// How long a path may take to start delivering. QEMU's e1000 refuses to receive (and
+/// queues frames) for 1 s after every RCTL write (its `flush_queue_timer`), so the first
+/// frames after `open` arrive about 1 s late.
+const SETTLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 struct LoopOpts {
@@ -135,6 +141,49 @@ rx_errors={} rx_crc_errors={} rx_malformed={} maps={} unmaps={} hw_gptc={} hw_gp
     Ok(())
 }
 
+/// Sends probe frames `from` → `to` until one arrives (bounded by [`SETTLE`]), then
+/// drains `to`. Keeps the receive setup delay of the NIC model out of the measurement.
+fn settle(from: &mut Nic, to: &mut Nic) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut frame = Vec::new();
+    payload::build(to.mac(), from.mac(), PROBE_SEQ, 64, &mut frame);
+    let mut arrived = false;
+    while !arrived {
+        if start.elapsed() > SETTLE {
+            return Err(format!(
+                "no frame from {} reached {} within {} s",
+                from.bdf(),
+                to.bdf(),
+                SETTLE.as_secs()
+            ));
+        }
+        if from.tx_in_flight() == 0 {
+            from.send(&frame).map_err(e)?;
+        }
+        from.reap_tx().map_err(e)?;
+        let until = Instant::now() + Duration::from_millis(100);
+        while !arrived && Instant::now() < until {
+            to.recv_batch(64, |f| arrived |= payload::check(f) == Ok(PROBE_SEQ))
+                .map_err(e)?;
+        }
+    }
+    let took = start.elapsed();
+    // Drain late duplicates of the probe.
+    let until = Instant::now() + Duration::from_millis(20);
+    while Instant::now() < until {
+        from.reap_tx().map_err(e)?;
+        to.recv_batch(64, |_| {}).map_err(e)?;
+    }
+    from.flush_tx(Duration::from_secs(1)).map_err(e)?;
+    println!(
+        "settle: {} -> {} delivering after {:.0} ms",
+        from.bdf(),
+        to.bdf(),
+        took.as_secs_f64() * 1e3
+    );
+    Ok(took)
+}
+
 /// Posts one descriptor at an unmapped IOVA, waits for the NIC to finish it, drains
 /// whatever reached the other side.
 fn inject_bad_iova(a: &mut Nic, b: &mut Nic, iova: u64) -> Result<(), String> {
@@ -186,6 +235,10 @@ impl Tally {
 fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     let mut a = open(&o.tx, &o.mapper)?;
     let mut b = open(&o.rx, &o.mapper)?;
+    settle(&mut a, &mut b)?;
+    if o.ping_pong {
+        settle(&mut b, &mut a)?;
+    }
     if let Some(iova) = o.bad_iova {
         inject_bad_iova(&mut a, &mut b, iova)?;
     }
@@ -202,6 +255,8 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     let start = Instant::now();
     let mut last_progress = start;
     let mut last_rx = start;
+    let mut first_rx: Option<Instant> = None;
+    let mut max_gap = Duration::ZERO;
     loop {
         let accounted = t.received + t.corrupt + t.duplicate + written_off;
         let in_flight = sent.saturating_sub(accounted);
@@ -226,6 +281,8 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
         a.reap_tx().map_err(e)?;
         let now = Instant::now();
         if got > 0 {
+            first_rx.get_or_insert(now);
+            max_gap = max_gap.max(now.duration_since(last_rx));
             last_progress = now;
             last_rx = now;
         } else if now.duration_since(last_progress) > STALL {
@@ -242,8 +299,16 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     print_stats("rx", &mut b)?;
     println!(
         "loop: sent={sent} received={} corrupt={} lost={lost} duplicate={} foreign={} pps={pps:.1} \
-size={} window={} mapper={} elapsed_s={elapsed:.3}",
-        t.received, t.corrupt, t.duplicate, t.foreign, o.size, o.window, o.mapper
+size={} window={} mapper={} elapsed_s={elapsed:.3} first_rx_ms={:.3} max_gap_ms={:.3}",
+        t.received,
+        t.corrupt,
+        t.duplicate,
+        t.foreign,
+        o.size,
+        o.window,
+        o.mapper,
+        first_rx.map_or(f64::NAN, |f| f.duration_since(start).as_secs_f64() * 1e3),
+        max_gap.as_secs_f64() * 1e3
     );
     Ok(lost == 0 && t.corrupt == 0)
 }
@@ -313,11 +378,12 @@ fn ping_pong(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
     print_stats("a", a)?;
     print_stats("b", b)?;
     println!(
-        "pingpong: rounds={} replies={} corrupt={corrupt} lost={lost} p50_us={:.1} p99_us={:.1} mean_us={mean:.1} size={} mapper={}",
+        "pingpong: rounds={} replies={} corrupt={corrupt} lost={lost} p50_us={:.1} p99_us={:.1} max_us={:.1} mean_us={mean:.1} size={} mapper={}",
         o.packets,
         rtts_ns.len(),
         pct(0.50),
         pct(0.99),
+        pct(1.0),
         o.size,
         o.mapper
     );
