@@ -9,3 +9,4 @@
 pub mod desc;
 pub mod entry;
 pub mod regs;
+pub mod sim;
