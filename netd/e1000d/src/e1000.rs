@@ -8,10 +8,10 @@ use linuxhw::mmio::MmioRegion;
 
 use crate::desc::{rx_err, rx_sta, tx_sta, RxDesc, TxDesc, DESC_LEN};
 use crate::dma::{Dir, DmaBuf, DmaMapper};
-use crate::pci::Function;
 use crate::regs::{self, ctrl, eerd, rah, rctl, stat, status, tctl, tipg};
 use crate::ring;
 use crate::{Error, Result};
+use linuxhw::pci::PciFunction;
 
 /// PCI vendor id of Intel.
 pub const VENDOR: u16 = 0x8086;
@@ -120,6 +120,7 @@ enum TxSlot {
 /// An 82540EM owned from userspace. Polled: no interrupts.
 pub struct E1000<M: DmaMapper> {
     bdf: String,
+    source_id: u16,
     regs: MmioRegion,
     mapper: M,
     mac: [u8; 6],
@@ -142,8 +143,16 @@ impl<M: DmaMapper> E1000<M> {
     /// On QEMU the NIC model queues incoming frames for about 1 s after RCTL is written,
     /// so frames sent right after `open` arrive late (not lost).
     pub fn open(bdf: &str, mapper: M) -> Result<Self> {
-        let func = Function::open(bdf, VENDOR, DEVICE)?;
-        func.enable()?;
+        let func = PciFunction::open(bdf)?;
+        let (vendor, device) = (func.vendor_id()?, func.device_id()?);
+        if (vendor, device) != (VENDOR, DEVICE) {
+            return Err(Error::WrongDevice {
+                bdf: func.bdf().to_string(),
+                vendor,
+                device,
+            });
+        }
+        func.enable(true, true)?;
         let regs = func.bar0()?;
         reset(&regs)?;
 
@@ -159,6 +168,7 @@ impl<M: DmaMapper> E1000<M> {
         let rx_iova = mapper.map(&rx_mem, 0, rx_mem.len(), Dir::Bidirectional)?;
         let mut nic = E1000 {
             bdf: func.bdf().to_string(),
+            source_id: func.bdf_u16(),
             regs,
             mapper,
             mac: [0; 6],
@@ -195,6 +205,11 @@ impl<M: DmaMapper> E1000<M> {
     /// The function's PCI address.
     pub fn bdf(&self) -> &str {
         &self.bdf
+    }
+
+    /// The function's VT-d source id (`bus << 8 | dev << 3 | func`).
+    pub fn source_id(&self) -> u16 {
+        self.source_id
     }
 
     /// The station address (RAL0/RAH0, or the EEPROM when RAH0.AV is clear).

@@ -4,21 +4,10 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Linux refused a hardware access (sysfs, /dev/mem, hugepages, pagemap).
-    #[error("e1000d: {0}")]
+    #[error("{0}")]
     Hw(#[from] linuxhw::Error),
-    /// A file operation on the PCI function failed.
-    #[error("e1000d: {op} {path}: {source}")]
-    Io {
-        /// What was attempted.
-        op: &'static str,
-        /// The file involved.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
     /// The PCI function is not an 82540EM (or not there).
-    #[error("e1000d: {bdf} is {vendor:04x}:{device:04x}, not an 82540EM (8086:100e)")]
+    #[error("{bdf} is {vendor:04x}:{device:04x}, not an 82540EM (8086:100e)")]
     WrongDevice {
         /// The function.
         bdf: String,
@@ -27,17 +16,14 @@ pub enum Error {
         /// Its device id.
         device: u16,
     },
-    /// A bus/device/function string did not parse.
-    #[error("e1000d: bad PCI address {0:?} (want dddd:bb:dd.f)")]
-    BadBdf(String),
     /// CTRL.RST did not clear within the bound.
-    #[error("e1000d: reset timeout: CTRL.RST (0x0000 bit 26) still set after {ms} ms")]
+    #[error("reset timeout: CTRL.RST (0x0000 bit 26) still set after {ms} ms")]
     ResetTimeout {
         /// How long we waited.
         ms: u64,
     },
     /// A bounded wait on a register or descriptor expired.
-    #[error("e1000d: timeout after {ms} ms waiting for {what}")]
+    #[error("timeout after {ms} ms waiting for {what}")]
     Timeout {
         /// The register or descriptor field waited on.
         what: &'static str,
@@ -45,19 +31,19 @@ pub enum Error {
         ms: u64,
     },
     /// STATUS.LU stayed clear.
-    #[error("e1000d: no link: STATUS.LU (0x0008 bit 1) clear after {ms} ms")]
+    #[error("no link: STATUS.LU (0x0008 bit 1) clear after {ms} ms")]
     NoLink {
         /// How long we waited.
         ms: u64,
     },
     /// Every TX descriptor is in flight; reap and retry.
-    #[error("e1000d: TX ring full ({slots} descriptors in flight)")]
+    #[error("TX ring full ({slots} descriptors in flight)")]
     RingFull {
         /// Descriptors in flight.
         slots: usize,
     },
     /// A frame does not fit one TX buffer / a standard Ethernet frame.
-    #[error("e1000d: frame of {len} bytes is too long (max {max})")]
+    #[error("frame of {len} bytes is too long (max {max})")]
     FrameTooLong {
         /// The frame's length.
         len: usize,
@@ -65,7 +51,7 @@ pub enum Error {
         max: usize,
     },
     /// The DMA mapper failed (allocation, map or unmap).
-    #[error("e1000d: DMA {op}: {msg}")]
+    #[error("DMA {op}: {msg}")]
     Dma {
         /// `alloc`, `map` or `unmap`.
         op: &'static str,
@@ -73,7 +59,7 @@ pub enum Error {
         msg: String,
     },
     /// The device reported something impossible (e.g. a length beyond the buffer).
-    #[error("e1000d: device misbehaved: {0}")]
+    #[error("device misbehaved: {0}")]
     Device(String),
 }
 

@@ -8,7 +8,6 @@ pub mod dma;
 mod e1000;
 mod error;
 pub mod payload;
-pub mod pci;
 pub mod regs;
 pub mod ring;
 

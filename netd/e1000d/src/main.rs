@@ -94,9 +94,9 @@ fn make_mapper(kind: &str, bdf: &str) -> Result<Box<dyn DmaMapper>, String> {
     match kind {
         "phys" => Ok(Box::new(PhysMapper::new())),
         "libdma" => Err(format!(
-            "e1000d: --mapper libdma for {bdf}: not wired yet (the libdma DmaMapper comes with libdma)"
+            "--mapper libdma for {bdf}: not wired yet (the libdma DmaMapper comes with libdma)"
         )),
-        other => Err(format!("e1000d: unknown mapper {other:?} (phys|libdma)")),
+        other => Err(format!("unknown mapper {other:?} (phys|libdma)")),
     }
 }
 
