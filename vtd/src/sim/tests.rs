@@ -566,3 +566,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn concurrent_dma_and_invalidation() {
+    let mut f = Fix::new(cfg(false));
+    for p in 0..16u64 {
+        f.map(p << 12, DATA + (p << 12), true, true);
+    }
+    let m = &f.m;
+    std::thread::scope(|s| {
+        for t in 0..3u64 {
+            s.spawn(move || {
+                for i in 0..200u64 {
+                    let iova = ((i + t) % 16) << 12;
+                    m.dma_write(SID, iova, &[t as u8; 8]).expect("mapped");
+                }
+            });
+        }
+    });
+    for k in 0..8 {
+        f.flush(&[Descriptor::iotlb_domain(DID, false, false)], k);
+    }
+    let c = f.m.counters();
+    assert_eq!(c.iotlb_hits + c.iotlb_misses, 600);
+    assert_eq!((c.stale_hits, c.faults_recorded), (0, 0));
+}
