@@ -416,3 +416,48 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn tally_counts_each_kind_once() {
+        let mut seen = vec![false; 4];
+        let mut t = Tally::default();
+        let mut f = Vec::new();
+        let (a, b) = ([2u8; 6], [4u8; 6]);
+        for seq in [0, 1, 1, 3, 9] {
+            payload::build(b, a, seq, 100, &mut f);
+            t.classify(&mut seen, &f);
+        }
+        payload::build(b, a, 2, 100, &mut f);
+        f[40] ^= 0x10;
+        t.classify(&mut seen, &f);
+        t.classify(&mut seen, &[0u8; 60]);
+        assert_eq!(
+            (t.received, t.duplicate, t.corrupt, t.foreign),
+            (3, 1, 1, 2)
+        );
+        assert_eq!(seen, [true, true, false, true]);
+    }
+
+    #[test]
+    fn loop_options() {
+        let o = parse_loop(&args(
+            "--tx 00:01.0 --rx 00:02.0 --packets 0x10 --size 64 --window 0 --ping-pong --bad-iova 0x900000",
+        ))
+        .expect("valid options");
+        assert_eq!((o.packets, o.size, o.window), (16, 64, 1));
+        assert!(o.ping_pong);
+        assert_eq!(o.bad_iova, Some(0x90_0000));
+        assert!(parse_loop(&args("--size 1501")).is_err());
+        assert!(parse_loop(&args("--size 17")).is_err());
+        assert!(parse_loop(&args("--packets")).is_err());
+        assert!(parse_loop(&args("--bogus")).is_err());
+    }
+}
