@@ -1,2 +1,5 @@
 //! Platform backends: the implementations of [`crate::hw::Mmio`] and
 //! [`crate::hw::PhysMem`].
+
+#[cfg(target_os = "linux")]
+pub mod linux;
