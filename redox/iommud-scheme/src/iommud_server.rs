@@ -1,0 +1,83 @@
+//! [`Server`] for iommud's own state: the same [`iommud::scheme::parse`],
+//! [`SchemeTree`] and [`Session::handle`] the Linux socket server calls.
+
+use std::sync::Arc;
+
+use iommud::scheme::{parse, Node, SchemeTree};
+use iommud::session::{Session, State};
+use libdma::proto::{ErrorCode, Request};
+
+use crate::server::{Answer, PathKind, Server};
+
+/// A session opened on `domains/<bdf>/session`: it may attach to `bdf` only.
+pub struct DomainSession {
+    bdf: u16,
+    session: Session,
+}
+
+impl Server for Arc<State> {
+    type Session = DomainSession;
+
+    fn kind(&self, path: &str) -> Result<PathKind, ErrorCode> {
+        // `domains/<bdf>/session` is the Redox-only leaf: its bdf is parsed by
+        // the tree's own parser, through the sibling `stats` leaf.
+        if let Some(dir) = path.trim_end_matches('/').strip_suffix("/session") {
+            return match parse(&format!("{dir}/stats"))? {
+                Node::DomainStats(bdf) => Ok(PathKind::Session { bdf }),
+                _ => Err(ErrorCode::NotFound),
+            };
+        }
+        Ok(match parse(path)? {
+            Node::Domains => PathKind::Dir,
+            Node::DomainStrategy(_) | Node::DomainFlush(_) | Node::Reclaim => PathKind::ReadWrite,
+            Node::Stats | Node::DomainStats(_) | Node::DomainMappings(_) | Node::Faults => {
+                PathKind::ReadOnly
+            }
+        })
+    }
+
+    fn read(&self, path: &str) -> Result<String, ErrorCode> {
+        SchemeTree::read(&**self, path)
+    }
+
+    fn write(&self, path: &str, value: &str) -> Result<(), ErrorCode> {
+        SchemeTree::write(&**self, path, value)
+    }
+
+    fn open_session(&mut self, bdf: u16, _pid: usize) -> Result<DomainSession, ErrorCode> {
+        Ok(DomainSession {
+            bdf,
+            session: Session::new(self.clone()),
+        })
+    }
+
+    fn handle(&mut self, s: &mut DomainSession, req: Request) -> Answer {
+        if let Request::Attach { bdf, .. } = req {
+            if bdf != s.bdf {
+                return Answer {
+                    result: Err(ErrorCode::NotOwner),
+                    payload: b"this session was opened for another device".to_vec(),
+                    shares: Vec::new(),
+                };
+            }
+        }
+        match s.session.handle(req) {
+            Some(r) => Answer {
+                result: r.result,
+                payload: r.payload,
+                shares: r.shares,
+            },
+            // One-way request (FlushHint): the carrier still returns; say ok.
+            None => Answer {
+                result: Ok([0; 5]),
+                payload: Vec::new(),
+                shares: Vec::new(),
+            },
+        }
+    }
+
+    fn close_session(&mut self, s: DomainSession) {
+        // Session's Drop detaches the domain: unmap, invalidate, reclaim.
+        drop(s);
+    }
+}
