@@ -3,7 +3,7 @@
 //!
 //! Everything here except [`redox`] (system calls; `target_os = "redox"` only)
 //! compiles and is tested on the host with nightly (`redox-scheme` needs it).
-//! See `redox/README.md` in the repository for what has and has not run on Redox.
+//! See `recipes/README.md` in the repository for what has and has not run on Redox.
 #![deny(missing_docs)]
 
 pub mod client;
