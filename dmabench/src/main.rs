@@ -1,0 +1,342 @@
+//! dmabench: DMA map+unmap cost per IOVA strategy and flush policy, on the
+//! sim platform, against no IOMMU, the physical floor and rust-vmm's
+//! `vm-allocator`.
+//!
+//! `cargo run --release -p dmabench -- [--quick] [--out DIR] [--rows FILTER]`
+//!
+//! Prints a table, writes `results.json` and SVG plots into the out dir
+//! (default `<workspace>/target/dmabench`). `--rows` keeps rows whose label
+//! `strategy/flush/t<threads>/p<processes>/n<pages>` contains any of the
+//! comma-separated terms. `--scale auto|log|linear` sets the plots' y axis
+//! (auto: log when bars span more than two decades).
+
+mod harness;
+mod peers;
+mod plot;
+mod results;
+
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use harness::{Backend, Budget, ClientArgs, ClientEnv, Row, RowResult, Sample, CLIENT_CMD};
+
+/// Pages per mapping, threads per process, client processes.
+const PAGES: [u64; 3] = [1, 4, 32];
+const THREADS: [usize; 3] = [1, 2, 4];
+const PROCESSES: [usize; 2] = [1, 2];
+
+/// Every backend this build has, peers first. Strategy rows backed by
+/// iommud + libdma join this list as `Backend`s whose `daemon()` starts
+/// `iommud --platform sim --socket <dir>/iommud.sock` and whose clients
+/// connect a `libdma::DmaDomain` to it.
+fn backends() -> Vec<Box<dyn Backend>> {
+    peers::backends()
+}
+
+fn find<'a>(all: &'a [Box<dyn Backend>], strategy: &str, flush: &str) -> Option<&'a dyn Backend> {
+    all.iter()
+        .find(|b| b.strategy() == strategy && b.flush() == flush)
+        .map(|b| &**b)
+}
+
+fn rows(all: &[Box<dyn Backend>], filter: Option<&str>) -> Vec<Row> {
+    let terms: Vec<&str> = filter
+        .map(|f| f.split(',').filter(|t| !t.is_empty()).collect())
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for b in all {
+        for pages in PAGES {
+            for processes in PROCESSES {
+                for threads in THREADS {
+                    let r = Row {
+                        strategy: b.strategy().into(),
+                        flush: b.flush().into(),
+                        threads,
+                        processes,
+                        pages,
+                    };
+                    if terms.is_empty() || terms.iter().any(|t| r.label().contains(t)) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+struct Opts {
+    quick: bool,
+    out: PathBuf,
+    rows: Option<String>,
+    scale: plot::Scale,
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: dmabench [--quick] [--out DIR] [--rows TERM[,TERM...]] [--scale auto|log|linear]"
+    );
+    ExitCode::from(2)
+}
+
+fn parse_opts(args: &[String]) -> Option<Opts> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let mut o = Opts {
+        quick: false,
+        out: workspace.join("target").join("dmabench"),
+        rows: None,
+        scale: plot::Scale::Auto,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--out" => o.out = PathBuf::from(it.next()?),
+            "--rows" => o.rows = Some(it.next()?.clone()),
+            "--scale" => {
+                o.scale = match it.next()?.as_str() {
+                    "auto" => plot::Scale::Auto,
+                    "log" => plot::Scale::Log,
+                    "linear" => plot::Scale::Linear,
+                    _ => return None,
+                }
+            }
+            _ => return None,
+        }
+    }
+    Some(o)
+}
+
+/// Quick: about 40 s of timed work in all, at most 0.2 s per run, 3 runs.
+/// Full: 1 s per run, 5 runs.
+fn budget(quick: bool, nrows: usize) -> Budget {
+    if quick {
+        let runs = 3;
+        let share = Duration::from_secs(40) / (nrows.max(1) * runs) as u32;
+        Budget {
+            per_run: share.clamp(Duration::from_millis(20), Duration::from_millis(200)),
+            runs,
+        }
+    } else {
+        Budget {
+            per_run: Duration::from_secs(1),
+            runs: 5,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(CLIENT_CMD) {
+        return match client_main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dmabench client: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(opts) = parse_opts(&args) else {
+        return usage();
+    };
+    match bench(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dmabench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench(o: &Opts) -> io::Result<()> {
+    let all = backends();
+    let rows = rows(&all, o.rows.as_deref());
+    let b = budget(o.quick, rows.len());
+    std::fs::create_dir_all(&o.out)?;
+    let tmp = std::env::temp_dir().join(format!("dmabench.{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let peers_only = all
+        .iter()
+        .all(|b| matches!(b.strategy(), "noiommu" | "limit" | "vm-allocator"));
+    if peers_only {
+        println!("iommud/libdma strategy rows: none in this build (no iommud-backed runner registered); peers only");
+    }
+    println!(
+        "{} rows, {} runs of {} ms each; ns/pair is per thread, Mpair/s is all threads together",
+        rows.len(),
+        b.runs,
+        b.per_run.as_millis()
+    );
+    println!("{}", results::TABLE_HEADER);
+    let mut done: Vec<RowResult> = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let backend = find(&all, &row.strategy, &row.flush).expect("row from a backend");
+        let r = harness::run_row(backend, row, b, &tmp)
+            .map_err(|e| io::Error::other(format!("{}: {e}", row.label())))?;
+        println!("{}", results::table_line(&r));
+        done.push(r);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    results::write_json(&o.out, &done)?;
+    write_plots(&o.out, &done, o.scale)?;
+    println!(
+        "wrote {0}/results.json, {0}/throughput.svg, {0}/scaling.svg",
+        o.out.display()
+    );
+    Ok(())
+}
+
+/// Series names in first-seen row order.
+fn series_names(rows: &[RowResult]) -> Vec<(String, String)> {
+    let mut names: Vec<(String, String)> = Vec::new();
+    for r in rows {
+        let k = (r.row.strategy.clone(), r.row.flush.clone());
+        if !names.contains(&k) {
+            names.push(k);
+        }
+    }
+    names
+}
+
+fn write_plots(dir: &Path, rows: &[RowResult], scale: plot::Scale) -> io::Result<()> {
+    let names = series_names(rows);
+    let value = |s: &(String, String), f: &dyn Fn(&Row) -> bool| {
+        rows.iter()
+            .find(|r| r.row.strategy == s.0 && r.row.flush == s.1 && f(&r.row))
+            .map(|r| r.mpairs_per_s)
+    };
+    let series = |f: &dyn Fn(&Row, usize) -> bool, ngroups: usize| {
+        names
+            .iter()
+            .map(|s| plot::Series {
+                name: format!("{} / {}", s.0, s.1),
+                values: (0..ngroups).map(|g| value(s, &|r: &Row| f(r, g))).collect(),
+            })
+            .collect()
+    };
+    let by_pages = plot::Chart {
+        title: "DMA map+unmap throughput, 1 thread, 1 client process (sim)".into(),
+        x_label: "pages per mapping".into(),
+        y_label: "throughput (million map+unmap pairs / s)".into(),
+        groups: PAGES.iter().map(|p| p.to_string()).collect(),
+        series: series(
+            &|r, g| r.pages == PAGES[g] && r.threads == 1 && r.processes == 1,
+            PAGES.len(),
+        ),
+        scale,
+    };
+    let configs: Vec<(usize, usize)> = PROCESSES
+        .iter()
+        .flat_map(|&p| THREADS.iter().map(move |&t| (p, t)))
+        .collect();
+    let scaling = plot::Chart {
+        title: "DMA map+unmap throughput, 1-page mappings, all threads together (sim)".into(),
+        x_label: "client processes × threads per process".into(),
+        y_label: "throughput (million map+unmap pairs / s)".into(),
+        groups: configs.iter().map(|(p, t)| format!("{p} × {t}")).collect(),
+        series: series(
+            &|r, g| r.pages == 1 && (r.processes, r.threads) == configs[g],
+            configs.len(),
+        ),
+        scale,
+    };
+    std::fs::write(dir.join("throughput.svg"), plot::svg(&by_pages))?;
+    std::fs::write(dir.join("scaling.svg"), plot::svg(&scaling))
+}
+
+/// `dmabench __client --strategy S --flush F --threads T --pages N
+/// --budget-ns NS --process I [--socket PATH]`: one client process of a run.
+fn client_main(args: &[String]) -> io::Result<()> {
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+    let (mut strategy, mut flush) = (None, None);
+    let mut a = ClientArgs {
+        threads: 1,
+        pages: 1,
+        budget: Duration::from_millis(100),
+        env: ClientEnv::default(),
+    };
+    let mut it = args.iter();
+    while let Some(k) = it.next() {
+        let v = it.next().ok_or_else(|| bad("missing value"))?;
+        let num = || v.parse::<u64>().map_err(|_| bad("bad number"));
+        match k.as_str() {
+            "--strategy" => strategy = Some(v.clone()),
+            "--flush" => flush = Some(v.clone()),
+            "--threads" => a.threads = num()? as usize,
+            "--pages" => a.pages = num()?,
+            "--budget-ns" => a.budget = Duration::from_nanos(num()?),
+            "--process" => a.env.process = num()? as usize,
+            "--socket" => a.env.socket = Some(PathBuf::from(v)),
+            _ => return Err(bad("unknown option")),
+        }
+    }
+    if a.threads == 0 || a.pages == 0 || a.pages > peers::MAX_PAGES {
+        return Err(bad("threads must be > 0 and pages 1..=32"));
+    }
+    let all = backends();
+    let (s, f) = strategy
+        .zip(flush)
+        .ok_or_else(|| bad("need --strategy and --flush"))?;
+    let b = find(&all, &s, &f).ok_or_else(|| bad("unknown strategy/flush"))?;
+    let sample: Sample = harness::run_client(b, &a, || {
+        let mut out = io::stdout().lock();
+        writeln!(out, "ready")?;
+        out.flush()?;
+        let mut go = String::new();
+        io::stdin().lock().read_line(&mut go)?;
+        Ok(())
+    })?;
+    println!("{}", sample.to_line());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_cover_the_grid_and_filter() {
+        let all = backends();
+        let r = rows(&all, None);
+        assert_eq!(r.len(), all.len() * 3 * 3 * 2);
+        let r = rows(&all, Some("limit/none/t1/p1,vm-allocator/strict/t2/p1/n4"));
+        let labels: Vec<String> = r.iter().map(Row::label).collect();
+        assert_eq!(
+            labels,
+            [
+                "limit/none/t1/p1/n1",
+                "limit/none/t1/p1/n4",
+                "limit/none/t1/p1/n32",
+                "vm-allocator/strict/t2/p1/n4"
+            ]
+        );
+    }
+
+    #[test]
+    fn quick_budget_fits_a_minute() {
+        let b = budget(true, 54);
+        let total = b.per_run * (54 * b.runs) as u32;
+        assert!(total <= Duration::from_secs(41), "{total:?}");
+        assert_eq!(b.runs, 3);
+        assert_eq!(budget(true, 1).per_run, Duration::from_millis(200));
+    }
+
+    #[test]
+    fn client_runs_in_process() {
+        let all = backends();
+        for b in &all {
+            let a = ClientArgs {
+                threads: 2,
+                pages: 4,
+                budget: Duration::from_millis(5),
+                env: ClientEnv::default(),
+            };
+            let s = harness::run_client(&**b, &a, || Ok(())).unwrap();
+            assert!(s.pairs > 0 && s.wall_ns >= 5_000_000, "{s:?}");
+        }
+    }
+}
