@@ -5,8 +5,23 @@
 //! second-level page tables, the invalidation queue, fault recording, and
 //! the IOVA allocator with its magazine depot. Drivers reach it through
 //! `libdma`; see `DESIGN.md` for the architecture.
+//!
+//! Where to find things: [`unit`] (bring-up, context entries, faults),
+//! [`invq`] (queued invalidation), [`pagetable`] (second-level tables and
+//! their reclamation), [`range_alloc`] (the locked IOVA allocator),
+//! [`domain`] (a domain: allocator, depot, epochs), [`session`] (requests),
+//! [`scheme`] (the path tree), [`server`] (the socket transport),
+//! [`platform`] (sim and linux backends).
 #![deny(missing_docs)]
 
+pub mod domain;
 pub mod hw;
+pub mod invq;
+pub mod pagetable;
 pub mod platform;
 pub mod range_alloc;
+pub mod scheme;
+pub mod server;
+pub mod session;
+pub mod stats;
+pub mod unit;

@@ -1,1 +1,151 @@
-fn main() {}
+//! `iommud`: the IOMMU server daemon.
+//!
+//! ```text
+//! iommud [--platform sim|linux] [--socket PATH] [--no-translation]
+//!        [--no-reclaim] [--caching-mode] [--sim-mem-mb N] [--timeout-ms N]
+//! ```
+//! It logs to stderr and serves until `iommuctl stop` (or SIGTERM).
+
+use iommud::hw::{Mmio, PhysMem};
+use iommud::session::State;
+use iommud::unit::{Iommu, UnitConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Args {
+    platform: String,
+    socket: PathBuf,
+    translate: bool,
+    reclaim: bool,
+    caching_mode: bool,
+    sim_mem_mb: usize,
+    timeout_ms: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        platform: "linux".into(),
+        socket: PathBuf::from(libdma::DEFAULT_SOCKET),
+        translate: true,
+        reclaim: true,
+        caching_mode: false,
+        sim_mem_mb: 256,
+        timeout_ms: 1000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--platform" => a.platform = val("--platform")?,
+            "--socket" => a.socket = PathBuf::from(val("--socket")?),
+            "--no-translation" => a.translate = false,
+            "--no-reclaim" => a.reclaim = false,
+            "--caching-mode" => a.caching_mode = true,
+            "--sim-mem-mb" => {
+                a.sim_mem_mb = val("--sim-mem-mb")?
+                    .parse()
+                    .map_err(|e| format!("--sim-mem-mb: {e}"))?
+            }
+            "--timeout-ms" => {
+                a.timeout_ms = val("--timeout-ms")?
+                    .parse()
+                    .map_err(|e| format!("--timeout-ms: {e}"))?
+            }
+            "-h" | "--help" => {
+                return Err(
+                    "usage: iommud [--platform sim|linux] [--socket PATH] [--no-translation] \
+                            [--no-reclaim] [--caching-mode] [--sim-mem-mb N] [--timeout-ms N]"
+                        .into(),
+                )
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(a)
+}
+
+extern "C" fn on_term(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn run(a: Args) -> Result<(), String> {
+    let cfg = UnitConfig {
+        translate: a.translate,
+        timeout: Duration::from_millis(a.timeout_ms),
+    };
+    let (mmio, mem, sim_fds): (Box<dyn Mmio>, Arc<dyn PhysMem>, _) = match a.platform.as_str() {
+        "sim" => {
+            let sc = vtd::sim::SimConfig {
+                mem_bytes: a.sim_mem_mb << 20,
+                caching_mode: a.caching_mode,
+                ..Default::default()
+            };
+            let p = Arc::new(
+                iommud::platform::sim::SimPlatform::new(sc)
+                    .map_err(|e| format!("sim platform: {e}"))?,
+            );
+            let m = p.machine().clone();
+            let (mf, sf) = m.fds();
+            let dup = |f: std::os::fd::BorrowedFd<'_>| f.try_clone_to_owned().map(Arc::new);
+            let fds = (
+                dup(mf).map_err(|e| e.to_string())?,
+                dup(sf).map_err(|e| e.to_string())?,
+                m.mem_len() as u64,
+            );
+            (Box::new(iommud::platform::sim::SimMmio(m)), p, Some(fds))
+        }
+        #[cfg(target_os = "linux")]
+        "linux" => {
+            if a.caching_mode {
+                return Err(
+                    "--caching-mode is a property of the hardware on linux (QEMU: caching-mode=on)"
+                        .into(),
+                );
+            }
+            let mmio =
+                iommud::platform::linux::discover().map_err(|e| format!("VT-d discovery: {e}"))?;
+            let mem =
+                iommud::platform::linux::HugeMem::new().map_err(|e| format!("DMA memory: {e}"))?;
+            (Box::new(mmio), Arc::new(mem), None)
+        }
+        other => return Err(format!("unknown platform {other:?} (sim or linux)")),
+    };
+    let unit = Iommu::init(mmio, mem, &cfg).map_err(|e| format!("bringing up VT-d: {e}"))?;
+    let mut state = State::new(
+        Arc::new(unit),
+        if sim_fds.is_some() { "sim" } else { "linux" },
+        a.reclaim,
+    );
+    state.sim_fds = sim_fds;
+    let state = Arc::new(state);
+    // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+    }
+    {
+        let st = state.clone();
+        std::thread::spawn(move || loop {
+            if STOP.load(std::sync::atomic::Ordering::SeqCst) {
+                st.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        });
+    }
+    iommud::server::serve(state, &a.socket)
+        .map_err(|e| format!("serving {}: {e}", a.socket.display()))
+}
+
+fn main() -> ExitCode {
+    match parse_args().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iommud: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -27,10 +27,19 @@ pub const SCHEME_TABLE: &[(&str, Result<&str, libdma::proto::ErrorCode>)] = &[
     ("domains/00:01.0/mappings", Ok("")),
     ("faults", Ok("")),
     ("reclaim", Ok("on\n")),
-    ("domains/00:02.0/stats", Err(libdma::proto::ErrorCode::NotFound)),
-    ("domains/00:02.0/strategy", Err(libdma::proto::ErrorCode::NotFound)),
+    (
+        "domains/00:02.0/stats",
+        Err(libdma::proto::ErrorCode::NotFound),
+    ),
+    (
+        "domains/00:02.0/strategy",
+        Err(libdma::proto::ErrorCode::NotFound),
+    ),
     ("domains/zz/stats", Err(libdma::proto::ErrorCode::NotFound)),
-    ("domains/00:01.0/nonesuch", Err(libdma::proto::ErrorCode::NotFound)),
+    (
+        "domains/00:01.0/nonesuch",
+        Err(libdma::proto::ErrorCode::NotFound),
+    ),
     ("nonesuch", Err(libdma::proto::ErrorCode::NotFound)),
     ("", Err(libdma::proto::ErrorCode::NotFound)),
 ];

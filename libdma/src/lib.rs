@@ -5,7 +5,12 @@
 //! `magazine` strategy the fast path makes no IPC: see [`magazine`].
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod magazine;
 pub mod proto;
 pub mod shared;
 pub mod shm;
+pub mod transport;
+
+pub use client::{Control, DmaBuffer, DmaDomain, Error, DEFAULT_SOCKET};
+pub use proto::{Dir, FlushPolicy, Strategy};

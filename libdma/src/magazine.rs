@@ -255,7 +255,11 @@ impl CpuCache {
     pub fn held(&self) -> usize {
         self.classes
             .iter()
-            .map(|c| c.loaded.len() + c.open.len() + c.pending.iter().map(|d| d.iovas.len()).sum::<usize>())
+            .map(|c| {
+                c.loaded.len()
+                    + c.open.len()
+                    + c.pending.iter().map(|d| d.iovas.len()).sum::<usize>()
+            })
             .sum()
     }
 }
@@ -347,7 +351,11 @@ mod tests {
             }
         }
         // One exchange to start, then completed batches refill `loaded`.
-        assert!(*f.exchanges.borrow() <= 3, "exchanges {}", f.exchanges.borrow());
+        assert!(
+            *f.exchanges.borrow() <= 3,
+            "exchanges {}",
+            f.exchanges.borrow()
+        );
         assert_eq!(*f.waits.borrow(), 0);
         assert_eq!(*f.hints.borrow(), 10_000 / MAG_SIZE as u64);
     }

@@ -167,7 +167,9 @@ pub enum ProtoError {
     #[error("unknown op {0:#06x}")]
     BadOp(u16),
     /// `payload_len` disagrees with the datagram or exceeds the maximum.
-    #[error("payload length {claimed} does not match the {actual} bytes received (max {MAX_PAYLOAD})")]
+    #[error(
+        "payload length {claimed} does not match the {actual} bytes received (max {MAX_PAYLOAD})"
+    )]
     BadPayloadLen {
         /// Length in the header.
         claimed: usize,
@@ -651,7 +653,10 @@ mod tests {
         assert_eq!(&b[6..8], &[4, 0]); // op Map = 4
         assert_eq!(&b[8..12], &[0xD4, 0xC3, 0xB2, 0xA1]);
         assert_eq!(&b[12..16], &[0; 4]);
-        assert_eq!(&b[16..24], &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(
+            &b[16..24],
+            &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
+        );
         assert_eq!(&b[24..32], &[0, 0x10, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&b[32..40], &[2, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&b[56..64], &[0; 8]);

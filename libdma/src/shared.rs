@@ -24,6 +24,11 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+/// First IOVA of a magazine domain's IOVA space. Leaf table `i` of the
+/// domain's arena maps `[MAGAZINE_IOVA_BASE + i * 2 MiB, + 2 MiB)`, so the
+/// entry of IOVA `v` is at arena offset `((v - MAGAZINE_IOVA_BASE) >> 12) * 8`.
+pub const MAGAZINE_IOVA_BASE: u64 = 1 << 30;
+
 /// Bytes of the shared memfd.
 pub const SHARED_LEN: usize = 2 * 4096;
 /// Offset of the exchange area.

@@ -1,0 +1,687 @@
+//! A protection domain: one PCI function's page table, IOVA allocator,
+//! magazine depot, invalidation epochs and DMA pools.
+//!
+//! Everything mutable sits behind one mutex, [`Domain::lock`]: that is the
+//! "globally locked allocator" of the research, and every acquisition is
+//! counted, so the benchmarks can show how rarely the magazine strategy
+//! touches it.
+//!
+//! **Deferred frees.** An IOVA unmapped by iommud (global strategy) and a
+//! page-table page detached by reclamation are parked, tagged with the epoch
+//! read after the clear, and freed only once an invalidation that started at
+//! or after that epoch has completed (see `libdma::shared` for the epoch
+//! protocol, which the client follows for the IOVAs it unmaps itself).
+
+use crate::hw::{HwError, PhysMem, Region};
+use crate::pagetable::{PageTable, PtError, PAGE};
+use crate::range_alloc::RangeAllocator;
+use crate::stats::{self, DomainStats, Text};
+use crate::unit::{bdf_string, Iommu};
+use libdma::magazine::{class_pages, size_class, MAG_SIZE, SIZE_CLASSES};
+use libdma::proto::{Dir, ErrorCode, FlushPolicy, Strategy};
+use libdma::shared::{DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, SHARED_LEN};
+use libdma::shm::{memfd, Mapping};
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
+pub const IOVA_BASE: u64 = libdma::shared::MAGAZINE_IOVA_BASE;
+/// Bytes of a magazine domain's leaf-table arena: 512 leaf tables.
+pub const ARENA_BYTES: u64 = 2 << 20;
+/// IOVA space of a domain: what the arena's leaf tables cover (1 GiB).
+pub const IOVA_SPAN: u64 = (ARENA_BYTES / PAGE) * (2 << 20);
+/// Server-side unmaps batched before iommud flushes on its own (percore policy).
+pub const SERVER_BATCH: usize = MAG_SIZE;
+/// Full magazines the depot keeps per size class before trimming to the allocator.
+pub const DEPOT_MAX: usize = 16;
+
+/// Why a domain operation failed, for the reply and the log.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    /// Reply code with a human explanation.
+    #[error("{1}")]
+    Reply(ErrorCode, String),
+    /// The hardware failed.
+    #[error(transparent)]
+    Hw(#[from] HwError),
+}
+
+impl DomainError {
+    /// The wire error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DomainError::Reply(c, _) => *c,
+            DomainError::Hw(HwError::Timeout { .. }) => ErrorCode::Timeout,
+            DomainError::Hw(HwError::NoMemory(_)) => ErrorCode::NoMemory,
+            DomainError::Hw(_) => ErrorCode::Hardware,
+        }
+    }
+}
+
+fn reply(c: ErrorCode, msg: impl Into<String>) -> DomainError {
+    DomainError::Reply(c, msg.into())
+}
+
+impl From<PtError> for DomainError {
+    fn from(e: PtError) -> Self {
+        match e {
+            PtError::Hw(h) => DomainError::Hw(h),
+            other => reply(ErrorCode::Invalid, other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Parked {
+    Iova { iova: u64, bytes: u64 },
+    Table(u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mapped {
+    pages: u64,
+    alloc_bytes: u64,
+    phys: u64,
+}
+
+struct Inner {
+    strategy: Strategy,
+    flush: FlushPolicy,
+    pt: PageTable,
+    iova: RangeAllocator,
+    depot: [Vec<Vec<u64>>; SIZE_CLASSES],
+    arena: Option<Region>,
+    leaf_installed: Vec<bool>,
+    delegated: HashMap<u64, usize>,
+    mapped: BTreeMap<u64, Mapped>,
+    pools: Vec<Region>,
+    parked: Vec<(u64, Instant, Parked)>,
+}
+
+/// A protection domain.
+pub struct Domain {
+    /// Source id (bus << 8 | devfn) of the device.
+    pub sid: u16,
+    /// Domain id in the context entry and invalidations.
+    pub did: u16,
+    unit: Arc<Iommu>,
+    inner: Mutex<Inner>,
+    shared: Mapping,
+    shared_fd: Arc<OwnedFd>,
+    /// Server-side counters.
+    pub stats: DomainStats,
+    dead: AtomicBool,
+}
+
+impl Domain {
+    /// Creates the domain of `sid`: page table, context entry, shared page
+    /// and (for the magazine strategy) the client-writable leaf-table arena.
+    pub fn new(
+        unit: Arc<Iommu>,
+        sid: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+        reclaim: bool,
+    ) -> Result<Arc<Domain>, DomainError> {
+        let mem = unit.mem().clone();
+        let did = unit
+            .alloc_did()
+            .ok_or_else(|| reply(ErrorCode::NoMemory, "no free domain id"))?;
+        let build = || -> Result<(PageTable, Option<Region>, Mapping, OwnedFd), DomainError> {
+            let pt = PageTable::new(&*mem, unit.levels, reclaim, unit.coherent())?;
+            let arena = match strategy {
+                Strategy::Magazine => Some(mem.alloc_region(ARENA_BYTES, ARENA_BYTES)?),
+                _ => None,
+            };
+            let fd = memfd("iommud-domain", SHARED_LEN).map_err(|e| {
+                DomainError::Hw(HwError::Os {
+                    what: "memfd",
+                    err: e,
+                })
+            })?;
+            let shared = Mapping::new(fd.as_fd(), 0, SHARED_LEN).map_err(|e| {
+                DomainError::Hw(HwError::Os {
+                    what: "mmap",
+                    err: e,
+                })
+            })?;
+            Ok((pt, arena, shared, fd))
+        };
+        let (pt, arena, shared, fd) = match build() {
+            Ok(v) => v,
+            Err(e) => {
+                unit.free_did(did);
+                return Err(e);
+            }
+        };
+        let d = Domain {
+            sid,
+            did,
+            unit: unit.clone(),
+            inner: Mutex::new(Inner {
+                strategy,
+                flush,
+                pt,
+                iova: RangeAllocator::new(IOVA_BASE, IOVA_SPAN),
+                depot: Default::default(),
+                arena,
+                leaf_installed: vec![false; (ARENA_BYTES / PAGE) as usize],
+                delegated: HashMap::new(),
+                mapped: BTreeMap::new(),
+                pools: Vec::new(),
+                parked: Vec::new(),
+            }),
+            shared,
+            shared_fd: Arc::new(fd),
+            stats: DomainStats::default(),
+            dead: AtomicBool::new(false),
+        };
+        d.page().init();
+        if strategy != Strategy::NoIommu && unit.translating() {
+            let root = d
+                .inner
+                .lock()
+                .map_err(|_| reply(ErrorCode::Hardware, "poisoned"))?
+                .pt
+                .root();
+            if let Err(e) = unit.set_context(sid, did, root) {
+                d.teardown();
+                return Err(e.into());
+            }
+        }
+        Ok(Arc::new(d))
+    }
+
+    /// The shared domain page.
+    pub fn page(&self) -> &DomainPage {
+        // SAFETY: `shared` maps SHARED_LEN (≥ a DomainPage) bytes of a memfd we
+        // created, page-aligned, alive as long as `self`; every field is atomic.
+        unsafe { DomainPage::from_ptr(self.shared.as_ptr()) }
+    }
+
+    /// The shared memfd (domain page + exchange area) to hand to the client.
+    pub fn shared_fd(&self) -> Arc<OwnedFd> {
+        self.shared_fd.clone()
+    }
+
+    /// The leaf-table arena the client writes entries into (magazine strategy).
+    pub fn arena(&self) -> Option<Region> {
+        self.lock().arena.clone()
+    }
+
+    /// The domain's allocator lock (counted).
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        stats::add(&self.stats.lock_acquisitions, 1);
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Current strategy and flush policy.
+    pub fn policy(&self) -> (Strategy, FlushPolicy) {
+        let i = self.lock();
+        (i.strategy, i.flush)
+    }
+
+    fn mem(&self) -> &dyn PhysMem {
+        &**self.unit.mem()
+    }
+
+    /// Allocates DMA memory for the client (≤ one region; call again for more).
+    pub fn alloc_pool(&self, bytes: u64) -> Result<Region, DomainError> {
+        if bytes == 0 || bytes > 64 << 20 {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!("pool size {bytes} not in 1..=64 MiB"),
+            ));
+        }
+        let r = self
+            .mem()
+            .alloc_region(bytes.next_multiple_of(PAGE), PAGE)?;
+        self.lock().pools.push(r.clone());
+        Ok(r)
+    }
+
+    fn owns_frames(i: &Inner, phys: u64, len: u64) -> bool {
+        i.pools.iter().any(|r| r.contains(phys, len))
+    }
+
+    /// Makes sure the arena leaf tables for `[iova, iova+bytes)` are installed
+    /// (magazine domains only; others allocate their own leaf tables).
+    fn ensure_leaves(&self, i: &mut Inner, iova: u64, bytes: u64) -> Result<(), DomainError> {
+        let Some(arena) = i.arena.clone() else {
+            return Ok(());
+        };
+        let first = (iova - IOVA_BASE) >> 21;
+        let last = (iova + bytes - 1 - IOVA_BASE) >> 21;
+        for c in first..=last {
+            let slot = i
+                .leaf_installed
+                .get_mut(c as usize)
+                .ok_or_else(|| reply(ErrorCode::NoSpace, "iova beyond the arena"))?;
+            if !*slot {
+                i.pt.install_leaf(self.mem(), IOVA_BASE + (c << 21), arena.phys + c * PAGE)?;
+                *slot = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes at `phys` (which must lie in one of the domain's
+    /// pools: validated trust), returning the IOVA of `phys`.
+    pub fn map(&self, phys: u64, len: u64, dir: Dir) -> Result<u64, DomainError> {
+        if len == 0 || len > IOVA_SPAN / 4 {
+            return Err(reply(ErrorCode::Invalid, format!("length {len:#x}")));
+        }
+        let mut i = self.lock();
+        if !Self::owns_frames(&i, phys, len) {
+            return Err(reply(
+                ErrorCode::NotOwner,
+                format!("{phys:#x}+{len:#x} is not in this client's DMA memory"),
+            ));
+        }
+        if i.strategy == Strategy::NoIommu || !self.unit.translating() {
+            stats::add(&self.stats.maps, 1);
+            return Ok(phys);
+        }
+        let off = phys % PAGE;
+        let pages = (off + len).div_ceil(PAGE);
+        let alloc_bytes = pages.next_power_of_two() * PAGE;
+        let iova = i
+            .iova
+            .alloc(alloc_bytes, alloc_bytes.min(32 * PAGE))
+            .ok_or_else(|| reply(ErrorCode::NoSpace, "IOVA space exhausted"))?;
+        let r = self.ensure_leaves(&mut i, iova, alloc_bytes).and_then(|_| {
+            Ok(i.pt.map(self.mem(), iova, phys - off, pages, dir.read(), dir.write())?)
+        });
+        if let Err(e) = r {
+            i.iova.free(iova, alloc_bytes);
+            return Err(e);
+        }
+        i.mapped.insert(
+            iova,
+            Mapped {
+                pages,
+                alloc_bytes,
+                phys: phys - off,
+            },
+        );
+        drop(i);
+        if self.unit.caching_mode() {
+            // §6.1: with CAP.CM, non-present → present changes must be invalidated too.
+            self.unit
+                .invalidate(&[self.unit.iotlb_range(self.did, iova, pages, true)])?;
+            stats::add(&self.stats.inval_page, 1);
+        }
+        stats::add(&self.stats.maps, 1);
+        Ok(iova + off)
+    }
+
+    /// Unmaps a mapping made by [`Domain::map`].
+    pub fn unmap(&self, iova: u64, len: u64) -> Result<(), DomainError> {
+        let mut i = self.lock();
+        if i.strategy == Strategy::NoIommu || !self.unit.translating() {
+            stats::add(&self.stats.unmaps, 1);
+            return Ok(());
+        }
+        let base = iova & !(PAGE - 1);
+        let m = *i
+            .mapped
+            .get(&base)
+            .ok_or_else(|| reply(ErrorCode::NotOwner, format!("iova {iova:#x} is not mapped")))?;
+        if (iova % PAGE + len).div_ceil(PAGE) != m.pages {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!("length {len:#x} does not match the mapping at {iova:#x}"),
+            ));
+        }
+        i.mapped.remove(&base);
+        let detached = i.pt.unmap(self.mem(), base, m.pages)?;
+        std::sync::atomic::fence(SeqCst);
+        let tag = self.page().epoch.load(SeqCst);
+        let now = Instant::now();
+        let ih = detached.is_empty();
+        i.parked.push((
+            tag,
+            now,
+            Parked::Iova {
+                iova: base,
+                bytes: m.alloc_bytes,
+            },
+        ));
+        i.parked
+            .extend(detached.into_iter().map(|t| (tag, now, Parked::Table(t))));
+        let strict = i.flush == FlushPolicy::Strict;
+        let batch_full = i.parked.len() >= SERVER_BATCH;
+        drop(i);
+        stats::add(&self.stats.unmaps, 1);
+        if strict {
+            let d = self.unit.iotlb_range(self.did, base, m.pages, ih);
+            self.flush_with(d)?;
+        } else if batch_full {
+            self.flush()?;
+        } else {
+            self.page().wanted.fetch_max(tag, SeqCst);
+        }
+        Ok(())
+    }
+
+    /// A domain-selective invalidation that completes the current epoch.
+    pub fn flush(&self) -> Result<(), DomainError> {
+        self.flush_with(self.unit.iotlb_domain(self.did))
+    }
+
+    /// Flushes if a client asked for an epoch not yet completed (after a
+    /// one-way hint, or from the epoch timer).
+    pub fn flush_if_wanted(&self) -> Result<bool, DomainError> {
+        let p = self.page();
+        // Clear the hint flag *before* reading `wanted` (see libdma::shared).
+        p.hint_pending.store(0, SeqCst);
+        if p.completed.load(SeqCst) < p.wanted.load(SeqCst) {
+            self.flush()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
+        let p = self.page();
+        let e = p.epoch.fetch_add(1, SeqCst);
+        match desc.decode() {
+            vtd::desc::Decoded::Iotlb {
+                g: vtd::regs::Granularity::Selective,
+                ..
+            } => stats::add(&self.stats.inval_page, 1),
+            _ => stats::add(&self.stats.inval_domain, 1),
+        }
+        self.unit.invalidate(&[desc])?;
+        p.completed.fetch_max(e, SeqCst);
+        self.release_parked(e);
+        Ok(())
+    }
+
+    fn release_parked(&self, completed: u64) {
+        let mut i = self.lock();
+        if i.parked.is_empty() {
+            return;
+        }
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut i.parked)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= completed);
+        i.parked = keep;
+        for (_, since, what) in done {
+            match what {
+                Parked::Iova { iova, bytes } => {
+                    let ns = since.elapsed().as_nanos() as u64;
+                    stats::max(&self.stats.stale_ns_max, ns);
+                    stats::add(&self.stats.stale_ns_sum, ns);
+                    stats::add(&self.stats.stale_count, 1);
+                    i.iova.free(iova, bytes);
+                }
+                Parked::Table(t) => {
+                    self.mem().free_frame(t);
+                    stats::add(&self.stats.pt_freed, 1);
+                }
+            }
+        }
+    }
+
+    /// A magazine exchange: take back `returned` clean IOVAs of `class` from
+    /// the exchange area, then write up to `want` clean IOVAs there.
+    pub fn exchange(&self, pages: u64, returned: u64, want: u64) -> Result<u64, DomainError> {
+        let class = size_class(pages)
+            .filter(|c| class_pages(*c) == pages)
+            .ok_or_else(|| reply(ErrorCode::Invalid, format!("size class {pages} pages")))?;
+        if returned as usize > EXCHANGE_SLOTS || want as usize > MAG_SIZE {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!("returned {returned} (max {EXCHANGE_SLOTS}) want {want} (max {MAG_SIZE})"),
+            ));
+        }
+        let mut i = self.lock();
+        if i.strategy != Strategy::Magazine {
+            return Err(reply(
+                ErrorCode::Unsupported,
+                "exchange needs the magazine strategy",
+            ));
+        }
+        let Some(arena) = i.arena.clone() else {
+            return Err(reply(ErrorCode::Unsupported, "no arena"));
+        };
+        // Validate everything before changing anything.
+        let mut back = Vec::with_capacity(returned as usize);
+        for k in 0..returned as usize {
+            let iova = self.exchange_slot(k)?;
+            if i.delegated.get(&iova) != Some(&class) || back.contains(&iova) {
+                return Err(reply(
+                    ErrorCode::NotOwner,
+                    format!("iova {iova:#x} was not delegated to this client in class {pages}"),
+                ));
+            }
+            for p in 0..pages {
+                let va = iova + p * PAGE;
+                let pte_at = arena.phys + ((va - IOVA_BASE) >> 12) * 8;
+                if vtd::entry::SlPte(self.mem().read_u64(pte_at)?).present() {
+                    return Err(reply(
+                        ErrorCode::Invalid,
+                        format!("iova {va:#x} is still mapped; unmap before returning it"),
+                    ));
+                }
+            }
+            back.push(iova);
+        }
+        for iova in &back {
+            i.delegated.remove(iova);
+        }
+        if !back.is_empty() {
+            if i.depot[class].len() < DEPOT_MAX {
+                i.depot[class].push(back);
+            } else {
+                for iova in back {
+                    i.iova.free(iova, pages * PAGE);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if want > 0 {
+            if let Some(pos) = i.depot[class].iter().position(|m| m.len() as u64 <= want) {
+                out = i.depot[class].swap_remove(pos);
+                stats::add(&self.stats.depot_hits, 1);
+            } else {
+                for _ in 0..want {
+                    let Some(iova) = i.iova.alloc(pages * PAGE, pages * PAGE) else {
+                        break;
+                    };
+                    if let Err(e) = self.ensure_leaves(&mut i, iova, pages * PAGE) {
+                        i.iova.free(iova, pages * PAGE);
+                        for v in out {
+                            i.iova.free(v, pages * PAGE);
+                        }
+                        return Err(e);
+                    }
+                    out.push(iova);
+                }
+            }
+        }
+        for (k, &iova) in out.iter().enumerate() {
+            i.delegated.insert(iova, class);
+            self.shared
+                .write_u64(EXCHANGE_OFFSET + 8 * k, iova)
+                .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot"))?;
+        }
+        stats::add(&self.stats.depot_exchanges, 1);
+        Ok(out.len() as u64)
+    }
+
+    fn exchange_slot(&self, k: usize) -> Result<u64, DomainError> {
+        self.shared
+            .read_u64(EXCHANGE_OFFSET + 8 * k)
+            .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot out of range"))
+    }
+
+    /// Switches strategy or flush policy; only an idle domain (nothing mapped,
+    /// delegated or pooled) may switch strategy.
+    pub fn set_policy(
+        &self,
+        strategy: Option<Strategy>,
+        flush: Option<FlushPolicy>,
+    ) -> Result<(), DomainError> {
+        let mut i = self.lock();
+        if let Some(s) = strategy.filter(|s| *s != i.strategy) {
+            if !i.mapped.is_empty()
+                || !i.delegated.is_empty()
+                || i.arena.is_some() != (s == Strategy::Magazine)
+            {
+                return Err(reply(
+                    ErrorCode::Busy,
+                    "domain is not idle: unmap everything (or detach) before switching strategy",
+                ));
+            }
+            i.strategy = s;
+        }
+        if let Some(f) = flush {
+            i.flush = f;
+        }
+        Ok(())
+    }
+
+    /// True once torn down.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(SeqCst)
+    }
+
+    /// Gives everything back: blocks the device (context entry cleared and
+    /// invalidated), then frees tables, arena, pools and the domain id. Safe
+    /// to call more than once.
+    pub fn teardown(&self) {
+        if self.dead.swap(true, SeqCst) {
+            return;
+        }
+        self.page().dead.store(1, SeqCst);
+        if self.unit.translating() {
+            if let Err(e) = self.unit.clear_context(self.sid, self.did) {
+                crate::unit::log::warn(&format!(
+                    "{}: clearing context failed: {e}; leaking its tables",
+                    bdf_string(self.sid)
+                ));
+                return;
+            }
+        }
+        let mut i = self.lock();
+        let mem = self.unit.mem().clone();
+        let arena = i.arena.take();
+        let pt = std::mem::replace(
+            &mut i.pt,
+            // A placeholder that owns nothing: the root of a table needs a frame, so
+            // reuse a 0-level view; it is never used again (dead is set).
+            PageTable::placeholder(),
+        );
+        let owned = |p: u64| arena.as_ref().is_some_and(|a| a.contains(p, PAGE));
+        for t in pt.teardown(owned) {
+            mem.free_frame(t);
+        }
+        for (_, _, p) in i.parked.drain(..) {
+            if let Parked::Table(t) = p {
+                mem.free_frame(t);
+            }
+        }
+        if let Some(a) = arena {
+            mem.free_region(&a);
+        }
+        for r in i.pools.drain(..) {
+            mem.free_region(&r);
+        }
+        i.mapped.clear();
+        i.delegated.clear();
+        drop(i);
+        self.unit.free_did(self.did);
+    }
+
+    /// Table-page counters: (allocated, freed, live).
+    pub fn table_pages(&self) -> (u64, u64, u64) {
+        let i = self.lock();
+        let c = i.pt.counts();
+        (c.allocated, stats::get(&self.stats.pt_freed), c.live)
+    }
+
+    /// Renders `domains/<bdf>/stats`.
+    pub fn render_stats(&self) -> String {
+        let p = self.page();
+        let s = &self.stats;
+        let (strategy, flush, mapped, delegated, parked, pools, depot, c) = {
+            let i = self.lock();
+            (
+                i.strategy,
+                i.flush,
+                i.mapped.len(),
+                i.delegated.len(),
+                i.parked.len(),
+                i.pools.iter().map(|r| r.len).sum::<u64>(),
+                i.depot.iter().map(|d| d.len()).sum::<usize>(),
+                i.pt.counts(),
+            )
+        };
+        let client_maps = p.sum(|c| &c.maps);
+        let client_unmaps = p.sum(|c| &c.unmaps);
+        let stale_batches = p.sum(|c| &c.stale_batches);
+        let stale_sum = p.sum(|c| &c.stale_ns_sum) + stats::get(&s.stale_ns_sum);
+        let stale_n = stale_batches + stats::get(&s.stale_count);
+        let mut t = Text::default();
+        t.kv("bdf", bdf_string(self.sid))
+            .kv("domain_id", self.did)
+            .kv("strategy", strategy.name())
+            .kv("flush", flush.name())
+            .kv("maps", client_maps + stats::get(&s.maps))
+            .kv("unmaps", client_unmaps + stats::get(&s.unmaps))
+            .kv("magazine_hits", p.sum(|c| &c.mag_hits))
+            .kv("magazine_misses", p.sum(|c| &c.mag_misses))
+            .kv("batches_recycled", p.sum(|c| &c.batches_recycled))
+            .kv("depot_exchanges", stats::get(&s.depot_exchanges))
+            .kv("depot_hits", stats::get(&s.depot_hits))
+            .kv("depot_magazines", depot)
+            .kv("ipc_round_trips", stats::get(&s.ipc_round_trips))
+            .kv("ipc_wakeups", stats::get(&s.wakeups))
+            .kv("lock_acquisitions", stats::get(&s.lock_acquisitions))
+            .kv("invalidations_domain", stats::get(&s.inval_domain))
+            .kv("invalidations_page", stats::get(&s.inval_page))
+            .kv(
+                "invalidations",
+                stats::get(&s.inval_domain) + stats::get(&s.inval_page),
+            )
+            .kv("epoch", p.epoch.load(SeqCst))
+            .kv("epoch_completed", p.completed.load(SeqCst))
+            .kv(
+                "stale_window_max_ns",
+                p.max(|c| &c.stale_ns_max).max(stats::get(&s.stale_ns_max)),
+            )
+            .kv(
+                "stale_window_mean_ns",
+                stale_sum.checked_div(stale_n).unwrap_or(0),
+            )
+            .kv("pt_pages_allocated", c.allocated)
+            .kv("pt_pages_freed", stats::get(&s.pt_freed))
+            .kv("pt_pages_live", c.live)
+            .kv("mapped", mapped)
+            .kv("delegated_iovas", delegated)
+            .kv("parked", parked)
+            .kv("pool_bytes", pools)
+            .kv("faults", stats::get(&s.faults))
+            .kv("errors", stats::get(&s.errors));
+        t.0
+    }
+
+    /// Renders `domains/<bdf>/mappings`: iommud-made mappings, one per line.
+    pub fn render_mappings(&self) -> String {
+        let i = self.lock();
+        let mut t = Text::default();
+        for (iova, m) in &i.mapped {
+            t.kv(
+                &format!("{iova:#x}"),
+                format!("phys {:#x} pages {}", m.phys, m.pages),
+            );
+        }
+        t.kv("delegated_iovas", i.delegated.len());
+        t.0
+    }
+}

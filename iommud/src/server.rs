@@ -1,0 +1,128 @@
+//! The Unix `SOCK_SEQPACKET` server: one thread per client connection, plus
+//! a ticker thread for fault polling and the epoch timer.
+
+use crate::session::{Response, Session, State};
+use crate::unit::log;
+use libdma::proto::{Frame, Op, Reply, Request, HEADER_LEN, MAX_MESSAGE};
+use libdma::transport::SeqPacket;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often faults are polled and waiting epochs flushed.
+pub const TICK: Duration = Duration::from_millis(2);
+
+/// Serves `path` until a `Shutdown` request (or `state.stop`).
+pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
+    let listener = SeqPacket::listen(path)?;
+    log::info(&format!("serving on {}", path.display()));
+    let ticker = {
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("iommud-tick".into())
+            .spawn(move || {
+                while !st.stop.load(SeqCst) {
+                    st.tick();
+                    std::thread::sleep(TICK);
+                }
+            })?
+    };
+    while !state.stop.load(SeqCst) {
+        match listener.accept_timeout(Duration::from_millis(50)) {
+            Ok(Some(conn)) => {
+                let st = state.clone();
+                std::thread::Builder::new()
+                    .name("iommud-conn".into())
+                    .spawn(move || connection(st, conn))?;
+            }
+            Ok(None) => {}
+            Err(e) => log::warn(&format!("accept: {e}")),
+        }
+    }
+    let _ = ticker.join();
+    let _ = std::fs::remove_file(path);
+    log::info("stopped");
+    Ok(())
+}
+
+fn send(conn: &SeqPacket, op: Op, seq: u32, r: Response) -> std::io::Result<()> {
+    let bytes = Reply {
+        op,
+        seq,
+        result: r.result,
+        payload: r.payload,
+    }
+    .encode();
+    let fds: Vec<_> = r.shares.iter().map(|s| s.fd.as_fd()).collect();
+    conn.send(&bytes, &fds)
+}
+
+/// Serves one client until it disconnects; its domain is then torn down.
+pub fn connection(state: Arc<State>, conn: SeqPacket) {
+    let mut session = Session::new(state.clone());
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    // Wake up now and then to notice a daemon shutdown.
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    loop {
+        let n = match conn.recv(&mut buf) {
+            Ok((0, _)) => break,
+            Ok((n, _fds)) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if state.stop.load(SeqCst) {
+                    break;
+                }
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let _ = send(
+                    &conn,
+                    Op::Hello,
+                    0,
+                    Response::err(libdma::proto::ErrorCode::Malformed, e.to_string()),
+                );
+                continue;
+            }
+            Err(e) => {
+                log::warn(&format!("connection: {e}"));
+                break;
+            }
+        };
+        let msg = &buf[..n];
+        match Request::decode(msg) {
+            Ok((seq, req)) => {
+                let op = req.op();
+                if let Some(r) = session.handle(req) {
+                    if send(&conn, op, seq, r).is_err() {
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                // Answer with whatever op/seq can be salvaged; the client gets
+                // a clear error and the connection stays usable.
+                let (op, seq) = Frame::decode(msg)
+                    .map(|f| (f.op, f.seq))
+                    .unwrap_or_else(|_| {
+                        let seq = if n >= HEADER_LEN {
+                            u32::from_le_bytes([msg[8], msg[9], msg[10], msg[11]])
+                        } else {
+                            0
+                        };
+                        (Op::Hello, seq)
+                    });
+                let r = Response::err(libdma::proto::ErrorCode::Malformed, e.to_string());
+                if send(&conn, op, seq, r).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(session);
+}

@@ -1,0 +1,111 @@
+//! Counters, rendered as `key value` lines for the scheme paths.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Counters of one remapping unit.
+#[derive(Debug, Default)]
+pub struct UnitStats {
+    /// Global IOTLB invalidations.
+    pub iotlb_global: AtomicU64,
+    /// Domain-selective IOTLB invalidations.
+    pub iotlb_domain: AtomicU64,
+    /// Page-selective IOTLB invalidations.
+    pub iotlb_page: AtomicU64,
+    /// Context-cache invalidations.
+    pub context: AtomicU64,
+    /// Other descriptors.
+    pub other: AtomicU64,
+    /// Wait descriptors (one per submission).
+    pub waits: AtomicU64,
+    /// Failed submissions (timeouts, queue errors).
+    pub errors: AtomicU64,
+    /// Acquisitions of the invalidation-queue lock.
+    pub qi_lock: AtomicU64,
+    /// Faults recorded.
+    pub faults: AtomicU64,
+    /// Fault overflows (faults the hardware could not record).
+    pub faults_lost: AtomicU64,
+}
+
+/// Counters iommud keeps per domain (the client's fast-path counters live in
+/// the shared domain page and are added when rendering).
+#[derive(Debug, Default)]
+pub struct DomainStats {
+    /// Maps done by iommud (global strategy).
+    pub maps: AtomicU64,
+    /// Unmaps done by iommud.
+    pub unmaps: AtomicU64,
+    /// Requests answered (blocking round trips).
+    pub ipc_round_trips: AtomicU64,
+    /// One-way flush hints received.
+    pub wakeups: AtomicU64,
+    /// Depot exchanges.
+    pub depot_exchanges: AtomicU64,
+    /// Magazines served from the depot without touching the allocator.
+    pub depot_hits: AtomicU64,
+    /// Acquisitions of the domain's allocator lock.
+    pub lock_acquisitions: AtomicU64,
+    /// Invalidations issued for this domain, by granularity.
+    pub inval_domain: AtomicU64,
+    /// Page-selective invalidations for this domain.
+    pub inval_page: AtomicU64,
+    /// Longest stale window of server-side unmaps (ns).
+    pub stale_ns_max: AtomicU64,
+    /// Sum of server-side stale windows (ns).
+    pub stale_ns_sum: AtomicU64,
+    /// Server-side unmaps measured.
+    pub stale_count: AtomicU64,
+    /// Page-table pages freed after their invalidation.
+    pub pt_freed: AtomicU64,
+    /// Faults of this domain's device.
+    pub faults: AtomicU64,
+    /// Rejected requests.
+    pub errors: AtomicU64,
+}
+
+/// Builder of `key value` text.
+#[derive(Default)]
+pub struct Text(pub String);
+
+impl Text {
+    /// Appends one line.
+    pub fn kv(&mut self, key: &str, v: impl std::fmt::Display) -> &mut Self {
+        let _ = writeln!(self.0, "{key} {v}");
+        self
+    }
+}
+
+/// Loads a counter.
+pub fn get(c: &AtomicU64) -> u64 {
+    c.load(Relaxed)
+}
+
+/// Raises `c` to at least `v`.
+pub fn max(c: &AtomicU64, v: u64) {
+    c.fetch_max(v, Relaxed);
+}
+
+/// Adds `v`.
+pub fn add(c: &AtomicU64, v: u64) {
+    c.fetch_add(v, Relaxed);
+}
+
+impl UnitStats {
+    /// Renders the unit-wide lines.
+    pub fn render(&self, t: &mut Text) {
+        let g = get(&self.iotlb_global);
+        let d = get(&self.iotlb_domain);
+        let p = get(&self.iotlb_page);
+        t.kv("invalidations", g + d + p)
+            .kv("invalidations_global", g)
+            .kv("invalidations_domain", d)
+            .kv("invalidations_page", p)
+            .kv("invalidations_context", get(&self.context))
+            .kv("invalidation_waits", get(&self.waits))
+            .kv("invalidation_errors", get(&self.errors))
+            .kv("qi_lock_acquisitions", get(&self.qi_lock))
+            .kv("faults", get(&self.faults))
+            .kv("faults_lost", get(&self.faults_lost));
+    }
+}

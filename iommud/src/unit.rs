@@ -1,0 +1,465 @@
+//! One VT-d remapping unit: bring-up, root/context tables, invalidation,
+//! domain ids and fault recording.
+
+use crate::hw::{HwError, Mmio, PhysMem};
+use crate::invq::{set_gcmd, wait_for, InvQueue};
+use crate::stats::UnitStats;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use vtd::desc::{Decoded, Descriptor};
+use vtd::entry::{context_index, root_index, AddressWidth, ContextEntry, RootEntry};
+use vtd::regs::{self, Cap, Ecap, FaultRecord, Fsts, Gcmd, Granularity, Gsts};
+
+/// How to bring the unit up.
+#[derive(Clone, Debug)]
+pub struct UnitConfig {
+    /// Enable DMA remapping (off = the no-IOMMU baseline: devices use physical addresses).
+    pub translate: bool,
+    /// Bound on every wait for the hardware.
+    pub timeout: Duration,
+}
+
+impl Default for UnitConfig {
+    fn default() -> Self {
+        UnitConfig {
+            translate: true,
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A recorded DMA remapping fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultEntry {
+    /// Source id (bus << 8 | devfn).
+    pub sid: u16,
+    /// Faulting page address.
+    pub addr: u64,
+    /// Fault reason (VT-d 3.x Appendix A).
+    pub reason: u8,
+    /// The request was a read.
+    pub is_read: bool,
+    /// Milliseconds since iommud started.
+    pub at_ms: u64,
+}
+
+/// Formats a source id as `bb:dd.f`.
+pub fn bdf_string(sid: u16) -> String {
+    format!("{:02x}:{:02x}.{}", sid >> 8, (sid >> 3) & 0x1f, sid & 7)
+}
+
+/// Parses `bb:dd.f` (or `ssss:bb:dd.f` with segment 0) into a source id.
+pub fn parse_bdf(s: &str) -> Option<u16> {
+    let s = s.trim();
+    let s = match s.matches(':').count() {
+        2 => s.split_once(':')?.1,
+        1 => s,
+        _ => return None,
+    };
+    let (bus, rest) = s.split_once(':')?;
+    let (dev, func) = rest.split_once('.')?;
+    let bus = u8::from_str_radix(bus, 16).ok()?;
+    let dev = u8::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
+    let func = func.parse::<u8>().ok().filter(|f| *f < 8)?;
+    Some(u16::from(bus) << 8 | u16::from(dev) << 3 | u16::from(func))
+}
+
+/// Explains a fault reason code.
+pub fn fault_reason_text(r: u8) -> &'static str {
+    use vtd::regs::fault_reason as fr;
+    match r {
+        fr::ROOT_NOT_PRESENT => "root entry not present",
+        fr::CONTEXT_NOT_PRESENT => "context entry not present",
+        fr::CONTEXT_INVALID => "context entry invalid",
+        fr::ADDR_BEYOND_AW => "address beyond the address width",
+        fr::WRITE => "write to a non-writable or non-present page",
+        fr::READ => "read of a non-readable or non-present page",
+        fr::NEXT_TABLE_INVALID => "next-level table address invalid",
+        fr::ROOT_TABLE_INVALID => "root table address invalid",
+        fr::CONTEXT_TABLE_INVALID => "context table address invalid",
+        _ => "other",
+    }
+}
+
+/// The driver of one remapping unit.
+pub struct Iommu {
+    mmio: Box<dyn Mmio>,
+    mem: Arc<dyn PhysMem>,
+    /// Capability register.
+    pub cap: Cap,
+    /// Extended capability register.
+    pub ecap: Ecap,
+    /// Page-table levels used for every domain.
+    pub levels: u8,
+    translate: bool,
+    timeout: Duration,
+    root: u64,
+    contexts: Mutex<HashMap<u8, u64>>,
+    qi: Mutex<InvQueue>,
+    dids: Mutex<Vec<bool>>,
+    faults: Mutex<VecDeque<FaultEntry>>,
+    started: Instant,
+    /// Unit-wide counters.
+    pub stats: UnitStats,
+}
+
+/// Faults kept for the `faults` path.
+const FAULT_LOG: usize = 256;
+
+impl Iommu {
+    /// Brings the unit up: root table, global invalidation, queued
+    /// invalidation, then (if configured) translation.
+    pub fn init(
+        mmio: Box<dyn Mmio>,
+        mem: Arc<dyn PhysMem>,
+        cfg: &UnitConfig,
+    ) -> Result<Iommu, HwError> {
+        let ver = mmio.read32(regs::VER);
+        let cap = Cap(mmio.read64(regs::CAP));
+        let ecap = Ecap(mmio.read64(regs::ECAP));
+        if !ecap.qi() {
+            return Err(HwError::Unsupported(
+                "ECAP.QI = 0: queued invalidation is required".into(),
+            ));
+        }
+        let levels = cap.levels().ok_or_else(|| {
+            HwError::Unsupported(format!(
+                "CAP.SAGAW {:#x} has neither 3 nor 4 levels",
+                cap.sagaw()
+            ))
+        })?;
+        let t = cfg.timeout;
+        // A previous owner may have left translation or the queue on.
+        let gsts = Gsts::from_bits_retain(mmio.read32(regs::GSTS));
+        if gsts.contains(Gsts::TES) {
+            set_gcmd(&*mmio, Gcmd::TE, false, Gsts::TES, "GSTS.TES to clear", t)?;
+        }
+        if gsts.contains(Gsts::QIES) {
+            set_gcmd(
+                &*mmio,
+                Gcmd::QIE,
+                false,
+                Gsts::QIES,
+                "GSTS.QIES to clear",
+                t,
+            )?;
+        }
+        let root = mem.alloc_frame()?;
+        // §10.4.6 RTADDR: table address 63:12, TTM 11:10 = 00 (legacy root table).
+        mmio.write64(regs::RTADDR, root);
+        set_gcmd(&*mmio, Gcmd::SRTP, true, Gsts::RTPS, "GSTS.RTPS", t)?;
+        // §6.5.1 register-based global invalidations, before QI is enabled.
+        mmio.write64(
+            regs::CCMD,
+            regs::ccmd(Granularity::Global, 0, 0, 0) | regs::CCMD_ICC,
+        );
+        wait_for(t, "CCMD.ICC to clear", || {
+            mmio.read64(regs::CCMD) & regs::CCMD_ICC == 0
+        })?;
+        let iotlb = ecap.iro_bytes() + 8;
+        mmio.write64(
+            iotlb,
+            regs::iotlb_reg(Granularity::Global, 0, cap.drd(), cap.dwd()) | regs::IOTLB_IVT,
+        );
+        wait_for(t, "IOTLB.IVT to clear", || {
+            mmio.read64(iotlb) & regs::IOTLB_IVT == 0
+        })?;
+        let coherent = ecap.c();
+        let mut qi = InvQueue::new(&*mem, t, coherent)?;
+        qi.enable(&*mmio)?;
+        let ndids = cap.domain_ids().min(1 << 16) as usize;
+        let mut dids = vec![false; ndids];
+        // DID 0 is reserved when caching mode is set (§9.3); we never use it.
+        if let Some(d) = dids.first_mut() {
+            *d = true;
+        }
+        let unit = Iommu {
+            mmio,
+            mem,
+            cap,
+            ecap,
+            levels,
+            translate: cfg.translate,
+            timeout: t,
+            root,
+            contexts: Mutex::new(HashMap::new()),
+            qi: Mutex::new(qi),
+            dids: Mutex::new(dids),
+            faults: Mutex::new(VecDeque::new()),
+            started: Instant::now(),
+            stats: UnitStats::default(),
+        };
+        // Stale fault records from before us: clear, don't report.
+        unit.clear_faults();
+        if cfg.translate {
+            set_gcmd(&*unit.mmio, Gcmd::TE, true, Gsts::TES, "GSTS.TES", t)?;
+        }
+        log::info(&format!(
+            "VT-d unit up: VER {ver:#x} CAP {:#018x} ECAP {:#018x}; {levels}-level tables, \
+             caching mode {}, coherent {}, {} domain ids, translation {}",
+            cap.0,
+            ecap.0,
+            cap.cm(),
+            coherent,
+            ndids,
+            if cfg.translate { "on" } else { "off" }
+        ));
+        Ok(unit)
+    }
+
+    /// Physical memory seam.
+    pub fn mem(&self) -> &Arc<dyn PhysMem> {
+        &self.mem
+    }
+
+    /// True when table writes need a CPU cache flush (ECAP.C = 0).
+    pub fn coherent(&self) -> bool {
+        self.ecap.c()
+    }
+
+    /// True in caching mode (non-present → present changes need invalidation).
+    pub fn caching_mode(&self) -> bool {
+        self.cap.cm()
+    }
+
+    /// Whether DMA remapping is enabled.
+    pub fn translating(&self) -> bool {
+        self.translate
+    }
+
+    fn qi(&self) -> MutexGuard<'_, InvQueue> {
+        self.stats.qi_lock.fetch_add(1, Relaxed);
+        self.qi.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs invalidation descriptors and waits for their completion.
+    pub fn invalidate(&self, descs: &[Descriptor]) -> Result<(), HwError> {
+        for d in descs {
+            let c = match d.decode() {
+                Decoded::Iotlb { g, .. } => match g {
+                    Granularity::Global => &self.stats.iotlb_global,
+                    Granularity::Domain => &self.stats.iotlb_domain,
+                    Granularity::Selective => &self.stats.iotlb_page,
+                },
+                Decoded::ContextCache { .. } => &self.stats.context,
+                _ => &self.stats.other,
+            };
+            c.fetch_add(1, Relaxed);
+        }
+        let r = self.qi().run(&*self.mmio, &*self.mem, descs);
+        self.stats.waits.fetch_add(1, Relaxed);
+        if r.is_err() {
+            self.stats.errors.fetch_add(1, Relaxed);
+        }
+        r
+    }
+
+    /// The IOTLB descriptors that invalidate `pages` pages from `iova` in
+    /// `did`: page-selective with an address mask when the unit supports it
+    /// (CAP.PSI, CAP.MAMV) and the range is a naturally aligned power of two,
+    /// else domain-selective. `ih` keeps the paging-structure caches (only
+    /// when no table was freed).
+    pub fn iotlb_range(&self, did: u16, iova: u64, pages: u64, ih: bool) -> Descriptor {
+        let (dr, dw) = (self.cap.drd(), self.cap.dwd());
+        let am = pages.next_power_of_two().trailing_zeros() as u8;
+        let aligned = iova % (pages.next_power_of_two() << 12) == 0;
+        if self.cap.psi() && am <= self.cap.mamv() && aligned {
+            Descriptor::iotlb_page(did, iova, am, ih, dr, dw)
+        } else {
+            Descriptor::iotlb_domain(did, dr, dw)
+        }
+    }
+
+    /// Domain-selective IOTLB descriptor.
+    pub fn iotlb_domain(&self, did: u16) -> Descriptor {
+        Descriptor::iotlb_domain(did, self.cap.drd(), self.cap.dwd())
+    }
+
+    /// Allocates a domain id.
+    pub fn alloc_did(&self) -> Option<u16> {
+        let mut d = self.dids.lock().unwrap_or_else(|p| p.into_inner());
+        let i = d.iter().position(|used| !used)?;
+        d[i] = true;
+        u16::try_from(i).ok()
+    }
+
+    /// Frees a domain id.
+    pub fn free_did(&self, did: u16) {
+        let mut d = self.dids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = d.get_mut(usize::from(did)) {
+            *slot = false;
+        }
+    }
+
+    fn write_entry128(&self, at: u64, lo: u64, hi: u64, present_last: bool) -> Result<(), HwError> {
+        // Write the half holding P last when making present, first when clearing.
+        if present_last {
+            self.mem.write_u64(at + 8, hi)?;
+            self.mem.write_u64(at, lo)?;
+        } else {
+            self.mem.write_u64(at, lo)?;
+            self.mem.write_u64(at + 8, hi)?;
+        }
+        if !self.coherent() {
+            self.mem.flush(at, 16);
+        }
+        Ok(())
+    }
+
+    /// Points `sid`'s context entry at a second-level table (or pass-through
+    /// when translation is off) and invalidates the context cache for it.
+    pub fn set_context(&self, sid: u16, did: u16, slptptr: u64) -> Result<(), HwError> {
+        let bus = root_index(sid);
+        let ctp = {
+            let mut ctx = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+            match ctx.get(&(bus as u8)) {
+                Some(&c) => c,
+                None => {
+                    let c = self.mem.alloc_frame()?;
+                    let re = RootEntry::new(c);
+                    self.write_entry128(self.root + (bus * 16) as u64, re.lo(), re.hi(), true)?;
+                    ctx.insert(bus as u8, c);
+                    c
+                }
+            }
+        };
+        let aw = AddressWidth::from_levels(self.levels)
+            .ok_or_else(|| HwError::Unsupported(format!("{} levels", self.levels)))?;
+        let ce = ContextEntry::translated(slptptr, aw, did);
+        self.write_entry128(
+            ctp + (context_index(sid) * 16) as u64,
+            ce.lo(),
+            ce.hi(),
+            true,
+        )?;
+        self.invalidate(&[Descriptor::cc_device(did, sid, 0), self.iotlb_domain(did)])
+    }
+
+    /// Clears `sid`'s context entry (the device is blocked) and invalidates
+    /// the context cache and the domain's IOTLB entries.
+    pub fn clear_context(&self, sid: u16, did: u16) -> Result<(), HwError> {
+        let ctp = self
+            .contexts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(root_index(sid) as u8))
+            .copied();
+        if let Some(ctp) = ctp {
+            self.write_entry128(ctp + (context_index(sid) * 16) as u64, 0, 0, false)?;
+        }
+        self.invalidate(&[Descriptor::cc_device(did, sid, 0), self.iotlb_domain(did)])
+    }
+
+    fn clear_faults(&self) {
+        let fro = self.cap.fro_bytes();
+        for i in 0..usize::from(self.cap.nfr()) {
+            self.mmio.write64(fro + i * 16 + 8, regs::FRCD_F);
+        }
+        self.mmio.write32(
+            regs::FSTS,
+            (Fsts::PFO | Fsts::IQE | Fsts::ICE | Fsts::ITE).bits(),
+        );
+    }
+
+    /// Reads and clears pending fault records; returns the new ones (also
+    /// kept in the log that the `faults` path shows).
+    pub fn poll_faults(&self) -> Vec<FaultEntry> {
+        let fsts = Fsts::from_bits_retain(self.mmio.read32(regs::FSTS));
+        if !fsts.intersects(Fsts::PPF | Fsts::PFO) {
+            return Vec::new();
+        }
+        let fro = self.cap.fro_bytes();
+        let nfr = usize::from(self.cap.nfr()).max(1);
+        let mut i = usize::from(regs::fsts_fri(fsts.bits())) % nfr;
+        let mut out = Vec::new();
+        for _ in 0..nfr {
+            let hi = self.mmio.read64(fro + i * 16 + 8);
+            if hi & regs::FRCD_F == 0 {
+                break;
+            }
+            let lo = self.mmio.read64(fro + i * 16);
+            let r = FaultRecord::decode(lo, hi);
+            // §10.4.14: F is write-1-to-clear.
+            self.mmio.write64(fro + i * 16 + 8, regs::FRCD_F);
+            out.push(FaultEntry {
+                sid: r.sid,
+                addr: r.fault_addr,
+                reason: r.reason,
+                is_read: r.is_read,
+                at_ms: self.started.elapsed().as_millis() as u64,
+            });
+            i = (i + 1) % nfr;
+        }
+        if fsts.contains(Fsts::PFO) {
+            self.stats.faults_lost.fetch_add(1, Relaxed);
+            self.mmio.write32(regs::FSTS, Fsts::PFO.bits());
+        }
+        if !out.is_empty() {
+            self.stats.faults.fetch_add(out.len() as u64, Relaxed);
+            let mut log = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+            for f in &out {
+                log::warn(&format!(
+                    "DMA fault: {} {} iova {:#x}: reason {:#x} ({})",
+                    bdf_string(f.sid),
+                    if f.is_read { "read" } else { "write" },
+                    f.addr,
+                    f.reason,
+                    fault_reason_text(f.reason)
+                ));
+                if log.len() == FAULT_LOG {
+                    log.pop_front();
+                }
+                log.push_back(f.clone());
+            }
+        }
+        out
+    }
+
+    /// The recorded faults, oldest first.
+    pub fn faults(&self) -> Vec<FaultEntry> {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The bound used for hardware waits.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Minimal logging to stderr with the daemon's name (no logging crate needed).
+pub mod log {
+    /// Informational line.
+    pub fn info(msg: &str) {
+        eprintln!("iommud: {msg}");
+    }
+    /// Warning line.
+    pub fn warn(msg: &str) {
+        eprintln!("iommud: warning: {msg}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bdf_text_round_trips() {
+        assert_eq!(bdf_string(0x0008), "00:01.0");
+        assert_eq!(bdf_string(0x0010), "00:02.0");
+        assert_eq!(bdf_string(0xff_fb), "ff:1f.3");
+        assert_eq!(parse_bdf("00:01.0"), Some(0x0008));
+        assert_eq!(parse_bdf("0000:00:02.0"), Some(0x0010));
+        assert_eq!(parse_bdf("ff:1f.3"), Some(0xfffb));
+        assert_eq!(parse_bdf("00:20.0"), None);
+        assert_eq!(parse_bdf("00:01.8"), None);
+        assert_eq!(parse_bdf("zz"), None);
+        assert_eq!(parse_bdf(""), None);
+    }
+}

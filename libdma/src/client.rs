@@ -1,0 +1,684 @@
+//! The client: [`DmaDomain`] (map and unmap DMA buffers) and [`Control`]
+//! (read and write iommud's path tree).
+//!
+//! ## Per-CPU caches
+//!
+//! Magazines live in per-CPU slots chosen with `sched_getcpu()` (slot =
+//! CPU number modulo the slot count), each behind its own mutex. A thread
+//! keeps using the slot of the CPU it runs on, so the lock is uncontended
+//! unless a thread is preempted inside the few instructions it holds it —
+//! the same assumption Linux's per-CPU IOVA caches make with preemption
+//! disabled. Per-thread caches would avoid even that, but strand IOVAs in
+//! idle threads; per-CPU slots bound the cached IOVAs by the CPU count.
+
+use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache};
+use crate::proto::{
+    Dir, ErrorCode, FlushPolicy, ProtoError, Reply, Request, Strategy, MAX_MESSAGE, VERSION,
+};
+use crate::shared::{
+    DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, MAGAZINE_IOVA_BASE, MAX_CPUS, SHARED_LEN,
+};
+use crate::shm::{flush_cache_range, Mapping};
+use crate::transport::SeqPacket;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Mutex, MutexGuard};
+use thiserror::Error;
+
+/// Where iommud listens by default.
+pub const DEFAULT_SOCKET: &str = "/run/iommud.sock";
+const PAGE: u64 = 4096;
+
+/// Attach reply flag: caching mode (see `iommud::session`).
+const FLAG_CACHING_MODE: u64 = 1 << 0;
+/// Attach reply flag: coherent table walks.
+const FLAG_COHERENT: u64 = 1 << 1;
+/// Attach reply flag: translation on.
+const FLAG_TRANSLATING: u64 = 1 << 2;
+
+/// Client errors.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Talking to iommud failed (it may have exited).
+    #[error("iommud connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// iommud refused the request.
+    #[error("iommud: {code}: {msg}")]
+    Server {
+        /// The code.
+        code: ErrorCode,
+        /// iommud's explanation.
+        msg: String,
+    },
+    /// iommud sent something we cannot decode.
+    #[error("bad reply: {0}")]
+    Proto(#[from] ProtoError),
+    /// The caller passed something invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// iommud detached the domain (or is gone).
+    #[error("the domain was detached by iommud")]
+    Dead,
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;
+
+struct Conn {
+    sock: SeqPacket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn connect(path: &Path) -> Result<Conn> {
+        let mut c = Conn {
+            sock: SeqPacket::connect(path)?,
+            seq: 0,
+            buf: vec![0; MAX_MESSAGE],
+        };
+        c.call(&Request::Hello {
+            version: u64::from(VERSION),
+        })?;
+        Ok(c)
+    }
+
+    /// One blocking round trip.
+    fn call(&mut self, req: &Request) -> Result<(Reply, Vec<OwnedFd>)> {
+        self.seq = self.seq.wrapping_add(1);
+        self.sock.send(&req.encode(self.seq), &[])?;
+        loop {
+            let (n, fds) = self.sock.recv(&mut self.buf)?;
+            if n == 0 {
+                return Err(Error::Dead);
+            }
+            let r = Reply::decode(&self.buf[..n])?;
+            if r.seq != self.seq {
+                continue; // a stale answer; ours follows
+            }
+            return match r.result {
+                Ok(_) => Ok((r, fds)),
+                Err(code) => Err(Error::Server {
+                    code,
+                    msg: String::from_utf8_lossy(&r.payload).into_owned(),
+                }),
+            };
+        }
+    }
+
+    fn args(&mut self, req: &Request) -> Result<[u64; 5]> {
+        let (r, _) = self.call(req)?;
+        r.result.map_err(|code| Error::Server {
+            code,
+            msg: String::new(),
+        })
+    }
+
+    /// One-way message.
+    fn post(&mut self, req: &Request) -> Result<()> {
+        self.seq = self.seq.wrapping_add(1);
+        self.sock.send(&req.encode(self.seq), &[])?;
+        Ok(())
+    }
+}
+
+/// Control connection: the path tree and daemon control.
+pub struct Control {
+    conn: Mutex<Conn>,
+}
+
+impl Control {
+    /// Connects to iommud.
+    pub fn connect(socket: &Path) -> Result<Control> {
+        Ok(Control {
+            conn: Mutex::new(Conn::connect(socket)?),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads a path, e.g. `/scheme/iommu/stats`.
+    pub fn read(&self, path: &str) -> Result<String> {
+        let (r, _) = self.conn().call(&Request::ReadPath { path: path.into() })?;
+        Ok(String::from_utf8_lossy(&r.payload).into_owned())
+    }
+
+    /// Writes a path.
+    pub fn write(&self, path: &str, value: &str) -> Result<()> {
+        self.conn().call(&Request::WritePath {
+            path: path.into(),
+            value: value.into(),
+        })?;
+        Ok(())
+    }
+
+    /// Stops the daemon.
+    pub fn shutdown(&self) -> Result<()> {
+        self.conn().call(&Request::Shutdown)?;
+        Ok(())
+    }
+
+    /// Sim platform: the machine's (memory fd, state fd, memory bytes), so a
+    /// test can act as a device with `vtd::sim::SimMachine::open`.
+    pub fn sim_info(&self) -> Result<(OwnedFd, OwnedFd, u64)> {
+        let (r, mut fds) = self.conn().call(&Request::SimInfo)?;
+        let args = r.result.unwrap_or_default();
+        if fds.len() != 2 {
+            return Err(Error::Invalid(format!("SimInfo carried {} fds", fds.len())));
+        }
+        let s = fds.remove(1);
+        let m = fds.remove(0);
+        Ok((m, s, args[0]))
+    }
+
+    /// Sends raw bytes and returns the raw reply (for robustness tests).
+    pub fn raw(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let c = self.conn();
+        c.sock.send(bytes, &[])?;
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let (n, _) = c.sock.recv(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+}
+
+/// A DMA-capable buffer from iommud's pools: CPU pointer and physical address.
+#[derive(Debug, Clone, Copy)]
+pub struct DmaBuffer {
+    ptr: *mut u8,
+    /// Physical address of the first byte.
+    pub phys: u64,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+// SAFETY: a DmaBuffer is an address range in a mapping the DmaDomain keeps
+// alive; accesses go through raw-pointer copies, never Rust references.
+unsafe impl Send for DmaBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for DmaBuffer {}
+
+impl DmaBuffer {
+    /// CPU pointer of the first byte (the device may write this memory:
+    /// access it only with raw-pointer reads and writes).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Copies `data` into the buffer at `off`.
+    pub fn write(&self, off: usize, data: &[u8]) -> Result<()> {
+        if off.checked_add(data.len()).is_none_or(|e| e > self.len) {
+            return Err(Error::Invalid("write past the buffer".into()));
+        }
+        // SAFETY: in bounds (checked); the mapping outlives the buffer's use by
+        // contract of DmaDomain; `data` is a distinct Rust slice.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes out of the buffer at `off`.
+    pub fn read(&self, off: usize, out: &mut [u8]) -> Result<()> {
+        if off.checked_add(out.len()).is_none_or(|e| e > self.len) {
+            return Err(Error::Invalid("read past the buffer".into()));
+        }
+        // SAFETY: in bounds (checked); `out` is a distinct Rust slice.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+}
+
+struct Pool {
+    map: Mapping,
+    phys: u64,
+    next: usize,
+}
+
+/// Client-side counters.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Blocking round trips made (attach and pool allocation included).
+    pub round_trips: AtomicU64,
+    /// One-way flush hints sent.
+    pub wakeups: AtomicU64,
+}
+
+/// A snapshot of [`ClientStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCounts {
+    /// Blocking round trips.
+    pub round_trips: u64,
+    /// One-way wake-ups.
+    pub wakeups: u64,
+}
+
+/// A driver's handle on its device's protection domain.
+pub struct DmaDomain {
+    conn: Mutex<Conn>,
+    /// Source id of the device.
+    pub bdf: u16,
+    strategy: Strategy,
+    flush: FlushPolicy,
+    flags: u64,
+    shared: Mapping,
+    arena: Option<Mapping>,
+    pools: Mutex<Vec<Pool>>,
+    free_bufs: Mutex<Vec<(usize, DmaBuffer)>>,
+    cpus: Vec<Mutex<CpuCache>>,
+    stats: ClientStats,
+    closed: AtomicBool,
+}
+
+/// Size of each pool requested from iommud.
+const POOL_BYTES: u64 = 2 << 20;
+
+impl DmaDomain {
+    /// Connects to iommud at `socket` and attaches to the domain of `bdf`.
+    pub fn connect(
+        socket: &Path,
+        bdf: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+    ) -> Result<DmaDomain> {
+        let mut conn = Conn::connect(socket)?;
+        let (r, mut fds) = conn.call(&Request::Attach {
+            bdf,
+            strategy,
+            flush,
+        })?;
+        let a = r.result.unwrap_or_default();
+        if fds.is_empty() {
+            return Err(Error::Invalid(
+                "attach reply carried no shared memory".into(),
+            ));
+        }
+        let shared = Mapping::new(fds.remove(0).as_fd(), 0, SHARED_LEN)?;
+        let arena = match (strategy, fds.pop()) {
+            (Strategy::Magazine, Some(fd)) => Some(Mapping::new(fd.as_fd(), a[3], a[4] as usize)?),
+            (Strategy::Magazine, None) if a[1] & FLAG_TRANSLATING != 0 => {
+                return Err(Error::Invalid("magazine attach without an arena".into()))
+            }
+            _ => None,
+        };
+        let ncpu = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, MAX_CPUS);
+        let d = DmaDomain {
+            conn: Mutex::new(conn),
+            bdf,
+            strategy: if a[1] & FLAG_TRANSLATING != 0 {
+                strategy
+            } else {
+                Strategy::NoIommu
+            },
+            flush,
+            flags: a[1],
+            shared,
+            arena,
+            pools: Mutex::new(Vec::new()),
+            free_bufs: Mutex::new(Vec::new()),
+            cpus: (0..ncpu).map(|_| Mutex::new(CpuCache::default())).collect(),
+            stats: ClientStats::default(),
+            closed: AtomicBool::new(false),
+        };
+        d.stats.round_trips.fetch_add(2, Relaxed); // hello + attach
+        Ok(d)
+    }
+
+    /// The strategy in effect (NoIommu when iommud runs without translation).
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// The flush policy.
+    pub fn flush_policy(&self) -> FlushPolicy {
+        self.flush
+    }
+
+    /// True when the unit is in caching mode.
+    pub fn caching_mode(&self) -> bool {
+        self.flags & FLAG_CACHING_MODE != 0
+    }
+
+    fn page(&self) -> &DomainPage {
+        // SAFETY: `shared` maps SHARED_LEN bytes of the memfd iommud made for
+        // this domain, page-aligned and alive as long as `self`; all atomics.
+        unsafe { DomainPage::from_ptr(self.shared.as_ptr()) }
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn call(&self, req: &Request) -> Result<[u64; 5]> {
+        self.stats.round_trips.fetch_add(1, Relaxed);
+        self.conn().args(req)
+    }
+
+    /// Counters of this client.
+    pub fn counts(&self) -> ClientCounts {
+        ClientCounts {
+            round_trips: self.stats.round_trips.load(Relaxed),
+            wakeups: self.stats.wakeups.load(Relaxed),
+        }
+    }
+
+    /// Allocates a DMA buffer of `len` bytes (4 KiB aligned, never crossing
+    /// a pool) from memory iommud gave this client.
+    pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
+        if len == 0 || len as u64 > POOL_BYTES {
+            return Err(Error::Invalid(format!(
+                "buffer size {len} not in 1..=2 MiB"
+            )));
+        }
+        let rounded = len.next_multiple_of(PAGE as usize);
+        {
+            let mut f = self.free_bufs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = f.iter().position(|(sz, _)| *sz == rounded) {
+                let (_, mut b) = f.swap_remove(i);
+                b.len = len;
+                return Ok(b);
+            }
+        }
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if pools.last().is_none_or(|p| p.next + rounded > p.map.len()) {
+            self.stats.round_trips.fetch_add(1, Relaxed);
+            let (r, mut fds) = self
+                .conn()
+                .call(&Request::AllocPool { bytes: POOL_BYTES })?;
+            let a = r.result.unwrap_or_default();
+            let fd = fds
+                .pop()
+                .ok_or_else(|| Error::Invalid("pool reply carried no fd".into()))?;
+            pools.push(Pool {
+                map: Mapping::new(fd.as_fd(), a[1], a[2] as usize)?,
+                phys: a[0],
+                next: 0,
+            });
+        }
+        let p = pools.last_mut().ok_or(Error::Dead)?;
+        if p.next + rounded > p.map.len() {
+            return Err(Error::Invalid(format!(
+                "pool of {} bytes cannot hold {len}",
+                p.map.len()
+            )));
+        }
+        // SAFETY: p.next + rounded ≤ the mapping's length (checked above).
+        let ptr = unsafe { p.map.as_ptr().add(p.next) };
+        let b = DmaBuffer {
+            ptr,
+            phys: p.phys + p.next as u64,
+            len,
+        };
+        p.next += rounded;
+        Ok(b)
+    }
+
+    /// Returns a buffer from [`DmaDomain::alloc`] for reuse.
+    pub fn free(&self, b: DmaBuffer) {
+        let rounded = b.len.next_multiple_of(PAGE as usize);
+        self.free_bufs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((rounded, b));
+    }
+
+    fn slot(&self) -> usize {
+        // SAFETY: sched_getcpu has no preconditions.
+        let cpu = unsafe { libc::sched_getcpu() };
+        usize::try_from(cpu).unwrap_or(0) % self.cpus.len()
+    }
+
+    fn pte_offset(&self, iova: u64) -> Result<usize> {
+        let rel = iova
+            .checked_sub(MAGAZINE_IOVA_BASE)
+            .ok_or_else(|| Error::Invalid(format!("iova {iova:#x} below the magazine range")))?;
+        Ok(((rel >> 12) * 8) as usize)
+    }
+
+    fn write_ptes(
+        &self,
+        arena: &Mapping,
+        iova: u64,
+        phys: u64,
+        pages: u64,
+        dir: Option<Dir>,
+    ) -> Result<()> {
+        let first = self.pte_offset(iova)?;
+        for p in 0..pages as usize {
+            let at = first + 8 * p;
+            let v = match dir {
+                // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
+                Some(d) => vtd::entry::SlPte::new(phys + p as u64 * PAGE, d.read(), d.write()).0,
+                None => {
+                    let old = arena.read_u64(at).ok_or_else(|| {
+                        Error::Invalid(format!("iova {iova:#x} outside the arena"))
+                    })?;
+                    if !vtd::entry::SlPte(old).present() {
+                        return Err(Error::Invalid(format!(
+                            "iova {:#x} is not mapped",
+                            iova + p as u64 * PAGE
+                        )));
+                    }
+                    0
+                }
+            };
+            arena
+                .write_u64(at, v)
+                .ok_or_else(|| Error::Invalid(format!("iova {iova:#x} outside the arena")))?;
+        }
+        if self.flags & FLAG_COHERENT == 0 {
+            // SAFETY: `first` and the entries after it are inside the arena (written above).
+            flush_cache_range(unsafe { arena.as_ptr().add(first) }, pages as usize * 8);
+        }
+        Ok(())
+    }
+
+    /// Maps `len` bytes at physical `phys` for the device; returns the IOVA of
+    /// `phys`. With the magazine strategy this makes no IPC (except a rare
+    /// depot exchange, or one round trip per map in caching mode).
+    pub fn map(&self, phys: u64, len: usize, dir: Dir) -> Result<u64> {
+        if len == 0 {
+            return Err(Error::Invalid("zero-length map".into()));
+        }
+        let off = phys % PAGE;
+        let pages = (off + len as u64).div_ceil(PAGE);
+        match (self.strategy, size_class(pages), &self.arena) {
+            (Strategy::NoIommu, _, _) => Ok(phys),
+            (Strategy::Magazine, Some(class), Some(arena)) => {
+                let slot = self.slot();
+                let (iova, ev) = {
+                    let mut c = self.cpus[slot].lock().unwrap_or_else(|p| p.into_inner());
+                    c.alloc(class, &Remote(self))?
+                };
+                if let Err(e) = self.write_ptes(arena, iova, phys - off, pages, Some(dir)) {
+                    let tag = self.page().epoch.load(SeqCst);
+                    self.cpus[slot]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .free(class, iova, tag, &Remote(self));
+                    return Err(e);
+                }
+                if self.caching_mode() {
+                    // CAP.CM: a non-present → present change must be invalidated
+                    // before the device may use it.
+                    self.call(&Request::FlushSync)?;
+                }
+                let c = &self.page().cpu[slot];
+                c.maps.fetch_add(1, Relaxed);
+                if ev.hit {
+                    c.mag_hits.fetch_add(1, Relaxed);
+                } else {
+                    c.mag_misses.fetch_add(1, Relaxed);
+                }
+                if ev.recycled {
+                    c.batches_recycled.fetch_add(1, Relaxed);
+                }
+                if let Some(ns) = ev.stale_ns {
+                    c.stale_ns_max.fetch_max(ns, Relaxed);
+                    c.stale_ns_sum.fetch_add(ns, Relaxed);
+                    c.stale_batches.fetch_add(1, Relaxed);
+                }
+                Ok(iova + off)
+            }
+            _ => {
+                let a = self.call(&Request::Map {
+                    phys,
+                    len: len as u64,
+                    dir,
+                })?;
+                Ok(a[0])
+            }
+        }
+    }
+
+    /// Unmaps what [`DmaDomain::map`] returned (same `len`).
+    pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
+        if len == 0 {
+            return Err(Error::Invalid("zero-length unmap".into()));
+        }
+        let off = iova % PAGE;
+        let pages = (off + len as u64).div_ceil(PAGE);
+        let base = iova - off;
+        let in_arena = base >= MAGAZINE_IOVA_BASE;
+        match (self.strategy, size_class(pages), &self.arena) {
+            (Strategy::NoIommu, _, _) => Ok(()),
+            (Strategy::Magazine, Some(class), Some(arena)) if in_arena => {
+                self.write_ptes(arena, base, 0, pages, None)?;
+                // The clears must be visible before we read the epoch (see
+                // crate::shared: the tag is the epoch read after the clear).
+                std::sync::atomic::fence(SeqCst);
+                let tag = self.page().epoch.load(SeqCst);
+                let slot = self.slot();
+                {
+                    let mut c = self.cpus[slot].lock().unwrap_or_else(|p| p.into_inner());
+                    c.free(class, base, tag, &Remote(self));
+                }
+                let c = &self.page().cpu[slot];
+                c.unmaps.fetch_add(1, Relaxed);
+                if self.flush == FlushPolicy::Strict {
+                    Remote(self).wait_completed(tag)?;
+                }
+                Ok(())
+            }
+            _ => {
+                self.call(&Request::Unmap {
+                    iova,
+                    len: len as u64,
+                })?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Waits for every unmapped IOVA's invalidation and returns all cached
+    /// IOVAs to iommud's depot; returns how many.
+    pub fn drain(&self) -> Result<usize> {
+        let mut n = 0;
+        for c in &self.cpus {
+            n += c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain(&Remote(self))?;
+        }
+        Ok(n)
+    }
+
+    /// Clean shutdown: drain, then detach (iommud frees tables and pools).
+    pub fn shutdown(self) -> Result<usize> {
+        let n = self.drain()?;
+        self.closed.store(true, SeqCst);
+        self.call(&Request::Detach)?;
+        Ok(n)
+    }
+
+    /// Reads a path of iommud's tree over this connection.
+    pub fn read_path(&self, path: &str) -> Result<String> {
+        self.stats.round_trips.fetch_add(1, Relaxed);
+        let (r, _) = self.conn().call(&Request::ReadPath { path: path.into() })?;
+        Ok(String::from_utf8_lossy(&r.payload).into_owned())
+    }
+}
+
+/// The magazine backend: shared-memory epochs and the depot over IPC.
+struct Remote<'a>(&'a DmaDomain);
+
+impl Backend for Remote<'_> {
+    type Error = Error;
+
+    fn completed(&self) -> u64 {
+        self.0.page().completed.load(SeqCst)
+    }
+
+    fn request_flush(&self, tag: u64) {
+        let p = self.0.page();
+        p.wanted.fetch_max(tag, SeqCst);
+        if p.completed.load(SeqCst) < tag && p.hint_pending.swap(1, SeqCst) == 0 {
+            self.0.stats.wakeups.fetch_add(1, Relaxed);
+            if self.0.conn().post(&Request::FlushHint).is_err() {
+                // iommud's epoch timer still sees `wanted`; nothing is lost.
+                p.hint_pending.store(0, SeqCst);
+            }
+        }
+    }
+
+    fn wait_completed(&self, tag: u64) -> Result<()> {
+        while self.completed() < tag {
+            if self.0.page().dead.load(SeqCst) != 0 {
+                return Err(Error::Dead);
+            }
+            self.0.call(&Request::FlushSync)?;
+        }
+        Ok(())
+    }
+
+    fn exchange(&self, class: usize, give: Clean, want: usize) -> Result<Clean> {
+        let give = give.into_vec();
+        if give.len() > EXCHANGE_SLOTS {
+            return Err(Error::Invalid("too many IOVAs for one exchange".into()));
+        }
+        let mut conn = self.0.conn();
+        for (k, iova) in give.iter().enumerate() {
+            self.0
+                .shared
+                .write_u64(EXCHANGE_OFFSET + 8 * k, *iova)
+                .ok_or(Error::Dead)?;
+        }
+        self.0.stats.round_trips.fetch_add(1, Relaxed);
+        let a = conn.args(&Request::Exchange {
+            pages: class_pages(class),
+            returned: give.len() as u64,
+            want: want as u64,
+        })?;
+        let n = (a[0] as usize).min(want).min(EXCHANGE_SLOTS);
+        let mut got = Vec::with_capacity(n);
+        for k in 0..n {
+            got.push(
+                self.0
+                    .shared
+                    .read_u64(EXCHANGE_OFFSET + 8 * k)
+                    .ok_or(Error::Dead)?,
+            );
+        }
+        Ok(Clean::from_depot(got))
+    }
+
+    fn exhausted(&self) -> Error {
+        Error::Server {
+            code: ErrorCode::NoSpace,
+            msg: "no IOVA left in the depot or this CPU's magazines".into(),
+        }
+    }
+}
+
+impl Drop for DmaDomain {
+    fn drop(&mut self) {
+        if !self.closed.load(SeqCst) {
+            // Best effort; iommud tears the domain down when the socket closes anyway.
+            let _ = self.conn().post(&Request::Detach);
+        }
+    }
+}
