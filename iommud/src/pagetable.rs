@@ -196,7 +196,9 @@ impl PageTable {
         read: bool,
         write: bool,
     ) -> Result<(), PtError> {
-        if iova % PAGE != 0 || phys % PAGE != 0 || iova.saturating_add(pages * PAGE) > self.limit()
+        if !iova.is_multiple_of(PAGE)
+            || !phys.is_multiple_of(PAGE)
+            || iova.saturating_add(pages * PAGE) > self.limit()
         {
             return Err(PtError::BadAddress(iova));
         }
@@ -489,7 +491,7 @@ pub(crate) mod tests {
             let mem = VecMem::new(8 << 20);
             let mut pt = PageTable::new(&mem, 3, reclaim, true).unwrap();
             let iovas: Vec<u64> = (0..40u64)
-                .map(|i| i * 0x2345_6000 % (1 << 39) & !0xfff)
+                .map(|i| (i * 0x2345_6000 % (1 << 39)) & !0xfff)
                 .collect();
             for (i, &va) in iovas.iter().enumerate() {
                 pt.map(&mem, va, (i as u64 + 1) << 12, 1, true, true)

@@ -264,7 +264,7 @@ impl Iommu {
     pub fn iotlb_range(&self, did: u16, iova: u64, pages: u64, ih: bool) -> Descriptor {
         let (dr, dw) = (self.cap.drd(), self.cap.dwd());
         let am = pages.next_power_of_two().trailing_zeros() as u8;
-        let aligned = iova % (pages.next_power_of_two() << 12) == 0;
+        let aligned = iova.is_multiple_of(pages.next_power_of_two() << 12);
         if self.cap.psi() && am <= self.cap.mamv() && aligned {
             Descriptor::iotlb_page(did, iova, am, ih, dr, dw)
         } else {

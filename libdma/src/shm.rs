@@ -42,7 +42,7 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` from `offset` (page-aligned), read-write.
     pub fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Mapping> {
-        if len == 0 || offset % 4096 != 0 {
+        if len == 0 || !offset.is_multiple_of(4096) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("bad mapping: offset {offset:#x} len {len:#x}"),
@@ -84,7 +84,7 @@ impl Mapping {
 
     /// Reads a u64 at a byte offset (8-byte aligned), volatile.
     pub fn read_u64(&self, off: usize) -> Option<u64> {
-        if off % 8 != 0 || off.checked_add(8)? > self.len {
+        if !off.is_multiple_of(8) || off.checked_add(8)? > self.len {
             return None;
         }
         // SAFETY: in bounds and aligned (checked above); volatile because another
@@ -94,7 +94,7 @@ impl Mapping {
 
     /// Writes a u64 at a byte offset (8-byte aligned), volatile.
     pub fn write_u64(&self, off: usize, v: u64) -> Option<()> {
-        if off % 8 != 0 || off.checked_add(8)? > self.len {
+        if !off.is_multiple_of(8) || off.checked_add(8)? > self.len {
             return None;
         }
         // SAFETY: in bounds and aligned (checked above); volatile as in `read_u64`.

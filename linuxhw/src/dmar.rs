@@ -216,7 +216,7 @@ fn parse_scopes(t: &[u8], mut off: usize, end: usize) -> Result<Vec<DeviceScope>
         let len = usize::from(u8_at(t, off + 1));
         check_struct("device scope", off, len, SCOPE_FIXED_LEN, end)?;
         let path_len = len - SCOPE_FIXED_LEN;
-        if path_len % 2 != 0 {
+        if !path_len.is_multiple_of(2) {
             return Err(DmarError::OddPath {
                 offset: off,
                 len: path_len,
@@ -537,7 +537,7 @@ mod tests {
                 _ => {}
             }
             // Re-fix the checksum half the time so the structure walk gets exercised.
-            if rng.next() % 2 == 0 && t.len() >= 48 {
+            if rng.next().is_multiple_of(2) && t.len() >= 48 {
                 let n = usize::try_from(le(&t, 4, 4)).unwrap_or(0).min(t.len());
                 if n > 9 {
                     t[9] = 0;

@@ -148,7 +148,7 @@ impl MmioRegion {
     fn check(&self, offset: usize, width: usize) -> Result<*mut u8> {
         // Alignment is checked on the address: the region may start unaligned in its page.
         let addr = (self.map_base.as_ptr() as usize + self.delta).wrapping_add(offset);
-        if in_bounds(offset, width, self.len) && addr % width == 0 {
+        if in_bounds(offset, width, self.len) && addr.is_multiple_of(width) {
             // SAFETY: offset + width <= len, and the region lies inside the mapping.
             Ok(unsafe { self.as_ptr().add(offset) })
         } else {
