@@ -1,0 +1,277 @@
+//! The daemon on the sim platform, seen from outside: the model is faithful
+//! (a skipped invalidation is a stale hit, a done one a fault that iommud
+//! reports), empty page-table pages are reclaimed (or not, when told), and
+//! hostile requests get errors while iommud keeps serving everyone else.
+
+mod common;
+
+use common::{kv, Daemon};
+use libdma::proto::{ErrorCode, Reply, Request};
+use libdma::{Dir, DmaDomain, FlushPolicy, Strategy};
+use std::time::{Duration, Instant};
+
+const A: u16 = 0x0008; // 00:01.0
+const B: u16 = 0x0010; // 00:02.0
+
+fn wait_for_fault(d: &Daemon, needle: &str) -> String {
+    let t = Instant::now();
+    loop {
+        let f = d.ctl().read("/scheme/iommu/faults").unwrap();
+        if f.contains(needle) {
+            return f;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no fault {needle:?} in:\n{f}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn skipped_invalidation_is_a_stale_hit_and_a_done_one_a_reported_fault() {
+    let d = Daemon::start("stale", &[]);
+    let dev = d.machine();
+    let dom = DmaDomain::connect(d.socket(), A, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let buf = dom.alloc(4096).unwrap();
+    let iova = dom.map(buf.phys, 4096, Dir::Bidirectional).unwrap();
+    dev.dma_write(A, iova, b"through the iommu").unwrap();
+    let mut got = [0u8; 17];
+    buf.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"through the iommu");
+
+    // Unmap clears the leaf entry, but the percore policy batches the
+    // invalidation: the IOTLB still holds the translation.
+    let stale_before = dev.counters().stale_hits;
+    dom.unmap(iova, 4096).unwrap();
+    dev.dma_write(A, iova, b"stale")
+        .expect("a stale IOTLB hit still reaches the page");
+    assert_eq!(dev.counters().stale_hits, stale_before + 1);
+
+    // Drain waits for the invalidation: now the device faults, and iommud reports it.
+    dom.drain().unwrap();
+    let err = dev.dma_write(A, iova, b"blocked").unwrap_err();
+    assert!(
+        matches!(err, vtd::sim::DmaFault::Translation { .. }),
+        "{err:?}"
+    );
+    let faults = wait_for_fault(&d, &format!("iova={iova:#x}"));
+    let line = faults
+        .lines()
+        .find(|l| l.contains(&format!("iova={iova:#x}")))
+        .unwrap();
+    assert!(line.contains("bdf=00:01.0"), "{line}");
+    assert!(line.contains("access=write"), "{line}");
+    assert!(
+        line.contains("reason=0x5"),
+        "write to a non-present page is reason 5: {line}"
+    );
+    let s = dom.read_path("domains/00:01.0/stats").unwrap();
+    assert_eq!(kv(&s, "faults"), 1);
+
+    // A read of an IOVA that was never mapped.
+    let mut b = [0u8; 8];
+    assert!(dev.dma_read(A, 0x900000, &mut b).is_err());
+    let faults = wait_for_fault(&d, "iova=0x900000");
+    assert!(
+        faults.contains("iova=0x900000 access=read reason=0x6"),
+        "{faults}"
+    );
+}
+
+fn table_pages_after_map_unmap(extra: &[&str]) -> (u64, u64, u64, u64) {
+    let d = Daemon::start(&format!("reclaim{}", extra.len()), extra);
+    let dom = DmaDomain::connect(d.socket(), A, Strategy::Global, FlushPolicy::Strict).unwrap();
+    let s0 = dom.read_path("domains/00:01.0/stats").unwrap();
+    let base = kv(&s0, "pt_pages_live");
+    let bufs: Vec<_> = (0..3).map(|_| dom.alloc(8192).unwrap()).collect();
+    let iovas: Vec<_> = bufs
+        .iter()
+        .map(|b| dom.map(b.phys, 8192, Dir::ToDevice).unwrap())
+        .collect();
+    let peak = kv(
+        &dom.read_path("domains/00:01.0/stats").unwrap(),
+        "pt_pages_live",
+    );
+    for i in iovas {
+        dom.unmap(i, 8192).unwrap();
+    }
+    let s = dom.read_path("domains/00:01.0/stats").unwrap();
+    (
+        base,
+        peak,
+        kv(&s, "pt_pages_live"),
+        kv(&s, "pt_pages_freed"),
+    )
+}
+
+#[test]
+fn empty_page_table_pages_are_reclaimed_after_their_invalidation() {
+    // 4-level tables: a first mapping needs a level-3, a level-2 and a leaf table.
+    let (base, peak, after, freed) = table_pages_after_map_unmap(&[]);
+    assert_eq!(base, 1, "just the root");
+    assert_eq!(peak, 4);
+    assert_eq!(after, base, "back to the root's baseline");
+    assert_eq!(
+        freed, 3,
+        "freed only after the strict invalidation completed"
+    );
+
+    let (base, peak, after, freed) = table_pages_after_map_unmap(&["--no-reclaim"]);
+    assert_eq!((base, peak), (1, 4));
+    assert_eq!(after, peak, "reclamation off keeps the empty tables");
+    assert_eq!(freed, 0);
+}
+
+#[test]
+fn hostile_requests_get_errors_and_iommud_keeps_serving() {
+    let d = Daemon::start("hostile", &[]);
+    // A well-behaved client on another device keeps working throughout.
+    let good = DmaDomain::connect(d.socket(), B, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let gbuf = good.alloc(4096).unwrap();
+    let dev = d.machine();
+    let check_good = || {
+        let iova = good.map(gbuf.phys, 64, Dir::FromDevice).unwrap();
+        dev.dma_write(B, iova, &[7u8; 64]).unwrap();
+        good.unmap(iova, 64).unwrap();
+    };
+    check_good();
+
+    let ctl = d.ctl();
+    let reply_code = |bytes: &[u8]| -> Result<[u64; 5], ErrorCode> {
+        Reply::decode(&ctl.raw(bytes).unwrap()).unwrap().result
+    };
+    // Garbage, truncation, a bad version, an unknown op, a lying payload length.
+    assert_eq!(
+        reply_code(b"not a message at all"),
+        Err(ErrorCode::Malformed)
+    );
+    let mut m = Request::FlushSync.encode(9);
+    m[4] = 99;
+    assert_eq!(reply_code(&m), Err(ErrorCode::Malformed));
+    let mut m = Request::FlushSync.encode(9);
+    m[6] = 0x55;
+    assert_eq!(reply_code(&m), Err(ErrorCode::Malformed));
+    let mut m = Request::Detach.encode(3);
+    m[56] = 200;
+    assert_eq!(reply_code(&m), Err(ErrorCode::Malformed));
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    // (An empty datagram reads as end-of-stream: it closes the sender's own
+    // connection, which is all the harm it can do; so lengths start at 1.)
+    for len in 1..300 {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng as u8
+            })
+            .collect();
+        assert!(reply_code(&bytes).is_err());
+    }
+    check_good();
+
+    // Requests that decode but are wrong for this client.
+    let bad = DmaDomain::connect(d.socket(), A, Strategy::Global, FlushPolicy::Strict).unwrap();
+    let not_mine = gbuf.phys; // the other client's memory
+    match bad.map(not_mine, 4096, Dir::ToDevice) {
+        Err(libdma::Error::Server { code, .. }) => assert_eq!(code, ErrorCode::NotOwner),
+        other => panic!("mapping another client's frames: {other:?}"),
+    }
+    match bad.unmap(0x4000_0000, 4096) {
+        Err(libdma::Error::Server { code, .. }) => assert_eq!(code, ErrorCode::NotOwner),
+        other => panic!("unmapping an IOVA never mapped: {other:?}"),
+    }
+    match bad.map(0, 0, Dir::ToDevice) {
+        Err(libdma::Error::Invalid(_)) => {}
+        other => panic!("zero length: {other:?}"),
+    }
+    match DmaDomain::connect(d.socket(), B, Strategy::Magazine, FlushPolicy::PerCore) {
+        Err(libdma::Error::Server { code, .. }) => assert_eq!(code, ErrorCode::Busy),
+        Err(e) => panic!("attaching a taken device: {e}"),
+        Ok(_) => panic!("attaching a taken device succeeded"),
+    }
+    match ctl.read("/scheme/iommu/domains/00:01.0/nonesuch") {
+        Err(libdma::Error::Server { code, .. }) => assert_eq!(code, ErrorCode::NotFound),
+        other => panic!("bad path: {other:?}"),
+    }
+    check_good();
+    let s = d.ctl().read("domains/00:01.0/stats").unwrap();
+    assert!(kv(&s, "errors") >= 2, "{s}");
+}
+
+#[test]
+fn a_client_that_dies_loses_its_domain() {
+    let d = Daemon::start("death", &[]);
+    let dev = d.machine();
+    let dom = DmaDomain::connect(d.socket(), A, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let buf = dom.alloc(4096).unwrap();
+    let iova = dom.map(buf.phys, 4096, Dir::ToDevice).unwrap();
+    let mut b = [0u8; 4];
+    dev.dma_read(A, iova, &mut b).unwrap();
+    // Dropping without shutdown is what a crash looks like to iommud: the socket closes.
+    let _ = buf;
+    drop(dom);
+    let t = Instant::now();
+    while d.ctl().read("domains").unwrap().contains("00:01.0") {
+        assert!(t.elapsed() < Duration::from_secs(5), "domain not torn down");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The context entry is gone and invalidated: the device is blocked.
+    assert!(dev.dma_read(A, iova, &mut b).is_err());
+    assert_eq!(dev.counters().stale_hits, 0);
+}
+
+#[test]
+fn iommuctl_reads_and_writes_the_tree() {
+    let d = Daemon::start("ctl", &[]);
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_iommuctl"))
+            .arg("--socket")
+            .arg(d.socket())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (ok, out, _) = run(&["cat", "/scheme/iommu/stats"]);
+    assert!(ok);
+    assert!(out.contains("platform sim\n"), "{out}");
+    assert!(out.contains("translation on\n"), "{out}");
+    let (ok, _, _) = run(&["write", "/scheme/iommu/reclaim", "off"]);
+    assert!(ok);
+    assert_eq!(run(&["cat", "reclaim"]).1, "off\n");
+    let (ok, _, err) = run(&["cat", "/scheme/iommu/nope"]);
+    assert!(!ok);
+    assert!(err.contains("no such path"), "{err}");
+}
+
+mod table {
+    include!("scheme_table.rs");
+}
+
+/// The same scheme-path requests the Redox handler answers (see
+/// `redox/iommud-scheme/tests/scheme.rs`), answered by the socket server.
+#[test]
+fn socket_server_answers_the_shared_scheme_table() {
+    let d = Daemon::start("table", &[]);
+    let _client = DmaDomain::connect(
+        d.socket(),
+        table::TABLE_BDF,
+        Strategy::Magazine,
+        FlushPolicy::PerCore,
+    )
+    .unwrap();
+    let ctl = d.ctl();
+    for (path, want) in table::SCHEME_TABLE {
+        match (ctl.read(path), want) {
+            (Ok(text), Ok(prefix)) => assert!(text.starts_with(prefix), "{path}: {text:?}"),
+            (Err(libdma::Error::Server { code, .. }), Err(w)) => assert_eq!(code, *w, "{path}"),
+            (got, _) => panic!("{path}: got {got:?}, want {want:?}"),
+        }
+    }
+}
