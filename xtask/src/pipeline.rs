@@ -21,6 +21,29 @@ fn cargo_step(name: &str, args: &'static [&'static str]) -> Step {
     }
 }
 
+/// A cargo command on the nightly toolchain (through rustup), for the Redox
+/// scheme crate, which lives in its own workspace because `redox-scheme`
+/// needs nightly features while the core stays on stable.
+fn nightly_step(name: &str, args: &'static [&'static str]) -> Step {
+    Step {
+        name: name.to_string(),
+        run: Box::new(move || {
+            let mut cmd = Command::new("rustup");
+            cmd.current_dir(workspace_root())
+                .args(["run", "nightly", "cargo"])
+                .args(args)
+                // The outer stable cargo's variables would pin the toolchain.
+                .env_remove("RUSTC")
+                .env_remove("RUSTDOC")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO");
+            run(&mut cmd)
+        }),
+    }
+}
+
+const REDOX_MANIFEST: &str = "redox/iommud-scheme/Cargo.toml";
+
 /// Runs the steps in order, stopping at the first failure unless `keep_going`.
 pub fn test(host_only: bool, keep_going: bool) -> Result<()> {
     let mut steps = vec![
@@ -40,6 +63,26 @@ pub fn test(host_only: bool, keep_going: bool) -> Result<()> {
             ],
         ),
         cargo_step("cargo test --workspace", &["test", "--workspace"]),
+        nightly_step(
+            "cargo +nightly fmt --check (redox/iommud-scheme)",
+            &["fmt", "--manifest-path", REDOX_MANIFEST, "--", "--check"],
+        ),
+        nightly_step(
+            "cargo +nightly clippy (redox/iommud-scheme)",
+            &[
+                "clippy",
+                "--manifest-path",
+                REDOX_MANIFEST,
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        nightly_step(
+            "cargo +nightly test (redox/iommud-scheme)",
+            &["test", "--manifest-path", REDOX_MANIFEST],
+        ),
     ];
     if !host_only {
         for t in guest_tests() {
