@@ -215,12 +215,18 @@ impl Domain {
     /// The domain's allocator lock (counted).
     fn lock(&self) -> MutexGuard<'_, Inner> {
         stats::add(&self.stats.lock_acquisitions, 1);
+        self.lock_uncounted()
+    }
+
+    /// The same lock, not counted: for reading stats, so that observing the
+    /// domain does not change the figures observed.
+    fn lock_uncounted(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Current strategy and flush policy.
     pub fn policy(&self) -> (Strategy, FlushPolicy) {
-        let i = self.lock();
+        let i = self.lock_uncounted();
         (i.strategy, i.flush)
     }
 
@@ -600,7 +606,7 @@ impl Domain {
 
     /// Table-page counters: (allocated, freed, live).
     pub fn table_pages(&self) -> (u64, u64, u64) {
-        let i = self.lock();
+        let i = self.lock_uncounted();
         let c = i.pt.counts();
         (c.allocated, stats::get(&self.stats.pt_freed), c.live)
     }
@@ -610,7 +616,7 @@ impl Domain {
         let p = self.page();
         let s = &self.stats;
         let (strategy, flush, mapped, delegated, parked, pools, depot, c) = {
-            let i = self.lock();
+            let i = self.lock_uncounted();
             (
                 i.strategy,
                 i.flush,
@@ -673,7 +679,7 @@ impl Domain {
 
     /// Renders `domains/<bdf>/mappings`: iommud-made mappings, one per line.
     pub fn render_mappings(&self) -> String {
-        let i = self.lock();
+        let i = self.lock_uncounted();
         let mut t = Text::default();
         for (iova, m) in &i.mapped {
             t.kv(
