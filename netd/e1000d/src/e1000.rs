@@ -132,6 +132,9 @@ pub struct E1000<M: DmaMapper> {
     rx: Ring,
     rx_bufs: Vec<DmaBuf>,
     rx_iova: Vec<Option<u64>>,
+    /// Slots whose descriptor points at an address nobody mapped (fault injection).
+    rx_raw: Vec<bool>,
+    rx_raw_done: u64,
     rx_next: u16,
     stats: Stats,
     scratch: Vec<u8>,
@@ -188,6 +191,8 @@ impl<M: DmaMapper> E1000<M> {
             },
             rx_bufs,
             rx_iova: vec![None; usize::from(RING_LEN)],
+            rx_raw: vec![false; usize::from(RING_LEN)],
+            rx_raw_done: 0,
             rx_next: 0,
             stats: Stats {
                 maps: 2,
@@ -471,6 +476,22 @@ impl<M: DmaMapper> E1000<M> {
         while good < max && examined < usize::from(self.rx.n) {
             let i = self.rx_next;
             let idx = usize::from(i);
+            if self.rx_raw[idx] {
+                let d = RxDesc::from_words(self.rx.read(i));
+                if !d.done() {
+                    break;
+                }
+                examined += 1;
+                fence(Ordering::Acquire);
+                // Whatever the NIC did with the unmapped address, the slot's own buffer
+                // holds nothing of it: drop the frame and put the slot back in service.
+                self.rx_raw[idx] = false;
+                self.rx_raw_done += 1;
+                self.rx.write(i, [0, 0]);
+                self.refill(i)?;
+                self.give_back(i)?;
+                continue;
+            }
             if self.rx_iova[idx].is_none() {
                 // A previous refill failed: retry it before looking further.
                 self.refill(i)?;
@@ -515,6 +536,32 @@ impl<M: DmaMapper> E1000<M> {
             self.give_back(i)?;
         }
         Ok(good)
+    }
+
+    /// Fault injection: points the next RX descriptor the NIC will fill at `addr`, an
+    /// address this driver did not map (its own buffer is unmapped first). The next frame
+    /// that arrives is DMA'd there: blocked by the IOMMU, or written over whatever lives
+    /// at that physical address without one. The slot returns to service once the NIC
+    /// hands it back; [`rx_unmapped_done`](Self::rx_unmapped_done) counts those.
+    ///
+    /// Call it with the receive path idle (every completed frame already received).
+    pub fn post_rx_unmapped(&mut self, addr: u64) -> Result<()> {
+        let i = self.rx_next;
+        let idx = usize::from(i);
+        if let Some(iova) = self.rx_iova[idx].take() {
+            self.mapper.unmap(iova, BUF_LEN, Dir::FromDevice)?;
+            self.stats.unmaps += 1;
+        }
+        self.rx_raw[idx] = true;
+        self.rx.write(i, RxDesc::empty(addr).to_words());
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// RX descriptors posted by [`post_rx_unmapped`](Self::post_rx_unmapped) that the NIC
+    /// has completed.
+    pub fn rx_unmapped_done(&self) -> u64 {
+        self.rx_raw_done
     }
 
     /// Slot `i` is refilled: it becomes the held-back slot, releasing the previous one.

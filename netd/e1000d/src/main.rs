@@ -3,6 +3,8 @@
 //! ```text
 //! e1000d loop --tx 0000:00:01.0 --rx 0000:00:02.0 [--packets N] [--size BYTES]
 //!             [--window W] [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR]
+//!             [--strategy global|magazine] [--flush strict|percore] [--socket PATH]
+//!             [--canary]
 //! e1000d info BDF
 //! ```
 //! `loop` sends N sequence-numbered, checksummed frames from the TX NIC to the RX NIC
@@ -10,18 +12,33 @@
 //! `loop: sent=N received=N corrupt=0 lost=0 duplicate=0 foreign=0 pps=<float>`;
 //! it exits 1 if any frame was lost or corrupt. `--ping-pong` instead echoes each frame
 //! back (A→B→A) and prints round-trip p50/p99 in µs.
+//!
+//! `--mapper libdma` attaches one iommud domain per NIC (its BDF) over `--socket`
+//! (default `/run/iommud.sock`) with `--strategy` (default magazine) and `--flush`
+//! (default percore); every packet buffer is mapped before the NIC sees it and unmapped
+//! when the NIC is done. After the loop each domain's `domains/<bdf>/stats` is printed
+//! as `domain <bdf> <key> <value>` lines.
+//!
+//! `--canary` (before the loop): fills a page of DMA memory the driver never maps with a
+//! pattern, points the RX NIC's next descriptor at its physical address used as an IOVA,
+//! sends a frame, and prints `canary: addr=<hex> bdf=<bdf> changed_bytes=N`: with the
+//! IOMMU translating, N must be 0 (the write is blocked and shows up in iommud's faults).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e1000d::payload::{self, Bad};
-use e1000d::{DmaMapper, Error, PhysMapper, E1000};
+use e1000d::{DmaMapper, Error, LibdmaMapper, PhysMapper, E1000};
+use libdma::{DmaDomain, FlushPolicy, Strategy};
 
 type Nic = E1000<Box<dyn DmaMapper>>;
 
 const USAGE: &str =
     "usage: e1000d loop --tx BDF --rx BDF [--packets N] [--size BYTES] [--window W] \
-[--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR]\n       e1000d info BDF";
+[--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
+[--flush strict|percore] [--socket PATH] [--canary]\n       e1000d info BDF";
 
 /// No frame arrived for this long: everything in flight is written off as lost.
 const STALL: Duration = Duration::from_secs(2);
@@ -42,6 +59,10 @@ struct LoopOpts {
     mapper: String,
     ping_pong: bool,
     bad_iova: Option<u64>,
+    strategy: Strategy,
+    flush: FlushPolicy,
+    socket: PathBuf,
+    canary: bool,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -62,6 +83,10 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
         mapper: "phys".into(),
         ping_pong: false,
         bad_iova: None,
+        strategy: Strategy::Magazine,
+        flush: FlushPolicy::PerCore,
+        socket: PathBuf::from(libdma::DEFAULT_SOCKET),
+        canary: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -75,6 +100,18 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
             "--mapper" => o.mapper = val()?,
             "--ping-pong" => o.ping_pong = true,
             "--bad-iova" => o.bad_iova = Some(parse_u64(&val()?)?),
+            "--strategy" => {
+                let v = val()?;
+                o.strategy = Strategy::parse(&v)
+                    .ok_or(format!("unknown strategy {v:?} (global|magazine|noiommu)"))?
+            }
+            "--flush" => {
+                let v = val()?;
+                o.flush = FlushPolicy::parse(&v)
+                    .ok_or(format!("unknown flush policy {v:?} (strict|percore)"))?
+            }
+            "--socket" => o.socket = PathBuf::from(val()?),
+            "--canary" => o.canary = true,
             _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
         }
     }
@@ -89,26 +126,109 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
     Ok(o)
 }
 
+/// A NIC's mapper, and its iommud domain when it has one.
+type Mapper = (Box<dyn DmaMapper>, Option<Arc<DmaDomain>>);
+
 /// The DMA mapper for the NIC at `bdf`. One mapper (one IOMMU domain) per device.
-fn make_mapper(kind: &str, bdf: &str) -> Result<Box<dyn DmaMapper>, String> {
-    match kind {
-        "phys" => Ok(Box::new(PhysMapper::new())),
-        "libdma" => Err(format!(
-            "--mapper libdma for {bdf}: not wired yet (the libdma DmaMapper comes with libdma)"
-        )),
+fn make_mapper(o: &LoopOpts, bdf: &str) -> Result<Mapper, String> {
+    match o.mapper.as_str() {
+        "phys" => Ok((Box::new(PhysMapper::new()), None)),
+        "libdma" => {
+            let sid = bdf
+                .parse::<linuxhw::pci::Bdf>()
+                .map_err(|e| format!("{bdf}: {e}"))?
+                .source_id();
+            let m = LibdmaMapper::connect(&o.socket, sid, o.strategy, o.flush)
+                .map_err(|e| format!("{bdf}: iommud at {}: {e}", o.socket.display()))?;
+            let d = m.domain();
+            Ok((Box::new(m), Some(d)))
+        }
         other => Err(format!("unknown mapper {other:?} (phys|libdma)")),
     }
 }
 
-fn open(bdf: &str, mapper: &str) -> Result<Nic, String> {
-    let m = make_mapper(mapper, bdf)?;
+fn open(bdf: &str, o: &LoopOpts) -> Result<(Nic, Option<Arc<DmaDomain>>), String> {
+    let (m, dom) = make_mapper(o, bdf)?;
     let nic = E1000::open(bdf, m).map_err(|e| format!("{bdf}: {e}"))?;
     let mac = nic.mac();
+    let how = match &dom {
+        Some(d) => format!(
+            "libdma strategy {} flush {}{}",
+            d.strategy().name(),
+            d.flush_policy().name(),
+            if d.caching_mode() {
+                " caching-mode"
+            } else {
+                ""
+            }
+        ),
+        None => o.mapper.clone(),
+    };
     println!(
-        "e1000d: {bdf} up, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, mapper {mapper}",
+        "e1000d: {bdf} up, mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}, mapper {how}",
         mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
     );
-    Ok(nic)
+    Ok((nic, dom))
+}
+
+/// Prints a domain's iommud counters as `domain <bdf> <key> <value>` lines.
+fn print_domain(bdf: &str, d: &DmaDomain) {
+    match d.read_path(&format!("domains/{bdf}/stats")) {
+        Ok(text) => {
+            for l in text.lines() {
+                println!("domain {bdf} {l}");
+            }
+        }
+        Err(err) => println!("domain {bdf} unreadable: {err}"),
+    }
+    let c = d.counts();
+    println!(
+        "domain {bdf} client_round_trips {} client_wakeups {}",
+        c.round_trips, c.wakeups
+    );
+}
+
+/// Byte pattern of the canary page.
+fn canary_byte(i: usize) -> u8 {
+    (i as u8) ^ 0xA5
+}
+
+/// Points `b`'s next RX descriptor at a page nobody mapped, sends frames at it from `a`,
+/// and checks the page afterwards. Returns the number of changed bytes.
+fn canary(a: &mut Nic, b: &mut Nic) -> Result<usize, String> {
+    const LEN: usize = 4096;
+    let page = b.mapper().alloc(LEN).map_err(e)?;
+    let p = page.as_ptr();
+    for i in 0..LEN {
+        // SAFETY: i < LEN = page.len(); the page is this driver's and no device can reach
+        // it through a mapping; raw-pointer volatile writes, no reference.
+        unsafe { p.add(i).write_volatile(canary_byte(i)) };
+    }
+    let addr = page.phys();
+    let done_before = b.rx_unmapped_done();
+    b.post_rx_unmapped(addr).map_err(e)?;
+    let mut frame = Vec::new();
+    payload::build(b.mac(), a.mac(), PROBE_SEQ, 1000, &mut frame);
+    a.send(&frame).map_err(e)?;
+    let until = Instant::now() + Duration::from_secs(2);
+    while b.rx_unmapped_done() == done_before && Instant::now() < until {
+        a.reap_tx().map_err(e)?;
+        b.recv_batch(64, |_| {}).map_err(e)?;
+    }
+    a.flush_tx(Duration::from_secs(1)).map_err(e)?;
+    let completed = b.rx_unmapped_done() > done_before;
+    let mut changed = 0;
+    for i in 0..LEN {
+        // SAFETY: as above; reading back through a raw pointer.
+        if unsafe { p.add(i).read_volatile() } != canary_byte(i) {
+            changed += 1;
+        }
+    }
+    println!(
+        "canary: addr={addr:#x} bdf={} descriptor_completed={completed} changed_bytes={changed}",
+        b.bdf()
+    );
+    Ok(changed)
 }
 
 fn e(x: Error) -> String {
@@ -233,18 +353,39 @@ impl Tally {
 }
 
 fn run_loop(o: &LoopOpts) -> Result<bool, String> {
-    let mut a = open(&o.tx, &o.mapper)?;
-    let mut b = open(&o.rx, &o.mapper)?;
+    let (mut a, da) = open(&o.tx, o)?;
+    let (mut b, db) = open(&o.rx, o)?;
     settle(&mut a, &mut b)?;
     if o.ping_pong {
         settle(&mut b, &mut a)?;
     }
     if let Some(iova) = o.bad_iova {
         inject_bad_iova(&mut a, &mut b, iova)?;
+        // Let iommud record (and clear) the fault before the next one: the unit keeps
+        // one record and drops a second fault until it is cleared.
+        std::thread::sleep(Duration::from_millis(200));
     }
-    if o.ping_pong {
-        return ping_pong(o, &mut a, &mut b);
+    let canary_changed = if o.canary {
+        let n = canary(&mut a, &mut b)?;
+        std::thread::sleep(Duration::from_millis(200));
+        n
+    } else {
+        0
+    };
+    let ok = if o.ping_pong {
+        ping_pong(o, &mut a, &mut b)?
+    } else {
+        burst(o, &mut a, &mut b)?
+    };
+    for (nic, d) in [(&a, &da), (&b, &db)] {
+        if let Some(d) = d {
+            print_domain(nic.bdf(), d);
+        }
     }
+    Ok(ok && canary_changed == 0)
+}
+
+fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
     let n = usize::try_from(o.packets).map_err(|_| "--packets too large".to_string())?;
     let mut seen = vec![false; n];
     let mut t = Tally::default();
@@ -295,8 +436,8 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     let elapsed = last_rx.duration_since(start).as_secs_f64().max(1e-9);
     let lost = o.packets.saturating_sub(t.received + t.corrupt);
     let pps = t.received as f64 / elapsed;
-    print_stats("tx", &mut a)?;
-    print_stats("rx", &mut b)?;
+    print_stats("tx", a)?;
+    print_stats("rx", b)?;
     println!(
         "loop: sent={sent} received={} corrupt={} lost={lost} duplicate={} foreign={} pps={pps:.1} \
 size={} window={} mapper={} elapsed_s={elapsed:.3} first_rx_ms={:.3} max_gap_ms={:.3}",
@@ -391,7 +532,8 @@ fn ping_pong(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
 }
 
 fn info(bdf: &str) -> Result<bool, String> {
-    let mut nic = open(bdf, "phys")?;
+    let o = parse_loop(&[])?;
+    let (mut nic, _) = open(bdf, &o)?;
     println!("link_up {}", nic.link_up().map_err(e)?);
     print_stats("info", &mut nic)?;
     Ok(true)
