@@ -147,16 +147,18 @@ impl PageTable {
         Ok(())
     }
 
-    /// Returns the leaf table (level 1) covering `iova`, creating the tables
-    /// on the way if `create`; `None` if absent and not created.
-    fn leaf_table(
+    /// Walks from the root down to the table at level `stop` covering
+    /// `iova`, creating missing tables on the way if `create`; `None` if a
+    /// table is absent and not created.
+    fn table_at(
         &mut self,
         mem: &dyn PhysMem,
         iova: u64,
+        stop: u8,
         create: bool,
     ) -> Result<Option<u64>, PtError> {
         let mut table = self.root;
-        for level in (2..=self.levels).rev() {
+        for level in (stop + 1..=self.levels).rev() {
             let at = table + (level_index(iova, level) * PTE_BYTES) as u64;
             let e = SlPte(mem.read_u64(at)?);
             table = if e.present() {
@@ -183,6 +185,16 @@ impl PageTable {
             };
         }
         Ok(Some(table))
+    }
+
+    /// The leaf table (level 1) covering `iova`, see [`PageTable::table_at`].
+    fn leaf_table(
+        &mut self,
+        mem: &dyn PhysMem,
+        iova: u64,
+        create: bool,
+    ) -> Result<Option<u64>, PtError> {
+        self.table_at(mem, iova, 1, create)
     }
 
     /// Maps `pages` 4 KiB pages from `iova` to `phys` with the given rights.
@@ -325,31 +337,9 @@ impl PageTable {
             return Err(PtError::BadAddress(iova));
         }
         // Create the path down to level 2 (a level-2 table holds the leaf pointer).
-        let mut table = self.root;
-        for level in (3..=self.levels).rev() {
-            let at = table + (level_index(chunk, level) * PTE_BYTES) as u64;
-            let e = SlPte(mem.read_u64(at)?);
-            table = if e.present() {
-                e.addr()
-            } else {
-                let t = mem.alloc_frame()?;
-                self.tables.insert(
-                    t,
-                    TableInfo {
-                        level: level - 1,
-                        present: 0,
-                        pinned: false,
-                    },
-                );
-                self.counts.allocated += 1;
-                self.counts.live += 1;
-                self.write_entry(mem, at, SlPte::table(t).0)?;
-                if let Some(p) = self.tables.get_mut(&table) {
-                    p.present += 1;
-                }
-                t
-            };
-        }
+        let table = self
+            .table_at(mem, chunk, 2, true)?
+            .ok_or(PtError::BadAddress(iova))?;
         let at = table + (level_index(chunk, 2) * PTE_BYTES) as u64;
         if SlPte(mem.read_u64(at)?).present() {
             return Err(PtError::AlreadyMapped(chunk));
