@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>`. Run `cargo xtask help` for the list.
 
 mod demo;
+mod fault;
 mod guest;
 mod pipeline;
 mod smoke;
@@ -27,7 +28,9 @@ usage: cargo xtask <command> [options]
   test [--host-only] [--keep-going]
                             fmt --check, clippy -D warnings, cargo test, then every guest test
                             (stops at the first failure unless --keep-going)
-  demo                      the end-to-end demo (placeholder)
+  demo [--strategy global|magazine] [--caching-mode] [--no-translation] [--packets N]
+                            boot iommud + e1000d, stream frames A->B through the IOMMU,
+                            print iommud's stats and a `demo: ...` summary line
   help                      this text
 
 guest tests (each also a command):";
@@ -159,7 +162,7 @@ fn dispatch(args: &[String]) -> Result<()> {
             }
             pipeline::test(host_only, keep_going)
         }
-        "demo" => demo::run(),
+        "demo" => demo::run(rest),
         other => match tests::guest_tests().into_iter().find(|t| t.name == other) {
             Some(t) => (t.run)(),
             None => {

@@ -4,7 +4,7 @@
 //! e1000d loop --tx 0000:00:01.0 --rx 0000:00:02.0 [--packets N] [--size BYTES]
 //!             [--window W] [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR]
 //!             [--strategy global|magazine] [--flush strict|percore] [--socket PATH]
-//!             [--canary]
+//!             [--canary] [--then SHELL-COMMAND]
 //! e1000d info BDF
 //! ```
 //! `loop` sends N sequence-numbered, checksummed frames from the TX NIC to the RX NIC
@@ -17,7 +17,8 @@
 //! (default `/run/iommud.sock`) with `--strategy` (default magazine) and `--flush`
 //! (default percore); every packet buffer is mapped before the NIC sees it and unmapped
 //! when the NIC is done. After the loop each domain's `domains/<bdf>/stats` is printed
-//! as `domain <bdf> <key> <value>` lines.
+//! as `domain <bdf> <key> <value>` lines; `--then` runs a shell command at that point,
+//! while both domains are still attached (e.g. `iommuctl cat /scheme/iommu/stats`).
 //!
 //! `--canary` (before the loop): fills a page of DMA memory the driver never maps with a
 //! pattern, points the RX NIC's next descriptor at its physical address used as an IOVA,
@@ -38,7 +39,7 @@ type Nic = E1000<Box<dyn DmaMapper>>;
 const USAGE: &str =
     "usage: e1000d loop --tx BDF --rx BDF [--packets N] [--size BYTES] [--window W] \
 [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
-[--flush strict|percore] [--socket PATH] [--canary]\n       e1000d info BDF";
+[--flush strict|percore] [--socket PATH] [--canary] [--then CMD]\n       e1000d info BDF";
 
 /// No frame arrived for this long: everything in flight is written off as lost.
 const STALL: Duration = Duration::from_secs(2);
@@ -63,6 +64,7 @@ struct LoopOpts {
     flush: FlushPolicy,
     socket: PathBuf,
     canary: bool,
+    then: Option<String>,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -87,6 +89,7 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
         flush: FlushPolicy::PerCore,
         socket: PathBuf::from(libdma::DEFAULT_SOCKET),
         canary: false,
+        then: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -112,6 +115,7 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
             }
             "--socket" => o.socket = PathBuf::from(val()?),
             "--canary" => o.canary = true,
+            "--then" => o.then = Some(val()?),
             _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
         }
     }
@@ -380,6 +384,13 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     for (nic, d) in [(&a, &da), (&b, &db)] {
         if let Some(d) = d {
             print_domain(nic.bdf(), d);
+        }
+    }
+    if let Some(cmd) = &o.then {
+        match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
+            Ok(st) if st.success() => {}
+            Ok(st) => println!("e1000d: --then {cmd:?}: {st}"),
+            Err(err) => println!("e1000d: --then {cmd:?}: {err}"),
         }
     }
     Ok(ok && canary_changed == 0)
