@@ -9,6 +9,10 @@
 //!    be blocked (`changed_bytes=0`) and listed as `bdf=00:02.0 iova=<canary> access=write`.
 //! 3. The same e1000d then streams a normal burst, and a second e1000d process after it
 //!    another: both must deliver every frame intact.
+//!
+//! A second, short boot is the control: iommud with `--no-translation` (IOVA = physical
+//! address) and the same canary step, which must find the canary *overwritten*: proof that
+//! the first boot's intact canary is the IOMMU's doing, not a test that cannot fail.
 
 use std::time::Duration;
 
@@ -92,7 +96,10 @@ fn check(out: &GuestOutput) -> Vec<String> {
     );
     expect(
         changed == Some(0),
-        format!("canary page at {addr:#x?} unchanged (changed_bytes={changed:?})"),
+        format!(
+            "canary page at {} unchanged (changed_bytes={changed:?})",
+            addr.map_or("?".into(), |a| format!("{a:#x}"))
+        ),
     );
     let faults = section(out, "FAULTS");
     for f in &faults {
@@ -122,6 +129,38 @@ fn check(out: &GuestOutput) -> Vec<String> {
     bad
 }
 
+/// The control boot: without translation the NIC's write lands on the canary.
+fn control() -> Result<Vec<String>> {
+    let mut s = start_iommud("--no-translation");
+    s.push_str(&format!(
+        "e1000d loop --mapper libdma --packets 100 --canary\necho \"E1000D-EXIT $?\"\n{STOP_IOMMUD}"
+    ));
+    let out = guest::run(
+        &GuestRun::new("test-fault-control", s)
+            .package("iommud")
+            .package("e1000d")
+            .timeout(Duration::from_secs(90))
+            .echo(false),
+    )?;
+    let canary = out.value("canary:");
+    let changed = canary
+        .and_then(|c| kv(c, "changed_bytes"))
+        .and_then(|v| v.parse::<u64>().ok());
+    let ok = changed.is_some_and(|n| n > 0);
+    println!(
+        "  {} control (--no-translation): the NIC overwrote the canary (changed_bytes={changed:?})",
+        if ok { "ok  " } else { "FAIL" }
+    );
+    Ok(if ok {
+        Vec::new()
+    } else {
+        vec![format!(
+            "control run did not overwrite the canary; log {}",
+            out.log_path.display()
+        )]
+    })
+}
+
 /// `cargo xtask guest-fault`.
 pub fn run() -> Result<()> {
     let out = guest::run(
@@ -131,7 +170,8 @@ pub fn run() -> Result<()> {
             .timeout(Duration::from_secs(150))
             .echo(false),
     )?;
-    let bad = check(&out);
+    let mut bad = check(&out);
+    bad.extend(control()?);
     if bad.is_empty() {
         println!("guest-fault: PASS");
         Ok(())
