@@ -73,6 +73,12 @@ pub trait Client: Send + Sync {
     fn thread(&self, index: usize) -> io::Result<Box<dyn PairRunner>>;
     /// Page-table pages live now (for this process's domain).
     fn pt_pages(&self) -> u64;
+    /// Events counted per process rather than per thread (e.g. by a
+    /// daemon), cumulative; read before timing starts and after every
+    /// thread stopped. Default: none.
+    fn counters(&self) -> io::Result<Counters> {
+        Ok(Counters::default())
+    }
 }
 
 /// What a client process knows about its place in a run.
@@ -398,7 +404,7 @@ pub fn run_client(
     let cpus = allowed_cpus();
     let ready = Barrier::new(a.threads + 1);
     let go = Barrier::new(a.threads + 1);
-    let outs = std::thread::scope(|s| -> io::Result<Vec<ThreadOut>> {
+    let outs = std::thread::scope(|s| -> io::Result<(Vec<ThreadOut>, Counters)> {
         let handles: Vec<_> = (0..a.threads)
             .map(|i| {
                 let (ready, go, cpus) = (&ready, &go, &cpus);
@@ -420,6 +426,7 @@ pub fn run_client(
             })
             .collect();
         ready.wait();
+        let before = client.counters();
         let synced = sync();
         go.wait();
         let outs = handles
@@ -427,10 +434,12 @@ pub fn run_client(
             .map(|h| h.join().expect("dmabench: client thread panicked"))
             .collect::<io::Result<Vec<_>>>()?;
         synced?;
-        Ok(outs)
+        Ok((outs, client.counters()?.since(before?)))
     })?;
+    let (outs, process_counters) = outs;
     let mut s = Sample {
         pt_pages: client.pt_pages(),
+        counters: process_counters,
         ..Sample::default()
     };
     for o in outs {

@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! iommud [--platform sim|linux] [--socket PATH] [--no-translation]
-//!        [--no-reclaim] [--caching-mode] [--sim-mem-mb N] [--timeout-ms N]
+//!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-mem-mb N]
+//!        [--timeout-ms N]
 //! ```
+//! `--coherent` (sim only) makes the simulated unit report ECAP.C = 1, so
+//! neither iommud nor libdma flushes CPU cache lines after table writes; the
+//! default is C = 0, as QEMU reports.
 //! It logs to stderr and serves until `iommuctl stop` (or SIGTERM).
 
 use iommud::hw::{Mmio, PhysMem};
@@ -20,6 +24,7 @@ struct Args {
     translate: bool,
     reclaim: bool,
     caching_mode: bool,
+    coherent: bool,
     sim_mem_mb: usize,
     timeout_ms: u64,
 }
@@ -31,6 +36,7 @@ fn parse_args() -> Result<Args, String> {
         translate: true,
         reclaim: true,
         caching_mode: false,
+        coherent: false,
         sim_mem_mb: 256,
         timeout_ms: 1000,
     };
@@ -43,6 +49,7 @@ fn parse_args() -> Result<Args, String> {
             "--no-translation" => a.translate = false,
             "--no-reclaim" => a.reclaim = false,
             "--caching-mode" => a.caching_mode = true,
+            "--coherent" => a.coherent = true,
             "--sim-mem-mb" => {
                 a.sim_mem_mb = val("--sim-mem-mb")?
                     .parse()
@@ -56,7 +63,8 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: iommud [--platform sim|linux] [--socket PATH] [--no-translation] \
-                            [--no-reclaim] [--caching-mode] [--sim-mem-mb N] [--timeout-ms N]"
+                            [--no-reclaim] [--caching-mode] [--coherent] [--sim-mem-mb N] \
+                            [--timeout-ms N]"
                         .into(),
                 )
             }
@@ -81,6 +89,7 @@ fn run(a: Args) -> Result<(), String> {
             let sc = vtd::sim::SimConfig {
                 mem_bytes: a.sim_mem_mb << 20,
                 caching_mode: a.caching_mode,
+                coherent: a.coherent,
                 ..Default::default()
             };
             let p = Arc::new(
@@ -99,6 +108,9 @@ fn run(a: Args) -> Result<(), String> {
         }
         #[cfg(target_os = "linux")]
         "linux" => {
+            if a.coherent {
+                return Err("--coherent is a property of the hardware on linux (ECAP.C)".into());
+            }
             if a.caching_mode {
                 return Err(
                     "--caching-mode is a property of the hardware on linux (QEMU: caching-mode=on)"

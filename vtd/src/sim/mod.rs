@@ -54,6 +54,9 @@ pub struct SimConfig {
     pub iotlb_capacity: usize,
     /// Number of fault recording registers (1..=64).
     pub nfr: u16,
+    /// ECAP.C: table walks snoop CPU caches, so software need not flush
+    /// them after table writes. QEMU reports 0, which is the default.
+    pub coherent: bool,
 }
 
 impl Default for SimConfig {
@@ -64,6 +67,7 @@ impl Default for SimConfig {
             aw_bits: 48,
             iotlb_capacity: 1024,
             nfr: 1,
+            coherent: false,
         }
     }
 }
@@ -308,7 +312,9 @@ impl SimMachine {
             | (u64::from(cfg.nfr - 1) << 40);
         h.regs[regs::VER / 8].store(VER_VALUE, Relaxed);
         h.regs[regs::CAP / 8].store(cap, Relaxed);
-        h.regs[regs::ECAP / 8].store(QEMU_ECAP, Relaxed);
+        // §10.4.3 ECAP.C, bit 0.
+        let ecap = QEMU_ECAP | u64::from(cfg.coherent);
+        h.regs[regs::ECAP / 8].store(ecap, Relaxed);
         h.magic.store(MAGIC, std::sync::atomic::Ordering::Release);
         Ok(m)
     }
@@ -353,6 +359,7 @@ impl SimMachine {
             aw_bits: h.aw_bits.load(Relaxed) as u8,
             iotlb_capacity: h.iotlb_capacity.load(Relaxed) as usize,
             nfr: h.nfr.load(Relaxed) as u16,
+            coherent: h.regs[regs::ECAP / 8].load(Relaxed) & 1 != 0,
         }
     }
 

@@ -29,6 +29,7 @@ fn cfg(caching_mode: bool) -> SimConfig {
         aw_bits: 48,
         iotlb_capacity: 1024,
         nfr: 1,
+        coherent: false,
     }
 }
 

@@ -1,0 +1,396 @@
+//! Rows served by a real `iommud --platform sim` daemon, one per row, with
+//! `libdma` clients in separate processes.
+//!
+//! Every [`Strategy`] × [`FlushPolicy`] the library lists becomes a
+//! backend; combinations iommud refuses at attach are found by a probe
+//! attach when the row's daemon starts, and skipped with iommud's reason.
+//! `Strategy::NoIommu` (translation off for the device: `map` returns the
+//! physical address) appears once, as `libdma-noiommu / none`, to show the
+//! library's own cost next to the bare `noiommu` peer. `magazine-coherent
+//! / percore` is the magazine design on a sim unit started with
+//! `--coherent` (ECAP.C = 1: no cache-line flush after entry writes); every
+//! other row runs on the default unit, which reports ECAP.C = 0 as QEMU does.
+//!
+//! Client process `p` attaches the device `00:0(p+1).0`; each of its
+//! threads maps and unmaps its own 128 KiB buffer from `DmaDomain::alloc`.
+//! Counters are per process, read at the start and the end of the timed
+//! interval: blocking round trips and one-way wake-ups from the client's
+//! own counts, shared-lock acquisitions and IOTLB invalidations from
+//! iommud's `domains/<bdf>/stats`, and page-table pages live at the end.
+//! The stats reads themselves (a round trip and a domain-lock acquisition
+//! each) are subtracted.
+
+use std::hint::black_box;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libdma::{Control, Dir, DmaBuffer, DmaDomain, FlushPolicy, Strategy};
+
+use crate::harness::{Backend, Client, ClientEnv, Counters, Daemon, PairRunner};
+use crate::peers::MAX_PAGES;
+
+const PAGE: u64 = 4096;
+/// Device the probe attach uses (00:1f.7), never a client's.
+const PROBE_BDF: u16 = 0x00ff;
+/// How long a daemon may take to listen.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Environment variable naming the iommud binary (default: next to this one).
+pub const IOMMUD_ENV: &str = "DMABENCH_IOMMUD";
+
+/// A strategy × flush policy served by iommud, optionally with extra
+/// daemon arguments (a variant such as a coherent sim unit).
+pub struct Served {
+    strategy: Strategy,
+    flush: FlushPolicy,
+    strategy_label: String,
+    flush_label: String,
+    daemon_args: Vec<String>,
+    /// iommud's refusal, once the probe has seen one (skip later rows).
+    refused: Mutex<Option<String>>,
+}
+
+impl Served {
+    fn new(strategy: Strategy, flush: FlushPolicy) -> Served {
+        let (strategy_label, flush_label) = if strategy == Strategy::NoIommu {
+            ("libdma-noiommu".to_string(), "none".to_string())
+        } else {
+            (strategy.name().to_string(), flush.name().to_string())
+        };
+        Served {
+            strategy,
+            flush,
+            strategy_label,
+            flush_label,
+            daemon_args: Vec::new(),
+            refused: Mutex::new(None),
+        }
+    }
+}
+
+/// Every strategy × flush policy libdma knows, in its own order.
+pub fn backends() -> Vec<Box<dyn Backend>> {
+    let mut out: Vec<Box<dyn Backend>> = Vec::new();
+    for s in Strategy::ALL {
+        if s == Strategy::NoIommu {
+            out.push(Box::new(Served::new(s, FlushPolicy::ALL[0])));
+            continue;
+        }
+        for f in FlushPolicy::ALL {
+            out.push(Box::new(Served::new(s, f)));
+        }
+    }
+    // The research's design once more on a unit with ECAP.C = 1, where
+    // entry writes need no cache-line flush: the cost of the flush is the
+    // difference to the `magazine / percore` row.
+    if let Some(f) = FlushPolicy::parse("percore") {
+        let mut b = Served::new(Strategy::Magazine, f);
+        b.strategy_label = "magazine-coherent".into();
+        b.daemon_args = vec!["--coherent".into()];
+        out.push(Box::new(b));
+    }
+    out
+}
+
+/// The iommud binary: `$DMABENCH_IOMMUD`, else next to this executable
+/// (a test binary in `deps/` looks one directory up).
+pub fn iommud_exe() -> io::Result<PathBuf> {
+    if let Some(p) = std::env::var_os(IOMMUD_ENV) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    Ok(dir.join("iommud"))
+}
+
+/// Make sure the iommud binary exists and is current: when run by cargo
+/// (`$CARGO` set) build it with the same profile and target directory as
+/// this executable; otherwise only check that it is there.
+pub fn ensure_iommud() -> io::Result<PathBuf> {
+    let exe = iommud_exe()?;
+    let cargo = std::env::var_os("CARGO");
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|w| w.join("Cargo.toml"));
+    if let (None, Some(cargo), Some(manifest), Some(profile_dir)) = (
+        std::env::var_os(IOMMUD_ENV),
+        cargo,
+        manifest.filter(|m| m.exists()),
+        exe.parent(),
+    ) {
+        let profile = profile_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("debug");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "iommud", "--bin", "iommud"])
+            .arg("--manifest-path")
+            .arg(&manifest);
+        match profile {
+            "debug" => {}
+            "release" => {
+                cmd.arg("--release");
+            }
+            other => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        if let Some(target) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let status = cmd.status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "cargo build -p iommud failed ({status})"
+            )));
+        }
+    }
+    if !exe.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "no iommud at {} (build it: cargo build --release -p iommud -p dmabench, \
+                 or set {IOMMUD_ENV})",
+                exe.display()
+            ),
+        ));
+    }
+    Ok(exe)
+}
+
+/// `00:0(p+1).0` for client process `p`.
+pub fn bdf_of(process: usize) -> u16 {
+    ((process as u16) + 1) << 3
+}
+
+fn bdf_string(bdf: u16) -> String {
+    format!("{:02x}:{:02x}.{}", bdf >> 8, (bdf >> 3) & 0x1f, bdf & 7)
+}
+
+fn lib_err(e: libdma::Error) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl Backend for Served {
+    fn strategy(&self) -> &str {
+        &self.strategy_label
+    }
+
+    fn flush(&self) -> &str {
+        &self.flush_label
+    }
+
+    fn daemon(&self, dir: &Path) -> io::Result<Option<Daemon>> {
+        if let Some(why) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, why));
+        }
+        let exe = iommud_exe()?;
+        let name = format!("{}-{}", self.strategy_label, self.flush_label);
+        let socket = dir.join(format!("iommud-{name}.sock"));
+        let log_path = dir.join(format!("iommud-{name}.log"));
+        let _ = std::fs::remove_file(&socket);
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(&exe)
+            .args(["--platform", "sim", "--socket"])
+            .arg(&socket)
+            .args(&self.daemon_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("starting {}: {e}", exe.display())))?;
+        let mut d = Daemon { child, socket };
+        let t = Instant::now();
+        while Control::connect(&d.socket).is_err() {
+            if let Some(status) = d.child.try_wait()? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(io::Error::other(format!("iommud exited ({status}): {log}")));
+            }
+            if t.elapsed() > START_TIMEOUT {
+                return Err(io::Error::other("iommud did not start listening in 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Does iommud take this strategy and policy at all?
+        match DmaDomain::connect(&d.socket, PROBE_BDF, self.strategy, self.flush) {
+            Ok(dom) => {
+                dom.shutdown().map_err(lib_err)?;
+            }
+            Err(e @ libdma::Error::Server { .. }) => {
+                let why = format!(
+                    "iommud refuses {}/{}: {e}",
+                    self.strategy_label, self.flush_label
+                );
+                *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.clone());
+                return Err(io::Error::new(io::ErrorKind::Unsupported, why));
+            }
+            Err(e) => return Err(lib_err(e)),
+        }
+        Ok(Some(d))
+    }
+
+    fn client(&self, env: &ClientEnv) -> io::Result<Box<dyn Client>> {
+        let socket = env
+            .socket
+            .as_deref()
+            .ok_or_else(|| io::Error::other("iommud rows need --socket"))?;
+        let bdf = bdf_of(env.process);
+        let dom = DmaDomain::connect(socket, bdf, self.strategy, self.flush).map_err(lib_err)?;
+        let c = ServedClient {
+            dom: Some(Arc::new(dom)),
+            stats_path: format!("domains/{}/stats", bdf_string(bdf)),
+            reads: AtomicU64::new(0),
+            locks_per_read: AtomicU64::new(0),
+        };
+        // What one stats read costs the domain lock: the least of a few
+        // back-to-back differences (nothing else runs in this domain yet).
+        let mut last = c.stats()?;
+        let mut per_read = u64::MAX;
+        for _ in 0..3 {
+            let now = c.stats()?;
+            per_read =
+                per_read.min(kv(&now, "lock_acquisitions")? - kv(&last, "lock_acquisitions")?);
+            last = now;
+        }
+        c.locks_per_read.store(per_read, Relaxed);
+        Ok(Box::new(c))
+    }
+}
+
+/// `key value` lookup in iommud's stats text.
+fn kv(text: &str, key: &str) -> io::Result<u64> {
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok())?
+        })
+        .ok_or_else(|| io::Error::other(format!("no counter {key} in iommud's stats")))
+}
+
+struct ServedClient {
+    /// `None` only while dropping.
+    dom: Option<Arc<DmaDomain>>,
+    stats_path: String,
+    /// Stats reads made so far (each is one round trip of ours).
+    reads: AtomicU64,
+    /// Domain-lock acquisitions one stats read causes.
+    locks_per_read: AtomicU64,
+}
+
+impl ServedClient {
+    fn dom(&self) -> &Arc<DmaDomain> {
+        self.dom.as_ref().expect("domain until drop")
+    }
+
+    fn stats(&self) -> io::Result<String> {
+        self.reads.fetch_add(1, Relaxed);
+        self.dom().read_path(&self.stats_path).map_err(lib_err)
+    }
+}
+
+impl Client for ServedClient {
+    fn thread(&self, _index: usize) -> io::Result<Box<dyn PairRunner>> {
+        let dom = self.dom().clone();
+        let buf = dom.alloc((MAX_PAGES * PAGE) as usize).map_err(lib_err)?;
+        Ok(Box::new(ServedRunner { dom, buf }))
+    }
+
+    fn pt_pages(&self) -> u64 {
+        match self.stats().and_then(|s| kv(&s, "pt_pages_live")) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("dmabench: reading pt_pages_live: {e}");
+                0
+            }
+        }
+    }
+
+    fn counters(&self) -> io::Result<Counters> {
+        let s = self.stats()?;
+        let c = self.dom().counts();
+        let reads = self.reads.load(Relaxed);
+        let per_read = self.locks_per_read.load(Relaxed);
+        Ok(Counters {
+            ipc: c.round_trips.saturating_sub(reads),
+            wakeups: c.wakeups,
+            locks: kv(&s, "lock_acquisitions")?.saturating_sub(reads * per_read),
+            invals: kv(&s, "invalidations")?,
+        })
+    }
+}
+
+impl Drop for ServedClient {
+    fn drop(&mut self) {
+        // Detach synchronously, so the next run's process can attach the
+        // same device at once.
+        if let Some(dom) = self.dom.take().and_then(|d| Arc::try_unwrap(d).ok()) {
+            if let Err(e) = dom.shutdown() {
+                eprintln!("dmabench: detaching: {e}");
+            }
+        }
+    }
+}
+
+struct ServedRunner {
+    dom: Arc<DmaDomain>,
+    buf: DmaBuffer,
+}
+
+impl PairRunner for ServedRunner {
+    fn pair(&mut self, pages: u64) {
+        let len = (pages * PAGE) as usize;
+        let iova = self
+            .dom
+            .map(self.buf.phys, len, Dir::Bidirectional)
+            .unwrap_or_else(|e| panic!("dmabench: libdma map of {pages} pages: {e}"));
+        black_box(iova);
+        self.dom
+            .unmap(iova, len)
+            .unwrap_or_else(|e| panic!("dmabench: libdma unmap of {iova:#x}: {e}"));
+    }
+
+    fn counters(&self) -> Counters {
+        // Counted per process (ServedClient::counters).
+        Counters::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bdfs_by_hand() {
+        assert_eq!(bdf_of(0), 0x0008);
+        assert_eq!(bdf_of(1), 0x0010);
+        assert_eq!(bdf_string(0x0010), "00:02.0");
+        assert_eq!(bdf_string(PROBE_BDF), "00:1f.7");
+    }
+
+    #[test]
+    fn every_strategy_and_policy_has_a_backend() {
+        let b = backends();
+        let n = (Strategy::ALL.len() - 1) * FlushPolicy::ALL.len() + 2;
+        assert_eq!(b.len(), n);
+        assert_eq!((b[0].strategy(), b[0].flush()), ("libdma-noiommu", "none"));
+    }
+
+    #[test]
+    fn stats_lookup() {
+        let t = "maps 3\nlock_acquisitions 12\ninvalidations 0\n";
+        assert_eq!(kv(t, "lock_acquisitions").unwrap(), 12);
+        assert!(kv(t, "lock").is_err());
+    }
+}
