@@ -6,18 +6,50 @@
 //! counted, so the benchmarks can show how rarely the magazine strategy
 //! touches it.
 //!
-//! **Deferred frees.** An IOVA unmapped by iommud (global strategy) and a
-//! page-table page detached by reclamation are parked, tagged with the epoch
-//! read after the clear, and freed only once an invalidation that started at
-//! or after that epoch has completed (see `libdma::shared` for the epoch
+//! **Deferred frees.** An IOVA unmapped by iommud (global strategy), a page
+//! whose refcount fell to zero (identity, va) and a page-table page detached
+//! by reclamation are parked, tagged with the epoch read after the clear, and
+//! freed (or, for a page, forgotten) only once an invalidation that started
+//! at or after that epoch has completed (see `libdma::shared` for the epoch
 //! protocol, which the client follows for the IOVAs it unmaps itself).
+//!
+//! **Strategies and trust.** `magazine` runs in *delegated* trust: the
+//! client writes leaf entries into the pinned arena tables of the IOVAs it
+//! holds. `global`, `identity` and `va` run in *validated* trust: every map
+//! is a request iommud checks (the frames must lie in the client's pools)
+//! before it writes the entries, so even a compromised driver cannot point
+//! its device elsewhere. Identity and va need no allocator, so nothing is
+//! gained by delegating IOVA choice; what would remain to delegate is the
+//! per-page refcount, which must be trusted to never drop an entry another
+//! buffer still uses — that is exactly what validation protects, so both
+//! stay server-side (one IPC per map and unmap, which the benchmarks show).
+//!
+//! **Refcounted pages (identity, va).** The IOVA of a buffer is fixed (its
+//! physical address, or the client's virtual address), so two buffers in one
+//! page, two directions, or repeated maps of one buffer share one entry. The
+//! entry carries the union of the rights asked for since it was created
+//! (never narrowed while in use; widening rewrites it and invalidates the
+//! page at once) and is cleared when its count falls to zero, then
+//! invalidated per the flush policy. A page mapped again before that
+//! invalidation completed is *dirty*: it may come back without a flush only
+//! if the new entry equals the stale one (same frame, same rights), so no
+//! cached translation ever differs from the table; otherwise iommud flushes
+//! first. For va, an IOVA page already naming another frame is refused.
+//!
+//! **Flush policies** (for every strategy). `strict`: every unmap is
+//! invalidated before it returns. `percore`: unmaps are batched and tagged
+//! with epochs (client batches of `MAG_SIZE` per CPU; server-side batches of
+//! [`SERVER_BATCH`]). `deferred`: one queue per domain, flushed when it
+//! holds [`FLUSH_QUEUE_LEN`] unmaps or [`FLUSH_TIMEOUT_NS`] after its oldest.
+//! The timer (run by [`Domain::tick`]) bounds every policy's stale window:
+//! no unmap waits more than 10 ms (+ one tick) for its invalidation.
 
 use crate::hw::{HwError, PhysMem, Region};
 use crate::pagetable::{PageTable, PtError, PAGE};
 use crate::range_alloc::RangeAllocator;
 use crate::stats::{self, DomainStats, Text};
 use crate::unit::{bdf_string, Iommu};
-use libdma::magazine::{class_pages, size_class, MAG_SIZE, SIZE_CLASSES};
+use libdma::magazine::{class_pages, size_class, FLUSH_QUEUE_LEN, MAG_SIZE, SIZE_CLASSES};
 use libdma::proto::{Dir, ErrorCode, FlushPolicy, Strategy};
 use libdma::shared::{DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, SHARED_LEN};
 use libdma::shm::{memfd, Mapping};
@@ -25,7 +57,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
 pub const IOVA_BASE: u64 = libdma::shared::MAGAZINE_IOVA_BASE;
@@ -37,6 +68,11 @@ pub const IOVA_SPAN: u64 = (ARENA_BYTES / PAGE) * (2 << 20);
 pub const SERVER_BATCH: usize = MAG_SIZE;
 /// Full magazines the depot keeps per size class before trimming to the allocator.
 pub const DEPOT_MAX: usize = 16;
+/// The deferred policy flushes this long after the oldest unflushed unmap
+/// (Linux's flush queue: 10 ms); the epoch timer applies it to every policy.
+pub const FLUSH_TIMEOUT_NS: u64 = 10_000_000;
+/// User virtual addresses (the va strategy's IOVAs) lie below 2^47.
+pub const VA_LIMIT: u64 = 1 << 47;
 
 /// Why a domain operation failed, for the reply and the log.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +112,45 @@ impl From<PtError> for DomainError {
 
 #[derive(Debug)]
 enum Parked {
-    Iova { iova: u64, bytes: u64 },
+    Iova {
+        iova: u64,
+        bytes: u64,
+    },
     Table(u64),
+    /// A refcounted page (identity, va) whose entry was cleared.
+    Page(u64),
+}
+
+/// A live page of an identity or va domain.
+#[derive(Debug, Clone, Copy)]
+struct PageRef {
+    phys: u64,
+    refs: u32,
+    read: bool,
+    write: bool,
+}
+
+/// A page whose entry was cleared and whose invalidation has not completed.
+#[derive(Debug, Clone, Copy)]
+struct DirtyPage {
+    phys: u64,
+    read: bool,
+    write: bool,
+    tag: u64,
+}
+
+/// What a map under the lock decided.
+enum MapPlan {
+    /// Mapped: the IOVA to return, the page range written, and whether a
+    /// present entry's rights were widened (needs an invalidation now).
+    Done {
+        iova: u64,
+        base: u64,
+        pages: u64,
+        widened: bool,
+    },
+    /// A stale translation could differ from the new entry: flush, retry.
+    FlushFirst,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -98,7 +171,15 @@ struct Inner {
     delegated: HashMap<u64, usize>,
     mapped: BTreeMap<u64, Mapped>,
     pools: Vec<Region>,
-    parked: Vec<(u64, Instant, Parked)>,
+    parked: Vec<(u64, Parked)>,
+    /// Identity/va: live pages by IOVA page.
+    refs: HashMap<u64, PageRef>,
+    /// Identity/va: live maps by (IOVA, length) → how many.
+    ref_maps: HashMap<(u64, u64), u32>,
+    /// Identity/va: cleared pages awaiting their invalidation.
+    dirty: HashMap<u64, DirtyPage>,
+    /// Server-side unmaps since the last flush (the deferred trigger).
+    queued: usize,
 }
 
 /// A protection domain.
@@ -132,9 +213,12 @@ impl Domain {
             .ok_or_else(|| reply(ErrorCode::NoMemory, "no free domain id"))?;
         let build = || -> Result<(PageTable, Option<Region>, Mapping, OwnedFd), DomainError> {
             let pt = PageTable::new(&*mem, unit.levels, reclaim, unit.coherent())?;
-            let arena = match strategy {
-                Strategy::Magazine => Some(mem.alloc_region(ARENA_BYTES, ARENA_BYTES)?),
-                _ => None,
+            // Every translating domain gets an arena, so it can switch to the
+            // magazine strategy while its client stays attached.
+            let arena = if strategy != Strategy::NoIommu && unit.translating() {
+                Some(mem.alloc_region(ARENA_BYTES, ARENA_BYTES)?)
+            } else {
+                None
             };
             let fd = memfd("iommud-domain", SHARED_LEN).map_err(|e| {
                 DomainError::Hw(HwError::Os {
@@ -173,6 +257,10 @@ impl Domain {
                 mapped: BTreeMap::new(),
                 pools: Vec::new(),
                 parked: Vec::new(),
+                refs: HashMap::new(),
+                ref_maps: HashMap::new(),
+                dirty: HashMap::new(),
+                queued: 0,
             }),
             shared,
             shared_fd: Arc::new(fd),
@@ -180,6 +268,7 @@ impl Domain {
             dead: AtomicBool::new(false),
         };
         d.page().init();
+        d.publish(strategy, flush);
         if strategy != Strategy::NoIommu && unit.translating() {
             let root = d
                 .inner
@@ -200,6 +289,11 @@ impl Domain {
         // SAFETY: `shared` maps SHARED_LEN (≥ a DomainPage) bytes of a memfd we
         // created, page-aligned, alive as long as `self`; every field is atomic.
         unsafe { DomainPage::from_ptr(self.shared.as_ptr()) }
+    }
+
+    fn publish(&self, strategy: Strategy, flush: FlushPolicy) {
+        self.page().strategy.store(strategy as u32, SeqCst);
+        self.page().flush.store(flush as u32, SeqCst);
     }
 
     /// The shared memfd (domain page + exchange area) to hand to the client.
@@ -256,7 +350,7 @@ impl Domain {
     /// Makes sure the arena leaf tables for `[iova, iova+bytes)` are installed
     /// (magazine domains only; others allocate their own leaf tables).
     fn ensure_leaves(&self, i: &mut Inner, iova: u64, bytes: u64) -> Result<(), DomainError> {
-        let Some(arena) = i.arena.clone() else {
+        let Some(arena) = i.arena.clone().filter(|_| i.strategy == Strategy::Magazine) else {
             return Ok(());
         };
         let first = (iova - IOVA_BASE) >> 21;
@@ -267,7 +361,12 @@ impl Domain {
                 .get_mut(c as usize)
                 .ok_or_else(|| reply(ErrorCode::NoSpace, "iova beyond the arena"))?;
             if !*slot {
-                i.pt.install_leaf(self.mem(), IOVA_BASE + (c << 21), arena.phys + c * PAGE)?;
+                let leaf = arena.phys + c * PAGE;
+                // The client could write the arena while it was not installed.
+                for k in 0..PAGE / 8 {
+                    self.mem().write_u64(leaf + 8 * k, 0)?;
+                }
+                i.pt.install_leaf(self.mem(), IOVA_BASE + (c << 21), leaf)?;
                 *slot = true;
             }
         }
@@ -275,22 +374,63 @@ impl Domain {
     }
 
     /// Maps `len` bytes at `phys` (which must lie in one of the domain's
-    /// pools: validated trust), returning the IOVA of `phys`.
-    pub fn map(&self, phys: u64, len: u64, dir: Dir) -> Result<u64, DomainError> {
+    /// pools: validated trust), returning the IOVA of `phys`. `va` is the
+    /// client's virtual address of `phys` (the va strategy's IOVA).
+    pub fn map(&self, phys: u64, len: u64, dir: Dir, va: u64) -> Result<u64, DomainError> {
         if len == 0 || len > IOVA_SPAN / 4 {
             return Err(reply(ErrorCode::Invalid, format!("length {len:#x}")));
         }
-        let mut i = self.lock();
-        if !Self::owns_frames(&i, phys, len) {
-            return Err(reply(
-                ErrorCode::NotOwner,
-                format!("{phys:#x}+{len:#x} is not in this client's DMA memory"),
-            ));
-        }
-        if i.strategy == Strategy::NoIommu || !self.unit.translating() {
+        loop {
+            let mut i = self.lock();
+            if !Self::owns_frames(&i, phys, len) {
+                return Err(reply(
+                    ErrorCode::NotOwner,
+                    format!("{phys:#x}+{len:#x} is not in this client's DMA memory"),
+                ));
+            }
+            if i.strategy == Strategy::NoIommu || !self.unit.translating() {
+                stats::add(&self.stats.maps, 1);
+                return Ok(phys);
+            }
+            let plan = match i.strategy {
+                Strategy::Identity | Strategy::Va => {
+                    self.map_refcounted(&mut i, phys, len, dir, va)?
+                }
+                _ => self.map_allocated(&mut i, phys, len, dir)?,
+            };
+            drop(i);
+            let MapPlan::Done {
+                iova,
+                base,
+                pages,
+                widened,
+            } = plan
+            else {
+                self.flush()?;
+                continue;
+            };
+            if widened {
+                // A present entry changed: invalidate before the device relies on it.
+                self.flush_with(self.unit.iotlb_range(self.did, base, pages, true))?;
+            } else if self.unit.caching_mode() {
+                // §6.1: with CAP.CM, non-present → present changes must be invalidated too.
+                self.unit
+                    .invalidate(&[self.unit.iotlb_range(self.did, base, pages, true)])?;
+                stats::add(&self.stats.inval_page, 1);
+            }
             stats::add(&self.stats.maps, 1);
-            return Ok(phys);
+            return Ok(iova);
         }
+    }
+
+    /// Global and (large) magazine maps: an IOVA range from the allocator.
+    fn map_allocated(
+        &self,
+        i: &mut Inner,
+        phys: u64,
+        len: u64,
+        dir: Dir,
+    ) -> Result<MapPlan, DomainError> {
         let off = phys % PAGE;
         let pages = (off + len).div_ceil(PAGE);
         let alloc_bytes = pages.next_power_of_two() * PAGE;
@@ -298,7 +438,11 @@ impl Domain {
             .iova
             .alloc(alloc_bytes, alloc_bytes.min(32 * PAGE))
             .ok_or_else(|| reply(ErrorCode::NoSpace, "IOVA space exhausted"))?;
-        let r = self.ensure_leaves(&mut i, iova, alloc_bytes).and_then(|_| {
+        if i.pt.covers_detached(iova, alloc_bytes) {
+            i.iova.free(iova, alloc_bytes);
+            return Ok(MapPlan::FlushFirst);
+        }
+        let r = self.ensure_leaves(i, iova, alloc_bytes).and_then(|_| {
             Ok(i.pt.map(self.mem(), iova, phys - off, pages, dir.read(), dir.write())?)
         });
         if let Err(e) = r {
@@ -313,15 +457,169 @@ impl Domain {
                 phys: phys - off,
             },
         );
-        drop(i);
-        if self.unit.caching_mode() {
-            // §6.1: with CAP.CM, non-present → present changes must be invalidated too.
-            self.unit
-                .invalidate(&[self.unit.iotlb_range(self.did, iova, pages, true)])?;
-            stats::add(&self.stats.inval_page, 1);
+        Ok(MapPlan::Done {
+            iova: iova + off,
+            base: iova,
+            pages,
+            widened: false,
+        })
+    }
+
+    /// Identity and va maps: the IOVA is given, entries are refcounted per page.
+    fn map_refcounted(
+        &self,
+        i: &mut Inner,
+        phys: u64,
+        len: u64,
+        dir: Dir,
+        va: u64,
+    ) -> Result<MapPlan, DomainError> {
+        let off = phys % PAGE;
+        let iova = match i.strategy {
+            Strategy::Va => {
+                if va == 0 || va % PAGE != off || va.saturating_add(len) > VA_LIMIT {
+                    return Err(reply(
+                        ErrorCode::Invalid,
+                        format!(
+                            "va {va:#x} is not a user address of {phys:#x} (same page offset, below 2^47)"
+                        ),
+                    ));
+                }
+                va
+            }
+            _ => phys,
+        };
+        let (base, pbase) = (iova - off, phys - off);
+        let pages = (off + len).div_ceil(PAGE);
+        if base.saturating_add(pages * PAGE) > i.pt.limit() {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!(
+                    "iova {iova:#x} is beyond the {}-level tables' reach",
+                    i.pt.levels()
+                ),
+            ));
         }
-        stats::add(&self.stats.maps, 1);
-        Ok(iova + off)
+        let (r, w) = (dir.read(), dir.write());
+        // Decide before changing anything.
+        let mut flush_first = i.pt.covers_detached(base, pages * PAGE);
+        for k in 0..pages {
+            let (v, p) = (base + k * PAGE, pbase + k * PAGE);
+            if let Some(e) = i.refs.get(&v) {
+                if e.phys != p {
+                    return Err(reply(
+                        ErrorCode::Invalid,
+                        format!("iova {v:#x} already maps frame {:#x}, not {p:#x}", e.phys),
+                    ));
+                }
+            } else if let Some(d) = i.dirty.get(&v) {
+                flush_first |= d.phys != p || d.read != r || d.write != w;
+            }
+        }
+        if flush_first {
+            return Ok(MapPlan::FlushFirst);
+        }
+        let mut widened = false;
+        for k in 0..pages {
+            let (v, p) = (base + k * PAGE, pbase + k * PAGE);
+            let r2 = match i.refs.get_mut(&v) {
+                Some(e) => {
+                    e.refs += 1;
+                    if (r && !e.read) || (w && !e.write) {
+                        e.read |= r;
+                        e.write |= w;
+                        widened = true;
+                        let (er, ew) = (e.read, e.write);
+                        i.pt.protect(self.mem(), v, er, ew)
+                    } else {
+                        Ok(())
+                    }
+                }
+                None => {
+                    // A dirty page comes back with the very entry the stale
+                    // translation holds (checked above).
+                    i.dirty.remove(&v);
+                    let m = i.pt.map(self.mem(), v, p, 1, r, w);
+                    if m.is_ok() {
+                        i.refs.insert(
+                            v,
+                            PageRef {
+                                phys: p,
+                                refs: 1,
+                                read: r,
+                                write: w,
+                            },
+                        );
+                    }
+                    m
+                }
+            };
+            if let Err(e) = r2 {
+                // Undo this call's references (cleared pages are parked as usual).
+                let (cleared, detached) = self.unref(i, base, k)?;
+                self.park_cleared(i, cleared, detached);
+                return Err(e.into());
+            }
+        }
+        *i.ref_maps.entry((iova, len)).or_insert(0) += 1;
+        Ok(MapPlan::Done {
+            iova,
+            base,
+            pages,
+            widened,
+        })
+    }
+
+    /// Drops one reference to each of `pages` pages from `base`; returns the
+    /// pages whose entries were cleared and the tables detached.
+    #[allow(clippy::type_complexity)]
+    fn unref(
+        &self,
+        i: &mut Inner,
+        base: u64,
+        pages: u64,
+    ) -> Result<(Vec<(u64, PageRef)>, Vec<u64>), DomainError> {
+        let mut cleared = Vec::new();
+        let mut detached = Vec::new();
+        for k in 0..pages {
+            let v = base + k * PAGE;
+            let Some(e) = i.refs.get_mut(&v) else {
+                continue;
+            };
+            e.refs -= 1;
+            if e.refs == 0 {
+                let e = *e;
+                i.refs.remove(&v);
+                detached.extend(i.pt.unmap(self.mem(), v, 1)?);
+                cleared.push((v, e));
+            }
+        }
+        Ok((cleared, detached))
+    }
+
+    /// Parks cleared refcounted pages and detached tables under the epoch
+    /// read after the clears; returns that tag.
+    fn park_cleared(&self, i: &mut Inner, cleared: Vec<(u64, PageRef)>, detached: Vec<u64>) -> u64 {
+        std::sync::atomic::fence(SeqCst);
+        let tag = self.page().epoch.load(SeqCst);
+        if !cleared.is_empty() || !detached.is_empty() {
+            self.page().note_unmap();
+        }
+        for (v, e) in cleared {
+            i.dirty.insert(
+                v,
+                DirtyPage {
+                    phys: e.phys,
+                    read: e.read,
+                    write: e.write,
+                    tag,
+                },
+            );
+            i.parked.push((tag, Parked::Page(v)));
+        }
+        i.parked
+            .extend(detached.into_iter().map(|t| (tag, Parked::Table(t))));
+        tag
     }
 
     /// Unmaps a mapping made by [`Domain::map`].
@@ -332,43 +630,68 @@ impl Domain {
             return Ok(());
         }
         let base = iova & !(PAGE - 1);
-        let m = *i
-            .mapped
-            .get(&base)
-            .ok_or_else(|| reply(ErrorCode::NotOwner, format!("iova {iova:#x} is not mapped")))?;
-        if (iova % PAGE + len).div_ceil(PAGE) != m.pages {
-            return Err(reply(
-                ErrorCode::Invalid,
-                format!("length {len:#x} does not match the mapping at {iova:#x}"),
-            ));
-        }
-        i.mapped.remove(&base);
-        let detached = i.pt.unmap(self.mem(), base, m.pages)?;
-        std::sync::atomic::fence(SeqCst);
-        let tag = self.page().epoch.load(SeqCst);
-        let now = Instant::now();
-        let ih = detached.is_empty();
-        i.parked.push((
-            tag,
-            now,
-            Parked::Iova {
-                iova: base,
-                bytes: m.alloc_bytes,
-            },
-        ));
-        i.parked
-            .extend(detached.into_iter().map(|t| (tag, now, Parked::Table(t))));
-        let strict = i.flush == FlushPolicy::Strict;
-        let batch_full = i.parked.len() >= SERVER_BATCH;
+        let pages = (iova % PAGE + len).div_ceil(PAGE);
+        let (tag, ih) = match i.strategy {
+            Strategy::Identity | Strategy::Va => {
+                let n = i.ref_maps.get_mut(&(iova, len)).ok_or_else(|| {
+                    reply(
+                        ErrorCode::NotOwner,
+                        format!("iova {iova:#x} length {len:#x} is not mapped"),
+                    )
+                })?;
+                *n -= 1;
+                if *n == 0 {
+                    i.ref_maps.remove(&(iova, len));
+                }
+                let (cleared, detached) = self.unref(&mut i, base, pages)?;
+                if cleared.is_empty() {
+                    // Every page is still used by another mapping: nothing to invalidate.
+                    stats::add(&self.stats.unmaps, 1);
+                    return Ok(());
+                }
+                let ih = detached.is_empty();
+                (self.park_cleared(&mut i, cleared, detached), ih)
+            }
+            _ => {
+                let m = *i.mapped.get(&base).ok_or_else(|| {
+                    reply(ErrorCode::NotOwner, format!("iova {iova:#x} is not mapped"))
+                })?;
+                if pages != m.pages {
+                    return Err(reply(
+                        ErrorCode::Invalid,
+                        format!("length {len:#x} does not match the mapping at {iova:#x}"),
+                    ));
+                }
+                i.mapped.remove(&base);
+                let detached = i.pt.unmap(self.mem(), base, m.pages)?;
+                let ih = detached.is_empty();
+                let tag = self.park_cleared(&mut i, Vec::new(), detached);
+                self.page().note_unmap();
+                i.parked.push((
+                    tag,
+                    Parked::Iova {
+                        iova: base,
+                        bytes: m.alloc_bytes,
+                    },
+                ));
+                (tag, ih)
+            }
+        };
+        i.queued += 1;
+        let (flush, queued, parked) = (i.flush, i.queued, i.parked.len());
         drop(i);
         stats::add(&self.stats.unmaps, 1);
-        if strict {
-            let d = self.unit.iotlb_range(self.did, base, m.pages, ih);
-            self.flush_with(d)?;
-        } else if batch_full {
-            self.flush()?;
-        } else {
-            self.page().wanted.fetch_max(tag, SeqCst);
+        match flush {
+            FlushPolicy::Strict => {
+                self.flush_with(self.unit.iotlb_range(self.did, base, pages, ih))?;
+            }
+            FlushPolicy::PerCore if parked >= SERVER_BATCH => self.flush()?,
+            FlushPolicy::PerCore => {
+                self.page().wanted.fetch_max(tag, SeqCst);
+            }
+            // The epoch timer ([`Domain::tick`]) flushes 10 ms after the oldest.
+            FlushPolicy::Deferred if queued >= FLUSH_QUEUE_LEN => self.flush()?,
+            FlushPolicy::Deferred => {}
         }
         Ok(())
     }
@@ -391,8 +714,27 @@ impl Domain {
         Ok(false)
     }
 
+    /// The epoch timer, run every tick: flushes what a client asked for, and
+    /// any domain whose oldest unflushed unmap is [`FLUSH_TIMEOUT_NS`] old.
+    pub fn tick(&self) -> Result<bool, DomainError> {
+        if self.flush_if_wanted()? {
+            return Ok(true);
+        }
+        if self
+            .page()
+            .oldest_unmap_age()
+            .is_some_and(|age| age >= FLUSH_TIMEOUT_NS)
+        {
+            self.flush()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
         let p = self.page();
+        // Take the unmap record before advancing the epoch (libdma::shared).
+        let unmaps = p.take_unmaps();
         let e = p.epoch.fetch_add(1, SeqCst);
         match desc.decode() {
             vtd::desc::Decoded::Iotlb {
@@ -403,31 +745,47 @@ impl Domain {
         }
         self.unit.invalidate(&[desc])?;
         p.completed.fetch_max(e, SeqCst);
+        if let Some((oldest, sum, count)) = unmaps {
+            // Stale window: from each unmap to this completion.
+            let now = p.now();
+            if oldest != 0 {
+                stats::max(&self.stats.stale_ns_max, now.saturating_sub(oldest));
+            }
+            stats::add(
+                &self.stats.stale_ns_sum,
+                count.saturating_mul(now).saturating_sub(sum),
+            );
+            stats::add(&self.stats.stale_count, count);
+        }
         self.release_parked(e);
         Ok(())
     }
 
     fn release_parked(&self, completed: u64) {
         let mut i = self.lock();
+        i.queued = 0;
         if i.parked.is_empty() {
             return;
         }
         let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut i.parked)
             .into_iter()
-            .partition(|(t, _, _)| *t <= completed);
+            .partition(|(t, _)| *t <= completed);
         i.parked = keep;
-        for (_, since, what) in done {
+        for (_, what) in done {
             match what {
                 Parked::Iova { iova, bytes } => {
-                    let ns = since.elapsed().as_nanos() as u64;
-                    stats::max(&self.stats.stale_ns_max, ns);
-                    stats::add(&self.stats.stale_ns_sum, ns);
-                    stats::add(&self.stats.stale_count, 1);
                     i.iova.free(iova, bytes);
                 }
                 Parked::Table(t) => {
+                    i.pt.release_detached(t);
                     self.mem().free_frame(t);
                     stats::add(&self.stats.pt_freed, 1);
+                }
+                Parked::Page(v) => {
+                    // Only if not cleared again since (a newer tag) or revived.
+                    if i.dirty.get(&v).is_some_and(|d| d.tag <= completed) {
+                        i.dirty.remove(&v);
+                    }
                 }
             }
         }
@@ -526,28 +884,73 @@ impl Domain {
             .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot out of range"))
     }
 
-    /// Switches strategy or flush policy; only an idle domain (nothing mapped,
-    /// delegated or pooled) may switch strategy.
+    /// True when the client holds nothing of this domain: no mapping (made
+    /// by iommud or refcounted) and no delegated IOVA (magazines drained).
+    fn idle(i: &Inner) -> bool {
+        i.mapped.is_empty() && i.delegated.is_empty() && i.refs.is_empty()
+    }
+
+    /// Switches strategy and/or flush policy. Only an idle domain switches
+    /// (`Busy` otherwise: unmap everything and `drain()` first); the client
+    /// sees the new policy in the shared page. Parked work is flushed first,
+    /// and leaving `magazine` unlinks the arena's leaf tables, so a client
+    /// that keeps writing its arena cannot reach the device any more.
     pub fn set_policy(
         &self,
         strategy: Option<Strategy>,
         flush: Option<FlushPolicy>,
     ) -> Result<(), DomainError> {
-        let mut i = self.lock();
-        if let Some(s) = strategy.filter(|s| *s != i.strategy) {
-            if !i.mapped.is_empty()
-                || !i.delegated.is_empty()
-                || i.arena.is_some() != (s == Strategy::Magazine)
-            {
-                return Err(reply(
-                    ErrorCode::Busy,
-                    "domain is not idle: unmap everything (or detach) before switching strategy",
-                ));
-            }
-            i.strategy = s;
+        if self.unit.translating() {
+            self.flush()?;
         }
-        if let Some(f) = flush {
-            i.flush = f;
+        let mut i = self.lock();
+        let (s, f) = (strategy.unwrap_or(i.strategy), flush.unwrap_or(i.flush));
+        if (s, f) == (i.strategy, i.flush) {
+            return Ok(());
+        }
+        if !Self::idle(&i) {
+            return Err(reply(
+                ErrorCode::Busy,
+                format!(
+                    "domain is busy ({} mapped, {} pages referenced, {} IOVAs delegated): \
+                     unmap everything and drain the client before switching",
+                    i.mapped.len(),
+                    i.refs.len(),
+                    i.delegated.len()
+                ),
+            ));
+        }
+        if (s == Strategy::NoIommu) != (i.strategy == Strategy::NoIommu) {
+            return Err(reply(
+                ErrorCode::Unsupported,
+                "noiommu is translation off for the whole unit (iommud --no-translation)",
+            ));
+        }
+        if s == Strategy::Magazine && i.arena.is_none() {
+            return Err(reply(ErrorCode::Unsupported, "this domain has no arena"));
+        }
+        let mut unlinked = false;
+        if i.strategy == Strategy::Magazine && s != Strategy::Magazine {
+            for c in 0..i.leaf_installed.len() {
+                if std::mem::take(&mut i.leaf_installed[c]) {
+                    i.pt.uninstall_leaf(self.mem(), IOVA_BASE + ((c as u64) << 21))?;
+                    unlinked = true;
+                }
+            }
+            for class in 0..SIZE_CLASSES {
+                for mag in std::mem::take(&mut i.depot[class]) {
+                    for iova in mag {
+                        i.iova.free(iova, class_pages(class) * PAGE);
+                    }
+                }
+            }
+        }
+        i.strategy = s;
+        i.flush = f;
+        self.publish(s, f);
+        drop(i);
+        if unlinked {
+            self.flush()?;
         }
         Ok(())
     }
@@ -587,7 +990,7 @@ impl Domain {
         for t in pt.teardown(owned) {
             mem.free_frame(t);
         }
-        for (_, _, p) in i.parked.drain(..) {
+        for (_, p) in i.parked.drain(..) {
             if let Parked::Table(t) = p {
                 mem.free_frame(t);
             }
@@ -600,6 +1003,9 @@ impl Domain {
         }
         i.mapped.clear();
         i.delegated.clear();
+        i.refs.clear();
+        i.ref_maps.clear();
+        i.dirty.clear();
         drop(i);
         self.unit.free_did(self.did);
     }
@@ -615,24 +1021,25 @@ impl Domain {
     pub fn render_stats(&self) -> String {
         let p = self.page();
         let s = &self.stats;
-        let (strategy, flush, mapped, delegated, parked, pools, depot, c) = {
+        let (strategy, flush, mapped, delegated, parked, pools, depot, c, refs, dirty) = {
             let i = self.lock_uncounted();
             (
                 i.strategy,
                 i.flush,
-                i.mapped.len(),
+                i.mapped.len() + i.ref_maps.values().map(|n| *n as usize).sum::<usize>(),
                 i.delegated.len(),
                 i.parked.len(),
                 i.pools.iter().map(|r| r.len).sum::<u64>(),
                 i.depot.iter().map(|d| d.len()).sum::<usize>(),
                 i.pt.counts(),
+                i.refs.len(),
+                i.dirty.len(),
             )
         };
         let client_maps = p.sum(|c| &c.maps);
         let client_unmaps = p.sum(|c| &c.unmaps);
-        let stale_batches = p.sum(|c| &c.stale_batches);
-        let stale_sum = p.sum(|c| &c.stale_ns_sum) + stats::get(&s.stale_ns_sum);
-        let stale_n = stale_batches + stats::get(&s.stale_count);
+        let stale_sum = stats::get(&s.stale_ns_sum);
+        let stale_n = stats::get(&s.stale_count);
         let mut t = Text::default();
         t.kv("bdf", bdf_string(self.sid))
             .kv("domain_id", self.did)
@@ -657,19 +1064,19 @@ impl Domain {
             )
             .kv("epoch", p.epoch.load(SeqCst))
             .kv("epoch_completed", p.completed.load(SeqCst))
-            .kv(
-                "stale_window_max_ns",
-                p.max(|c| &c.stale_ns_max).max(stats::get(&s.stale_ns_max)),
-            )
+            .kv("stale_window_max_ns", stats::get(&s.stale_ns_max))
             .kv(
                 "stale_window_mean_ns",
                 stale_sum.checked_div(stale_n).unwrap_or(0),
             )
+            .kv("stale_window_unmaps", stale_n)
             .kv("pt_pages_allocated", c.allocated)
             .kv("pt_pages_freed", stats::get(&s.pt_freed))
             .kv("pt_pages_live", c.live)
             .kv("mapped", mapped)
             .kv("delegated_iovas", delegated)
+            .kv("refcounted_pages", refs)
+            .kv("dirty_pages", dirty)
             .kv("parked", parked)
             .kv("pool_bytes", pools)
             .kv("faults", stats::get(&s.faults))
@@ -687,7 +1094,11 @@ impl Domain {
                 format!("phys {:#x} pages {}", m.phys, m.pages),
             );
         }
+        for ((iova, len), n) in &i.ref_maps {
+            t.kv(&format!("{iova:#x}"), format!("len {len:#x} maps {n}"));
+        }
         t.kv("delegated_iovas", i.delegated.len());
+        t.kv("refcounted_pages", i.refs.len());
         t.0
     }
 }

@@ -13,6 +13,11 @@
 //! that invalidation (see `domain.rs`). Reclamation can be switched off to
 //! reproduce the research's page-table blowup.
 //!
+//! Until that invalidation, the range a detached table covered must not get
+//! a *new* table either: a paging-structure cache may still lead a walk into
+//! the detached one. [`PageTable::covers_detached`] tells the domain to flush
+//! before such a map; [`PageTable::release_detached`] ends the wait.
+//!
 //! **Pinned leaf tables.** In delegated trust mode the client writes leaf
 //! entries itself into leaf tables iommud installs for the IOVA ranges it
 //! delegates; iommud cannot count those entries, so such tables are pinned:
@@ -69,6 +74,8 @@ pub struct PageTable {
     reclaim: bool,
     coherent: bool,
     counts: TableCounts,
+    /// Detached tables not yet released: table → (first IOVA, bytes covered).
+    detached: HashMap<u64, (u64, u64)>,
 }
 
 impl PageTable {
@@ -100,6 +107,7 @@ impl PageTable {
                 detached: 0,
                 live: 1,
             },
+            detached: HashMap::new(),
         })
     }
 
@@ -112,6 +120,7 @@ impl PageTable {
             reclaim: false,
             coherent: true,
             counts: TableCounts::default(),
+            detached: HashMap::new(),
         }
     }
 
@@ -135,7 +144,8 @@ impl PageTable {
         self.reclaim = on;
     }
 
-    fn limit(&self) -> u64 {
+    /// First IOVA beyond the address width of the walk.
+    pub fn limit(&self) -> u64 {
         1u64 << (12 + 9 * u32::from(self.levels))
     }
 
@@ -318,6 +328,8 @@ impl PageTable {
             let at = parent + (level_index(iova, parent_level) * PTE_BYTES) as u64;
             self.write_entry(mem, at, 0)?;
             self.tables.remove(&child);
+            let span = level_size(parent_level);
+            self.detached.insert(child, (iova & !(span - 1), span));
             self.counts.detached += 1;
             self.counts.live -= 1;
             out.push(child);
@@ -357,6 +369,67 @@ impl PageTable {
             p.present += 1;
         }
         Ok(())
+    }
+
+    /// True if `[iova, iova+bytes)` overlaps the range of a detached table
+    /// whose invalidation has not completed (flush before mapping there).
+    pub fn covers_detached(&self, iova: u64, bytes: u64) -> bool {
+        let end = iova.saturating_add(bytes);
+        self.detached
+            .values()
+            .any(|&(base, span)| base < end && iova < base + span)
+    }
+
+    /// The invalidation covering detached table `table` completed.
+    pub fn release_detached(&mut self, table: u64) {
+        self.detached.remove(&table);
+    }
+
+    /// Rewrites the rights of the present leaf entry of `iova` (the caller
+    /// invalidates it: VT-d 3.x §6.5: any change of a present entry).
+    pub fn protect(
+        &mut self,
+        mem: &dyn PhysMem,
+        iova: u64,
+        read: bool,
+        write: bool,
+    ) -> Result<(), PtError> {
+        let leaf = self
+            .leaf_table(mem, iova, false)?
+            .ok_or(PtError::NotMapped(iova))?;
+        let at = leaf + (level_index(iova, 1) * PTE_BYTES) as u64;
+        let e = SlPte(mem.read_u64(at)?);
+        if !e.present() {
+            return Err(PtError::NotMapped(iova));
+        }
+        self.write_entry(mem, at, SlPte::new(e.addr(), read, write).0)?;
+        Ok(())
+    }
+
+    /// Unlinks the pinned leaf table installed at `iova` by
+    /// [`PageTable::install_leaf`] (the caller invalidates before reusing
+    /// the page); returns whether one was there.
+    pub fn uninstall_leaf(&mut self, mem: &dyn PhysMem, iova: u64) -> Result<bool, PtError> {
+        let chunk = iova & !(level_size(2) - 1);
+        let mut table = self.root;
+        for level in (3..=self.levels).rev() {
+            let e = SlPte(mem.read_u64(table + (level_index(chunk, level) * PTE_BYTES) as u64)?);
+            if !e.present() {
+                return Ok(false);
+            }
+            table = e.addr();
+        }
+        let at = table + (level_index(chunk, 2) * PTE_BYTES) as u64;
+        let e = SlPte(mem.read_u64(at)?);
+        if !e.present() {
+            return Ok(false);
+        }
+        self.write_entry(mem, at, 0)?;
+        self.tables.remove(&e.addr());
+        if let Some(p) = self.tables.get_mut(&table) {
+            p.present = p.present.saturating_sub(1);
+        }
+        Ok(true)
     }
 
     /// Software walk: the 4 KiB translation of `iova`, if present.

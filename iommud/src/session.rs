@@ -77,7 +77,7 @@ impl State {
             }
         }
         for d in self.all_domains() {
-            if let Err(e) = d.flush_if_wanted() {
+            if let Err(e) = d.tick() {
                 log::warn(&format!("{}: timed flush failed: {e}", bdf_string(d.sid)));
             }
         }
@@ -330,9 +330,9 @@ impl Session {
                     Err(e) => e.into(),
                 },
             },
-            Request::Map { phys, len, dir } => match self.need_domain() {
+            Request::Map { phys, len, dir, va } => match self.need_domain() {
                 Err(r) => r,
-                Ok(d) => match d.map(phys, len, dir) {
+                Ok(d) => match d.map(phys, len, dir, va) {
                     Ok(iova) => Response::ok([iova, 0, 0, 0, 0]),
                     Err(e) => e.into(),
                 },

@@ -11,7 +11,7 @@
 //! disabled. Per-thread caches would avoid even that, but strand IOVAs in
 //! idle threads; per-CPU slots bound the cached IOVAs by the CPU count.
 
-use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache};
+use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache, FlushQueue};
 use crate::proto::{
     Dir, ErrorCode, FlushPolicy, ProtoError, Reply, Request, Strategy, MAX_MESSAGE, VERSION,
 };
@@ -259,14 +259,14 @@ pub struct DmaDomain {
     conn: Mutex<Conn>,
     /// Source id of the device.
     pub bdf: u16,
-    strategy: Strategy,
-    flush: FlushPolicy,
     flags: u64,
     shared: Mapping,
     arena: Option<Mapping>,
     pools: Mutex<Vec<Pool>>,
     free_bufs: Mutex<Vec<(usize, DmaBuffer)>>,
     cpus: Vec<Mutex<CpuCache>>,
+    /// The deferred policy's domain-wide queue (see `magazine::FlushQueue`).
+    flush_queue: Mutex<FlushQueue>,
     stats: ClientStats,
     closed: AtomicBool,
 }
@@ -295,12 +295,14 @@ impl DmaDomain {
             ));
         }
         let shared = Mapping::new(fds.remove(0).as_fd(), 0, SHARED_LEN)?;
-        let arena = match (strategy, fds.pop()) {
-            (Strategy::Magazine, Some(fd)) => Some(Mapping::new(fd.as_fd(), a[3], a[4] as usize)?),
-            (Strategy::Magazine, None) if a[1] & FLAG_TRANSLATING != 0 => {
+        // Every translating domain has a leaf-table arena, so it can switch
+        // to the magazine strategy later without another fd.
+        let arena = match fds.pop() {
+            Some(fd) => Some(Mapping::new(fd.as_fd(), a[3], a[4] as usize)?),
+            None if strategy == Strategy::Magazine && a[1] & FLAG_TRANSLATING != 0 => {
                 return Err(Error::Invalid("magazine attach without an arena".into()))
             }
-            _ => None,
+            None => None,
         };
         let ncpu = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -309,18 +311,13 @@ impl DmaDomain {
         let d = DmaDomain {
             conn: Mutex::new(conn),
             bdf,
-            strategy: if a[1] & FLAG_TRANSLATING != 0 {
-                strategy
-            } else {
-                Strategy::NoIommu
-            },
-            flush,
             flags: a[1],
             shared,
             arena,
             pools: Mutex::new(Vec::new()),
             free_bufs: Mutex::new(Vec::new()),
             cpus: (0..ncpu).map(|_| Mutex::new(CpuCache::default())).collect(),
+            flush_queue: Mutex::new(FlushQueue::default()),
             stats: ClientStats::default(),
             closed: AtomicBool::new(false),
         };
@@ -329,13 +326,30 @@ impl DmaDomain {
     }
 
     /// The strategy in effect (NoIommu when iommud runs without translation).
+    /// iommud publishes it in the shared page, so a switch of the idle domain
+    /// (`domains/<bdf>/strategy`) shows here at once.
     pub fn strategy(&self) -> Strategy {
-        self.strategy
+        if self.flags & FLAG_TRANSLATING == 0 {
+            return Strategy::NoIommu;
+        }
+        Strategy::from_u64(u64::from(self.page().strategy.load(Relaxed)))
+            .unwrap_or(Strategy::Global)
     }
 
-    /// The flush policy.
+    /// The flush policy in effect (published by iommud like the strategy).
     pub fn flush_policy(&self) -> FlushPolicy {
-        self.flush
+        FlushPolicy::from_u64(u64::from(self.page().flush.load(Relaxed)))
+            .unwrap_or(FlushPolicy::Strict)
+    }
+
+    /// This process's virtual address of physical `phys`, if it lies in one
+    /// of the domain's pools (the `va` strategy's IOVA).
+    fn va_of(&self, phys: u64) -> Option<u64> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.iter().find_map(|p| {
+            let off = phys.checked_sub(p.phys)?;
+            (off < p.map.len() as u64).then(|| p.map.as_ptr() as u64 + off)
+        })
     }
 
     /// True when the unit is in caching mode.
@@ -486,7 +500,7 @@ impl DmaDomain {
         }
         let off = phys % PAGE;
         let pages = (off + len as u64).div_ceil(PAGE);
-        match (self.strategy, size_class(pages), &self.arena) {
+        match (self.strategy(), size_class(pages), &self.arena) {
             (Strategy::NoIommu, _, _) => Ok(phys),
             (Strategy::Magazine, Some(class), Some(arena)) => {
                 let slot = self.slot();
@@ -517,18 +531,24 @@ impl DmaDomain {
                 if ev.recycled {
                     c.batches_recycled.fetch_add(1, Relaxed);
                 }
-                if let Some(ns) = ev.stale_ns {
-                    c.stale_ns_max.fetch_max(ns, Relaxed);
-                    c.stale_ns_sum.fetch_add(ns, Relaxed);
-                    c.stale_batches.fetch_add(1, Relaxed);
-                }
                 Ok(iova + off)
             }
-            _ => {
+            // Validated trust: iommud checks the frames and writes the entries
+            // (global, identity, va, and magazine mappings over 32 pages).
+            (strategy, _, _) => {
+                let va = match strategy {
+                    Strategy::Va => self.va_of(phys).ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{phys:#x} is not in this domain's pools (the va strategy needs its address)"
+                        ))
+                    })?,
+                    _ => 0,
+                };
                 let a = self.call(&Request::Map {
                     phys,
                     len: len as u64,
                     dir,
+                    va,
                 })?;
                 Ok(a[0])
             }
@@ -544,7 +564,7 @@ impl DmaDomain {
         let pages = (off + len as u64).div_ceil(PAGE);
         let base = iova - off;
         let in_arena = base >= MAGAZINE_IOVA_BASE;
-        match (self.strategy, size_class(pages), &self.arena) {
+        match (self.strategy(), size_class(pages), &self.arena) {
             (Strategy::NoIommu, _, _) => Ok(()),
             (Strategy::Magazine, Some(class), Some(arena)) if in_arena => {
                 self.write_ptes(arena, base, 0, pages, None)?;
@@ -552,14 +572,18 @@ impl DmaDomain {
                 // crate::shared: the tag is the epoch read after the clear).
                 std::sync::atomic::fence(SeqCst);
                 let tag = self.page().epoch.load(SeqCst);
+                self.page().note_unmap();
                 let slot = self.slot();
-                {
+                let flush = self.flush_policy();
+                if flush == FlushPolicy::Deferred {
+                    self.defer(slot, class, base, tag);
+                } else {
                     let mut c = self.cpus[slot].lock().unwrap_or_else(|p| p.into_inner());
                     c.free(class, base, tag, &Remote(self));
                 }
                 let c = &self.page().cpu[slot];
                 c.unmaps.fetch_add(1, Relaxed);
-                if self.flush == FlushPolicy::Strict {
+                if flush == FlushPolicy::Strict {
                     Remote(self).wait_completed(tag)?;
                 }
                 Ok(())
@@ -574,9 +598,50 @@ impl DmaDomain {
         }
     }
 
+    /// Deferred policy: queue the IOVA in the domain-wide flush queue. A
+    /// queue that iommud's 10 ms timer already invalidated, or one that is
+    /// full, is closed into this CPU's pending batches; a full one also asks
+    /// iommud (one-way) to flush now.
+    fn defer(&self, slot: usize, class: usize, iova: u64, tag: u64) {
+        let completed = self.page().completed.load(SeqCst);
+        let mut closed = Vec::new();
+        let mut want = None;
+        {
+            let mut q = self.flush_queue.lock().unwrap_or_else(|p| p.into_inner());
+            if !q.is_empty() && completed >= q.tag() {
+                closed = q.close();
+            }
+            if q.push(class, iova, tag) {
+                want = Some(q.tag());
+                closed.extend(q.close());
+            }
+        }
+        if let Some(t) = want {
+            Remote(self).request_flush(t);
+        }
+        if !closed.is_empty() {
+            let mut c = self.cpus[slot].lock().unwrap_or_else(|p| p.into_inner());
+            for (class, d) in closed {
+                c.adopt(class, d);
+            }
+        }
+    }
+
     /// Waits for every unmapped IOVA's invalidation and returns all cached
     /// IOVAs to iommud's depot; returns how many.
     pub fn drain(&self) -> Result<usize> {
+        let closed = {
+            let mut q = self.flush_queue.lock().unwrap_or_else(|p| p.into_inner());
+            let tag = q.tag();
+            (!q.is_empty()).then(|| (tag, q.close()))
+        };
+        if let Some((tag, batches)) = closed {
+            Remote(self).request_flush(tag);
+            let mut c = self.cpus[0].lock().unwrap_or_else(|p| p.into_inner());
+            for (class, d) in batches {
+                c.adopt(class, d);
+            }
+        }
         let mut n = 0;
         for c in &self.cpus {
             n += c

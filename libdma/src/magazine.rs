@@ -24,7 +24,6 @@
 //! is a property of the types, not of the call sites.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 /// IOVAs per magazine (Linux uses 127 or 128: one 1 KiB slab of pointers).
 pub const MAG_SIZE: usize = 128;
@@ -32,6 +31,9 @@ pub const MAG_SIZE: usize = 128;
 pub const SIZE_CLASSES: usize = 6;
 /// Closed dirty batches a CPU lets wait before it blocks on the oldest.
 pub const MAX_PENDING: usize = 4;
+/// Unmaps the deferred policy's domain-wide queue holds before it asks for a
+/// flush (Linux's flush queue: 256 entries or 10 ms).
+pub const FLUSH_QUEUE_LEN: usize = 256;
 
 /// Size class of an allocation of `pages` pages, if cached (≤ 32 pages).
 pub fn size_class(pages: u64) -> Option<usize> {
@@ -75,7 +77,6 @@ impl Clean {
 pub struct Dirty {
     iovas: Vec<u64>,
     tag: u64,
-    since: Instant,
 }
 
 impl Dirty {
@@ -116,8 +117,6 @@ pub struct AllocEvent {
     pub hit: bool,
     /// A completed dirty batch was recycled.
     pub recycled: bool,
-    /// Stale window of the recycled batch (ns), if any.
-    pub stale_ns: Option<u64>,
     /// A depot exchange (round trip) was made.
     pub exchanged: bool,
     /// Waited for an invalidation (round trip).
@@ -129,7 +128,6 @@ struct ClassCache {
     loaded: Clean,
     open: Vec<u64>,
     open_tag: u64,
-    open_since: Option<Instant>,
     pending: VecDeque<Dirty>,
 }
 
@@ -155,12 +153,10 @@ impl CpuCache {
             }
             let completed = b.completed();
             if let Some(front) = c.pending.pop_front() {
-                let since = front.since;
                 match front.try_clean(completed) {
                     Ok(clean) => {
                         c.loaded = clean;
                         ev.recycled = true;
-                        ev.stale_ns = Some(since.elapsed().as_nanos() as u64);
                         continue;
                     }
                     Err(front) => {
@@ -197,9 +193,6 @@ impl CpuCache {
     /// read after clearing its leaf entries.
     pub fn free<B: Backend>(&mut self, class: usize, iova: u64, tag: u64, b: &B) {
         let c = &mut self.classes[class];
-        if c.open.is_empty() {
-            c.open_since = Some(Instant::now());
-        }
         c.open.push(iova);
         c.open_tag = c.open_tag.max(tag);
         if c.open.len() >= MAG_SIZE {
@@ -211,10 +204,15 @@ impl CpuCache {
         let batch = Dirty {
             iovas: std::mem::take(&mut c.open),
             tag: c.open_tag,
-            since: c.open_since.take().unwrap_or_else(Instant::now),
         };
         b.request_flush(batch.tag);
         c.pending.push_back(batch);
+    }
+
+    /// Takes over a closed batch (from the deferred policy's [`FlushQueue`]):
+    /// it joins this CPU's pending queue and is recycled once clean.
+    pub fn adopt(&mut self, class: usize, batch: Dirty) {
+        self.classes[class].pending.push_back(batch);
     }
 
     /// Empties the cache for shutdown: waits for every dirty IOVA's
@@ -261,6 +259,61 @@ impl CpuCache {
                     + c.pending.iter().map(|d| d.iovas.len()).sum::<usize>()
             })
             .sum()
+    }
+}
+
+/// The deferred flush policy's domain-wide queue of unmapped IOVAs (one per
+/// domain, behind one lock: Linux's flush queue, not a per-CPU one). It is
+/// closed when it holds [`FLUSH_QUEUE_LEN`] entries (the closer asks for a
+/// flush) or when iommud's 10 ms timer has already invalidated all of it;
+/// closing turns it into [`Dirty`] batches of at most [`MAG_SIZE`] IOVAs,
+/// each tagged with the newest epoch in the queue.
+#[derive(Debug, Default)]
+pub struct FlushQueue {
+    entries: Vec<(usize, u64)>,
+    tag: u64,
+}
+
+impl FlushQueue {
+    /// Adds an unmapped IOVA of `class`, tagged with the epoch read after
+    /// its entries were cleared. Returns true when the queue is full.
+    pub fn push(&mut self, class: usize, iova: u64, tag: u64) -> bool {
+        self.entries.push((class, iova));
+        self.tag = self.tag.max(tag);
+        self.entries.len() >= FLUSH_QUEUE_LEN
+    }
+    /// The epoch whose completed invalidation covers every entry.
+    pub fn tag(&self) -> u64 {
+        self.tag
+    }
+    /// Entries queued.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    /// Empties the queue into dirty batches `(class, batch)`.
+    pub fn close(&mut self) -> Vec<(usize, Dirty)> {
+        let mut by_class: [Vec<u64>; SIZE_CLASSES] = Default::default();
+        for (class, iova) in self.entries.drain(..) {
+            by_class[class].push(iova);
+        }
+        let tag = self.tag;
+        let mut out = Vec::new();
+        for (class, iovas) in by_class.into_iter().enumerate() {
+            for chunk in iovas.chunks(MAG_SIZE) {
+                out.push((
+                    class,
+                    Dirty {
+                        iovas: chunk.to_vec(),
+                        tag,
+                    },
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -377,6 +430,29 @@ mod tests {
         assert!(first.contains(&iova));
         assert!(ev.waited || *f.waits.borrow() > 0);
         assert!(*f.completed.borrow() >= 1);
+    }
+
+    #[test]
+    fn the_flush_queue_closes_into_batches_tagged_with_its_newest_epoch() {
+        let mut q = FlushQueue::default();
+        for i in 0..FLUSH_QUEUE_LEN as u64 - 1 {
+            assert!(!q.push((i % 2) as usize, i << 12, 1 + i / 100));
+        }
+        assert!(q.push(0, 0xfff000, 2), "256th entry fills it");
+        assert_eq!(q.tag(), 3);
+        let batches = q.close();
+        assert!(q.is_empty());
+        assert_eq!(
+            batches.iter().map(|(_, d)| d.iovas.len()).sum::<usize>(),
+            256
+        );
+        assert!(batches
+            .iter()
+            .all(|(_, d)| d.tag == 3 && d.iovas.len() <= MAG_SIZE));
+        let (class, d) = batches.into_iter().next().unwrap();
+        assert_eq!(class, 0);
+        let d = d.try_clean(2).unwrap_err();
+        assert_eq!(d.try_clean(3).unwrap().len(), MAG_SIZE);
     }
 
     #[derive(Debug, Clone)]

@@ -226,11 +226,22 @@ pub enum Strategy {
     Global = 1,
     /// Per-core magazines of IOVAs delegated to the client.
     Magazine = 2,
+    /// IOVA = physical address, mapped on demand, refcounted per page.
+    Identity = 3,
+    /// IOVA = the client's virtual address of the buffer (the research's
+    /// "kmalloc" design): page tables follow the client's address space.
+    Va = 4,
 }
 
 impl Strategy {
     /// All strategies, in the order reports list them.
-    pub const ALL: [Strategy; 3] = [Strategy::NoIommu, Strategy::Global, Strategy::Magazine];
+    pub const ALL: [Strategy; 5] = [
+        Strategy::NoIommu,
+        Strategy::Global,
+        Strategy::Magazine,
+        Strategy::Identity,
+        Strategy::Va,
+    ];
     /// Decodes the wire value.
     pub fn from_u64(v: u64) -> Option<Strategy> {
         Strategy::ALL.into_iter().find(|s| *s as u64 == v)
@@ -241,6 +252,8 @@ impl Strategy {
             Strategy::NoIommu => "noiommu",
             Strategy::Global => "global",
             Strategy::Magazine => "magazine",
+            Strategy::Identity => "identity",
+            Strategy::Va => "va",
         }
     }
     /// Parses [`Strategy::name`].
@@ -257,11 +270,18 @@ pub enum FlushPolicy {
     Strict = 1,
     /// Per-core batches tagged with epochs; completion published in shared memory.
     PerCore = 2,
+    /// One domain-wide queue (Linux's flush queue): invalidated when it holds
+    /// 256 unmaps or 10 ms after its oldest, whichever comes first.
+    Deferred = 3,
 }
 
 impl FlushPolicy {
     /// All policies.
-    pub const ALL: [FlushPolicy; 2] = [FlushPolicy::Strict, FlushPolicy::PerCore];
+    pub const ALL: [FlushPolicy; 3] = [
+        FlushPolicy::Strict,
+        FlushPolicy::Deferred,
+        FlushPolicy::PerCore,
+    ];
     /// Decodes the wire value.
     pub fn from_u64(v: u64) -> Option<FlushPolicy> {
         FlushPolicy::ALL.into_iter().find(|s| *s as u64 == v)
@@ -271,6 +291,7 @@ impl FlushPolicy {
         match self {
             FlushPolicy::Strict => "strict",
             FlushPolicy::PerCore => "percore",
+            FlushPolicy::Deferred => "deferred",
         }
     }
     /// Parses [`FlushPolicy::name`].
@@ -301,7 +322,7 @@ pub enum Request {
         /// Bytes wanted (rounded up to the platform's chunk).
         bytes: u64,
     },
-    /// args: [phys, len, dir]. Reply args: [iova].
+    /// args: [phys, len, dir, va]. Reply args: [iova].
     Map {
         /// Physical address of the buffer.
         phys: u64,
@@ -309,6 +330,9 @@ pub enum Request {
         len: u64,
         /// Direction.
         dir: Dir,
+        /// The client's virtual address of `phys` (0 = not given). The `va`
+        /// strategy uses it as the IOVA; the others ignore it.
+        va: u64,
     },
     /// args: [iova, len].
     Unmap {
@@ -473,10 +497,11 @@ impl Request {
                 args[2] = *flush as u64;
             }
             Request::AllocPool { bytes } => args[0] = *bytes,
-            Request::Map { phys, len, dir } => {
+            Request::Map { phys, len, dir, va } => {
                 args[0] = *phys;
                 args[1] = *len;
                 args[2] = *dir as u64;
+                args[3] = *va;
             }
             Request::Unmap { iova, len } => {
                 args[0] = *iova;
@@ -546,6 +571,7 @@ impl Request {
                 phys: a[0],
                 len: a[1],
                 dir: Dir::from_u64(a[2]).ok_or(ProtoError::BadField("unknown direction"))?,
+                va: a[3],
             })?,
             Op::Unmap => no_payload(Request::Unmap {
                 iova: a[0],
@@ -645,6 +671,7 @@ mod tests {
             phys: 0x1122_3344_5566_7788,
             len: 0x1000,
             dir: Dir::FromDevice,
+            va: 0x7f00_dead_b000,
         }
         .encode(0xA1B2_C3D4);
         assert_eq!(b.len(), 64);
@@ -659,6 +686,9 @@ mod tests {
         );
         assert_eq!(&b[24..32], &[0, 0x10, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&b[32..40], &[2, 0, 0, 0, 0, 0, 0, 0]);
+        // args[3]: the client's virtual address (the va strategy's IOVA).
+        assert_eq!(&b[40..48], &[0x00, 0xb0, 0xad, 0xde, 0x00, 0x7f, 0, 0]);
+        assert_eq!(&b[48..56], &[0; 8]);
         assert_eq!(&b[56..64], &[0; 8]);
     }
 
@@ -680,16 +710,19 @@ mod tests {
     fn arb_request() -> impl proptest::strategy::Strategy<Value = Request> {
         prop_oneof![
             any::<u64>().prop_map(|version| Request::Hello { version }),
-            (any::<u16>(), 0usize..3, 0usize..2).prop_map(|(bdf, s, f)| Request::Attach {
+            (any::<u16>(), 0usize..5, 0usize..3).prop_map(|(bdf, s, f)| Request::Attach {
                 bdf,
                 strategy: super::Strategy::ALL[s],
                 flush: FlushPolicy::ALL[f],
             }),
             any::<u64>().prop_map(|bytes| Request::AllocPool { bytes }),
-            (any::<u64>(), any::<u64>(), 1u64..4).prop_map(|(phys, len, d)| Request::Map {
-                phys,
-                len,
-                dir: Dir::from_u64(d).unwrap(),
+            (any::<u64>(), any::<u64>(), 1u64..4, any::<u64>()).prop_map(|(phys, len, d, va)| {
+                Request::Map {
+                    phys,
+                    len,
+                    dir: Dir::from_u64(d).unwrap(),
+                    va,
+                }
             }),
             (any::<u64>(), any::<u64>()).prop_map(|(iova, len)| Request::Unmap { iova, len }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(pages, returned, want)| {
@@ -731,6 +764,37 @@ mod tests {
             b.truncate(cut.min(b.len()));
             prop_assert!(cut >= 64 || Request::decode(&b).is_err());
         }
+    }
+
+    #[test]
+    fn strategy_and_flush_wire_values_and_names_are_fixed() {
+        use super::Strategy as S;
+        let s: Vec<(u64, &str)> = S::ALL.iter().map(|s| (*s as u64, s.name())).collect();
+        assert_eq!(
+            s,
+            [
+                (0, "noiommu"),
+                (1, "global"),
+                (2, "magazine"),
+                (3, "identity"),
+                (4, "va")
+            ]
+        );
+        let f: Vec<(u64, &str)> = FlushPolicy::ALL
+            .iter()
+            .map(|f| (*f as u64, f.name()))
+            .collect();
+        assert_eq!(f, [(1, "strict"), (3, "deferred"), (2, "percore")]);
+        for s in S::ALL {
+            assert_eq!(S::parse(s.name()), Some(s));
+            assert_eq!(S::from_u64(s as u64), Some(s));
+        }
+        for f in FlushPolicy::ALL {
+            assert_eq!(FlushPolicy::parse(&format!("{}\n", f.name())), Some(f));
+            assert_eq!(FlushPolicy::from_u64(f as u64), Some(f));
+        }
+        assert_eq!(S::from_u64(5), None);
+        assert_eq!(FlushPolicy::from_u64(0), None);
     }
 
     #[test]

@@ -21,8 +21,39 @@
 //! the client raises `wanted` to `t` and, if `hint_pending` was 0, sends one
 //! one-way `FlushHint`. iommud clears `hint_pending` *before* reading
 //! `wanted`, so no request is lost between the two.
+//!
+//! ## Stale window (how long an unmapped IOVA stays un-invalidated)
+//!
+//! Whoever clears entries (the client on its fast path, iommud for the
+//! unmaps it does itself) calls [`DomainPage::note_unmap`] *after* reading
+//! the epoch tag: it records the time of the oldest unmap not yet taken by a
+//! flush, and the sum and count of unmap times. iommud takes that record
+//! ([`DomainPage::take_unmaps`]) *before* it advances the epoch, and when the
+//! invalidation completes, `now - oldest` is the flush's longest window and
+//! `count * now - sum` the sum of its windows. An unmap recorded after the
+//! take is charged to the next flush (never under-estimated): if its record
+//! precedes the take, its epoch read preceded the epoch advance, so this
+//! flush covers it.
+//!
+//! ## Policy
+//!
+//! iommud publishes the domain's strategy and flush policy (wire values) in
+//! `strategy` and `flush`; the client reads them on every map and unmap, so a
+//! switch of an idle domain (`domains/<bdf>/strategy`) takes effect in the
+//! client without a message.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// CLOCK_MONOTONIC in nanoseconds (system-wide, so comparable across processes).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 /// First IOVA of a magazine domain's IOVA space. Leaf table `i` of the
 /// domain's arena maps `[MAGAZINE_IOVA_BASE + i * 2 MiB, + 2 MiB)`, so the
@@ -53,12 +84,6 @@ pub struct CpuCounters {
     pub mag_misses: AtomicU64,
     /// Dirty batches completed into clean magazines without IPC.
     pub batches_recycled: AtomicU64,
-    /// Longest time (ns) an unmapped IOVA waited for its invalidation.
-    pub stale_ns_max: AtomicU64,
-    /// Sum of per-batch stale windows (ns), for the mean.
-    pub stale_ns_sum: AtomicU64,
-    /// Batches measured in `stale_ns_sum`.
-    pub stale_batches: AtomicU64,
 }
 
 /// Page 0 of the shared memfd.
@@ -75,6 +100,18 @@ pub struct DomainPage {
     pub hint_pending: AtomicU32,
     /// Nonzero once iommud has detached the domain (client must stop).
     pub dead: AtomicU32,
+    /// The domain's strategy (`proto::Strategy` wire value), written by iommud.
+    pub strategy: AtomicU32,
+    /// The domain's flush policy (`proto::FlushPolicy` wire value), written by iommud.
+    pub flush: AtomicU32,
+    /// [`monotonic_ns`] at initialisation; unmap times are relative to it.
+    pub clock_base: AtomicU64,
+    /// Time of the oldest unmap not yet taken by a flush (0 = none).
+    pub unmap_oldest: AtomicU64,
+    /// Sum of the times of the unmaps not yet taken by a flush.
+    pub unmap_sum: AtomicU64,
+    /// Number of unmaps not yet taken by a flush.
+    pub unmap_count: AtomicU64,
     /// Client counters per CPU slot.
     pub cpu: [CpuCounters; MAX_CPUS],
 }
@@ -102,6 +139,46 @@ impl DomainPage {
         self.wanted.store(0, Ordering::SeqCst);
         self.hint_pending.store(0, Ordering::SeqCst);
         self.dead.store(0, Ordering::SeqCst);
+        self.clock_base
+            .store(monotonic_ns().saturating_sub(1), Ordering::SeqCst);
+        self.unmap_oldest.store(0, Ordering::SeqCst);
+        self.unmap_sum.store(0, Ordering::SeqCst);
+        self.unmap_count.store(0, Ordering::SeqCst);
+    }
+
+    /// Nanoseconds since initialisation (never 0).
+    pub fn now(&self) -> u64 {
+        monotonic_ns()
+            .saturating_sub(self.clock_base.load(Ordering::Relaxed))
+            .max(1)
+    }
+
+    /// Records one unmap whose entries are cleared and whose epoch tag was
+    /// read (see the module docs for the ordering).
+    pub fn note_unmap(&self) {
+        let t = self.now();
+        let _ = self
+            .unmap_oldest
+            .compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst);
+        self.unmap_sum.fetch_add(t, Ordering::SeqCst);
+        self.unmap_count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Age (ns) of the oldest unmap not yet taken by a flush.
+    pub fn oldest_unmap_age(&self) -> Option<u64> {
+        match self.unmap_oldest.load(Ordering::SeqCst) {
+            0 => None,
+            t => Some(self.now().saturating_sub(t)),
+        }
+    }
+
+    /// Takes the unmap record (iommud, before advancing the epoch):
+    /// `(oldest, sum, count)` or `None` if no unmap is waiting.
+    pub fn take_unmaps(&self) -> Option<(u64, u64, u64)> {
+        let oldest = self.unmap_oldest.swap(0, Ordering::SeqCst);
+        let count = self.unmap_count.swap(0, Ordering::SeqCst);
+        let sum = self.unmap_sum.swap(0, Ordering::SeqCst);
+        (oldest != 0 || count != 0).then_some((oldest, sum, count))
     }
 
     /// Sums one counter over all CPU slots.
