@@ -3,6 +3,7 @@
 mod demo;
 mod fault;
 mod guest;
+mod netbench;
 mod pipeline;
 mod smoke;
 mod tests;
@@ -31,6 +32,9 @@ usage: cargo xtask <command> [options]
   demo [--strategy global|magazine] [--caching-mode] [--no-translation] [--packets N]
                             boot iommud + e1000d, stream frames A->B through the IOMMU,
                             print iommud's stats and a `demo: ...` summary line
+  netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...]
+                            e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
+                            strategy and with translation off; writes target/netbench/
   help                      this text
 
 guest tests (each also a command):";
@@ -163,6 +167,7 @@ fn dispatch(args: &[String]) -> Result<()> {
             pipeline::test(host_only, keep_going)
         }
         "demo" => demo::run(rest),
+        "netbench" => netbench::run(rest),
         other => match tests::guest_tests().into_iter().find(|t| t.name == other) {
             Some(t) => (t.run)(),
             None => {

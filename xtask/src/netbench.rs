@@ -1,0 +1,426 @@
+//! `cargo xtask netbench`: packets/s and ping-pong latency of the e1000 loop in the QEMU
+//! guest, per IOVA strategy and flush policy and with translation off.
+//!
+//! ```text
+//! cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--only NAME[,NAME...]]
+//! ```
+//! One guest boot per configuration (`notrans`, `global-strict`, `magazine-strict`,
+//! `magazine-percore`): iommud on the emulated VT-d unit (`--no-translation` for
+//! `notrans`), then `e1000d loop --mapper libdma` `--reps` times with 64-byte and with
+//! 1500-byte frames (N each; every payload is checked by e1000d), then one ping-pong of
+//! `--rounds` 64-byte frames A→B→A. Per configuration and frame size the median packets/s
+//! over the reps is kept, with min and max. Writes `target/netbench/results.json` and
+//! `target/netbench/throughput-ratio.svg` (packets/s as a ratio to `notrans`). Fails if
+//! any frame was lost or corrupt.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::demo::{start_iommud, STOP_IOMMUD};
+use crate::guest::{self, GuestOutput, GuestRun};
+use crate::util::{workspace_root, Result};
+
+#[allow(dead_code)]
+#[path = "../../dmabench/src/plot.rs"]
+mod plot;
+
+const USAGE: &str =
+    "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--only NAME[,NAME...]]";
+
+/// Frame sizes measured (bytes, including the Ethernet header).
+pub const SIZES: [u64; 2] = [64, 1500];
+
+/// One guest configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Name in the results and on the command line.
+    pub name: &'static str,
+    /// `e1000d --strategy` (iommud forces no translation for `notrans`).
+    pub strategy: &'static str,
+    /// `e1000d --flush`.
+    pub flush: &'static str,
+    /// Translation on.
+    pub translate: bool,
+}
+
+/// Every configuration, the translation-off baseline first.
+pub fn configs() -> Vec<Config> {
+    let c = |name, strategy, flush, translate| Config {
+        name,
+        strategy,
+        flush,
+        translate,
+    };
+    vec![
+        c("notrans", "magazine", "percore", false),
+        c("global-strict", "global", "strict", true),
+        c("magazine-strict", "magazine", "strict", true),
+        c("magazine-percore", "magazine", "percore", true),
+    ]
+}
+
+#[derive(Clone, Debug)]
+struct Opts {
+    packets: u64,
+    rounds: u64,
+    reps: u64,
+    only: Vec<String>,
+}
+
+fn parse(args: &[String]) -> Result<Opts> {
+    let mut o = Opts {
+        packets: 10_000,
+        rounds: 2_000,
+        reps: 3,
+        only: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut val = || {
+            it.next()
+                .cloned()
+                .ok_or(format!("{a} needs a value\n{USAGE}"))
+        };
+        let num = |v: String| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or(format!("{a}: not a positive number: {v:?}"))
+        };
+        match a.as_str() {
+            "--packets" => o.packets = num(val()?)?,
+            "--rounds" => o.rounds = num(val()?)?,
+            "--reps" => o.reps = num(val()?)?,
+            "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
+            "-h" | "--help" => return Err(USAGE.into()),
+            _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
+        }
+    }
+    Ok(o)
+}
+
+/// The guest job of one configuration.
+fn script(c: &Config, o: &Opts) -> String {
+    let mut s = start_iommud(if c.translate { "" } else { "--no-translation" });
+    let base = format!(
+        "e1000d loop --mapper libdma --strategy {} --flush {}",
+        c.strategy, c.flush
+    );
+    for _ in 0..o.reps {
+        for size in SIZES {
+            let _ = writeln!(
+                s,
+                "{base} --packets {} --size {size} || echo \"netbench: loop failed size={size}\"",
+                o.packets
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "{base} --ping-pong --packets {} --size 64 || echo \"netbench: ping-pong failed\"",
+        o.rounds
+    );
+    s.push_str(STOP_IOMMUD);
+    s.push_str("exit 0\n");
+    s
+}
+
+/// `key=value` words after `prefix` on a line.
+fn fields(line: &str, prefix: &str) -> Option<BTreeMap<String, String>> {
+    let rest = line.trim().strip_prefix(prefix)?;
+    Some(
+        rest.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+fn num(m: &BTreeMap<String, String>, k: &str) -> Option<f64> {
+    m.get(k)?.parse().ok()
+}
+
+/// Median, min, max.
+fn spread(v: &[f64]) -> Option<(f64, f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let med = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    Some((med, s[0], s[n - 1]))
+}
+
+/// What one configuration measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Measured {
+    /// Per frame size: packets/s of each rep.
+    pub pps: BTreeMap<u64, Vec<f64>>,
+    /// Ping-pong round trip p50 and p99 (µs).
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// Frames sent, received, lost and corrupt over all loops and the ping-pong.
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub corrupt: u64,
+    /// `netbench: ... failed` lines.
+    pub failures: Vec<String>,
+}
+
+/// Parses a configuration's job output.
+pub fn measure<'a>(lines: impl Iterator<Item = &'a str>) -> Measured {
+    let mut m = Measured::default();
+    for l in lines {
+        let t = l.trim();
+        if let Some(f) = fields(t, "loop:") {
+            let size = num(&f, "size").unwrap_or(0.0) as u64;
+            if let Some(p) = num(&f, "pps") {
+                m.pps.entry(size).or_default().push(p);
+            }
+            m.sent += num(&f, "sent").unwrap_or(0.0) as u64;
+            m.received += num(&f, "received").unwrap_or(0.0) as u64;
+            m.lost += num(&f, "lost").unwrap_or(0.0) as u64;
+            m.corrupt += num(&f, "corrupt").unwrap_or(0.0) as u64;
+        } else if let Some(f) = fields(t, "pingpong:") {
+            m.p50_us = num(&f, "p50_us");
+            m.p99_us = num(&f, "p99_us");
+            m.sent += num(&f, "rounds").unwrap_or(0.0) as u64;
+            m.received += num(&f, "replies").unwrap_or(0.0) as u64;
+            m.lost += num(&f, "lost").unwrap_or(0.0) as u64;
+            m.corrupt += num(&f, "corrupt").unwrap_or(0.0) as u64;
+        } else if t.starts_with("netbench:") {
+            m.failures.push(t.to_string());
+        }
+    }
+    m
+}
+
+fn json_num(v: Option<f64>) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.3}"),
+        _ => "null".into(),
+    }
+}
+
+/// `results.json`: one object per configuration and frame size.
+fn to_json(rows: &[(Config, Measured)], o: &Opts) -> String {
+    let base = rows.iter().find(|(c, _)| !c.translate).map(|(_, m)| m);
+    let mut out = String::from("[\n");
+    let mut first = true;
+    for (c, m) in rows {
+        for size in SIZES {
+            let s = m.pps.get(&size).and_then(|v| spread(v));
+            let b = base.and_then(|b| b.pps.get(&size)).and_then(|v| spread(v));
+            let ratio = s.zip(b).map(|(s, b)| s.0 / b.0);
+            if !first {
+                out.push_str(",\n");
+            }
+            first = false;
+            let _ = write!(
+                out,
+                "  {{\"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \
+\"frame_bytes\": {size}, \"packets_per_rep\": {}, \"reps\": {}, \"pps\": {}, \"pps_min\": {}, \
+\"pps_max\": {}, \"ratio_to_notrans\": {}, \"pingpong_rounds\": {}, \"rtt_p50_us\": {}, \
+\"rtt_p99_us\": {}, \"sent\": {}, \"received\": {}, \"lost\": {}, \"corrupt\": {}}}",
+                c.name,
+                if c.translate { c.strategy } else { "noiommu" },
+                if c.translate { c.flush } else { "none" },
+                c.translate,
+                o.packets,
+                m.pps.get(&size).map_or(0, Vec::len),
+                json_num(s.map(|s| s.0)),
+                json_num(s.map(|s| s.1)),
+                json_num(s.map(|s| s.2)),
+                json_num(ratio),
+                o.rounds,
+                json_num(m.p50_us),
+                json_num(m.p99_us),
+                m.sent,
+                m.received,
+                m.lost,
+                m.corrupt
+            );
+        }
+    }
+    out.push_str("\n]\n");
+    out
+}
+
+fn ratio_chart(rows: &[(Config, Measured)]) -> plot::Chart {
+    let base = rows.iter().find(|(c, _)| !c.translate).map(|(_, m)| m);
+    let med = |m: &Measured, size: u64| m.pps.get(&size).and_then(|v| spread(v)).map(|s| s.0);
+    plot::Chart {
+        title: "e1000 loop in the QEMU guest (TCG): packets/s relative to translation off".into(),
+        x_label: "frame size (bytes)".into(),
+        y_label: "throughput / throughput with translation off (ratio)".into(),
+        groups: SIZES.iter().map(|s| s.to_string()).collect(),
+        series: rows
+            .iter()
+            .map(|(c, m)| plot::Series {
+                name: if c.translate {
+                    format!("{} / {}", c.strategy, c.flush)
+                } else {
+                    "translation off".into()
+                },
+                values: SIZES
+                    .iter()
+                    .map(|&size| {
+                        let b = base.and_then(|b| med(b, size))?;
+                        med(m, size).map(|v| v / b)
+                    })
+                    .collect(),
+            })
+            .collect(),
+        scale: plot::Scale::Linear,
+    }
+}
+
+/// `cargo xtask netbench`.
+pub fn run(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    let chosen: Vec<Config> = configs()
+        .into_iter()
+        .filter(|c| o.only.is_empty() || o.only.iter().any(|n| n == c.name))
+        .collect();
+    if chosen.is_empty() {
+        return Err(format!("--only matches no configuration\n{USAGE}"));
+    }
+    println!(
+        "xtask netbench: {} boots; per boot {} x {} frames of {:?} B, then {} ping-pong rounds",
+        chosen.len(),
+        o.reps,
+        o.packets,
+        SIZES,
+        o.rounds
+    );
+    let mut rows: Vec<(Config, Measured)> = Vec::new();
+    let mut bad = Vec::new();
+    for c in chosen {
+        // Boot and settling (~15 s), plus the loops at a pessimistic 500 frames/s.
+        let secs = 120 + (o.reps * o.packets * 2 + o.rounds) / 500;
+        let run = GuestRun::new(format!("netbench-{}", c.name), script(&c, &o))
+            .package("iommud")
+            .package("e1000d")
+            .timeout(Duration::from_secs(secs))
+            .echo(false);
+        let out: GuestOutput = guest::run(&run)?;
+        let m = measure(out.job_lines());
+        let med = |size: u64| {
+            m.pps
+                .get(&size)
+                .and_then(|v| spread(v))
+                .map_or("-".into(), |s| {
+                    format!("{:.0} ({:.0}-{:.0})", s.0, s.1, s.2)
+                })
+        };
+        println!(
+            "{:<17} 64 B: {:>22} pps  1500 B: {:>22} pps  rtt p50 {} µs p99 {} µs  lost {} corrupt {}  ({:.0} s, log {})",
+            c.name,
+            med(64),
+            med(1500),
+            json_num(m.p50_us),
+            json_num(m.p99_us),
+            m.lost,
+            m.corrupt,
+            out.duration.as_secs_f64(),
+            out.log_path.display()
+        );
+        if !out.success() || m.lost != 0 || m.corrupt != 0 || !m.failures.is_empty() {
+            bad.push(format!(
+                "{}: exit {:?}, lost {}, corrupt {}, {:?} (log {})",
+                c.name,
+                out.exit_marker,
+                m.lost,
+                m.corrupt,
+                m.failures,
+                out.log_path.display()
+            ));
+        }
+        for size in SIZES {
+            if m.pps.get(&size).is_none_or(|v| v.len() as u64 != o.reps) {
+                bad.push(format!("{}: missing loop results for {size} B", c.name));
+            }
+        }
+        rows.push((c, m));
+    }
+    let dir = workspace_root().join("target").join("netbench");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let write = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    write("results.json", to_json(&rows, &o))?;
+    write("throughput-ratio.svg", plot::svg(&ratio_chart(&rows)))?;
+    println!(
+        "wrote {0}/results.json, {0}/throughput-ratio.svg",
+        dir.display()
+    );
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("netbench: {}", bad.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_loops_and_ping_pong() {
+        let text = "\
+loop: sent=100 received=100 corrupt=0 lost=0 duplicate=0 foreign=0 pps=1000.0 size=64 window=32
+loop: sent=100 received=99 corrupt=0 lost=1 duplicate=0 foreign=0 pps=3000.0 size=64 window=32
+loop: sent=100 received=100 corrupt=0 lost=0 duplicate=0 foreign=0 pps=2000.0 size=64 window=32
+loop: sent=100 received=100 corrupt=0 lost=0 duplicate=0 foreign=0 pps=500.5 size=1500 window=32
+pingpong: rounds=10 replies=10 corrupt=0 lost=0 p50_us=120.5 p99_us=300.0 max_us=301.0
+netbench: loop failed size=64
+";
+        let m = measure(text.lines());
+        assert_eq!(m.pps[&64], vec![1000.0, 3000.0, 2000.0]);
+        assert_eq!(spread(&m.pps[&64]), Some((2000.0, 1000.0, 3000.0)));
+        assert_eq!(m.pps[&1500], vec![500.5]);
+        assert_eq!((m.p50_us, m.p99_us), (Some(120.5), Some(300.0)));
+        assert_eq!((m.sent, m.received, m.lost, m.corrupt), (410, 409, 1, 0));
+        assert_eq!(m.failures.len(), 1);
+    }
+
+    #[test]
+    fn script_runs_every_size_per_rep_and_one_ping_pong() {
+        let o = parse(&["--reps".into(), "2".into(), "--packets".into(), "7".into()]).unwrap();
+        let s = script(&configs()[0], &o);
+        assert!(s.contains("--no-translation"));
+        assert_eq!(s.matches("failed size=64").count(), 2);
+        assert_eq!(s.matches("failed size=1500").count(), 2);
+        assert_eq!(s.matches("--ping-pong").count(), 1);
+        assert!(s.contains("--packets 7 --size 1500"));
+        assert!(parse(&["--reps".into(), "0".into()]).is_err());
+    }
+
+    #[test]
+    fn ratios_against_translation_off() {
+        let mk = |a: f64, b: f64| Measured {
+            pps: BTreeMap::from([(64, vec![a]), (1500, vec![b])]),
+            ..Measured::default()
+        };
+        let cs = configs();
+        let rows = vec![
+            (cs[0].clone(), mk(1000.0, 400.0)),
+            (cs[3].clone(), mk(900.0, 400.0)),
+        ];
+        let ch = ratio_chart(&rows);
+        assert_eq!(ch.series[0].values, vec![Some(1.0), Some(1.0)]);
+        assert_eq!(ch.series[1].values, vec![Some(0.9), Some(1.0)]);
+        let o = parse(&[]).unwrap();
+        let j = to_json(&rows, &o);
+        assert!(j.contains("\"ratio_to_notrans\": 0.900"), "{j}");
+        assert!(j.contains("\"strategy\": \"noiommu\""));
+    }
+}
