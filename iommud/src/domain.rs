@@ -180,6 +180,9 @@ struct Inner {
     dirty: HashMap<u64, DirtyPage>,
     /// Server-side unmaps since the last flush (the deferred trigger).
     queued: usize,
+    /// Parked table → tag of its latest detach (a revived table can be
+    /// detached again; only the latest park may free it).
+    table_tag: HashMap<u64, u64>,
 }
 
 /// A protection domain.
@@ -261,6 +264,7 @@ impl Domain {
                 ref_maps: HashMap::new(),
                 dirty: HashMap::new(),
                 queued: 0,
+                table_tag: HashMap::new(),
             }),
             shared,
             shared_fd: Arc::new(fd),
@@ -411,7 +415,7 @@ impl Domain {
             };
             if widened {
                 // A present entry changed: invalidate before the device relies on it.
-                self.flush_with(self.unit.iotlb_range(self.did, base, pages, true))?;
+                self.flush()?;
             } else if self.unit.caching_mode() {
                 // §6.1: with CAP.CM, non-present → present changes must be invalidated too.
                 self.unit
@@ -438,10 +442,6 @@ impl Domain {
             .iova
             .alloc(alloc_bytes, alloc_bytes.min(32 * PAGE))
             .ok_or_else(|| reply(ErrorCode::NoSpace, "IOVA space exhausted"))?;
-        if i.pt.covers_detached(iova, alloc_bytes) {
-            i.iova.free(iova, alloc_bytes);
-            return Ok(MapPlan::FlushFirst);
-        }
         let r = self.ensure_leaves(i, iova, alloc_bytes).and_then(|_| {
             Ok(i.pt.map(self.mem(), iova, phys - off, pages, dir.read(), dir.write())?)
         });
@@ -502,7 +502,7 @@ impl Domain {
         }
         let (r, w) = (dir.read(), dir.write());
         // Decide before changing anything.
-        let mut flush_first = i.pt.covers_detached(base, pages * PAGE);
+        let mut flush_first = false;
         for k in 0..pages {
             let (v, p) = (base + k * PAGE, pbase + k * PAGE);
             if let Some(e) = i.refs.get(&v) {
@@ -617,8 +617,10 @@ impl Domain {
             );
             i.parked.push((tag, Parked::Page(v)));
         }
-        i.parked
-            .extend(detached.into_iter().map(|t| (tag, Parked::Table(t))));
+        for t in detached {
+            i.table_tag.insert(t, tag);
+            i.parked.push((tag, Parked::Table(t)));
+        }
         tag
     }
 
@@ -631,7 +633,7 @@ impl Domain {
         }
         let base = iova & !(PAGE - 1);
         let pages = (iova % PAGE + len).div_ceil(PAGE);
-        let (tag, ih) = match i.strategy {
+        let tag = match i.strategy {
             Strategy::Identity | Strategy::Va => {
                 let n = i.ref_maps.get_mut(&(iova, len)).ok_or_else(|| {
                     reply(
@@ -649,8 +651,7 @@ impl Domain {
                     stats::add(&self.stats.unmaps, 1);
                     return Ok(());
                 }
-                let ih = detached.is_empty();
-                (self.park_cleared(&mut i, cleared, detached), ih)
+                self.park_cleared(&mut i, cleared, detached)
             }
             _ => {
                 let m = *i.mapped.get(&base).ok_or_else(|| {
@@ -664,7 +665,6 @@ impl Domain {
                 }
                 i.mapped.remove(&base);
                 let detached = i.pt.unmap(self.mem(), base, m.pages)?;
-                let ih = detached.is_empty();
                 let tag = self.park_cleared(&mut i, Vec::new(), detached);
                 self.page().note_unmap();
                 i.parked.push((
@@ -674,7 +674,7 @@ impl Domain {
                         bytes: m.alloc_bytes,
                     },
                 ));
-                (tag, ih)
+                tag
             }
         };
         i.queued += 1;
@@ -682,9 +682,7 @@ impl Domain {
         drop(i);
         stats::add(&self.stats.unmaps, 1);
         match flush {
-            FlushPolicy::Strict => {
-                self.flush_with(self.unit.iotlb_range(self.did, base, pages, ih))?;
-            }
+            FlushPolicy::Strict => self.flush()?,
             FlushPolicy::PerCore if parked >= SERVER_BATCH => self.flush()?,
             FlushPolicy::PerCore => {
                 self.page().wanted.fetch_max(tag, SeqCst);
@@ -697,6 +695,12 @@ impl Domain {
     }
 
     /// A domain-selective invalidation that completes the current epoch.
+    ///
+    /// Every invalidation that completes an epoch is domain-selective, strict
+    /// unmaps included: completing epoch `e` releases *everything* parked
+    /// under tags ≤ `e` (other unmaps' IOVAs, pages and tables too), so the
+    /// invalidation must cover all of them, which a page-selective one of
+    /// the unmapped range does not.
     pub fn flush(&self) -> Result<(), DomainError> {
         self.flush_with(self.unit.iotlb_domain(self.did))
     }
@@ -771,15 +775,20 @@ impl Domain {
             .into_iter()
             .partition(|(t, _)| *t <= completed);
         i.parked = keep;
-        for (_, what) in done {
+        for (tag, what) in done {
             match what {
                 Parked::Iova { iova, bytes } => {
                     i.iova.free(iova, bytes);
                 }
                 Parked::Table(t) => {
-                    i.pt.release_detached(t);
-                    self.mem().free_frame(t);
-                    stats::add(&self.stats.pt_freed, 1);
+                    if i.table_tag.get(&t) == Some(&tag) {
+                        i.table_tag.remove(&t);
+                        // Not if a map revived it meanwhile (it is live again).
+                        if i.pt.release_detached(t) {
+                            self.mem().free_frame(t);
+                            stats::add(&self.stats.pt_freed, 1);
+                        }
+                    }
                 }
                 Parked::Page(v) => {
                     // Only if not cleared again since (a newer tag) or revived.
@@ -990,11 +999,10 @@ impl Domain {
         for t in pt.teardown(owned) {
             mem.free_frame(t);
         }
-        for (_, p) in i.parked.drain(..) {
-            if let Parked::Table(t) = p {
-                mem.free_frame(t);
-            }
-        }
+        // Detached tables are among what the table gives back (it owns them
+        // until released); the parked list only refers to them.
+        i.parked.clear();
+        i.table_tag.clear();
         if let Some(a) = arena {
             mem.free_region(&a);
         }

@@ -15,8 +15,10 @@
 //!
 //! Until that invalidation, the range a detached table covered must not get
 //! a *new* table either: a paging-structure cache may still lead a walk into
-//! the detached one. [`PageTable::covers_detached`] tells the domain to flush
-//! before such a map; [`PageTable::release_detached`] ends the wait.
+//! the detached one. So a map there links the detached table (still zeroed,
+//! still owned) back in instead of allocating one, and the cached walk and
+//! the tables agree again; [`PageTable::release_detached`] tells the domain
+//! whether a parked table is still detached (free it) or was revived (keep).
 //!
 //! **Pinned leaf tables.** In delegated trust mode the client writes leaf
 //! entries itself into leaf tables iommud installs for the IOVA ranges it
@@ -74,8 +76,8 @@ pub struct PageTable {
     reclaim: bool,
     coherent: bool,
     counts: TableCounts,
-    /// Detached tables not yet released: table → (first IOVA, bytes covered).
-    detached: HashMap<u64, (u64, u64)>,
+    /// Detached tables not yet released, by (first IOVA, level of the table).
+    detached: HashMap<(u64, u8), u64>,
 }
 
 impl PageTable {
@@ -174,7 +176,14 @@ impl PageTable {
             table = if e.present() {
                 e.addr()
             } else if create {
-                let t = mem.alloc_frame()?;
+                let slot = (iova & !(level_size(level) - 1), level - 1);
+                let t = match self.detached.remove(&slot) {
+                    Some(t) => t, // revived: empty, and what a cached walk expects
+                    None => {
+                        self.counts.allocated += 1;
+                        mem.alloc_frame()?
+                    }
+                };
                 self.tables.insert(
                     t,
                     TableInfo {
@@ -183,7 +192,6 @@ impl PageTable {
                         pinned: false,
                     },
                 );
-                self.counts.allocated += 1;
                 self.counts.live += 1;
                 self.write_entry(mem, at, SlPte::table(t).0)?;
                 if let Some(p) = self.tables.get_mut(&table) {
@@ -328,8 +336,8 @@ impl PageTable {
             let at = parent + (level_index(iova, parent_level) * PTE_BYTES) as u64;
             self.write_entry(mem, at, 0)?;
             self.tables.remove(&child);
-            let span = level_size(parent_level);
-            self.detached.insert(child, (iova & !(span - 1), span));
+            self.detached
+                .insert((iova & !(level_size(parent_level) - 1), info.level), child);
             self.counts.detached += 1;
             self.counts.live -= 1;
             out.push(child);
@@ -371,18 +379,15 @@ impl PageTable {
         Ok(())
     }
 
-    /// True if `[iova, iova+bytes)` overlaps the range of a detached table
-    /// whose invalidation has not completed (flush before mapping there).
-    pub fn covers_detached(&self, iova: u64, bytes: u64) -> bool {
-        let end = iova.saturating_add(bytes);
-        self.detached
-            .values()
-            .any(|&(base, span)| base < end && iova < base + span)
-    }
-
-    /// The invalidation covering detached table `table` completed.
-    pub fn release_detached(&mut self, table: u64) {
-        self.detached.remove(&table);
+    /// The invalidation covering detached table `table` completed: true if
+    /// it is still detached (the caller frees it now), false if a map
+    /// revived it since.
+    pub fn release_detached(&mut self, table: u64) -> bool {
+        let slot = self
+            .detached
+            .iter()
+            .find_map(|(k, t)| (*t == table).then_some(*k));
+        slot.map(|k| self.detached.remove(&k)).is_some()
     }
 
     /// Rewrites the rights of the present leaf entry of `iova` (the caller
@@ -448,11 +453,13 @@ impl PageTable {
         Ok(None)
     }
 
-    /// All table pages iommud allocated (not pinned leaves owned by others),
+    /// All table pages iommud allocated, detached ones not yet released
+    /// included (not pinned leaves owned by others),
     /// for freeing at domain teardown; the table must not be used after.
     pub fn teardown(self, owned_by_caller: impl Fn(u64) -> bool) -> Vec<u64> {
         self.tables
             .keys()
+            .chain(self.detached.values())
             .copied()
             .filter(|p| !owned_by_caller(*p))
             .collect()

@@ -85,13 +85,15 @@ impl State {
 
     /// Removes and tears down a domain.
     pub fn detach(&self, sid: u16) {
-        let d = self
-            .domains
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&sid);
+        // Tear down before the domain leaves the list, so whoever sees it
+        // gone also sees the device blocked.
+        let d = self.domain(sid);
         if let Some(d) = d {
             d.teardown();
+            self.domains
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&sid);
             log::info(&format!(
                 "{}: detached, mappings reclaimed",
                 bdf_string(sid)
