@@ -11,7 +11,9 @@
 //! `--rounds` 64-byte frames A→B→A. Per configuration and frame size the median packets/s
 //! over the reps is kept, with min and max. Writes `target/netbench/results.json` and
 //! `target/netbench/throughput-ratio.svg` (packets/s as a ratio to `notrans`). Fails if
-//! any frame was lost or corrupt.
+//! any frame was lost or corrupt. Defaults: 4000 frames, 3 reps, 1000 rounds: about
+//! 6 minutes on 2 vCPUs under TCG, most of it in the strict rows (a blocking round trip
+//! to iommud per map and unmap, 0.25-1.5 ms each in the guest).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -70,8 +72,8 @@ struct Opts {
 
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
-        packets: 10_000,
-        rounds: 2_000,
+        packets: 4_000,
+        rounds: 1_000,
         reps: 3,
         only: Vec::new(),
     };
