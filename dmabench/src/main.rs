@@ -13,6 +13,7 @@
 mod harness;
 mod peers;
 mod plot;
+mod ptblowup;
 mod results;
 mod served;
 
@@ -145,6 +146,17 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("dmabench client: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.iter().any(|a| a == "--ptblowup") {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
+        let out = ptblowup::default_out(workspace.unwrap_or(Path::new(".")));
+        return match ptblowup::main(&args, out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dmabench --ptblowup: {e}");
                 ExitCode::FAILURE
             }
         };
