@@ -15,11 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use linuxhw::dmar::{Dmar, Drhd};
+use linuxhw::dmar::Dmar;
 use linuxhw::hugemem::{HugeRegion, HUGE_PAGE_SIZE};
 use linuxhw::mmio::MmioRegion;
 use linuxhw::PAGE_SIZE;
-use vtd::regs::{Cap, Ecap, CAP, ECAP};
+use vtd::regs::{CAP, ECAP};
+
+pub use super::drhd::{choose_drhd, register_span, MAX_REG_SPAN};
 
 use crate::hw::{HwError, Mmio, PhysMem, Region};
 
@@ -29,8 +31,6 @@ const FRAME: u64 = PAGE_SIZE as u64;
 const CACHE_LINE: usize = 64;
 /// Small pages allocated at once when the table-frame pool grows on the small-page source.
 const SMALL_POOL_PAGES: usize = 16;
-/// Upper bound on the register span we will map (VT-d offsets are at most 0x3ff0 + 256 * 16).
-const MAX_REG_SPAN: usize = 0x1_0000;
 
 /// Converts a `linuxhw` error into [`HwError::Os`], keeping the OS error kind when there is
 /// one and the full message (path, address) always.
@@ -55,22 +55,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 // ---------------------------------------------------------------------------------------
 // Registers
 // ---------------------------------------------------------------------------------------
-
-/// Bytes of register space a unit with these CAP/ECAP values needs mapped, rounded up to
-/// whole 4 KiB pages and at least `min` (e.g. from the DRHD size field).
-///
-/// VT-d 3.x §10.4.2/§10.4.3: the fault recording registers (128 bits each, NFR+1 of them)
-/// start at CAP.FRO * 16; the IOTLB registers (IVA at +0, IOTLB at +8) at ECAP.IRO * 16.
-pub fn register_span(cap: u64, ecap: u64, min: usize) -> usize {
-    let cap = Cap(cap);
-    let ecap = Ecap(ecap);
-    let frcd_end = cap.fro_bytes() + usize::from(cap.nfr()) * 16;
-    let iotlb_end = ecap.iro_bytes() + 16;
-    let need = frcd_end.max(iotlb_end).max(min).max(PAGE_SIZE);
-    // Both offsets are 10-bit fields times 16 and NFR <= 256, so `need` is small unless `min`
-    // is absurd; clamp so a corrupt DRHD size cannot make us map megabytes of MMIO.
-    need.min(MAX_REG_SPAN).next_multiple_of(PAGE_SIZE)
-}
 
 /// One VT-d unit's registers, mapped through `/dev/mem`.
 ///
@@ -171,14 +155,6 @@ impl Mmio for LinuxMmio {
             self.bug("write64", off, &e);
         }
     }
-}
-
-/// The DRHD iommud drives: the first with INCLUDE_PCI_ALL, else the first listed.
-pub fn choose_drhd(dmar: &Dmar) -> Option<&Drhd> {
-    dmar.drhds
-        .iter()
-        .find(|d| d.include_pci_all())
-        .or_else(|| dmar.drhds.first())
 }
 
 /// Finds the VT-d unit through `/sys/firmware/acpi/tables/DMAR` and maps its registers.
@@ -609,7 +585,7 @@ impl PhysMem for HugeMem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use linuxhw::dmar::DRHD_INCLUDE_PCI_ALL;
+    use linuxhw::dmar::{Drhd, DRHD_INCLUDE_PCI_ALL};
     use std::os::fd::AsRawFd;
 
     /// QEMU's intel-iommu, as measured in the guest (DESIGN.md).

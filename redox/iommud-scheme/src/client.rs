@@ -76,7 +76,10 @@ impl<E: Endpoint> Channel<E> {
     /// Maps `len` bytes at byte `within` of the region in `slot`.
     pub fn map_slot(&mut self, slot: usize, within: u64, len: usize) -> io::Result<*mut u8> {
         if slot >= self.slots || within >= REGION_SPAN {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "no such region slot"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no such region slot",
+            ));
         }
         self.ep.map(slot as u64 * REGION_SPAN + within, len)
     }

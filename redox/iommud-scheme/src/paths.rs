@@ -13,6 +13,10 @@ pub const PHYS_UNCACHED: &str = "/scheme/memory/physical@uc";
 /// Zeroed, physically contiguous memory for tables and DMA pools.
 pub const DMA_ZEROED: &str = "/scheme/memory/zeroed?phys_contiguous";
 
+/// Virtual → physical address translation of the caller's own pages: `call`
+/// with a native-endian address in the buffer gives the physical address back.
+pub const TRANSLATION: &str = "/scheme/memory/translation";
+
 /// Environment variable through which pcid-spawner hands a driver its PCI channel fd.
 pub const PCID_CHANNEL_ENV: &str = "PCID_CLIENT_CHANNEL";
 
@@ -31,7 +35,8 @@ pub fn dmar_table<I: IntoIterator<Item = String>>(names: I) -> Option<String> {
 
 /// Parses the pcid channel fd from the value of [`PCID_CHANNEL_ENV`].
 pub fn pcid_channel(value: Option<&str>) -> Result<usize, String> {
-    let v = value.ok_or_else(|| format!("{PCID_CHANNEL_ENV} not set: start me from pcid-spawner"))?;
+    let v =
+        value.ok_or_else(|| format!("{PCID_CHANNEL_ENV} not set: start me from pcid-spawner"))?;
     v.trim()
         .parse()
         .map_err(|_| format!("{PCID_CHANNEL_ENV}={v:?} is not an fd number"))
@@ -61,7 +66,9 @@ pub fn bdf_of_pci_path(path: &str) -> Option<u16> {
 /// bytes); `None` for an I/O BAR. A 64-bit BAR takes BAR1 as its high half.
 pub fn bar0(config: &[u8]) -> Option<u64> {
     let dword = |off: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(config.get(off..off + 4)?.try_into().ok()?))
+        Some(u32::from_le_bytes(
+            config.get(off..off + 4)?.try_into().ok()?,
+        ))
     };
     // PCI Local Bus 3.0 §6.2.5.1: bit 0 = I/O space, bits 2:1 = type (2 = 64-bit).
     let lo = dword(0x10)?;
@@ -98,8 +105,14 @@ mod tests {
 
     #[test]
     fn bdf_comes_from_any_pci_address_form() {
-        assert_eq!(bdf_of_pci_path("/scheme/pci/0000--00--03.0/channel"), Some(0x18));
-        assert_eq!(bdf_of_pci_path("/scheme/pci/0000:00:02.0/channel"), Some(0x10));
+        assert_eq!(
+            bdf_of_pci_path("/scheme/pci/0000--00--03.0/channel"),
+            Some(0x18)
+        );
+        assert_eq!(
+            bdf_of_pci_path("/scheme/pci/0000:00:02.0/channel"),
+            Some(0x10)
+        );
         assert_eq!(bdf_of_pci_path("pci:00:01.0"), Some(0x08));
         assert_eq!(bdf_of_pci_path("/scheme/pci/0000--00--20.0"), None); // dev 0x20 > 31
         assert_eq!(bdf_of_pci_path("/scheme/pci/channel"), None);

@@ -82,7 +82,9 @@ impl RegionMapper for FdMapper {
             )
         };
         if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(EINVAL);
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(EINVAL);
             return Err(Error::new(e));
         }
         self.maps.insert(key, (p as usize, len));
@@ -247,7 +249,9 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
             return Err(Error::new(EINVAL));
         }
         let text = self.node_text(id, offset == 0)?;
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(text.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(text.len());
         let n = buf.len().min(text.len() - start);
         buf[..n].copy_from_slice(&text[start..start + n]);
         Ok(n)
@@ -374,7 +378,7 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
         let share = shares.get(slot).ok_or(Error::new(EINVAL))?;
         let (base, len) = self.mapper.map(share)?;
         let end = within.checked_add(size as u64).ok_or(Error::new(EINVAL))?;
-        if within % PAGE != 0 || size == 0 || end > len {
+        if !within.is_multiple_of(PAGE) || size == 0 || end > len {
             return Err(Error::new(EINVAL));
         }
         Ok(base + within as usize)

@@ -6,7 +6,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -53,17 +56,29 @@ fn scripts() -> String {
     all()
         .iter()
         .filter(|p| p.file_name().unwrap() == "recipe.toml")
-        .map(|p| toml_of(p)["build"]["script"].as_str().unwrap_or("").to_string())
+        .map(|p| {
+            toml_of(p)["build"]["script"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect()
 }
 
 #[test]
 fn there_are_recipes_for_iommud_and_e1000d_and_every_toml_parses() {
     let files = all();
-    for want in ["iommud/recipe.toml", "e1000d/recipe.toml", "recipes/README.md"] {
+    for want in [
+        "iommud/recipe.toml",
+        "e1000d/recipe.toml",
+        "recipes/README.md",
+    ] {
         assert!(files.iter().any(|p| p.ends_with(want)), "missing {want}");
     }
-    for p in files.iter().filter(|p| p.extension().is_some_and(|e| e == "toml")) {
+    for p in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+    {
         toml_of(p);
     }
 }
@@ -71,15 +86,27 @@ fn there_are_recipes_for_iommud_and_e1000d_and_every_toml_parses() {
 #[test]
 fn recipe_paths_exist_in_the_workspace() {
     let recipes_dir = workspace().join("recipes");
-    for p in all().iter().filter(|p| p.file_name().unwrap() == "recipe.toml") {
+    for p in all()
+        .iter()
+        .filter(|p| p.file_name().unwrap() == "recipe.toml")
+    {
         let dir = p.parent().unwrap();
         let t = toml_of(p);
         let src = t["source"]["path"].as_str().expect("source.path");
         let root = dir.join(src).canonicalize().unwrap();
-        assert_eq!(root, workspace(), "{}: source.path is not the workspace", p.display());
+        assert_eq!(
+            root,
+            workspace(),
+            "{}: source.path is not the workspace",
+            p.display()
+        );
         let build = t["build"].as_table().expect("[build]");
         let cargo = build["cargopath"].as_str().expect("build.cargopath");
-        assert!(root.join(cargo).join("Cargo.toml").is_file(), "{}: {cargo}", p.display());
+        assert!(
+            root.join(cargo).join("Cargo.toml").is_file(),
+            "{}: {cargo}",
+            p.display()
+        );
         let script = build["script"].as_str().expect("build.script");
         for rel in script_paths(script, "COOKBOOK_SOURCE") {
             assert!(root.join(&rel).exists(), "{}: {rel}", p.display());
@@ -90,7 +117,10 @@ fn recipe_paths_exist_in_the_workspace() {
         if let Some(deps) = t.get("package").and_then(|p| p.get("dependencies")) {
             for d in deps.as_array().unwrap() {
                 let d = d.as_str().unwrap();
-                assert!(recipes_dir.join(d).join("recipe.toml").is_file(), "dependency {d}");
+                assert!(
+                    recipes_dir.join(d).join("recipe.toml").is_file(),
+                    "dependency {d}"
+                );
             }
         }
     }
@@ -100,7 +130,10 @@ fn recipe_paths_exist_in_the_workspace() {
 fn pcid_config_binds_the_e1000_to_a_driver_a_recipe_installs() {
     let scripts = scripts();
     let mut seen = false;
-    for p in all().iter().filter(|p| p.parent().unwrap().ends_with("pcid.d")) {
+    for p in all()
+        .iter()
+        .filter(|p| p.parent().unwrap().ends_with("pcid.d"))
+    {
         let t = toml_of(p);
         for d in t["drivers"].as_array().expect("[[drivers]]") {
             let int = |k: &str| d[k].as_integer().unwrap_or_else(|| panic!("{k}"));
@@ -114,7 +147,10 @@ fn pcid_config_binds_the_e1000_to_a_driver_a_recipe_installs() {
             }
         }
     }
-    assert!(seen, "no pcid config binds class 0x02 vendor 0x8086 device 0x100e");
+    assert!(
+        seen,
+        "no pcid config binds class 0x02 vendor 0x8086 device 0x100e"
+    );
 }
 
 #[test]
@@ -131,7 +167,9 @@ fn init_file_starts_a_daemon_a_recipe_installs() {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let prog = line.strip_prefix("notify ").expect("init lines are `notify <daemon>`");
+            let prog = line
+                .strip_prefix("notify ")
+                .expect("init lines are `notify <daemon>`");
             assert!(
                 scripts.contains(&format!("/usr/bin/{prog}\"")),
                 "{}: {prog} is not installed to /usr/bin by any recipe",

@@ -125,7 +125,10 @@ fn shared_table_gives_the_same_answers_as_the_tree() {
         match want {
             Ok(prefix) => {
                 let text = got.unwrap_or_else(|e| panic!("{path:?}: {e}"));
-                assert!(text.starts_with(prefix), "{path:?}: {text:?} lacks {prefix:?}");
+                assert!(
+                    text.starts_with(prefix),
+                    "{path:?}: {text:?} lacks {prefix:?}"
+                );
                 let tree = SchemeTree::read(&*st, path).expect("tree read");
                 assert_eq!(without_uptime(&text), without_uptime(&tree), "{path:?}");
             }
@@ -147,7 +150,12 @@ fn stats_reads_like_the_tree_and_bad_paths_are_enoent() {
         without_uptime(&text),
         without_uptime(&SchemeTree::read(&*st, "stats").unwrap())
     );
-    for p in ["nonesuch", "domains/zz/stats", "domains/00:01.0/x", "domains/00:01.0/session/x"] {
+    for p in [
+        "nonesuch",
+        "domains/zz/stats",
+        "domains/00:01.0/x",
+        "domains/00:01.0/session/x",
+    ] {
         assert_eq!(open(&mut s, p, O_RDONLY).unwrap_err().errno, ENOENT, "{p}");
     }
     assert_eq!(s.open_handles(), 0);
@@ -167,12 +175,18 @@ fn writing_strategy_switches_an_idle_domain_and_read_only_nodes_refuse() {
     assert_eq!(via_scheme, via_tree);
     let want = SchemeTree::read(&*st, "domains/00:01.0/strategy").unwrap();
     assert_eq!(read_all(&mut s, id).unwrap(), want);
-    assert_eq!(s.write(id, b"nonsense", 0, 0, &ctx()).unwrap_err().errno, EINVAL);
+    assert_eq!(
+        s.write(id, b"nonsense", 0, 0, &ctx()).unwrap_err().errno,
+        EINVAL
+    );
     let r = open(&mut s, "reclaim", O_RDWR).unwrap();
     assert_eq!(s.write(r, b"off\n", 0, 0, &ctx()), Ok(4));
     assert_eq!(read_all(&mut s, r).unwrap(), "off\n");
     let stats = open(&mut s, "stats", O_RDWR).unwrap();
-    assert_eq!(s.write(stats, b"x", 0, 0, &ctx()).unwrap_err().errno, EACCES);
+    assert_eq!(
+        s.write(stats, b"x", 0, 0, &ctx()).unwrap_err().errno,
+        EACCES
+    );
 }
 
 #[test]
@@ -190,9 +204,14 @@ fn malformed_frames_are_einval_and_calls_need_a_session() {
     }
     let stats = open(&mut s, "stats", O_RDONLY).unwrap();
     let mut frame = Request::FlushSync.encode(1);
-    assert_eq!(s.call(stats, &mut frame, &[], &ctx()).unwrap_err().errno, EBADF);
+    assert_eq!(
+        s.call(stats, &mut frame, &[], &ctx()).unwrap_err().errno,
+        EBADF
+    );
     // Offsets naming no offered region.
-    let e = s.mmap_prep(id, 0, 4096, MapFlags::empty(), &ctx()).unwrap_err();
+    let e = s
+        .mmap_prep(id, 0, 4096, MapFlags::empty(), &ctx())
+        .unwrap_err();
     assert_eq!(e.errno, EINVAL);
 }
 
