@@ -602,9 +602,8 @@ impl Domain {
     fn park_cleared(&self, i: &mut Inner, cleared: Vec<(u64, PageRef)>, detached: Vec<u64>) -> u64 {
         std::sync::atomic::fence(SeqCst);
         let tag = self.page().epoch.load(SeqCst);
-        if !cleared.is_empty() || !detached.is_empty() {
-            self.page().note_unmap();
-        }
+        // iommud's own unmaps use slot 0 of the unmap record.
+        self.page().note_unmap(0);
         for (v, e) in cleared {
             i.dirty.insert(
                 v,
@@ -666,7 +665,6 @@ impl Domain {
                 i.mapped.remove(&base);
                 let detached = i.pt.unmap(self.mem(), base, m.pages)?;
                 let tag = self.park_cleared(&mut i, Vec::new(), detached);
-                self.page().note_unmap();
                 i.parked.push((
                     tag,
                     Parked::Iova {

@@ -11,6 +11,7 @@
 //! disabled. Per-thread caches would avoid even that, but strand IOVAs in
 //! idle threads; per-CPU slots bound the cached IOVAs by the CPU count.
 
+use crate::carrier::{Share, Transport};
 use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache, FlushQueue};
 use crate::proto::{
     Dir, ErrorCode, FlushPolicy, ProtoError, Reply, Request, Strategy, MAX_MESSAGE, VERSION,
@@ -19,8 +20,8 @@ use crate::shared::{
     DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, MAGAZINE_IOVA_BASE, MAX_CPUS, SHARED_LEN,
 };
 use crate::shm::{flush_cache_range, Mapping};
-use crate::transport::SeqPacket;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
+#[cfg(not(target_os = "redox"))]
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Mutex, MutexGuard};
@@ -66,15 +67,21 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 struct Conn {
-    sock: SeqPacket,
+    link: Box<dyn Transport>,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl Conn {
+    #[cfg(not(target_os = "redox"))]
     fn connect(path: &Path) -> Result<Conn> {
+        Conn::over(Box::new(crate::transport::SeqPacket::connect(path)?))
+    }
+
+    /// A connection over any carrier (see [`crate::carrier`]).
+    fn over(link: Box<dyn Transport>) -> Result<Conn> {
         let mut c = Conn {
-            sock: SeqPacket::connect(path)?,
+            link,
             seq: 0,
             buf: vec![0; MAX_MESSAGE],
         };
@@ -85,20 +92,21 @@ impl Conn {
     }
 
     /// One blocking round trip.
-    fn call(&mut self, req: &Request) -> Result<(Reply, Vec<OwnedFd>)> {
+    fn call(&mut self, req: &Request) -> Result<(Reply, Vec<Share>)> {
         self.seq = self.seq.wrapping_add(1);
-        self.sock.send(&req.encode(self.seq), &[])?;
+        let mut got = self.link.call(&req.encode(self.seq), &mut self.buf)?;
         loop {
-            let (n, fds) = self.sock.recv(&mut self.buf)?;
+            let (n, shares) = got;
             if n == 0 {
                 return Err(Error::Dead);
             }
             let r = Reply::decode(&self.buf[..n])?;
             if r.seq != self.seq {
+                got = self.link.recv(&mut self.buf)?;
                 continue; // a stale answer; ours follows
             }
             return match r.result {
-                Ok(_) => Ok((r, fds)),
+                Ok(_) => Ok((r, shares)),
                 Err(code) => Err(Error::Server {
                     code,
                     msg: String::from_utf8_lossy(&r.payload).into_owned(),
@@ -118,7 +126,7 @@ impl Conn {
     /// One-way message.
     fn post(&mut self, req: &Request) -> Result<()> {
         self.seq = self.seq.wrapping_add(1);
-        self.sock.send(&req.encode(self.seq), &[])?;
+        self.link.post(&req.encode(self.seq))?;
         Ok(())
     }
 }
@@ -130,9 +138,17 @@ pub struct Control {
 
 impl Control {
     /// Connects to iommud.
+    #[cfg(not(target_os = "redox"))]
     pub fn connect(socket: &Path) -> Result<Control> {
         Ok(Control {
             conn: Mutex::new(Conn::connect(socket)?),
+        })
+    }
+
+    /// A control connection over any carrier.
+    pub fn over(link: Box<dyn Transport>) -> Result<Control> {
+        Ok(Control {
+            conn: Mutex::new(Conn::over(link)?),
         })
     }
 
@@ -164,8 +180,9 @@ impl Control {
     /// Sim platform: the machine's (memory fd, state fd, memory bytes), so a
     /// test can act as a device with `vtd::sim::SimMachine::open`.
     pub fn sim_info(&self) -> Result<(OwnedFd, OwnedFd, u64)> {
-        let (r, mut fds) = self.conn().call(&Request::SimInfo)?;
+        let (r, shares) = self.conn().call(&Request::SimInfo)?;
         let args = r.result.unwrap_or_default();
+        let mut fds: Vec<OwnedFd> = shares.into_iter().filter_map(Share::into_fd).collect();
         if fds.len() != 2 {
             return Err(Error::Invalid(format!("SimInfo carried {} fds", fds.len())));
         }
@@ -176,10 +193,9 @@ impl Control {
 
     /// Sends raw bytes and returns the raw reply (for robustness tests).
     pub fn raw(&self, bytes: &[u8]) -> Result<Vec<u8>> {
-        let c = self.conn();
-        c.sock.send(bytes, &[])?;
+        let mut c = self.conn();
         let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, _) = c.sock.recv(&mut buf)?;
+        let (n, _) = c.link.call(bytes, &mut buf)?;
         buf.truncate(n);
         Ok(buf)
     }
@@ -276,13 +292,39 @@ const POOL_BYTES: u64 = 2 << 20;
 
 impl DmaDomain {
     /// Connects to iommud at `socket` and attaches to the domain of `bdf`.
+    #[cfg(not(target_os = "redox"))]
     pub fn connect(
         socket: &Path,
         bdf: u16,
         strategy: Strategy,
         flush: FlushPolicy,
     ) -> Result<DmaDomain> {
-        let mut conn = Conn::connect(socket)?;
+        Self::attach(Conn::connect(socket)?, bdf, strategy, flush)
+    }
+
+    /// Opens the session of `bdf` on the `iommu` scheme and attaches to its domain.
+    #[cfg(target_os = "redox")]
+    pub fn open(bdf: u16, strategy: Strategy, flush: FlushPolicy) -> Result<DmaDomain> {
+        let link = crate::carrier::SchemeSession::open(bdf)?;
+        Self::over(Box::new(link), bdf, strategy, flush)
+    }
+
+    /// Attaches to the domain of `bdf` over any carrier (see [`crate::carrier`]).
+    pub fn over(
+        link: Box<dyn Transport>,
+        bdf: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+    ) -> Result<DmaDomain> {
+        Self::attach(Conn::over(link)?, bdf, strategy, flush)
+    }
+
+    fn attach(
+        mut conn: Conn,
+        bdf: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+    ) -> Result<DmaDomain> {
         let (r, mut fds) = conn.call(&Request::Attach {
             bdf,
             strategy,
@@ -294,11 +336,11 @@ impl DmaDomain {
                 "attach reply carried no shared memory".into(),
             ));
         }
-        let shared = Mapping::new(fds.remove(0).as_fd(), 0, SHARED_LEN)?;
+        let shared = fds.remove(0).map(0, SHARED_LEN)?;
         // Every translating domain has a leaf-table arena, so it can switch
         // to the magazine strategy later without another fd.
         let arena = match fds.pop() {
-            Some(fd) => Some(Mapping::new(fd.as_fd(), a[3], a[4] as usize)?),
+            Some(fd) => Some(fd.map(a[3], a[4] as usize)?),
             None if strategy == Strategy::Magazine && a[1] & FLAG_TRANSLATING != 0 => {
                 return Err(Error::Invalid("magazine attach without an arena".into()))
             }
@@ -408,7 +450,7 @@ impl DmaDomain {
                 .pop()
                 .ok_or_else(|| Error::Invalid("pool reply carried no fd".into()))?;
             pools.push(Pool {
-                map: Mapping::new(fd.as_fd(), a[1], a[2] as usize)?,
+                map: fd.map(a[1], a[2] as usize)?,
                 phys: a[0],
                 next: 0,
             });
@@ -442,7 +484,12 @@ impl DmaDomain {
 
     fn slot(&self) -> usize {
         // SAFETY: sched_getcpu has no preconditions.
+        #[cfg(not(target_os = "redox"))]
         let cpu = unsafe { libc::sched_getcpu() };
+        // relibc has no sched_getcpu (libc 0.2.191's redox module): every
+        // thread uses slot 0, so threads on several CPUs share its lock.
+        #[cfg(target_os = "redox")]
+        let cpu = 0;
         usize::try_from(cpu).unwrap_or(0) % self.cpus.len()
     }
 
@@ -572,8 +619,8 @@ impl DmaDomain {
                 // crate::shared: the tag is the epoch read after the clear).
                 std::sync::atomic::fence(SeqCst);
                 let tag = self.page().epoch.load(SeqCst);
-                self.page().note_unmap();
                 let slot = self.slot();
+                self.page().note_unmap(slot);
                 let flush = self.flush_policy();
                 if flush == FlushPolicy::Deferred {
                     self.defer(slot, class, base, tag);

@@ -26,9 +26,10 @@
 //!
 //! Whoever clears entries (the client on its fast path, iommud for the
 //! unmaps it does itself) calls [`DomainPage::note_unmap`] *after* reading
-//! the epoch tag: it records the time of the oldest unmap not yet taken by a
-//! flush, and the sum and count of unmap times. iommud takes that record
-//! ([`DomainPage::take_unmaps`]) *before* it advances the epoch, and when the
+//! the epoch tag: it records, in its CPU slot (so the fast path writes no
+//! line another CPU writes), the time of the oldest unmap not yet taken by a
+//! flush, and the sum and count of unmap times. iommud takes the records of
+//! all slots ([`DomainPage::take_unmaps`]) *before* it advances the epoch, and when the
 //! invalidation completes, `now - oldest` is the flush's longest window and
 //! `count * now - sum` the sum of its windows. An unmap recorded after the
 //! take is charged to the next flush (never under-estimated): if its record
@@ -70,8 +71,10 @@ pub const EXCHANGE_SLOTS: usize = 4096 / 8;
 pub const MAX_CPUS: usize = 32;
 
 /// The client's per-CPU-slot counters (written by the client only, under the
-/// slot's lock, read by iommud at any time).
-#[repr(C)]
+/// slot's lock, read by iommud at any time), and the slot's unmap record for
+/// the stale window (written with atomics by the client; taken by iommud).
+/// One cache line per slot.
+#[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct CpuCounters {
     /// Fast-path maps.
@@ -84,7 +87,15 @@ pub struct CpuCounters {
     pub mag_misses: AtomicU64,
     /// Dirty batches completed into clean magazines without IPC.
     pub batches_recycled: AtomicU64,
+    /// Time of the slot's oldest unmap not yet taken by a flush (0 = none).
+    pub unmap_oldest: AtomicU64,
+    /// Sum of the times of the slot's unmaps not yet taken by a flush.
+    pub unmap_sum: AtomicU64,
+    /// Number of the slot's unmaps not yet taken by a flush.
+    pub unmap_count: AtomicU64,
 }
+
+const _: () = assert!(std::mem::size_of::<CpuCounters>() == 64);
 
 /// Page 0 of the shared memfd.
 #[repr(C)]
@@ -106,12 +117,6 @@ pub struct DomainPage {
     pub flush: AtomicU32,
     /// [`monotonic_ns`] at initialisation; unmap times are relative to it.
     pub clock_base: AtomicU64,
-    /// Time of the oldest unmap not yet taken by a flush (0 = none).
-    pub unmap_oldest: AtomicU64,
-    /// Sum of the times of the unmaps not yet taken by a flush.
-    pub unmap_sum: AtomicU64,
-    /// Number of unmaps not yet taken by a flush.
-    pub unmap_count: AtomicU64,
     /// Client counters per CPU slot.
     pub cpu: [CpuCounters; MAX_CPUS],
 }
@@ -141,9 +146,11 @@ impl DomainPage {
         self.dead.store(0, Ordering::SeqCst);
         self.clock_base
             .store(monotonic_ns().saturating_sub(1), Ordering::SeqCst);
-        self.unmap_oldest.store(0, Ordering::SeqCst);
-        self.unmap_sum.store(0, Ordering::SeqCst);
-        self.unmap_count.store(0, Ordering::SeqCst);
+        for c in &self.cpu {
+            c.unmap_oldest.store(0, Ordering::SeqCst);
+            c.unmap_sum.store(0, Ordering::SeqCst);
+            c.unmap_count.store(0, Ordering::SeqCst);
+        }
     }
 
     /// Nanoseconds since initialisation (never 0).
@@ -153,31 +160,41 @@ impl DomainPage {
             .max(1)
     }
 
-    /// Records one unmap whose entries are cleared and whose epoch tag was
-    /// read (see the module docs for the ordering).
-    pub fn note_unmap(&self) {
+    /// Records one unmap in CPU slot `slot` (modulo the slots) whose entries
+    /// are cleared and whose epoch tag was read (see the module docs).
+    pub fn note_unmap(&self, slot: usize) {
+        let c = &self.cpu[slot % MAX_CPUS];
         let t = self.now();
-        let _ = self
+        let _ = c
             .unmap_oldest
             .compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst);
-        self.unmap_sum.fetch_add(t, Ordering::SeqCst);
-        self.unmap_count.fetch_add(1, Ordering::SeqCst);
+        c.unmap_sum.fetch_add(t, Ordering::SeqCst);
+        c.unmap_count.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Age (ns) of the oldest unmap not yet taken by a flush.
     pub fn oldest_unmap_age(&self) -> Option<u64> {
-        match self.unmap_oldest.load(Ordering::SeqCst) {
-            0 => None,
-            t => Some(self.now().saturating_sub(t)),
-        }
+        let oldest = self
+            .cpu
+            .iter()
+            .map(|c| c.unmap_oldest.load(Ordering::SeqCst))
+            .filter(|t| *t != 0)
+            .min()?;
+        Some(self.now().saturating_sub(oldest))
     }
 
-    /// Takes the unmap record (iommud, before advancing the epoch):
-    /// `(oldest, sum, count)` or `None` if no unmap is waiting.
+    /// Takes the unmap records of all slots (iommud, before advancing the
+    /// epoch): `(oldest, sum, count)` or `None` if no unmap is waiting.
     pub fn take_unmaps(&self) -> Option<(u64, u64, u64)> {
-        let oldest = self.unmap_oldest.swap(0, Ordering::SeqCst);
-        let count = self.unmap_count.swap(0, Ordering::SeqCst);
-        let sum = self.unmap_sum.swap(0, Ordering::SeqCst);
+        let (mut oldest, mut sum, mut count) = (0u64, 0u64, 0u64);
+        for c in &self.cpu {
+            let o = c.unmap_oldest.swap(0, Ordering::SeqCst);
+            if o != 0 && (oldest == 0 || o < oldest) {
+                oldest = o;
+            }
+            count += c.unmap_count.swap(0, Ordering::SeqCst);
+            sum = sum.wrapping_add(c.unmap_sum.swap(0, Ordering::SeqCst));
+        }
         (oldest != 0 || count != 0).then_some((oldest, sum, count))
     }
 
