@@ -70,7 +70,7 @@ pub const SERVER_BATCH: usize = MAG_SIZE;
 pub const DEPOT_MAX: usize = 16;
 /// The deferred policy flushes this long after the oldest unflushed unmap
 /// (Linux's flush queue: 10 ms); the epoch timer applies it to every policy.
-pub const FLUSH_TIMEOUT_NS: u64 = 10_000_000;
+pub const FLUSH_TIMEOUT_NS: u64 = libdma::magazine::FLUSH_QUEUE_TIMEOUT_NS;
 /// User virtual addresses (the va strategy's IOVAs) lie below 2^47.
 pub const VA_LIMIT: u64 = 1 << 47;
 
@@ -685,8 +685,17 @@ impl Domain {
             FlushPolicy::PerCore => {
                 self.page().wanted.fetch_max(tag, SeqCst);
             }
-            // The epoch timer ([`Domain::tick`]) flushes 10 ms after the oldest.
-            FlushPolicy::Deferred if queued >= FLUSH_QUEUE_LEN => self.flush()?,
+            // The epoch timer ([`Domain::tick`]) flushes 10 ms after the
+            // oldest if no unmap comes along to do it.
+            FlushPolicy::Deferred
+                if queued >= FLUSH_QUEUE_LEN
+                    || self
+                        .page()
+                        .oldest_unmap_age()
+                        .is_some_and(|age| age >= FLUSH_TIMEOUT_NS) =>
+            {
+                self.flush()?
+            }
             FlushPolicy::Deferred => {}
         }
         Ok(())

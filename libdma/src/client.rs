@@ -646,11 +646,12 @@ impl DmaDomain {
     }
 
     /// Deferred policy: queue the IOVA in the domain-wide flush queue. A
-    /// queue that iommud's 10 ms timer already invalidated, or one that is
-    /// full, is closed into this CPU's pending batches; a full one also asks
-    /// iommud (one-way) to flush now.
+    /// queue that an invalidation already covers, or one that is full or
+    /// 10 ms old, is closed into this CPU's pending batches; a full or old
+    /// one also asks iommud (one-way) to flush now.
     fn defer(&self, slot: usize, class: usize, iova: u64, tag: u64) {
         let completed = self.page().completed.load(SeqCst);
+        let now = self.page().now();
         let mut closed = Vec::new();
         let mut want = None;
         {
@@ -658,7 +659,7 @@ impl DmaDomain {
             if !q.is_empty() && completed >= q.tag() {
                 closed = q.close();
             }
-            if q.push(class, iova, tag) {
+            if q.push(class, iova, tag, now) {
                 want = Some(q.tag());
                 closed.extend(q.close());
             }

@@ -34,6 +34,8 @@ pub const MAX_PENDING: usize = 4;
 /// Unmaps the deferred policy's domain-wide queue holds before it asks for a
 /// flush (Linux's flush queue: 256 entries or 10 ms).
 pub const FLUSH_QUEUE_LEN: usize = 256;
+/// ... or this long (ns) after its oldest entry.
+pub const FLUSH_QUEUE_TIMEOUT_NS: u64 = 10_000_000;
 
 /// Size class of an allocation of `pages` pages, if cached (≤ 32 pages).
 pub fn size_class(pages: u64) -> Option<usize> {
@@ -264,23 +266,32 @@ impl CpuCache {
 
 /// The deferred flush policy's domain-wide queue of unmapped IOVAs (one per
 /// domain, behind one lock: Linux's flush queue, not a per-CPU one). It is
-/// closed when it holds [`FLUSH_QUEUE_LEN`] entries (the closer asks for a
-/// flush) or when iommud's 10 ms timer has already invalidated all of it;
+/// closed when it holds [`FLUSH_QUEUE_LEN`] entries or its oldest is
+/// [`FLUSH_QUEUE_TIMEOUT_NS`] old (the closer asks for a flush; iommud's
+/// timer does the same for a queue nobody pushes to), or when an
+/// invalidation already covers all of it;
 /// closing turns it into [`Dirty`] batches of at most [`MAG_SIZE`] IOVAs,
 /// each tagged with the newest epoch in the queue.
 #[derive(Debug, Default)]
 pub struct FlushQueue {
     entries: Vec<(usize, u64)>,
     tag: u64,
+    oldest: u64,
 }
 
 impl FlushQueue {
     /// Adds an unmapped IOVA of `class`, tagged with the epoch read after
-    /// its entries were cleared. Returns true when the queue is full.
-    pub fn push(&mut self, class: usize, iova: u64, tag: u64) -> bool {
+    /// its entries were cleared, at time `now` (ns, any monotonic clock).
+    /// Returns true when the queue must be flushed: full, or its oldest
+    /// entry is [`FLUSH_QUEUE_TIMEOUT_NS`] old.
+    pub fn push(&mut self, class: usize, iova: u64, tag: u64, now: u64) -> bool {
+        if self.entries.is_empty() {
+            self.oldest = now;
+        }
         self.entries.push((class, iova));
         self.tag = self.tag.max(tag);
         self.entries.len() >= FLUSH_QUEUE_LEN
+            || now.saturating_sub(self.oldest) >= FLUSH_QUEUE_TIMEOUT_NS
     }
     /// The epoch whose completed invalidation covers every entry.
     pub fn tag(&self) -> u64 {
@@ -436,9 +447,9 @@ mod tests {
     fn the_flush_queue_closes_into_batches_tagged_with_its_newest_epoch() {
         let mut q = FlushQueue::default();
         for i in 0..FLUSH_QUEUE_LEN as u64 - 1 {
-            assert!(!q.push((i % 2) as usize, i << 12, 1 + i / 100));
+            assert!(!q.push((i % 2) as usize, i << 12, 1 + i / 100, 5 + i));
         }
-        assert!(q.push(0, 0xfff000, 2), "256th entry fills it");
+        assert!(q.push(0, 0xfff000, 2, 400), "256th entry fills it");
         assert_eq!(q.tag(), 3);
         let batches = q.close();
         assert!(q.is_empty());
@@ -453,6 +464,11 @@ mod tests {
         assert_eq!(class, 0);
         let d = d.try_clean(2).unwrap_err();
         assert_eq!(d.try_clean(3).unwrap().len(), MAG_SIZE);
+        assert!(!q.push(1, 0x1000, 4, 1_000));
+        assert!(
+            q.push(1, 0x2000, 4, 1_000 + FLUSH_QUEUE_TIMEOUT_NS),
+            "10 ms after its oldest"
+        );
     }
 
     #[derive(Debug, Clone)]
