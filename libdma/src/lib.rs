@@ -5,11 +5,13 @@
 //! `magazine` strategy the fast path makes no IPC: see [`magazine`].
 #![deny(missing_docs)]
 
+pub mod carrier;
 pub mod client;
 pub mod magazine;
 pub mod proto;
 pub mod shared;
 pub mod shm;
+#[cfg(not(target_os = "redox"))]
 pub mod transport;
 
 pub use client::{Control, DmaBuffer, DmaDomain, Error, DEFAULT_SOCKET};

@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 /// Creates an anonymous shared-memory file of `len` bytes (zero-filled).
+#[cfg(not(target_os = "redox"))] // relibc has no memfd_create (libc 0.2.191)
 pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: FFI call with a valid NUL-terminated name; the returned fd is checked.

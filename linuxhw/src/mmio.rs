@@ -66,6 +66,17 @@ impl MmioRegion {
         Ok(r)
     }
 
+    /// Maps `len` bytes of physical address space at `phys` through a physical-memory
+    /// file other than `/dev/mem` whose offsets are physical addresses (Redox's
+    /// `/scheme/memory/physical@uc`; there relibc's `mmap` goes to the memory scheme).
+    pub fn map_phys_via(path: impl AsRef<Path>, phys: u64, len: usize) -> Result<Self> {
+        let path = path.as_ref();
+        let mut r = Self::map_file_at(path, phys, len)?;
+        r.phys = Some(phys);
+        r.origin = format!("{}@{phys:#x}", path.display());
+        Ok(r)
+    }
+
     /// Maps the first `len` bytes of a file, e.g. a sysfs PCI `resource0` (BAR 0).
     pub fn from_file(path: impl AsRef<Path>, len: usize) -> Result<Self> {
         Self::map_file_at(path.as_ref(), 0, len)

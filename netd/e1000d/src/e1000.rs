@@ -157,6 +157,14 @@ impl<M: DmaMapper> E1000<M> {
         }
         func.enable(true, true)?;
         let regs = func.bar0()?;
+        Self::with_bar(func.bdf().to_string(), func.bdf_u16(), regs, mapper)
+    }
+
+    /// Drives a function already claimed (vendor/device checked, memory space and bus
+    /// mastering on) whose BAR 0 is mapped at `regs`: resets it, sets up both rings and
+    /// waits for link. `bdf` names it in messages; `source_id` is its VT-d source id.
+    /// The Linux [`open`](Self::open) and the Redox entry both end here.
+    pub fn with_bar(bdf: String, source_id: u16, regs: MmioRegion, mapper: M) -> Result<Self> {
         reset(&regs)?;
 
         let tx_mem = mapper.alloc(usize::from(RING_LEN) * DESC_LEN)?;
@@ -170,8 +178,8 @@ impl<M: DmaMapper> E1000<M> {
         let tx_iova = mapper.map(&tx_mem, 0, tx_mem.len(), Dir::Bidirectional)?;
         let rx_iova = mapper.map(&rx_mem, 0, rx_mem.len(), Dir::Bidirectional)?;
         let mut nic = E1000 {
-            bdf: func.bdf().to_string(),
-            source_id: func.bdf_u16(),
+            bdf,
+            source_id,
             regs,
             mapper,
             mac: [0; 6],

@@ -9,6 +9,7 @@ mod e1000;
 mod error;
 pub mod libdma_mapper;
 pub mod payload;
+pub mod pcid;
 pub mod regs;
 pub mod ring;
 

@@ -3,6 +3,7 @@
 //! iommud's pools; every map/unmap goes through the domain's strategy (magazines with no
 //! IPC on the fast path, or a round trip per call with `global`).
 
+#[cfg(not(target_os = "redox"))]
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ fn err(op: &'static str, e: libdma::Error) -> Error {
 
 impl LibdmaMapper {
     /// Connects to iommud at `socket` and attaches to the domain of source id `bdf`.
+    #[cfg(not(target_os = "redox"))]
     pub fn connect(
         socket: &Path,
         bdf: u16,
@@ -37,6 +39,14 @@ impl LibdmaMapper {
         Ok(LibdmaMapper {
             domain: Arc::new(domain),
         })
+    }
+
+    /// A mapper over a domain attached by other means (on Redox:
+    /// `DmaDomain::open`, the iommu scheme).
+    pub fn from_domain(domain: DmaDomain) -> Self {
+        LibdmaMapper {
+            domain: Arc::new(domain),
+        }
     }
 
     /// The domain (for its stats paths and counters).

@@ -20,6 +20,9 @@
 //! as `domain <bdf> <key> <value>` lines; `--then` runs a shell command at that point,
 //! while both domains are still attached (e.g. `iommuctl cat /scheme/iommu/stats`).
 //!
+//! On Redox, started by pcid-spawner (`PCID_CLIENT_CHANNEL` set), it drives the function
+//! pcid names under its iommud domain instead (see `src/redox.rs`).
+//!
 //! `--canary` (before the loop): fills a page of DMA memory the driver never maps with a
 //! pattern, points the RX NIC's next descriptor at its physical address used as an IOVA,
 //! sends a frame, and prints `canary: addr=<hex> bdf=<bdf> changed_bytes=N`: with the
@@ -142,8 +145,13 @@ fn make_mapper(o: &LoopOpts, bdf: &str) -> Result<Mapper, String> {
                 .parse::<linuxhw::pci::Bdf>()
                 .map_err(|e| format!("{bdf}: {e}"))?
                 .source_id();
+            #[cfg(not(target_os = "redox"))]
             let m = LibdmaMapper::connect(&o.socket, sid, o.strategy, o.flush)
                 .map_err(|e| format!("{bdf}: iommud at {}: {e}", o.socket.display()))?;
+            #[cfg(target_os = "redox")]
+            let m = DmaDomain::open(sid, o.strategy, o.flush)
+                .map(LibdmaMapper::from_domain)
+                .map_err(|e| format!("{bdf}: iommu scheme: {e}"))?;
             let d = m.domain();
             Ok((Box::new(m), Some(d)))
         }
@@ -550,9 +558,15 @@ fn info(bdf: &str) -> Result<bool, String> {
     Ok(true)
 }
 
+#[cfg(target_os = "redox")]
+mod redox;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        // Started by pcid-spawner: drive the function it names.
+        #[cfg(target_os = "redox")]
+        _ if std::env::var_os(e1000d::pcid::PCID_CHANNEL_ENV).is_some() => redox::run(),
         Some("loop") => parse_loop(&args[1..]).and_then(|o| run_loop(&o)),
         Some("info") => match args.get(1) {
             Some(bdf) => info(bdf),

@@ -35,15 +35,7 @@ pub struct Channel<E: Endpoint> {
     buf: Vec<u8>,
 }
 
-/// The path of the session for PCI function `bdf` (bus << 8 | dev << 3 | fn).
-pub fn session_path(bdf: u16) -> String {
-    format!(
-        "/scheme/iommu/domains/{:02x}:{:02x}.{}/session",
-        bdf >> 8,
-        (bdf >> 3) & 0x1f,
-        bdf & 7
-    )
-}
+pub use libdma::carrier::session_path;
 
 impl<E: Endpoint> Channel<E> {
     /// A session over an open endpoint.

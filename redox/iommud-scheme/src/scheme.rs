@@ -29,9 +29,8 @@ use syscall::Stat;
 use crate::errno::{error, read_only};
 use crate::server::{PathKind, Server};
 
-/// Distance between two region slots in a session's mmap offset space:
-/// larger than any region iommud hands out.
-pub const REGION_SPAN: u64 = 1 << 40;
+/// Distance between two region slots in a session's mmap offset space.
+pub use libdma::carrier::REGION_SPAN;
 
 /// Page size of mmap offsets.
 pub const PAGE: u64 = 4096;
@@ -415,10 +414,4 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
     }
 }
 
-/// Length of the request frame at the start of `buf` (header + payload), if the
-/// header is there and the payload it announces fits in `buf`.
-pub fn frame_len(buf: &[u8]) -> Option<usize> {
-    let len_bytes: [u8; 4] = buf.get(56..60)?.try_into().ok()?;
-    let total = HEADER_LEN.checked_add(u32::from_le_bytes(len_bytes) as usize)?;
-    (total <= buf.len()).then_some(total)
-}
+pub use libdma::carrier::frame_len;

@@ -1,0 +1,145 @@
+//! What a driver started by Redox's pcid-spawner learns about its PCI function,
+//! as platform-free functions tested on the host (the Redox entry in `main.rs`
+//! makes the system calls).
+//!
+//! pcid-spawner starts the driver with the fd of the function's pcid channel in
+//! [`PCID_CHANNEL_ENV`]; `fpath` on that fd names the function
+//! (`/scheme/pci/0000--00--03.0/channel`). Redox's own drivers speak pcid's
+//! protocol on the channel through `pcid_interface`, which is not published as a
+//! crate; this driver instead reads the function's configuration space through
+//! the pci scheme ([`config_path`]) and maps BAR 0 itself. Both conventions are
+//! taken from Redox's public sources and are unverified here.
+
+/// Environment variable through which pcid-spawner hands a driver its channel fd.
+pub const PCID_CHANNEL_ENV: &str = "PCID_CLIENT_CHANNEL";
+
+/// Physical memory, uncached: offset = physical address (for BARs).
+pub const PHYS_UNCACHED: &str = "/scheme/memory/physical@uc";
+
+/// Parses the channel fd from the value of [`PCID_CHANNEL_ENV`].
+pub fn pcid_channel(value: Option<&str>) -> Result<usize, String> {
+    let v =
+        value.ok_or_else(|| format!("{PCID_CHANNEL_ENV} not set: start me from pcid-spawner"))?;
+    v.trim()
+        .parse()
+        .map_err(|_| format!("{PCID_CHANNEL_ENV}={v:?} is not an fd number"))
+}
+
+/// The PCI source id (bus << 8 | dev << 3 | fn) of a pci scheme path such as
+/// `/scheme/pci/0000--00--03.0/channel`; also accepts `0000:00:03.0` and
+/// `00:03.0` address forms.
+pub fn bdf_of_pci_path(path: &str) -> Option<u16> {
+    let addr = path
+        .split('/')
+        .find(|seg| seg.contains('.') && (seg.contains("--") || seg.contains(':')))?;
+    let addr = addr.replace("--", ":");
+    let (rest, func) = addr.rsplit_once('.')?;
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (bus, dev) = match parts.as_slice() {
+        [_, bus, dev] | [bus, dev] => (*bus, *dev),
+        _ => return None,
+    };
+    let bus = u16::from_str_radix(bus, 16).ok().filter(|b| *b < 256)?;
+    let dev = u16::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
+    let func = u16::from_str_radix(func, 16).ok().filter(|f| *f < 8)?;
+    Some(bus << 8 | dev << 3 | func)
+}
+
+/// The function's configuration-space file next to its channel
+/// (`.../0000--00--03.0/channel` → `.../0000--00--03.0/config`).
+pub fn config_path(channel_path: &str) -> Option<String> {
+    let dir = channel_path
+        .trim_end_matches('/')
+        .strip_suffix("/channel")?;
+    Some(format!("{dir}/config"))
+}
+
+/// `bb:dd.f` of a source id, as iommud's paths name functions.
+pub fn bdf_name(sid: u16) -> String {
+    format!("{:02x}:{:02x}.{}", sid >> 8, (sid >> 3) & 0x1f, sid & 7)
+}
+
+fn dword(config: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(
+        config.get(off..off + 4)?.try_into().ok()?,
+    ))
+}
+
+/// (vendor id, device id) from a configuration header.
+pub fn ids(config: &[u8]) -> Option<(u16, u16)> {
+    let d = dword(config, 0)?;
+    Some((d as u16, (d >> 16) as u16))
+}
+
+/// BAR0's physical address from a configuration header (at least 0x18 bytes);
+/// `None` for an I/O BAR. A 64-bit BAR takes BAR1 as its high half.
+pub fn bar0(config: &[u8]) -> Option<u64> {
+    // PCI Local Bus 3.0 §6.2.5.1: bit 0 = I/O space, bits 2:1 = type (2 = 64-bit).
+    let lo = dword(config, 0x10)?;
+    if lo & 1 != 0 {
+        return None;
+    }
+    let base = u64::from(lo & !0xf);
+    if (lo >> 1) & 3 == 2 {
+        Some(base | u64::from(dword(config, 0x14)?) << 32)
+    } else {
+        Some(base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcid_channel_is_parsed_or_explained() {
+        assert_eq!(pcid_channel(Some("7")), Ok(7));
+        assert!(pcid_channel(None).unwrap_err().contains("pcid-spawner"));
+        assert!(pcid_channel(Some("x")).is_err());
+    }
+
+    #[test]
+    fn bdf_comes_from_any_pci_address_form() {
+        assert_eq!(
+            bdf_of_pci_path("/scheme/pci/0000--00--03.0/channel"),
+            Some(0x18)
+        );
+        assert_eq!(
+            bdf_of_pci_path("/scheme/pci/0000:00:02.0/channel"),
+            Some(0x10)
+        );
+        assert_eq!(bdf_of_pci_path("pci:00:01.0"), Some(0x08));
+        assert_eq!(bdf_of_pci_path("/scheme/pci/0000--00--20.0"), None); // dev 0x20 > 31
+        assert_eq!(bdf_of_pci_path("/scheme/pci/channel"), None);
+        assert_eq!(bdf_name(0x18), "00:03.0");
+        assert_eq!(bdf_name(0x0a1f), "0a:03.7");
+    }
+
+    #[test]
+    fn config_sits_next_to_the_channel() {
+        assert_eq!(
+            config_path("/scheme/pci/0000--00--03.0/channel").as_deref(),
+            Some("/scheme/pci/0000--00--03.0/config")
+        );
+        assert_eq!(config_path("/scheme/pci/0000--00--03.0"), None);
+    }
+
+    #[test]
+    fn ids_and_bar0_decode_a_header() {
+        let mut cfg = [0u8; 0x40];
+        // QEMU e1000: 8086:100e, BAR0 = 0xfebc0000, 32-bit memory.
+        cfg[0..4].copy_from_slice(&0x100e_8086u32.to_le_bytes());
+        cfg[0x10..0x14].copy_from_slice(&0xfebc_0000u32.to_le_bytes());
+        assert_eq!(ids(&cfg), Some((0x8086, 0x100e)));
+        assert_eq!(bar0(&cfg), Some(0xfebc_0000));
+        // 64-bit memory BAR (type 2 = bits 2:1 = 0b10 → low nibble 0x4).
+        cfg[0x10..0x14].copy_from_slice(&0xc000_0004u32.to_le_bytes());
+        cfg[0x14..0x18].copy_from_slice(&0x0000_0001u32.to_le_bytes());
+        assert_eq!(bar0(&cfg), Some(0x1_c000_0000));
+        // I/O BAR.
+        cfg[0x10..0x14].copy_from_slice(&0xc001u32.to_le_bytes());
+        assert_eq!(bar0(&cfg), None);
+        assert_eq!(bar0(&cfg[..0x10]), None);
+        assert_eq!(ids(&cfg[..2]), None);
+    }
+}
