@@ -21,6 +21,7 @@ use crate::util::Result;
 #[derive(Debug, Clone)]
 pub struct DemoOpts {
     pub strategy: String,
+    pub flush: String,
     pub caching_mode: bool,
     pub no_translation: bool,
     pub packets: u64,
@@ -31,6 +32,7 @@ impl Default for DemoOpts {
     fn default() -> Self {
         DemoOpts {
             strategy: "magazine".into(),
+            flush: "percore".into(),
             caching_mode: false,
             no_translation: false,
             packets: 20_000,
@@ -39,8 +41,14 @@ impl Default for DemoOpts {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask demo [--strategy global|magazine] [--caching-mode] \
-[--no-translation] [--packets N] [--size BYTES]";
+/// Strategies iommud offers (libdma::proto::Strategy names, noiommu aside:
+/// that is `--no-translation`).
+pub const STRATEGIES: [&str; 4] = ["magazine", "global", "identity", "va"];
+/// Flush policies (libdma::proto::FlushPolicy names).
+pub const FLUSHES: [&str; 3] = ["percore", "strict", "deferred"];
+
+const USAGE: &str = "usage: cargo xtask demo [--strategy magazine|global|identity|va] \
+[--flush percore|strict|deferred] [--caching-mode] [--no-translation] [--packets N] [--size BYTES]";
 
 /// Parses the demo's command line.
 pub fn parse(args: &[String]) -> Result<DemoOpts> {
@@ -59,8 +67,14 @@ pub fn parse(args: &[String]) -> Result<DemoOpts> {
         match a.as_str() {
             "--strategy" => {
                 o.strategy = val()?;
-                if !["global", "magazine"].contains(&o.strategy.as_str()) {
+                if !STRATEGIES.contains(&o.strategy.as_str()) {
                     return Err(format!("unknown strategy {:?}\n{USAGE}", o.strategy));
+                }
+            }
+            "--flush" => {
+                o.flush = val()?;
+                if !FLUSHES.contains(&o.flush.as_str()) {
+                    return Err(format!("unknown flush policy {:?}\n{USAGE}", o.flush));
                 }
             }
             "--caching-mode" => o.caching_mode = true,
@@ -103,9 +117,9 @@ pub fn script(o: &DemoOpts) -> String {
         ""
     });
     s.push_str(&format!(
-        "e1000d loop --mapper libdma --strategy {} --packets {} --size {} \
+        "e1000d loop --mapper libdma --strategy {} --flush {} --packets {} --size {} \
 --then 'echo STATS-BEGIN; iommuctl cat /scheme/iommu/stats; echo STATS-END'\nrc=$?\necho \"E1000D-EXIT $rc\"\n",
-        o.strategy, o.packets, o.size
+        o.strategy, o.flush, o.packets, o.size
     ));
     s.push_str(STOP_IOMMUD);
     s.push_str("exit $rc\n");
@@ -313,14 +327,23 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 /// A guest test: the demo with `strategy`, caching mode `cm`, `packets` frames.
-pub fn test(strategy: &str, cm: bool, packets: u64) -> Result<()> {
+pub fn test(strategy: &str, flush: &str, cm: bool, packets: u64) -> Result<()> {
     let o = DemoOpts {
         strategy: strategy.into(),
+        flush: flush.into(),
         caching_mode: cm,
         packets,
         ..DemoOpts::default()
     };
-    let name = format!("test-demo-{strategy}{}", if cm { "-cm" } else { "" });
+    let name = format!(
+        "test-demo-{strategy}{}{}",
+        if flush == "percore" {
+            String::new()
+        } else {
+            format!("-{flush}")
+        },
+        if cm { "-cm" } else { "" }
+    );
     let r = run_demo(&o, &name)?;
     println!("{}", summary(&o, &r));
     println!(

@@ -4,8 +4,8 @@
 //! ```text
 //! cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--only NAME[,NAME...]]
 //! ```
-//! One guest boot per configuration (`notrans`, `global-strict`, `magazine-strict`,
-//! `magazine-percore`): iommud on the emulated VT-d unit (`--no-translation` for
+//! One guest boot per configuration (`notrans`, then `<strategy>-<flush>` for every
+//! strategy and flush policy): iommud on the emulated VT-d unit (`--no-translation` for
 //! `notrans`), then `e1000d loop --mapper libdma` `--reps` times with 64-byte and with
 //! 1500-byte frames (N each; every payload is checked by e1000d), then one ping-pong of
 //! `--rounds` 64-byte frames A→B→A. Per configuration and frame size the median packets/s
@@ -37,7 +37,7 @@ pub const SIZES: [u64; 2] = [64, 1500];
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     /// Name in the results and on the command line.
-    pub name: &'static str,
+    pub name: String,
     /// `e1000d --strategy` (iommud forces no translation for `notrans`).
     pub strategy: &'static str,
     /// `e1000d --flush`.
@@ -54,12 +54,13 @@ pub fn configs() -> Vec<Config> {
         flush,
         translate,
     };
-    vec![
-        c("notrans", "magazine", "percore", false),
-        c("global-strict", "global", "strict", true),
-        c("magazine-strict", "magazine", "strict", true),
-        c("magazine-percore", "magazine", "percore", true),
-    ]
+    let mut v = vec![c("notrans".into(), "magazine", "percore", false)];
+    for strategy in crate::demo::STRATEGIES {
+        for flush in crate::demo::FLUSHES {
+            v.push(c(format!("{strategy}-{flush}"), strategy, flush, true));
+        }
+    }
+    v
 }
 
 #[derive(Clone, Debug)]
@@ -289,7 +290,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let o = parse(args)?;
     let chosen: Vec<Config> = configs()
         .into_iter()
-        .filter(|c| o.only.is_empty() || o.only.iter().any(|n| n == c.name))
+        .filter(|c| o.only.is_empty() || o.only.contains(&c.name))
         .collect();
     if chosen.is_empty() {
         return Err(format!("--only matches no configuration\n{USAGE}"));

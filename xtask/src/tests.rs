@@ -25,22 +25,40 @@ pub fn guest_tests() -> Vec<GuestTest> {
             name: "guest-demo-magazine",
             about:
                 "demo, magazine strategy: 5000 frames intact, IPC and invalidations < 0.1/packet",
-            run: || crate::demo::test("magazine", false, TEST_PACKETS),
+            run: || crate::demo::test("magazine", "percore", false, TEST_PACKETS),
         },
         GuestTest {
             name: "guest-demo-magazine-cm",
             about: "demo, magazine strategy, VT-d caching mode on: 5000 frames intact",
-            run: || crate::demo::test("magazine", true, TEST_PACKETS),
+            run: || crate::demo::test("magazine", "percore", true, TEST_PACKETS),
         },
         GuestTest {
             name: "guest-demo-global",
             about: "demo, global strategy (a round trip per map/unmap): 5000 frames intact",
-            run: || crate::demo::test("global", false, TEST_PACKETS),
+            run: || crate::demo::test("global", "strict", false, TEST_PACKETS),
         },
         GuestTest {
             name: "guest-demo-global-cm",
             about: "demo, global strategy, VT-d caching mode on: 5000 frames intact",
-            run: || crate::demo::test("global", true, TEST_PACKETS),
+            run: || crate::demo::test("global", "strict", true, TEST_PACKETS),
+        },
+        GuestTest {
+            name: "guest-demo-magazine-deferred",
+            about:
+                "demo, magazine strategy, deferred flush queue (256 / 10 ms): 5000 frames intact",
+            run: || crate::demo::test("magazine", "deferred", false, TEST_PACKETS),
+        },
+        GuestTest {
+            name: "guest-demo-identity",
+            about:
+                "demo, identity strategy (IOVA = physical, refcounted, validated): frames intact",
+            run: || crate::demo::test("identity", "percore", false, SLOW_TEST_PACKETS),
+        },
+        GuestTest {
+            name: "guest-demo-va",
+            about:
+                "demo, va strategy (IOVA = the driver's virtual address, validated): frames intact",
+            run: || crate::demo::test("va", "percore", false, SLOW_TEST_PACKETS),
         },
         GuestTest {
             name: "guest-fault",
@@ -53,3 +71,5 @@ reported in iommud's faults; the canary is intact; later bursts succeed",
 
 /// Frames per demo guest test (the CI budget; `cargo xtask demo` defaults to 20 000).
 const TEST_PACKETS: u64 = 5000;
+/// Frames for strategies that make a round trip per map and unmap (validated trust).
+const SLOW_TEST_PACKETS: u64 = 2000;
