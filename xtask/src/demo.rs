@@ -402,7 +402,11 @@ loop: sent=100 received=100 corrupt=0 lost=0 pps=123.5\nFAULTS-BEGIN\nFAULTS-END
             (o.strategy.as_str(), o.caching_mode, o.packets),
             ("global", true, 5)
         );
-        assert!(parse(&a("--strategy va")).is_err());
+        let o = parse(&a("--strategy va --flush deferred")).expect("valid");
+        assert_eq!((o.strategy.as_str(), o.flush.as_str()), ("va", "deferred"));
+        assert_eq!(parse(&a("")).expect("defaults").flush, "percore");
+        assert!(parse(&a("--strategy kmalloc")).is_err());
+        assert!(parse(&a("--flush lazy")).is_err());
         assert!(parse(&a("--packets")).is_err());
     }
 }
