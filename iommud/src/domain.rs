@@ -195,6 +195,8 @@ pub struct Domain {
     inner: Mutex<Inner>,
     shared: Mapping,
     shared_fd: Arc<OwnedFd>,
+    /// iommud's snapshot of the slots' running unmap totals (stale windows).
+    unmaps_seen: Mutex<libdma::shared::UnmapTotals>,
     /// Server-side counters.
     pub stats: DomainStats,
     dead: AtomicBool,
@@ -268,6 +270,7 @@ impl Domain {
             }),
             shared,
             shared_fd: Arc::new(fd),
+            unmaps_seen: Mutex::default(),
             stats: DomainStats::default(),
             dead: AtomicBool::new(false),
         };
@@ -602,8 +605,9 @@ impl Domain {
     fn park_cleared(&self, i: &mut Inner, cleared: Vec<(u64, PageRef)>, detached: Vec<u64>) -> u64 {
         std::sync::atomic::fence(SeqCst);
         let tag = self.page().epoch.load(SeqCst);
-        // iommud's own unmaps use slot 0 of the unmap record.
-        self.page().note_unmap(0);
+        // iommud's own unmaps have a slot of their own (it writes it under
+        // the domain lock, the slot's only writer).
+        self.page().note_unmap(libdma::shared::SERVER_SLOT);
         for (v, e) in cleared {
             i.dirty.insert(
                 v,
@@ -745,7 +749,7 @@ impl Domain {
     fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
         let p = self.page();
         // Take the unmap record before advancing the epoch (libdma::shared).
-        let unmaps = p.take_unmaps();
+        let unmaps = p.take_unmaps(&mut self.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner()));
         let e = p.epoch.fetch_add(1, SeqCst);
         match desc.decode() {
             vtd::desc::Decoded::Iotlb {
@@ -1063,7 +1067,10 @@ impl Domain {
             .kv("maps", client_maps + stats::get(&s.maps))
             .kv("unmaps", client_unmaps + stats::get(&s.unmaps))
             .kv("magazine_hits", p.sum(|c| &c.mag_hits))
-            .kv("magazine_misses", p.sum(|c| &c.mag_misses))
+            .kv(
+                "magazine_misses",
+                p.sum(|c| &c.maps).saturating_sub(p.sum(|c| &c.mag_hits)),
+            )
             .kv("batches_recycled", p.sum(|c| &c.batches_recycled))
             .kv("depot_exchanges", stats::get(&s.depot_exchanges))
             .kv("depot_hits", stats::get(&s.depot_hits))

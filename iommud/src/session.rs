@@ -128,7 +128,10 @@ impl State {
         let wake = sum(&|d| stats::get(&d.stats.wakeups));
         let exch = sum(&|d| stats::get(&d.stats.depot_exchanges));
         let hits = sum(&|d| d.page().sum(|c| &c.mag_hits));
-        let misses = sum(&|d| d.page().sum(|c| &c.mag_misses));
+        let misses = sum(&|d| {
+            let p = d.page();
+            p.sum(|c| &c.maps).saturating_sub(p.sum(|c| &c.mag_hits))
+        });
         let locks = sum(&|d| stats::get(&d.stats.lock_acquisitions));
         let live = sum(&|d| d.table_pages().2);
         let alloc = sum(&|d| d.table_pages().0);

@@ -17,7 +17,7 @@ use crate::proto::{
     Dir, ErrorCode, FlushPolicy, ProtoError, Reply, Request, Strategy, MAX_MESSAGE, VERSION,
 };
 use crate::shared::{
-    DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, MAGAZINE_IOVA_BASE, MAX_CPUS, SHARED_LEN,
+    bump, DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, MAGAZINE_IOVA_BASE, MAX_CPUS, SHARED_LEN,
 };
 use crate::shm::{flush_cache_range, Mapping};
 use std::os::fd::OwnedFd;
@@ -252,6 +252,27 @@ struct Pool {
     next: usize,
 }
 
+/// One CPU slot's magazines behind a spin lock, alone on its cache lines.
+///
+/// The lock is taken only by threads running on the slot's CPU, so it is
+/// uncontended unless a holder was preempted inside its few instructions;
+/// then the waiter yields. A spin lock's release is a plain store, where
+/// `std::sync::Mutex` pays a second locked instruction to look for sleepers.
+#[derive(Default)]
+#[repr(align(128))]
+struct Slot(spin::mutex::SpinMutex<CpuCache>);
+
+impl Slot {
+    fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, CpuCache> {
+        loop {
+            if let Some(g) = self.0.try_lock() {
+                return g;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// Client-side counters.
 #[derive(Debug, Default)]
 pub struct ClientStats {
@@ -280,7 +301,7 @@ pub struct DmaDomain {
     arena: Option<Mapping>,
     pools: Mutex<Vec<Pool>>,
     free_bufs: Mutex<Vec<(usize, DmaBuffer)>>,
-    cpus: Vec<Mutex<CpuCache>>,
+    cpus: Vec<Slot>,
     /// The deferred policy's domain-wide queue (see `magazine::FlushQueue`).
     flush_queue: Mutex<FlushQueue>,
     stats: ClientStats,
@@ -349,7 +370,7 @@ impl DmaDomain {
         let ncpu = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
-            .clamp(1, MAX_CPUS);
+            .clamp(1, MAX_CPUS - 1); // the last slot is iommud's (SERVER_SLOT)
         let d = DmaDomain {
             conn: Mutex::new(conn),
             bdf,
@@ -358,7 +379,7 @@ impl DmaDomain {
             arena,
             pools: Mutex::new(Vec::new()),
             free_bufs: Mutex::new(Vec::new()),
-            cpus: (0..ncpu).map(|_| Mutex::new(CpuCache::default())).collect(),
+            cpus: (0..ncpu).map(|_| Slot::default()).collect(),
             flush_queue: Mutex::new(FlushQueue::default()),
             stats: ClientStats::default(),
             closed: AtomicBool::new(false),
@@ -551,32 +572,29 @@ impl DmaDomain {
             (Strategy::NoIommu, _, _) => Ok(phys),
             (Strategy::Magazine, Some(class), Some(arena)) => {
                 let slot = self.slot();
-                let (iova, ev) = {
-                    let mut c = self.cpus[slot].lock().unwrap_or_else(|p| p.into_inner());
-                    c.alloc(class, &Remote(self))?
+                let iova = {
+                    let mut c = self.cpus[slot].lock();
+                    let (iova, ev) = c.alloc(class, &Remote(self))?;
+                    // Counted under the slot lock, the slot's only writer.
+                    let k = &self.page().cpu[slot];
+                    bump(&k.maps);
+                    if ev.hit {
+                        bump(&k.mag_hits); // misses = maps - hits
+                    }
+                    if ev.recycled {
+                        bump(&k.batches_recycled);
+                    }
+                    iova
                 };
                 if let Err(e) = self.write_ptes(arena, iova, phys - off, pages, Some(dir)) {
                     let tag = self.page().epoch.load(SeqCst);
-                    self.cpus[slot]
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .free(class, iova, tag, &Remote(self));
+                    self.cpus[slot].lock().free(class, iova, tag, &Remote(self));
                     return Err(e);
                 }
                 if self.caching_mode() {
                     // CAP.CM: a non-present → present change must be invalidated
                     // before the device may use it.
                     self.call(&Request::FlushSync)?;
-                }
-                let c = &self.page().cpu[slot];
-                c.maps.fetch_add(1, Relaxed);
-                if ev.hit {
-                    c.mag_hits.fetch_add(1, Relaxed);
-                } else {
-                    c.mag_misses.fetch_add(1, Relaxed);
-                }
-                if ev.recycled {
-                    c.batches_recycled.fetch_add(1, Relaxed);
                 }
                 Ok(iova + off)
             }
@@ -615,21 +633,30 @@ impl DmaDomain {
             (Strategy::NoIommu, _, _) => Ok(()),
             (Strategy::Magazine, Some(class), Some(arena)) if in_arena => {
                 self.write_ptes(arena, base, 0, pages, None)?;
-                // The clears must be visible before we read the epoch (see
-                // crate::shared: the tag is the epoch read after the clear).
-                std::sync::atomic::fence(SeqCst);
-                let tag = self.page().epoch.load(SeqCst);
-                let slot = self.slot();
-                self.page().note_unmap(slot);
                 let flush = self.flush_policy();
+                // The tag is the epoch read after the clear (crate::shared),
+                // so the clear must be ordered before that read. With percore
+                // the batch is tagged once when it is sealed (one fence for
+                // MAG_SIZE unmaps, see `Backend::seal`); the others tag each unmap.
+                let tag = if flush == FlushPolicy::PerCore {
+                    0
+                } else {
+                    std::sync::atomic::fence(SeqCst);
+                    self.page().epoch.load(SeqCst)
+                };
+                let slot = self.slot();
+                {
+                    // Recorded under the slot lock, the slot's only writer.
+                    let mut c = self.cpus[slot].lock();
+                    self.page().note_unmap(slot);
+                    bump(&self.page().cpu[slot].unmaps);
+                    if flush != FlushPolicy::Deferred {
+                        c.free(class, base, tag, &Remote(self));
+                    }
+                }
                 if flush == FlushPolicy::Deferred {
                     self.defer(slot, class, base, tag);
-                } else {
-                    let mut c = self.cpus[slot].lock().unwrap_or_else(|p| p.into_inner());
-                    c.free(class, base, tag, &Remote(self));
                 }
-                let c = &self.page().cpu[slot];
-                c.unmaps.fetch_add(1, Relaxed);
                 if flush == FlushPolicy::Strict {
                     Remote(self).wait_completed(tag)?;
                 }
@@ -668,7 +695,7 @@ impl DmaDomain {
             Remote(self).request_flush(t);
         }
         if !closed.is_empty() {
-            let mut c = self.cpus[slot].lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.cpus[slot].lock();
             for (class, d) in closed {
                 c.adopt(class, d);
             }
@@ -685,17 +712,14 @@ impl DmaDomain {
         };
         if let Some((tag, batches)) = closed {
             Remote(self).request_flush(tag);
-            let mut c = self.cpus[0].lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.cpus[0].lock();
             for (class, d) in batches {
                 c.adopt(class, d);
             }
         }
         let mut n = 0;
         for c in &self.cpus {
-            n += c
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .drain(&Remote(self))?;
+            n += c.lock().drain(&Remote(self))?;
         }
         Ok(n)
     }
@@ -715,6 +739,10 @@ impl DmaDomain {
         Ok(String::from_utf8_lossy(&r.payload).into_owned())
     }
 }
+
+/// How long a client that needs a completed epoch watches shared memory
+/// before it asks with a blocking `FlushSync`.
+const POLL_BEFORE_BLOCKING: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// The magazine backend: shared-memory epochs and the depot over IPC.
 struct Remote<'a>(&'a DmaDomain);
@@ -738,7 +766,27 @@ impl Backend for Remote<'_> {
         }
     }
 
+    fn want(&self, tag: u64) {
+        self.0.page().wanted.fetch_max(tag, SeqCst);
+    }
+
+    fn seal(&self) -> u64 {
+        // Every clear of the batch precedes this fence in program order (or
+        // happens-before it through the slot lock), so the epoch read after
+        // it is at least each clear's own tag.
+        std::sync::atomic::fence(SeqCst);
+        self.0.page().epoch.load(SeqCst)
+    }
+
     fn wait_completed(&self, tag: u64) -> Result<()> {
+        // The batch's flush was already requested (a hint, or iommud's epoch
+        // timer sees `wanted`): give iommud a moment to publish the epoch by
+        // watching shared memory before paying a blocking round trip.
+        self.request_flush(tag);
+        let start = std::time::Instant::now();
+        while self.completed() < tag && start.elapsed() < POLL_BEFORE_BLOCKING {
+            std::thread::yield_now();
+        }
         while self.completed() < tag {
             if self.0.page().dead.load(SeqCst) != 0 {
                 return Err(Error::Dead);

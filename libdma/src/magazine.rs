@@ -30,7 +30,12 @@ pub const MAG_SIZE: usize = 128;
 /// Size classes: 1, 2, 4, 8, 16, 32 pages (Linux: `IOVA_RANGE_CACHE_MAX_SIZE` 6).
 pub const SIZE_CLASSES: usize = 6;
 /// Closed dirty batches a CPU lets wait before it blocks on the oldest.
-pub const MAX_PENDING: usize = 4;
+pub const MAX_PENDING: usize = 32;
+/// Batches waiting for an invalidation at which a CPU wakes iommud with a
+/// one-way hint; below it, the CPU only raises `wanted` and leaves the flush
+/// to iommud's epoch timer. One wake-up (and one invalidation) then covers
+/// several batches, while [`MAX_PENDING`] leaves room to absorb the wait.
+pub const HINT_PENDING: usize = 8;
 /// Unmaps the deferred policy's domain-wide queue holds before it asks for a
 /// flush (Linux's flush queue: 256 entries or 10 ms).
 pub const FLUSH_QUEUE_LEN: usize = 256;
@@ -104,6 +109,12 @@ pub trait Backend {
     fn completed(&self) -> u64;
     /// Asks iommud (one-way) to invalidate up to `tag`.
     fn request_flush(&self, tag: u64);
+    /// Records that `tag` must be invalidated, without waking iommud (its
+    /// epoch timer will).
+    fn want(&self, tag: u64);
+    /// The epoch read after a full fence: a tag covering every entry cleared
+    /// before the call (a batch is sealed with it when it closes).
+    fn seal(&self) -> u64;
     /// Blocks until `completed() >= tag` (a round trip).
     fn wait_completed(&self, tag: u64) -> Result<(), Self::Error>;
     /// Gives `give` (clean IOVAs of `class`) to the depot and takes up to `want`.
@@ -192,7 +203,8 @@ impl CpuCache {
     }
 
     /// Returns an unmapped IOVA of `class`, tagged with the epoch the caller
-    /// read after clearing its leaf entries.
+    /// read after clearing its leaf entries — or with 0, to be covered by the
+    /// tag the batch is sealed with when it closes ([`Backend::seal`]).
     pub fn free<B: Backend>(&mut self, class: usize, iova: u64, tag: u64, b: &B) {
         let c = &mut self.classes[class];
         c.open.push(iova);
@@ -204,10 +216,22 @@ impl CpuCache {
 
     fn close<B: Backend>(c: &mut ClassCache, b: &B) {
         let batch = Dirty {
-            iovas: std::mem::take(&mut c.open),
-            tag: c.open_tag,
+            iovas: std::mem::replace(&mut c.open, Vec::with_capacity(MAG_SIZE)),
+            tag: c.open_tag.max(b.seal()),
         };
-        b.request_flush(batch.tag);
+        c.open_tag = 0;
+        let completed = b.completed();
+        let waiting = 1 + c
+            .pending
+            .iter()
+            .rev()
+            .take_while(|d| d.tag > completed)
+            .count();
+        if waiting >= HINT_PENDING {
+            b.request_flush(batch.tag);
+        } else {
+            b.want(batch.tag);
+        }
         c.pending.push_back(batch);
     }
 
@@ -384,6 +408,10 @@ mod tests {
         fn request_flush(&self, _tag: u64) {
             *self.hints.borrow_mut() += 1;
         }
+        fn want(&self, _tag: u64) {}
+        fn seal(&self) -> u64 {
+            *self.epoch.borrow()
+        }
         fn wait_completed(&self, tag: u64) -> Result<(), ()> {
             *self.waits.borrow_mut() += 1;
             while self.completed() < tag {
@@ -421,7 +449,31 @@ mod tests {
             f.exchanges.borrow()
         );
         assert_eq!(*f.waits.borrow(), 0);
-        assert_eq!(*f.hints.borrow(), 10_000 / MAG_SIZE as u64);
+        // iommud's timer keeps up: no batch ever waits long enough to wake it.
+        assert_eq!(*f.hints.borrow(), 0);
+    }
+
+    #[test]
+    fn a_slow_iommud_is_woken_once_per_hint_pending_batches() {
+        let f = Fake::new(100_000);
+        let mut cpu = CpuCache::default();
+        let mut seen = 0;
+        for _ in 0..MAG_SIZE * 40 {
+            let (iova, _) = cpu.alloc(0, &f).unwrap();
+            let tag = *f.epoch.borrow();
+            cpu.free(0, iova, tag, &f);
+            // This iommud flushes only when woken.
+            if *f.hints.borrow() > seen {
+                seen = *f.hints.borrow();
+                f.flush();
+            }
+        }
+        assert_eq!(
+            seen,
+            40 / HINT_PENDING as u64,
+            "one wake-up per {HINT_PENDING} batches"
+        );
+        assert_eq!(*f.waits.borrow(), 0);
     }
 
     #[test]

@@ -25,11 +25,15 @@
 //! ## Stale window (how long an unmapped IOVA stays un-invalidated)
 //!
 //! Whoever clears entries (the client on its fast path, iommud for the
-//! unmaps it does itself) calls [`DomainPage::note_unmap`] *after* reading
-//! the epoch tag: it records, in its CPU slot (so the fast path writes no
-//! line another CPU writes), the time of the oldest unmap not yet taken by a
-//! flush, and the sum and count of unmap times. iommud takes the records of
-//! all slots ([`DomainPage::take_unmaps`]) *before* it advances the epoch, and when the
+//! unmaps it does itself, in [`SERVER_SLOT`]) calls [`DomainPage::note_unmap`]
+//! *after* reading the epoch tag: it records, in its CPU slot (so the fast
+//! path writes no line another CPU writes), the time of the oldest unmap not
+//! yet taken by a flush, and running totals of the count and the sum of
+//! unmap times. Each slot has one writer at a time (the client's slot lock,
+//! iommud's domain lock), so the totals are plain loads and stores, not
+//! locked read-modify-writes: the fast path pays a clock read and no bus
+//! lock. iommud takes the records of all slots ([`DomainPage::take_unmaps`],
+//! against its own snapshot of the totals) *before* it advances the epoch, and when the
 //! invalidation completes, `now - oldest` is the flush's longest window and
 //! `count * now - sum` the sum of its windows. An unmap recorded after the
 //! take is charged to the next flush (never under-estimated): if its record
@@ -54,6 +58,44 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The time-stamp counter (0 where there is none).
+pub fn read_tsc() -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: RDTSC reads a counter; it touches no memory.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        0
+    }
+}
+
+/// `(tsc_base, ns per tick in 32.32 fixed point)` when the TSC is the
+/// system's clock source (Linux: `/sys/devices/system/clocksource/
+/// clocksource0/current_clocksource` reads `tsc`, which the kernel picks only
+/// for a TSC that is invariant and synchronised across CPUs), measured once
+/// per process against `CLOCK_MONOTONIC` over 20 ms; else `None`.
+pub fn tsc_calibration() -> Option<(u64, u64)> {
+    use std::sync::OnceLock;
+    static CAL: OnceLock<Option<(u64, u64)>> = OnceLock::new();
+    *CAL.get_or_init(|| {
+        let src = std::fs::read_to_string(
+            "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+        )
+        .ok()?;
+        if src.trim() != "tsc" {
+            return None;
+        }
+        let (n0, t0) = (monotonic_ns(), read_tsc());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (n1, t1) = (monotonic_ns(), read_tsc());
+        let ticks = t1.checked_sub(t0).filter(|t| *t > 0)?;
+        let mult = ((u128::from(n1 - n0) << 32) / u128::from(ticks)) as u64;
+        (mult != 0).then_some((t0, mult))
+    })
 }
 
 /// First IOVA of a magazine domain's IOVA space. Leaf table `i` of the
@@ -81,21 +123,47 @@ pub struct CpuCounters {
     pub maps: AtomicU64,
     /// Fast-path unmaps.
     pub unmaps: AtomicU64,
-    /// Maps served from a CPU-local magazine.
+    /// Maps served from a CPU-local magazine (misses = maps − hits).
     pub mag_hits: AtomicU64,
-    /// Maps that found the CPU's magazines empty.
-    pub mag_misses: AtomicU64,
     /// Dirty batches completed into clean magazines without IPC.
     pub batches_recycled: AtomicU64,
     /// Time of the slot's oldest unmap not yet taken by a flush (0 = none).
     pub unmap_oldest: AtomicU64,
-    /// Sum of the times of the slot's unmaps not yet taken by a flush.
+    /// Running total of the slot's unmap times (ns; wraps).
     pub unmap_sum: AtomicU64,
-    /// Number of the slot's unmaps not yet taken by a flush.
+    /// Running total of the slot's unmaps.
     pub unmap_count: AtomicU64,
+    /// Time of the slot's latest clock sample (see [`DomainPage::note_unmap`]).
+    pub unmap_last: AtomicU64,
 }
 
 const _: () = assert!(std::mem::size_of::<CpuCounters>() == 64);
+// Each slot on its own cache line, none on the line of the epoch words:
+// slots of different CPUs must not share a line (false sharing on every op).
+const _: () = assert!(std::mem::offset_of!(DomainPage, cpu) % 64 == 0);
+
+/// iommud's snapshot of every slot's running unmap totals `(sum, count)`,
+/// for [`DomainPage::take_unmaps`].
+#[derive(Debug, Clone)]
+pub struct UnmapTotals(pub [(u64, u64); MAX_CPUS]);
+
+impl Default for UnmapTotals {
+    fn default() -> Self {
+        UnmapTotals([(0, 0); MAX_CPUS])
+    }
+}
+
+/// Unmaps between two clock reads of [`DomainPage::note_unmap`].
+pub const TIME_SAMPLE: u64 = 16;
+
+/// The CPU slot iommud records its own unmaps in; clients use the others.
+pub const SERVER_SLOT: usize = MAX_CPUS - 1;
+
+/// Adds one to a counter whose only writer is the caller (a slot's counters
+/// are written under that slot's lock): a plain load and store, no bus lock.
+pub fn bump(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
 
 /// Page 0 of the shared memfd.
 #[repr(C)]
@@ -117,6 +185,11 @@ pub struct DomainPage {
     pub flush: AtomicU32,
     /// [`monotonic_ns`] at initialisation; unmap times are relative to it.
     pub clock_base: AtomicU64,
+    /// Time-stamp counter at initialisation (with `tsc_mult`).
+    pub tsc_base: AtomicU64,
+    /// Nanoseconds per TSC tick in 32.32 fixed point, or 0: then [`DomainPage::now`]
+    /// reads `CLOCK_MONOTONIC` instead (see [`tsc_calibration`]).
+    pub tsc_mult: AtomicU64,
     /// Client counters per CPU slot.
     pub cpu: [CpuCounters; MAX_CPUS],
 }
@@ -128,7 +201,7 @@ impl DomainPage {
     ///
     /// # Safety
     /// `ptr` must point to at least `size_of::<DomainPage>()` bytes of shared
-    /// memory, 8-byte aligned, that stay mapped for `'a` and are only ever
+    /// memory, 64-byte aligned (a mapping's start is page-aligned), that stay mapped for `'a` and are only ever
     /// accessed atomically (which holds for the memfds iommud creates: every
     /// field is an atomic).
     pub unsafe fn from_ptr<'a>(ptr: *mut u8) -> &'a DomainPage {
@@ -146,6 +219,9 @@ impl DomainPage {
         self.dead.store(0, Ordering::SeqCst);
         self.clock_base
             .store(monotonic_ns().saturating_sub(1), Ordering::SeqCst);
+        let (base, mult) = tsc_calibration().unwrap_or((0, 0));
+        self.tsc_base.store(base, Ordering::SeqCst);
+        self.tsc_mult.store(mult, Ordering::SeqCst);
         for c in &self.cpu {
             c.unmap_oldest.store(0, Ordering::SeqCst);
             c.unmap_sum.store(0, Ordering::SeqCst);
@@ -153,23 +229,50 @@ impl DomainPage {
         }
     }
 
-    /// Nanoseconds since initialisation (never 0).
+    /// Nanoseconds since initialisation (never 0), on the clock iommud chose
+    /// for the domain: the TSC when it is the system's clock source (a
+    /// `rdtsc`, no system call, for the per-unmap timestamps of the fast
+    /// path), else `CLOCK_MONOTONIC`. Both processes use the same formula.
     pub fn now(&self) -> u64 {
+        let mult = self.tsc_mult.load(Ordering::Relaxed);
+        if mult != 0 {
+            let ticks = read_tsc().wrapping_sub(self.tsc_base.load(Ordering::Relaxed));
+            return ((u128::from(ticks) * u128::from(mult)) >> 32) as u64 + 1;
+        }
         monotonic_ns()
             .saturating_sub(self.clock_base.load(Ordering::Relaxed))
             .max(1)
     }
 
     /// Records one unmap in CPU slot `slot` (modulo the slots) whose entries
-    /// are cleared and whose epoch tag was read (see the module docs).
+    /// are cleared and whose epoch tag was read (see the module docs). The
+    /// caller must be the slot's only writer (it holds the slot's lock).
+    ///
+    /// Reading a clock costs as much as the rest of an unmap, so the clock
+    /// is read for the first unmap after each take (the oldest: the longest
+    /// window stays exact) and for every [`TIME_SAMPLE`]th unmap; the
+    /// unmaps in between are charged the sample's time, so the mean window
+    /// is estimated from samples at most `TIME_SAMPLE` unmaps apart.
     pub fn note_unmap(&self, slot: usize) {
         let c = &self.cpu[slot % MAX_CPUS];
-        let t = self.now();
-        let _ = c
-            .unmap_oldest
-            .compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst);
-        c.unmap_sum.fetch_add(t, Ordering::SeqCst);
-        c.unmap_count.fetch_add(1, Ordering::SeqCst);
+        let n = c.unmap_count.load(Ordering::Relaxed) + 1;
+        let first = c.unmap_oldest.load(Ordering::Relaxed) == 0;
+        let t = if first || n.is_multiple_of(TIME_SAMPLE) {
+            let t = self.now();
+            c.unmap_last.store(t, Ordering::Relaxed);
+            if first {
+                // iommud may swap in 0 between the load and the store; then this
+                // unmap is simply charged to the next flush (never under-counted).
+                c.unmap_oldest.store(t, Ordering::Relaxed);
+            }
+            t
+        } else {
+            c.unmap_last.load(Ordering::Relaxed)
+        };
+        let sum = c.unmap_sum.load(Ordering::Relaxed);
+        c.unmap_sum.store(sum.wrapping_add(t), Ordering::Relaxed);
+        // Release: whoever sees the new count sees the sum that includes it.
+        c.unmap_count.store(n, Ordering::Release);
     }
 
     /// Age (ns) of the oldest unmap not yet taken by a flush.
@@ -184,16 +287,20 @@ impl DomainPage {
     }
 
     /// Takes the unmap records of all slots (iommud, before advancing the
-    /// epoch): `(oldest, sum, count)` or `None` if no unmap is waiting.
-    pub fn take_unmaps(&self) -> Option<(u64, u64, u64)> {
+    /// epoch) against `seen`, iommud's snapshot of each slot's totals:
+    /// `(oldest, sum, count)` of the unmaps since the last take, or `None`.
+    pub fn take_unmaps(&self, seen: &mut UnmapTotals) -> Option<(u64, u64, u64)> {
         let (mut oldest, mut sum, mut count) = (0u64, 0u64, 0u64);
-        for c in &self.cpu {
+        for (c, (seen_sum, seen_count)) in self.cpu.iter().zip(seen.0.iter_mut()) {
             let o = c.unmap_oldest.swap(0, Ordering::SeqCst);
             if o != 0 && (oldest == 0 || o < oldest) {
                 oldest = o;
             }
-            count += c.unmap_count.swap(0, Ordering::SeqCst);
-            sum = sum.wrapping_add(c.unmap_sum.swap(0, Ordering::SeqCst));
+            let n = c.unmap_count.load(Ordering::Acquire);
+            let s = c.unmap_sum.load(Ordering::Relaxed);
+            count += n.wrapping_sub(*seen_count);
+            sum = sum.wrapping_add(s.wrapping_sub(*seen_sum));
+            (*seen_sum, *seen_count) = (s, n);
         }
         (oldest != 0 || count != 0).then_some((oldest, sum, count))
     }
@@ -210,5 +317,34 @@ impl DomainPage {
             .map(|c| f(c).load(Ordering::Relaxed))
             .max()
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_clocks_agree_with_the_monotonic_clock() {
+        let fd = crate::shm::memfd("t", SHARED_LEN).unwrap();
+        let m = crate::shm::Mapping::new(std::os::fd::AsFd::as_fd(&fd), 0, SHARED_LEN).unwrap();
+        // SAFETY: a fresh page-aligned mapping of SHARED_LEN bytes.
+        let p = unsafe { DomainPage::from_ptr(m.as_ptr()) };
+        p.init();
+        for tsc in [true, false] {
+            if !tsc {
+                p.tsc_mult.store(0, Ordering::SeqCst);
+            } else if p.tsc_mult.load(Ordering::SeqCst) == 0 {
+                continue; // no TSC clock here
+            }
+            let (a, n0) = (p.now(), monotonic_ns());
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            let (b, n1) = (p.now(), monotonic_ns());
+            let (d, dn) = (b - a, n1 - n0);
+            assert!(
+                d.abs_diff(dn) < dn / 20 + 200_000,
+                "tsc={tsc}: {d} ns vs {dn} ns"
+            );
+        }
     }
 }

@@ -243,6 +243,11 @@ impl HashCache<'_> {
     }
 
     pub fn remove_if(&self, mut pred: impl FnMut(u64) -> bool) {
+        // An empty cache has nothing to scan (the slots are many; the model's
+        // invalidations run on the CPU of whoever wrote the queue tail).
+        if self.count.load(Relaxed) == 0 {
+            return;
+        }
         for s in self.slots {
             let k = s.key.load(Relaxed);
             if k != 0 && pred(k) {
