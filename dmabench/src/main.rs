@@ -74,6 +74,19 @@ fn rows(all: &[Box<dyn Backend>], filter: Option<&str>) -> Vec<Row> {
     out
 }
 
+/// Environment variable carrying `--inval-latency-ns` to client processes.
+const INVAL_LATENCY_ENV: &str = "DMABENCH_INVAL_LATENCY_NS";
+
+/// How long the simulated unit takes per invalidation descriptor (ns), for
+/// every row that uses the model: the `vm-allocator` peer and every iommud
+/// daemon. 0 (the default) is instantaneous hardware.
+pub fn inval_latency_ns() -> u64 {
+    std::env::var(INVAL_LATENCY_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 struct Opts {
     quick: bool,
     out: PathBuf,
@@ -83,7 +96,8 @@ struct Opts {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmabench [--quick] [--out DIR] [--rows TERM[,TERM...]] [--scale auto|log|linear]"
+        "usage: dmabench [--quick] [--out DIR] [--rows TERM[,TERM...]] [--scale auto|log|linear] \
+         [--inval-latency-ns N]"
     );
     ExitCode::from(2)
 }
@@ -104,6 +118,11 @@ fn parse_opts(args: &[String]) -> Option<Opts> {
             "--quick" => o.quick = true,
             "--out" => o.out = PathBuf::from(it.next()?),
             "--rows" => o.rows = Some(it.next()?.clone()),
+            "--inval-latency-ns" => {
+                let ns: u64 = it.next()?.parse().ok()?;
+                // Inherited by the client processes and passed to every daemon.
+                std::env::set_var(INVAL_LATENCY_ENV, ns.to_string());
+            }
             "--scale" => {
                 o.scale = match it.next()?.as_str() {
                     "auto" => plot::Scale::Auto,
@@ -192,6 +211,15 @@ fn bench(o: &Opts) -> io::Result<()> {
         rows.len(),
         b.runs,
         b.per_run.as_millis()
+    );
+    println!(
+        "simulated VT-d: {} ns per invalidation descriptor{}",
+        inval_latency_ns(),
+        if inval_latency_ns() == 0 {
+            " (instantaneous; --inval-latency-ns models real hardware's)"
+        } else {
+            ""
+        }
     );
     println!("{}", results::TABLE_HEADER);
     let mut done: Vec<RowResult> = Vec::with_capacity(rows.len());

@@ -249,6 +249,7 @@ impl Kernel {
     fn boot() -> io::Result<Kernel> {
         let m = SimMachine::create(SimConfig {
             mem_bytes: MEM_BYTES,
+            inval_latency_ns: crate::inval_latency_ns(),
             ..SimConfig::default()
         })?;
         let w128 = |at: u64, v: u128| -> io::Result<()> {

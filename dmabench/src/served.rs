@@ -206,6 +206,10 @@ impl Backend for Served {
             .args(["--platform", "sim", "--socket"])
             .arg(&socket)
             .args(&self.daemon_args)
+            .args([
+                "--sim-inval-latency-ns",
+                &crate::inval_latency_ns().to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

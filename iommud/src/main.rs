@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! iommud [--platform sim|linux] [--socket PATH] [--no-translation]
-//!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-mem-mb N]
+//!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
 //!        [--timeout-ms N]
 //! ```
 //! `--coherent` (sim only) makes the simulated unit report ECAP.C = 1, so
@@ -25,6 +25,7 @@ struct Args {
     reclaim: bool,
     caching_mode: bool,
     coherent: bool,
+    sim_inval_latency_ns: u64,
     sim_mem_mb: usize,
     timeout_ms: u64,
 }
@@ -37,6 +38,7 @@ fn parse_args() -> Result<Args, String> {
         reclaim: true,
         caching_mode: false,
         coherent: false,
+        sim_inval_latency_ns: 0,
         sim_mem_mb: 256,
         timeout_ms: 1000,
     };
@@ -50,6 +52,11 @@ fn parse_args() -> Result<Args, String> {
             "--no-reclaim" => a.reclaim = false,
             "--caching-mode" => a.caching_mode = true,
             "--coherent" => a.coherent = true,
+            "--sim-inval-latency-ns" => {
+                a.sim_inval_latency_ns = val("--sim-inval-latency-ns")?
+                    .parse()
+                    .map_err(|e| format!("--sim-inval-latency-ns: {e}"))?
+            }
             "--sim-mem-mb" => {
                 a.sim_mem_mb = val("--sim-mem-mb")?
                     .parse()
@@ -63,7 +70,7 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: iommud [--platform sim|linux] [--socket PATH] [--no-translation] \
-                            [--no-reclaim] [--caching-mode] [--coherent] [--sim-mem-mb N] \
+                            [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N] \
                             [--timeout-ms N]"
                         .into(),
                 )
@@ -90,6 +97,7 @@ fn run(a: Args) -> Result<(), String> {
                 mem_bytes: a.sim_mem_mb << 20,
                 caching_mode: a.caching_mode,
                 coherent: a.coherent,
+                inval_latency_ns: a.sim_inval_latency_ns,
                 ..Default::default()
             };
             let p = Arc::new(

@@ -57,6 +57,12 @@ pub struct SimConfig {
     /// ECAP.C: table walks snoop CPU caches, so software need not flush
     /// them after table writes. QEMU reports 0, which is the default.
     pub coherent: bool,
+    /// Time each context-cache or IOTLB invalidation descriptor takes to
+    /// execute (busy, like the unit: the wait descriptor after it completes
+    /// that much later). 0, the default, is instantaneous hardware; real
+    /// units take on the order of a microsecond ("thousands of cycles"),
+    /// which is what makes strict invalidation expensive.
+    pub inval_latency_ns: u64,
 }
 
 impl Default for SimConfig {
@@ -68,6 +74,7 @@ impl Default for SimConfig {
             iotlb_capacity: 1024,
             nfr: 1,
             coherent: false,
+            inval_latency_ns: 0,
         }
     }
 }
@@ -300,6 +307,7 @@ impl SimMachine {
         h.iotlb_capacity.store(cfg.iotlb_capacity as u64, Relaxed);
         h.buckets.store(buckets as u64, Relaxed);
         h.nfr.store(u64::from(cfg.nfr), Relaxed);
+        h.inval_latency_ns.store(cfg.inval_latency_ns, Relaxed);
         let (sagaw, mgaw) = if cfg.aw_bits == 48 {
             (0b110, 47)
         } else {
@@ -359,6 +367,7 @@ impl SimMachine {
             aw_bits: h.aw_bits.load(Relaxed) as u8,
             iotlb_capacity: h.iotlb_capacity.load(Relaxed) as usize,
             nfr: h.nfr.load(Relaxed) as u16,
+            inval_latency_ns: h.inval_latency_ns.load(Relaxed),
             coherent: h.regs[regs::ECAP / 8].load(Relaxed) & 1 != 0,
         }
     }
@@ -736,11 +745,24 @@ impl SimMachine {
         self.set_reg32(regs::FSTS, self.fsts() | Fsts::IQE.bits());
     }
 
+    /// Spends the configured invalidation latency (see
+    /// [`SimConfig::inval_latency_ns`]).
+    fn take_time(&self) {
+        let ns = self.hdr().inval_latency_ns.load(Relaxed);
+        if ns > 0 {
+            let until = std::time::Instant::now() + std::time::Duration::from_nanos(ns);
+            while std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
     /// Execute one descriptor; false if it is invalid.
     fn execute(&self, d: Descriptor) -> bool {
         match d.decode() {
             Decoded::ContextCache { g, did, sid, fm } => {
                 self.invalidate_cc(g, did, sid, fm);
+                self.take_time();
                 true
             }
             Decoded::Iotlb {
@@ -750,7 +772,11 @@ impl SimMachine {
                 am,
                 ih,
                 ..
-            } => self.invalidate_iotlb(g, did, addr, am, ih),
+            } => {
+                let ok = self.invalidate_iotlb(g, did, addr, am, ih);
+                self.take_time();
+                ok
+            }
             Decoded::Wait {
                 status_addr,
                 status_data,

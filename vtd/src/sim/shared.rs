@@ -49,6 +49,7 @@ pub(crate) struct Header {
     pub iotlb_capacity: AtomicU64,
     pub buckets: AtomicU64,
     pub nfr: AtomicU64,
+    pub inval_latency_ns: AtomicU64,
     /// Root table address latched by GCMD.SRTP.
     pub root: AtomicU64,
     pub next_frcd: AtomicU64,

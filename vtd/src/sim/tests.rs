@@ -30,6 +30,7 @@ fn cfg(caching_mode: bool) -> SimConfig {
         iotlb_capacity: 1024,
         nfr: 1,
         coherent: false,
+        inval_latency_ns: 0,
     }
 }
 
@@ -591,4 +592,26 @@ fn concurrent_dma_and_invalidation() {
     let c = f.m.counters();
     assert_eq!(c.iotlb_hits + c.iotlb_misses, 600);
     assert_eq!((c.stale_hits, c.faults_recorded), (0, 0));
+}
+
+#[test]
+fn invalidations_take_the_configured_latency() {
+    // Only a lower bound: the model must spend the configured time per
+    // invalidation (how fast it is otherwise is not a property to test).
+    let (ns, at_least) = (300_000u64, 600_000u128);
+    {
+        let mut f = Fix::new(SimConfig {
+            inval_latency_ns: ns,
+            ..cfg(false)
+        });
+        let t = std::time::Instant::now();
+        // Two invalidations (a context-cache and an IOTLB one) before the wait.
+        f.submit(&[
+            Descriptor::cc_global(),
+            Descriptor::iotlb_global(false, false),
+        ]);
+        let took = t.elapsed().as_nanos();
+        assert!(took >= at_least, "latency {ns} ns: took {took} ns");
+        assert_eq!(f.m.config().inval_latency_ns, ns);
+    }
 }
