@@ -8,7 +8,7 @@
 mod common;
 
 use common::{kv, Daemon};
-use libdma::{Dir, DmaDomain, FlushPolicy, Strategy};
+use libdma::Dir;
 use std::process::Command;
 use std::sync::Arc;
 
@@ -28,23 +28,11 @@ fn bdf_of(process: usize) -> u16 {
 #[test]
 #[ignore = "run as a child process by the multi-process tests"]
 fn client_process() {
-    let Ok(spec) = std::env::var("IOMMUD_TEST_CLIENT") else {
+    let Some(c) = common::Client::from_env() else {
         return;
     };
-    let f: Vec<&str> = spec.split(',').collect();
-    let socket = std::path::PathBuf::from(f[0]);
-    let bdf: u16 = f[1].parse().unwrap();
-    let strategy = Strategy::parse(f[2]).unwrap();
-    let flush = FlushPolicy::parse(f[3]).unwrap();
-    let per_thread: usize = f[4].parse().unwrap();
-
-    let dom = Arc::new(DmaDomain::connect(&socket, bdf, strategy, flush).unwrap());
-    let ctl = libdma::Control::connect(&socket).unwrap();
-    let dev = {
-        use std::os::fd::AsFd;
-        let (m, s, _) = ctl.sim_info().unwrap();
-        Arc::new(vtd::sim::SimMachine::open(m.as_fd(), s.as_fd()).unwrap())
-    };
+    let (bdf, strategy, dom, dev) = (c.bdf, c.strategy, c.dom, c.dev);
+    let per_thread: usize = c.extra[0].parse().unwrap();
     let stats_path = format!("domains/{}/stats", iommud::unit::bdf_string(bdf));
     let barrier = Arc::new(std::sync::Barrier::new(THREADS + 1));
     let run = |warm: bool| {

@@ -38,24 +38,12 @@ fn combos() -> Vec<(Strategy, FlushPolicy)> {
 #[test]
 #[ignore = "run as a child process by the strategy tests"]
 fn strategy_client() {
-    let Ok(spec) = std::env::var("IOMMUD_TEST_CLIENT") else {
+    let Some(c) = common::Client::from_env() else {
         return;
     };
-    let f: Vec<&str> = spec.split(',').collect();
-    let socket = std::path::PathBuf::from(f[0]);
-    let bdf: u16 = f[1].parse().unwrap();
-    let strategy = Strategy::parse(f[2]).unwrap();
-    let flush = FlushPolicy::parse(f[3]).unwrap();
-
-    let dom = Arc::new(DmaDomain::connect(&socket, bdf, strategy, flush).unwrap());
+    let (bdf, strategy, flush, dom, dev) = (c.bdf, c.strategy, c.flush, c.dom, c.dev);
     assert_eq!(dom.strategy(), strategy);
     assert_eq!(dom.flush_policy(), flush);
-    let ctl = libdma::Control::connect(&socket).unwrap();
-    let dev = {
-        use std::os::fd::AsFd;
-        let (m, s, _) = ctl.sim_info().unwrap();
-        Arc::new(vtd::sim::SimMachine::open(m.as_fd(), s.as_fd()).unwrap())
-    };
     let mut hs = Vec::new();
     for t in 0..THREADS {
         let (dom, dev) = (dom.clone(), dev.clone());

@@ -367,16 +367,9 @@ pub fn test(strategy: &str, flush: &str, cm: bool, packets: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
 
     fn output(console: &str) -> GuestOutput {
-        GuestOutput {
-            log_path: PathBuf::new(),
-            console: console.into(),
-            exit_marker: Some(0),
-            timed_out: false,
-            duration: Duration::ZERO,
-        }
+        GuestOutput::from_console(console)
     }
 
     #[test]

@@ -79,3 +79,43 @@ pub fn kv(text: &str, key: &str) -> u64 {
         })
         .unwrap_or_else(|| panic!("no numeric key {key} in:\n{text}"))
 }
+
+/// What a re-executed client process was asked to do (`IOMMUD_TEST_CLIENT`:
+/// `socket,bdf,strategy,flush[,extra...]`), with its domain attached and the
+/// simulated machine opened as the device.
+pub struct Client {
+    pub socket: PathBuf,
+    pub bdf: u16,
+    pub strategy: libdma::Strategy,
+    pub flush: libdma::FlushPolicy,
+    /// Fields after the fourth.
+    pub extra: Vec<String>,
+    pub dom: std::sync::Arc<libdma::DmaDomain>,
+    pub dev: std::sync::Arc<vtd::sim::SimMachine>,
+}
+
+impl Client {
+    /// `None` when not run as a client process (the variable is unset).
+    pub fn from_env() -> Option<Client> {
+        use std::os::fd::AsFd;
+        let spec = std::env::var("IOMMUD_TEST_CLIENT").ok()?;
+        let f: Vec<&str> = spec.split(',').collect();
+        let socket = PathBuf::from(f[0]);
+        let bdf: u16 = f[1].parse().unwrap();
+        let strategy = libdma::Strategy::parse(f[2]).unwrap();
+        let flush = libdma::FlushPolicy::parse(f[3]).unwrap();
+        let dom =
+            std::sync::Arc::new(libdma::DmaDomain::connect(&socket, bdf, strategy, flush).unwrap());
+        let (m, s, _) = Control::connect(&socket).unwrap().sim_info().unwrap();
+        let dev = std::sync::Arc::new(vtd::sim::SimMachine::open(m.as_fd(), s.as_fd()).unwrap());
+        Some(Client {
+            socket,
+            bdf,
+            strategy,
+            flush,
+            extra: f[4..].iter().map(|x| x.to_string()).collect(),
+            dom,
+            dev,
+        })
+    }
+}

@@ -228,10 +228,9 @@ pub fn parse_hex(s: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn output(console: &str) -> GuestOutput {
+impl GuestOutput {
+    /// A finished boot whose console printed `console` (for parser tests).
+    pub(crate) fn from_console(console: &str) -> GuestOutput {
         GuestOutput {
             log_path: PathBuf::new(),
             console: console.into(),
@@ -239,6 +238,15 @@ mod tests {
             timed_out: false,
             duration: Duration::ZERO,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(console: &str) -> GuestOutput {
+        GuestOutput::from_console(console)
     }
 
     #[test]
