@@ -46,9 +46,12 @@ const LEFT: f64 = 90.0;
 const RIGHT: f64 = 250.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 70.0;
-const COLORS: [&str; 10] = [
+/// One colour per series, distinct for up to 20 series (every strategy ×
+/// flush policy plus the peers); past that they repeat.
+const COLORS: [&str; 20] = [
     "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
-    "#ccb974", "#64b5cd",
+    "#ccb974", "#64b5cd", "#1b3a6b", "#a34a00", "#2d6a37", "#7a1f22", "#4b3f7a", "#5a4634",
+    "#a0457f", "#3d3d3d", "#8a7a2b", "#2b6f86",
 ];
 
 fn esc(s: &str) -> String {
