@@ -586,7 +586,6 @@ impl PhysMem for HugeMem {
 mod tests {
     use super::*;
     use linuxhw::dmar::{Drhd, DRHD_INCLUDE_PCI_ALL};
-    use std::os::fd::AsRawFd;
 
     /// QEMU's intel-iommu, as measured in the guest (DESIGN.md).
     const QEMU_CAP: u64 = 0x00D2_008C_222F_0606;
@@ -754,33 +753,6 @@ mod tests {
         assert!(matches!(m.read_u64(last), Err(HwError::BadPhys(p)) if p == last));
     }
 
-    /// Maps `len` bytes of a region's fd as a client would.
-    struct ClientMap(*mut u8, usize);
-    impl ClientMap {
-        fn new(r: &Region) -> ClientMap {
-            let len = usize::try_from(r.len).expect("region length fits");
-            // SAFETY: FFI with a valid fd, no address hint; the result is checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    r.fd.as_raw_fd(),
-                    libc::off_t::try_from(r.fd_offset).expect("offset fits"),
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED, "mmap region fd");
-            ClientMap(p.cast(), len)
-        }
-    }
-    impl Drop for ClientMap {
-        fn drop(&mut self) {
-            // SAFETY: exactly what mmap returned.
-            unsafe { libc::munmap(self.0.cast(), self.1) };
-        }
-    }
-
     #[test]
     fn regions_are_shared_through_their_fd() {
         let Some(m) = small() else { return };
@@ -793,23 +765,31 @@ mod tests {
         for off in (0..r.len).step_by(8) {
             assert_eq!(m.read_u64(r.phys + off).expect("read"), 0);
         }
-        let client = ClientMap::new(&r);
+        // Mapped as a client maps it.
+        let client = libdma::shm::Mapping::new(
+            std::os::fd::AsFd::as_fd(&*r.fd),
+            r.fd_offset,
+            usize::try_from(r.len).expect("region length fits"),
+        )
+        .expect("client mapping");
         for i in 0..r.len / 8 {
             m.write_u64(r.phys + i * 8, 0x5a5a_0000_0000_0000 | i)
                 .expect("write");
         }
         for i in 0..r.len / 8 {
-            // SAFETY: in bounds of the client mapping, 8-aligned; volatile DMA-memory read.
-            let v = unsafe { client.0.cast::<u64>().add(i as usize).read_volatile() };
-            assert_eq!(v, 0x5a5a_0000_0000_0000 | i);
+            assert_eq!(
+                client.read_u64(i as usize * 8),
+                Some(0x5a5a_0000_0000_0000 | i)
+            );
         }
         // The client's mapping (faulted in above) is the same physical page.
         assert_eq!(
-            linuxhw::hugemem::virt_to_phys(client.0).expect("pagemap"),
+            linuxhw::hugemem::virt_to_phys(client.as_ptr()).expect("pagemap"),
             r.phys
         );
-        // SAFETY: as above.
-        unsafe { client.0.add(8).cast::<u32>().write_volatile(0x600d_f00d) };
+        client
+            .write_bytes(8, &0x600d_f00du32.to_le_bytes())
+            .expect("in bounds");
         assert_eq!(m.read_u32(r.phys + 8).expect("read"), 0x600d_f00d);
 
         // Limits of the small source.
@@ -828,9 +808,7 @@ mod tests {
         assert!(matches!(m.read_u64(r.phys), Err(HwError::BadPhys(_))));
         m.free_region(&r); // double free: logged, ignored
                            // The client's mapping outlives iommud's: memfd pages stay.
-                           // SAFETY: the client mapping is still live (dropped below).
-        let v = unsafe { client.0.cast::<u64>().read_volatile() };
-        assert_eq!(v, 0x5a5a_0000_0000_0000);
+        assert_eq!(client.read_u64(0), Some(0x5a5a_0000_0000_0000));
         drop(client);
     }
 

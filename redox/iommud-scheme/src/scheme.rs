@@ -45,66 +45,39 @@ pub trait RegionMapper {
     fn forget(&mut self, share: &Share);
 }
 
-/// Maps each region's fd with `mmap(MAP_SHARED)` once and keeps it mapped.
-/// The same call works on Linux and on Redox (relibc's `mmap` on a memory-scheme fd).
+/// Maps each region's fd with `mmap(MAP_SHARED)` once (a
+/// [`libdma::shm::Mapping`]) and keeps it mapped until the handle holding it
+/// closes. The same call works on Linux and on Redox (relibc's `mmap` on a
+/// memory-scheme fd).
 #[derive(Default)]
 pub struct FdMapper {
-    maps: BTreeMap<usize, (usize, usize)>,
+    maps: BTreeMap<usize, libdma::shm::Mapping>,
 }
 
 impl RegionMapper for FdMapper {
     fn map(&mut self, share: &Share) -> Result<(usize, u64)> {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         // The Arc's address names the file while a handle holds it.
         let key = std::sync::Arc::as_ptr(&share.fd) as usize;
-        if let Some(&(addr, len)) = self.maps.get(&key) {
-            return Ok((addr, len as u64));
+        if let Some(m) = self.maps.get(&key) {
+            return Ok((m.as_ptr() as usize, m.len() as u64));
         }
         let size = std::fs::File::from(share.fd.try_clone().map_err(|_| Error::new(EINVAL))?)
             .metadata()
             .map_err(|e| Error::new(e.raw_os_error().unwrap_or(EINVAL)))?
             .len();
         let len = usize::try_from(size).map_err(|_| Error::new(EOVERFLOW))?;
-        if len == 0 {
-            return Err(Error::new(EINVAL));
-        }
-        // SAFETY: a fresh shared mapping chosen by the kernel; it aliases no Rust
-        // object, and it is only ever handed out as an address, never as a reference.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                share.fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(EINVAL);
-            return Err(Error::new(e));
-        }
-        self.maps.insert(key, (p as usize, len));
-        Ok((p as usize, size))
+        let m = libdma::shm::Mapping::new(share.fd.as_fd(), 0, len)
+            .map_err(|e| Error::new(e.raw_os_error().unwrap_or(EINVAL)))?;
+        let addr = m.as_ptr() as usize;
+        self.maps.insert(key, m);
+        Ok((addr, size))
     }
 
     fn forget(&mut self, share: &Share) {
-        let key = std::sync::Arc::as_ptr(&share.fd) as usize;
-        if let Some((addr, len)) = self.maps.remove(&key) {
-            // SAFETY: a mapping this mapper made; clients keep their own views.
-            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
-        }
-    }
-}
-
-impl Drop for FdMapper {
-    fn drop(&mut self) {
-        for &(addr, len) in self.maps.values() {
-            // SAFETY: each entry is a mapping this mapper made and nobody else unmaps.
-            unsafe { libc::munmap(addr as *mut libc::c_void, len) };
-        }
+        // Dropping the mapping unmaps iommud's view; clients keep their own.
+        self.maps
+            .remove(&(std::sync::Arc::as_ptr(&share.fd) as usize));
     }
 }
 
