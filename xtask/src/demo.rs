@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::guest::{self, GuestOutput, GuestRun};
-use crate::util::Result;
+use crate::util::{Flags, Result};
 
 /// Options of one demo run.
 #[derive(Debug, Clone)]
@@ -53,40 +53,27 @@ const USAGE: &str = "usage: cargo xtask demo [--strategy magazine|global|identit
 /// Parses the demo's command line.
 pub fn parse(args: &[String]) -> Result<DemoOpts> {
     let mut o = DemoOpts::default();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .ok_or(format!("{a} needs a value\n{USAGE}"))
-        };
-        let num = |v: String| {
-            v.parse::<u64>()
-                .map_err(|_| format!("{a}: not a number: {v:?}"))
-        };
-        match a.as_str() {
+    let mut f = Flags::new(args, USAGE);
+    while let Some(a) = f.next_flag() {
+        match a {
             "--strategy" => {
-                o.strategy = val()?;
+                o.strategy = f.value(a)?;
                 if !STRATEGIES.contains(&o.strategy.as_str()) {
                     return Err(format!("unknown strategy {:?}\n{USAGE}", o.strategy));
                 }
             }
             "--flush" => {
-                o.flush = val()?;
+                o.flush = f.value(a)?;
                 if !FLUSHES.contains(&o.flush.as_str()) {
                     return Err(format!("unknown flush policy {:?}\n{USAGE}", o.flush));
                 }
             }
             "--caching-mode" => o.caching_mode = true,
             "--no-translation" => o.no_translation = true,
-            "--packets" => o.packets = num(val()?)?,
-            "--size" => o.size = num(val()?)?,
-            "-h" | "--help" => return Err(USAGE.into()),
-            _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
+            "--packets" => o.packets = f.number(a, 1)?,
+            "--size" => o.size = f.number(a, 0)?,
+            _ => return Err(f.unknown(a)),
         }
-    }
-    if o.packets == 0 {
-        return Err("--packets must be at least 1".into());
     }
     Ok(o)
 }

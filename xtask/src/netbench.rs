@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::demo::{start_iommud, STOP_IOMMUD};
 use crate::guest::{self, GuestOutput, GuestRun};
-use crate::util::{workspace_root, Result};
+use crate::util::{workspace_root, Flags, Result};
 
 #[allow(dead_code)]
 #[path = "../../dmabench/src/plot.rs"]
@@ -78,26 +78,14 @@ fn parse(args: &[String]) -> Result<Opts> {
         reps: 3,
         only: Vec::new(),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || {
-            it.next()
-                .cloned()
-                .ok_or(format!("{a} needs a value\n{USAGE}"))
-        };
-        let num = |v: String| {
-            v.parse::<u64>()
-                .ok()
-                .filter(|n| *n > 0)
-                .ok_or(format!("{a}: not a positive number: {v:?}"))
-        };
-        match a.as_str() {
-            "--packets" => o.packets = num(val()?)?,
-            "--rounds" => o.rounds = num(val()?)?,
-            "--reps" => o.reps = num(val()?)?,
-            "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
-            "-h" | "--help" => return Err(USAGE.into()),
-            _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
+    let mut f = Flags::new(args, USAGE);
+    while let Some(a) = f.next_flag() {
+        match a {
+            "--packets" => o.packets = f.number(a, 1)?,
+            "--rounds" => o.rounds = f.number(a, 1)?,
+            "--reps" => o.reps = f.number(a, 1)?,
+            "--only" => o.only = f.value(a)?.split(',').map(str::to_string).collect(),
+            _ => return Err(f.unknown(a)),
         }
     }
     Ok(o)

@@ -76,3 +76,49 @@ pub fn which(name: &str) -> Option<PathBuf> {
 pub fn mkdirs(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
 }
+
+/// `--flag value` options, with errors that quote the command's usage.
+pub struct Flags<'a> {
+    it: std::slice::Iter<'a, String>,
+    usage: &'static str,
+}
+
+impl<'a> Flags<'a> {
+    /// Options `args` of a command whose usage line is `usage`.
+    pub fn new(args: &'a [String], usage: &'static str) -> Flags<'a> {
+        Flags {
+            it: args.iter(),
+            usage,
+        }
+    }
+
+    /// The next flag.
+    pub fn next_flag(&mut self) -> Option<&'a str> {
+        self.it.next().map(String::as_str)
+    }
+
+    /// The value after `flag`.
+    pub fn value(&mut self, flag: &str) -> Result<String> {
+        self.it
+            .next()
+            .cloned()
+            .ok_or(format!("{flag} needs a value\n{}", self.usage))
+    }
+
+    /// The value after `flag`, a number ≥ `min`.
+    pub fn number(&mut self, flag: &str, min: u64) -> Result<u64> {
+        let v = self.value(flag)?;
+        v.parse::<u64>()
+            .ok()
+            .filter(|n| *n >= min)
+            .ok_or(format!("{flag}: not a number ≥ {min}: {v:?}"))
+    }
+
+    /// The error for an option the command does not know (or `--help`).
+    pub fn unknown(&self, flag: &str) -> String {
+        match flag {
+            "-h" | "--help" => self.usage.into(),
+            _ => format!("unknown option {flag:?}\n{}", self.usage),
+        }
+    }
+}
