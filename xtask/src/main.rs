@@ -29,7 +29,8 @@ usage: cargo xtask <command> [options]
   test [--host-only] [--keep-going]
                             fmt --check, clippy -D warnings, cargo test, then every guest test
                             (stops at the first failure unless --keep-going)
-  demo [--strategy global|magazine] [--caching-mode] [--no-translation] [--packets N]
+  demo [--strategy magazine|global|identity|va] [--flush percore|strict|deferred]
+       [--caching-mode] [--no-translation] [--packets N] [--size B]
                             boot iommud + e1000d, stream frames A->B through the IOMMU,
                             print iommud's stats and a `demo: ...` summary line
   netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...]
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
 fn usage() {
     println!("{USAGE}");
     for t in tests::guest_tests() {
-        println!("  {:<26}{}", t.name, t.about);
+        println!("  {:<30} {}", t.name, t.about);
     }
 }
 
