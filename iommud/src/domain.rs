@@ -869,8 +869,14 @@ impl Domain {
         }
         let mut out = Vec::new();
         if want > 0 {
-            if let Some(pos) = i.depot[class].iter().position(|m| m.len() as u64 <= want) {
-                out = i.depot[class].swap_remove(pos);
+            if let Some(m) = i.depot[class].last_mut() {
+                // A magazine given back whole (or a larger batch from a
+                // client's drain, split here): hand out up to `want` of it.
+                let keep = m.len().saturating_sub(want as usize);
+                out = m.split_off(keep);
+                if m.is_empty() {
+                    i.depot[class].pop();
+                }
                 stats::add(&self.stats.depot_hits, 1);
             } else {
                 for _ in 0..want {

@@ -275,3 +275,62 @@ fn socket_server_answers_the_shared_scheme_table() {
         }
     }
 }
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// One CPU's magazines hold IOVAs it unmapped; another CPU then needs almost
+/// the whole IOVA space at once. The allocator runs dry, and the client must
+/// take the IOVAs back from the first CPU's caches (after their
+/// invalidation) instead of failing.
+#[test]
+fn a_cpu_short_of_iovas_reclaims_those_cached_on_other_cpus() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return; // needs two CPUs to put caches on two slots
+    }
+    let d = Daemon::start("hoard", &[]);
+    let dom = std::sync::Arc::new(
+        DmaDomain::connect(d.socket(), A, Strategy::Magazine, FlushPolicy::PerCore).unwrap(),
+    );
+    let buf = dom.alloc(32 * 4096).unwrap();
+    let len = 32 * 4096;
+    // CPU 0: map and unmap 32-page IOVAs, leaving its caches full.
+    let d0 = dom.clone();
+    std::thread::spawn(move || {
+        pin_to_cpu(0);
+        for _ in 0..1000 {
+            let iova = d0.map(buf.phys, len, Dir::ToDevice).unwrap();
+            d0.unmap(iova, len).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    // CPU 1: hold all but a few of the domain's 32-page IOVAs at once
+    // (1 GiB of IOVA space = 8192 of them).
+    let d1 = dom.clone();
+    let held = std::thread::spawn(move || {
+        pin_to_cpu(1);
+        let mut held = Vec::new();
+        for i in 0..8000 {
+            match d1.map(buf.phys, len, Dir::ToDevice) {
+                Ok(iova) => held.push(iova),
+                Err(e) => panic!("map {i} failed with {} IOVAs held: {e}", held.len()),
+            }
+        }
+        for &iova in &held {
+            d1.unmap(iova, len).unwrap();
+        }
+        held.len()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(held, 8000);
+    let dev = d.machine();
+    assert_eq!(dev.counters().stale_hits, 0);
+}

@@ -574,7 +574,23 @@ impl DmaDomain {
                 let slot = self.slot();
                 let iova = {
                     let mut c = self.cpus[slot].lock();
-                    let (iova, ev) = c.alloc(class, &Remote(self))?;
+                    let (iova, ev) = match c.alloc(class, &Remote(self)) {
+                        Err(Error::Server {
+                            code: ErrorCode::NoSpace,
+                            ..
+                        }) => {
+                            // The depot is dry and this CPU holds nothing it
+                            // could recycle: the IOVAs are in other CPUs'
+                            // caches or the deferred queue. As Linux does when
+                            // its IOVA caches run dry, give every cache back to
+                            // the depot (after their invalidations) and retry once.
+                            drop(c);
+                            self.drain()?;
+                            c = self.cpus[slot].lock();
+                            c.alloc(class, &Remote(self))?
+                        }
+                        r => r?,
+                    };
                     // Counted under the slot lock, the slot's only writer.
                     let k = &self.page().cpu[slot];
                     bump(&k.maps);

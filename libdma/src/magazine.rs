@@ -29,13 +29,30 @@ use std::collections::VecDeque;
 pub const MAG_SIZE: usize = 128;
 /// Size classes: 1, 2, 4, 8, 16, 32 pages (Linux: `IOVA_RANGE_CACHE_MAX_SIZE` 6).
 pub const SIZE_CLASSES: usize = 6;
-/// Closed dirty batches a CPU lets wait before it blocks on the oldest.
+/// Closed dirty batches a CPU lets wait before it blocks on the oldest (for
+/// the smallest size class; see [`max_pending`]).
 pub const MAX_PENDING: usize = 32;
 /// Batches waiting for an invalidation at which a CPU wakes iommud with a
-/// one-way hint; below it, the CPU only raises `wanted` and leaves the flush
-/// to iommud's epoch timer. One wake-up (and one invalidation) then covers
-/// several batches, while [`MAX_PENDING`] leaves room to absorb the wait.
+/// one-way hint (for the smallest size class; see [`hint_pending`]); below
+/// it, the CPU only raises `wanted` and leaves the flush to iommud's epoch
+/// timer. One wake-up (and one invalidation) then covers several batches,
+/// while [`MAX_PENDING`] leaves room to absorb the wait.
 pub const HINT_PENDING: usize = 8;
+/// IOVA pages one CPU may hold in waiting batches of one size class: the
+/// pending limits shrink for larger classes so that a CPU cannot hoard the
+/// domain's IOVA space (32 MiB of it per class here, of 1 GiB).
+pub const PENDING_PAGES: u64 = 8192;
+
+/// Waiting batches of `class` at which a CPU blocks on the oldest.
+pub fn max_pending(class: usize) -> usize {
+    let by_pages = PENDING_PAGES / (MAG_SIZE as u64 * class_pages(class));
+    (by_pages as usize).clamp(2, MAX_PENDING)
+}
+
+/// Waiting batches of `class` at which a CPU wakes iommud.
+pub fn hint_pending(class: usize) -> usize {
+    (max_pending(class) / 4).clamp(1, HINT_PENDING)
+}
 /// Unmaps the deferred policy's domain-wide queue holds before it asks for a
 /// flush (Linux's flush queue: 256 entries or 10 ms).
 pub const FLUSH_QUEUE_LEN: usize = 256;
@@ -175,7 +192,7 @@ impl CpuCache {
                     Err(front) => {
                         let tag = front.tag;
                         c.pending.push_front(front);
-                        if c.pending.len() >= MAX_PENDING {
+                        if c.pending.len() >= max_pending(class) {
                             b.wait_completed(tag)?;
                             ev.waited = true;
                             continue;
@@ -193,7 +210,7 @@ impl CpuCache {
                     continue;
                 }
                 if !c.open.is_empty() {
-                    Self::close(c, b);
+                    Self::close(class, c, b);
                     continue;
                 }
                 return Err(b.exhausted());
@@ -210,11 +227,11 @@ impl CpuCache {
         c.open.push(iova);
         c.open_tag = c.open_tag.max(tag);
         if c.open.len() >= MAG_SIZE {
-            Self::close(c, b);
+            Self::close(class, c, b);
         }
     }
 
-    fn close<B: Backend>(c: &mut ClassCache, b: &B) {
+    fn close<B: Backend>(class: usize, c: &mut ClassCache, b: &B) {
         let batch = Dirty {
             iovas: std::mem::replace(&mut c.open, Vec::with_capacity(MAG_SIZE)),
             tag: c.open_tag.max(b.seal()),
@@ -227,7 +244,7 @@ impl CpuCache {
             .rev()
             .take_while(|d| d.tag > completed)
             .count();
-        if waiting >= HINT_PENDING {
+        if waiting >= hint_pending(class) {
             b.request_flush(batch.tag);
         } else {
             b.want(batch.tag);
@@ -248,7 +265,7 @@ impl CpuCache {
         for class in 0..SIZE_CLASSES {
             let c = &mut self.classes[class];
             if !c.open.is_empty() {
-                Self::close(c, b);
+                Self::close(class, c, b);
             }
             let mut all = std::mem::take(&mut c.loaded).into_vec();
             while let Some(d) = c.pending.pop_front() {
