@@ -342,6 +342,24 @@ impl Session {
                     Err(e) => e.into(),
                 },
             },
+            Request::MapBatch { entries } => match self.need_domain() {
+                Err(r) => r,
+                Ok(d) => map_batch(d, &entries),
+            },
+            Request::UnmapBatch { entries } => match self.need_domain() {
+                Err(r) => r,
+                Ok(d) => {
+                    for (k, &(iova, len)) in entries.iter().enumerate() {
+                        if let Err(e) = d.unmap(iova, len) {
+                            return Some(Response::err(
+                                e.code(),
+                                format!("entry {k}: {e} (the {k} entries before it are unmapped)"),
+                            ));
+                        }
+                    }
+                    Response::ok([entries.len() as u64, 0, 0, 0, 0])
+                }
+            },
             Request::Unmap { iova, len } => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => match d.unmap(iova, len) {
@@ -470,6 +488,33 @@ impl Session {
             payload: Vec::new(),
             shares,
         }
+    }
+}
+
+/// Maps a batch, all or nothing: on the first failure the entries already
+/// mapped are unmapped again and the error names the failing entry.
+fn map_batch(d: &Domain, entries: &[libdma::proto::MapEntry]) -> Response {
+    let mut iovas: Vec<u64> = Vec::with_capacity(entries.len());
+    for (k, e) in entries.iter().enumerate() {
+        match d.map(e.phys, e.len, e.dir, e.va) {
+            Ok(iova) => iovas.push(iova),
+            Err(err) => {
+                for (iova, done) in iovas.iter().zip(entries) {
+                    if let Err(u) = d.unmap(*iova, done.len) {
+                        log::warn(&format!(
+                            "{}: undoing a failed batch: {u}",
+                            bdf_string(d.sid)
+                        ));
+                    }
+                }
+                return Response::err(err.code(), format!("entry {k}: {err}"));
+            }
+        }
+    }
+    Response {
+        result: Ok([iovas.len() as u64, 0, 0, 0, 0]),
+        payload: iovas.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        shares: Vec::new(),
     }
 }
 

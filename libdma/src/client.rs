@@ -14,7 +14,8 @@
 use crate::carrier::{Share, Transport};
 use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache, FlushQueue};
 use crate::proto::{
-    Dir, ErrorCode, FlushPolicy, ProtoError, Reply, Request, Strategy, MAX_MESSAGE, VERSION,
+    Dir, ErrorCode, FlushPolicy, MapEntry, ProtoError, Reply, Request, Strategy, MAX_BATCH,
+    MAX_MESSAGE, VERSION,
 };
 use crate::shared::{
     bump, DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, MAGAZINE_IOVA_BASE, MAX_CPUS, SHARED_LEN,
@@ -563,6 +564,12 @@ impl DmaDomain {
     /// `phys`. With the magazine strategy this makes no IPC (except a rare
     /// depot exchange, or one round trip per map in caching mode).
     pub fn map(&self, phys: u64, len: usize, dir: Dir) -> Result<u64> {
+        self.map_one(phys, len, dir, true)
+    }
+
+    /// [`DmaDomain::map`]; `sync` = false leaves the caching-mode
+    /// invalidation to the caller (a batch needs only one).
+    fn map_one(&self, phys: u64, len: usize, dir: Dir, sync: bool) -> Result<u64> {
         if len == 0 {
             return Err(Error::Invalid("zero-length map".into()));
         }
@@ -607,7 +614,7 @@ impl DmaDomain {
                     self.cpus[slot].lock().free(class, iova, tag, &Remote(self));
                     return Err(e);
                 }
-                if self.caching_mode() {
+                if sync && self.caching_mode() {
                     // CAP.CM: a non-present → present change must be invalidated
                     // before the device may use it.
                     self.call(&Request::FlushSync)?;
@@ -617,14 +624,7 @@ impl DmaDomain {
             // Validated trust: iommud checks the frames and writes the entries
             // (global, identity, va, and magazine mappings over 32 pages).
             (strategy, _, _) => {
-                let va = match strategy {
-                    Strategy::Va => self.va_of(phys).ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "{phys:#x} is not in this domain's pools (the va strategy needs its address)"
-                        ))
-                    })?,
-                    _ => 0,
-                };
+                let va = self.va_hint(strategy, phys)?;
                 let a = self.call(&Request::Map {
                     phys,
                     len: len as u64,
@@ -632,6 +632,120 @@ impl DmaDomain {
                     va,
                 })?;
                 Ok(a[0])
+            }
+        }
+    }
+
+    /// The IOVA the `va` strategy wants for `phys` (its address here), 0 for the others.
+    fn va_hint(&self, strategy: Strategy, phys: u64) -> Result<u64> {
+        match strategy {
+            Strategy::Va => self.va_of(phys).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{phys:#x} is not in this domain's pools (the va strategy needs its address)"
+                ))
+            }),
+            _ => Ok(0),
+        }
+    }
+
+    /// Maps several buffers `(phys, len, dir)`, all or nothing, returning
+    /// their IOVAs in order. With the magazine strategy each takes the fast
+    /// path, and in caching mode one invalidation covers the whole batch
+    /// instead of one per map; with a validated strategy (global, identity,
+    /// va) iommud gets the buffers [`MAX_BATCH`] at a time, one round trip
+    /// per batch instead of one per buffer.
+    pub fn map_batch(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<u64>> {
+        let mut out = Vec::with_capacity(bufs.len());
+        let undo = |out: &[u64]| {
+            for (iova, &(_, len, _)) in out.iter().zip(bufs) {
+                let _ = self.unmap(*iova, len);
+            }
+        };
+        match self.strategy() {
+            Strategy::NoIommu => return Ok(bufs.iter().map(|b| b.0).collect()),
+            Strategy::Magazine => {
+                for &(phys, len, dir) in bufs {
+                    match self.map_one(phys, len, dir, false) {
+                        Ok(iova) => out.push(iova),
+                        Err(e) => {
+                            undo(&out);
+                            return Err(e);
+                        }
+                    }
+                }
+                if self.caching_mode() && !out.is_empty() {
+                    if let Err(e) = self.call(&Request::FlushSync) {
+                        undo(&out);
+                        return Err(e);
+                    }
+                }
+            }
+            strategy => {
+                for chunk in bufs.chunks(MAX_BATCH) {
+                    let mut entries = Vec::with_capacity(chunk.len());
+                    for &(phys, len, dir) in chunk {
+                        if len == 0 {
+                            undo(&out);
+                            return Err(Error::Invalid("zero-length map".into()));
+                        }
+                        let va = match self.va_hint(strategy, phys) {
+                            Ok(va) => va,
+                            Err(e) => {
+                                undo(&out);
+                                return Err(e);
+                            }
+                        };
+                        entries.push(MapEntry {
+                            phys,
+                            len: len as u64,
+                            dir,
+                            va,
+                        });
+                    }
+                    self.stats.round_trips.fetch_add(1, Relaxed);
+                    let r = self.conn().call(&Request::MapBatch { entries });
+                    let (reply, _) = match r {
+                        Ok(r) => r,
+                        Err(e) => {
+                            undo(&out);
+                            return Err(e);
+                        }
+                    };
+                    if reply.payload.len() != chunk.len() * 8 {
+                        undo(&out);
+                        return Err(Error::Invalid(format!(
+                            "MapBatch reply carried {} bytes for {} IOVAs",
+                            reply.payload.len(),
+                            chunk.len()
+                        )));
+                    }
+                    out.extend(reply.payload.chunks(8).map(|b| {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(b);
+                        u64::from_le_bytes(a)
+                    }));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unmaps several mappings `(iova, len)` made by [`DmaDomain::map`] or
+    /// [`DmaDomain::map_batch`], in order; a validated strategy sends them to
+    /// iommud [`MAX_BATCH`] at a time.
+    pub fn unmap_batch(&self, maps: &[(u64, usize)]) -> Result<()> {
+        match self.strategy() {
+            Strategy::NoIommu => Ok(()),
+            Strategy::Magazine => maps
+                .iter()
+                .try_for_each(|&(iova, len)| self.unmap(iova, len)),
+            _ => {
+                for chunk in maps.chunks(MAX_BATCH) {
+                    self.call(&Request::UnmapBatch {
+                        entries: chunk.iter().map(|&(i, l)| (i, l as u64)).collect(),
+                    })?;
+                }
+                Ok(())
             }
         }
     }

@@ -65,6 +65,10 @@ pub enum Op {
     SimInfo = 12,
     /// Stop the daemon.
     Shutdown = 13,
+    /// Validated trust: map up to [`MAX_BATCH`] buffers in one request.
+    MapBatch = 14,
+    /// Unmap up to [`MAX_BATCH`] mappings in one request.
+    UnmapBatch = 15,
 }
 
 impl Op {
@@ -83,6 +87,8 @@ impl Op {
             11 => Op::WritePath,
             12 => Op::SimInfo,
             13 => Op::Shutdown,
+            14 => Op::MapBatch,
+            15 => Op::UnmapBatch,
             _ => return None,
         })
     }
@@ -374,6 +380,62 @@ pub enum Request {
     SimInfo,
     /// No args.
     Shutdown,
+    /// args: [n]; payload: n records of [`MAP_RECORD`] bytes, each
+    /// `phys, len, dir, va` as u64. Reply args: [n]; payload: n IOVAs (u64).
+    /// All or nothing: on an error no entry of the batch stays mapped, and
+    /// the message names the first entry that failed.
+    MapBatch {
+        /// The buffers (1..=[`MAX_BATCH`]).
+        entries: Vec<MapEntry>,
+    },
+    /// args: [n]; payload: n records of [`UNMAP_RECORD`] bytes, each
+    /// `iova, len` as u64. In order; on an error the entries before the
+    /// failing one are unmapped and the message names it.
+    UnmapBatch {
+        /// `(iova, len)` pairs (1..=[`MAX_BATCH`]).
+        entries: Vec<(u64, u64)>,
+    },
+}
+
+/// Most entries one batch request carries (64 × 32 bytes = 2 KiB of payload).
+pub const MAX_BATCH: usize = 64;
+/// Bytes of one [`Request::MapBatch`] record.
+pub const MAP_RECORD: usize = 32;
+/// Bytes of one [`Request::UnmapBatch`] record.
+pub const UNMAP_RECORD: usize = 16;
+
+/// One buffer of a [`Request::MapBatch`]: the fields of [`Request::Map`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Physical address of the buffer.
+    pub phys: u64,
+    /// Length in bytes (> 0).
+    pub len: u64,
+    /// Direction.
+    pub dir: Dir,
+    /// The client's virtual address of `phys` (0 = not given).
+    pub va: u64,
+}
+
+fn u64_le(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+/// Splits a batch payload into `n` records of `size` bytes, checking that
+/// `n` is in 1..=[`MAX_BATCH`] and matches the payload exactly.
+fn records(payload: &[u8], n: u64, size: usize) -> Result<std::slice::Chunks<'_, u8>, ProtoError> {
+    let n = usize::try_from(n).map_err(|_| ProtoError::BadField("batch count"))?;
+    if n == 0 || n > MAX_BATCH {
+        return Err(ProtoError::BadField("batch count not in 1..=MAX_BATCH"));
+    }
+    if payload.len() != n * size {
+        return Err(ProtoError::BadField(
+            "batch payload length != count * record size",
+        ));
+    }
+    Ok(payload.chunks(size))
 }
 
 /// A decoded message header with its arguments and payload.
@@ -473,6 +535,8 @@ impl Request {
             Request::WritePath { .. } => Op::WritePath,
             Request::SimInfo => Op::SimInfo,
             Request::Shutdown => Op::Shutdown,
+            Request::MapBatch { .. } => Op::MapBatch,
+            Request::UnmapBatch { .. } => Op::UnmapBatch,
         }
     }
 
@@ -521,6 +585,21 @@ impl Request {
                 payload = path.as_bytes().to_vec();
                 payload.push(0);
                 payload.extend_from_slice(value.as_bytes());
+            }
+            Request::MapBatch { entries } => {
+                args[0] = entries.len() as u64;
+                for e in entries {
+                    for v in [e.phys, e.len, e.dir as u64, e.va] {
+                        payload.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            Request::UnmapBatch { entries } => {
+                args[0] = entries.len() as u64;
+                for (iova, len) in entries {
+                    payload.extend_from_slice(&iova.to_le_bytes());
+                    payload.extend_from_slice(&len.to_le_bytes());
+                }
             }
             Request::FlushHint
             | Request::FlushSync
@@ -587,6 +666,24 @@ impl Request {
             Op::Detach => no_payload(Request::Detach)?,
             Op::SimInfo => no_payload(Request::SimInfo)?,
             Op::Shutdown => no_payload(Request::Shutdown)?,
+            Op::MapBatch => Request::MapBatch {
+                entries: records(&f.payload, a[0], MAP_RECORD)?
+                    .map(|r| {
+                        Ok(MapEntry {
+                            phys: u64_le(&r[0..]),
+                            len: u64_le(&r[8..]),
+                            dir: Dir::from_u64(u64_le(&r[16..]))
+                                .ok_or(ProtoError::BadField("unknown direction"))?,
+                            va: u64_le(&r[24..]),
+                        })
+                    })
+                    .collect::<Result<_, ProtoError>>()?,
+            },
+            Op::UnmapBatch => Request::UnmapBatch {
+                entries: records(&f.payload, a[0], UNMAP_RECORD)?
+                    .map(|r| (u64_le(&r[0..]), u64_le(&r[8..])))
+                    .collect(),
+            },
             Op::ReadPath => Request::ReadPath {
                 path: String::from_utf8(f.payload.clone())
                     .map_err(|_| ProtoError::BadField("path is not UTF-8"))?,
@@ -662,7 +759,7 @@ impl Reply {
 
 #[cfg(test)]
 mod tests {
-    use super::{Dir, ErrorCode, FlushPolicy, Op, ProtoError, Reply, Request};
+    use super::{Dir, ErrorCode, FlushPolicy, MapEntry, Op, ProtoError, Reply, Request, MAX_BATCH};
     use proptest::prelude::*;
 
     #[test]
@@ -740,6 +837,23 @@ mod tests {
                 .prop_map(|(path, value)| Request::WritePath { path, value }),
             Just(Request::SimInfo),
             Just(Request::Shutdown),
+            proptest::collection::vec(
+                (any::<u64>(), any::<u64>(), 1u64..4, any::<u64>()),
+                1..=MAX_BATCH
+            )
+            .prop_map(|v| Request::MapBatch {
+                entries: v
+                    .into_iter()
+                    .map(|(phys, len, d, va)| MapEntry {
+                        phys,
+                        len,
+                        dir: Dir::from_u64(d).unwrap(),
+                        va
+                    })
+                    .collect(),
+            }),
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 1..=MAX_BATCH)
+                .prop_map(|entries| Request::UnmapBatch { entries }),
         ]
     }
 
@@ -795,6 +909,50 @@ mod tests {
         }
         assert_eq!(S::from_u64(5), None);
         assert_eq!(FlushPolicy::from_u64(0), None);
+    }
+
+    #[test]
+    fn batch_records_follow_the_documented_layout() {
+        let b = Request::MapBatch {
+            entries: vec![
+                MapEntry {
+                    phys: 0x1000,
+                    len: 0x200,
+                    dir: Dir::ToDevice,
+                    va: 0,
+                },
+                MapEntry {
+                    phys: 0x5000,
+                    len: 0x10,
+                    dir: Dir::FromDevice,
+                    va: 0x7f00_0000_5000,
+                },
+            ],
+        }
+        .encode(3);
+        assert_eq!(&b[6..8], &[14, 0]); // op MapBatch
+        assert_eq!(&b[16..24], &[2, 0, 0, 0, 0, 0, 0, 0]); // n = 2
+        assert_eq!(&b[56..60], &[64, 0, 0, 0]); // 2 records of 32 bytes
+                                                // record 1 at 64 + 32: phys 0x5000, len 0x10, dir 2, va 0x7f00_0000_5000
+        assert_eq!(&b[96..104], &[0, 0x50, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[104..112], &[0x10, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[112..120], &[2, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&b[120..128], &[0, 0x50, 0, 0, 0, 0x7f, 0, 0]);
+        // A count that disagrees with the payload, an empty or oversized batch.
+        let mut bad = b.clone();
+        bad[16] = 3;
+        assert!(Request::decode(&bad).is_err());
+        let mut bad = b.clone();
+        bad[16] = 0;
+        assert!(Request::decode(&bad).is_err());
+        let big = Request::UnmapBatch {
+            entries: vec![(0, 1); MAX_BATCH + 1],
+        }
+        .encode(1);
+        assert!(Request::decode(&big).is_err());
+        let mut bad = b;
+        bad[112] = 9; // direction 9
+        assert!(Request::decode(&bad).is_err());
     }
 
     #[test]
