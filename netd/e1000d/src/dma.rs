@@ -88,6 +88,29 @@ pub trait DmaMapper {
     fn map(&self, buf: &DmaBuf, offset: usize, len: usize, dir: Dir) -> Result<u64>;
     /// Ends a mapping made by [`map`](Self::map) with the same `iova` and `len`.
     fn unmap(&self, iova: u64, len: usize, dir: Dir) -> Result<()>;
+    /// Maps several buffer ranges `(buf, offset, len, dir)`, all or nothing;
+    /// returns their IOVAs in order. A mapper that can do better than one
+    /// call per buffer (one round trip for the lot) overrides it.
+    fn map_batch(&self, reqs: &[(&DmaBuf, usize, usize, Dir)]) -> Result<Vec<u64>> {
+        let mut out: Vec<u64> = Vec::with_capacity(reqs.len());
+        for &(buf, offset, len, dir) in reqs {
+            match self.map(buf, offset, len, dir) {
+                Ok(iova) => out.push(iova),
+                Err(e) => {
+                    for (&iova, &(_, _, len, dir)) in out.iter().zip(reqs) {
+                        let _ = self.unmap(iova, len, dir);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    }
+    /// Ends several mappings `(iova, len)` of direction `dir`, in order.
+    fn unmap_batch(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
+        maps.iter()
+            .try_for_each(|&(iova, len)| self.unmap(iova, len, dir))
+    }
 }
 
 impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
@@ -99,6 +122,12 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
     }
     fn unmap(&self, iova: u64, len: usize, dir: Dir) -> Result<()> {
         (**self).unmap(iova, len, dir)
+    }
+    fn map_batch(&self, reqs: &[(&DmaBuf, usize, usize, Dir)]) -> Result<Vec<u64>> {
+        (**self).map_batch(reqs)
+    }
+    fn unmap_batch(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
+        (**self).unmap_batch(maps, dir)
     }
 }
 

@@ -477,72 +477,96 @@ impl<M: DmaMapper> E1000<M> {
 
     /// Receives up to `max` frames, calling `f` on each (a copy out of the DMA buffer).
     /// Each buffer is unmapped when the NIC is done with it and mapped again before it is
-    /// handed back. Returns the number of good frames.
+    /// handed back; the slots found done in one call are unmapped together, mapped again
+    /// together (one round trip per batch where the mapper can do that) and handed back
+    /// with one tail update. Returns the number of good frames.
     pub fn recv_batch(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> Result<usize> {
-        let mut good = 0;
-        let mut examined = 0;
-        while good < max && examined < usize::from(self.rx.n) {
-            let i = self.rx_next;
+        let n = self.rx.n;
+        // The slots to process, in ring order from rx_next: done by the NIC, or left
+        // without a buffer by a refill that failed (software owns those).
+        let mut slots: Vec<u16> = Vec::new();
+        let mut i = self.rx_next;
+        let mut frames = 0;
+        while frames < max && slots.len() < usize::from(n) {
             let idx = usize::from(i);
-            if self.rx_raw[idx] {
-                let d = RxDesc::from_words(self.rx.read(i));
-                if !d.done() {
+            let unfilled = self.rx_iova[idx].is_none() && !self.rx_raw[idx];
+            if !unfilled {
+                if !RxDesc::from_words(self.rx.read(i)).done() {
                     break;
                 }
-                examined += 1;
-                fence(Ordering::Acquire);
+                if !self.rx_raw[idx] {
+                    frames += 1;
+                }
+            }
+            slots.push(i);
+            i = ring::next(i, n);
+        }
+        let Some(&last) = slots.last() else {
+            return Ok(0);
+        };
+        fence(Ordering::Acquire);
+        // The device is done with these buffers: unmap them before reading them.
+        let mut unmaps = Vec::with_capacity(slots.len());
+        let mut had_buffer = Vec::with_capacity(slots.len());
+        for &s in &slots {
+            let iova = self.rx_iova[usize::from(s)].take();
+            had_buffer.push(iova.is_some());
+            if let Some(iova) = iova {
+                unmaps.push((iova, BUF_LEN));
+            }
+        }
+        if !unmaps.is_empty() {
+            self.mapper.unmap_batch(&unmaps, Dir::FromDevice)?;
+            self.stats.unmaps += unmaps.len() as u64;
+        }
+        let mut good = 0;
+        for (&s, &had) in slots.iter().zip(&had_buffer) {
+            let idx = usize::from(s);
+            if self.rx_raw[idx] {
                 // Whatever the NIC did with the unmapped address, the slot's own buffer
                 // holds nothing of it: drop the frame and put the slot back in service.
                 self.rx_raw[idx] = false;
                 self.rx_raw_done += 1;
-                self.rx.write(i, [0, 0]);
-                self.refill(i)?;
-                self.give_back(i)?;
-                continue;
-            }
-            if self.rx_iova[idx].is_none() {
-                // A previous refill failed: retry it before looking further.
-                self.refill(i)?;
-                self.give_back(i)?;
-                continue;
-            }
-            let d = RxDesc::from_words(self.rx.read(i));
-            if !d.done() {
-                break;
-            }
-            examined += 1;
-            fence(Ordering::Acquire);
-            if let Some(iova) = self.rx_iova[idx].take() {
-                self.mapper.unmap(iova, BUF_LEN, Dir::FromDevice)?;
-                self.stats.unmaps += 1;
-            }
-            let len = usize::from(d.len);
-            if d.errors != 0 {
-                self.stats.rx_errors += 1;
-                if d.errors & rx_err::CE != 0 {
-                    self.stats.rx_crc_errors += 1;
+            } else if had {
+                let d = RxDesc::from_words(self.rx.read(s));
+                let len = usize::from(d.len);
+                if d.errors != 0 {
+                    self.stats.rx_errors += 1;
+                    if d.errors & rx_err::CE != 0 {
+                        self.stats.rx_crc_errors += 1;
+                    }
+                } else if d.status & rx_sta::EOP == 0 || len == 0 || len > BUF_LEN {
+                    self.stats.rx_malformed += 1;
+                } else {
+                    self.scratch.clear();
+                    self.scratch.resize(len, 0);
+                    let src = self.rx_bufs[idx].as_ptr();
+                    // SAFETY: the device wrote back DD for this slot (acquire fence above)
+                    // and the buffer is unmapped, so the device is done with it; len <=
+                    // BUF_LEN is within the buffer; the copy goes through raw pointers.
+                    unsafe { ptr::copy_nonoverlapping(src, self.scratch.as_mut_ptr(), len) };
+                    self.stats.rx_packets += 1;
+                    self.stats.rx_bytes += len as u64;
+                    good += 1;
+                    f(&self.scratch);
                 }
-            } else if d.status & rx_sta::EOP == 0 || len == 0 || len > BUF_LEN {
-                self.stats.rx_malformed += 1;
-            } else {
-                self.scratch.clear();
-                self.scratch.resize(len, 0);
-                let src = self.rx_bufs[idx].as_ptr();
-                // SAFETY: the device wrote back DD for this slot (acquire fence above) and
-                // the buffer is unmapped, so the device is done with it; len <= BUF_LEN is
-                // within the buffer; the copy goes through raw pointers, no reference.
-                unsafe { ptr::copy_nonoverlapping(src, self.scratch.as_mut_ptr(), len) };
-                self.stats.rx_packets += 1;
-                self.stats.rx_bytes += len as u64;
-                good += 1;
-                f(&self.scratch);
             }
             // Clear the written-back status so this slot is never processed twice, even
             // if the refill below fails.
-            self.rx.write(i, [0, 0]);
-            self.refill(i)?;
-            self.give_back(i)?;
+            self.rx.write(s, [0, 0]);
         }
+        // Map every buffer again, all at once, then hand the slots back.
+        let reqs: Vec<_> = slots
+            .iter()
+            .map(|&s| (&self.rx_bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))
+            .collect();
+        let iovas = self.mapper.map_batch(&reqs)?;
+        for (&s, &iova) in slots.iter().zip(&iovas) {
+            self.rx_iova[usize::from(s)] = Some(iova);
+            self.rx.write(s, RxDesc::empty(iova).to_words());
+        }
+        self.stats.maps += iovas.len() as u64;
+        self.give_back(last)?;
         Ok(good)
     }
 
