@@ -43,7 +43,6 @@ fn client_process() {
             hs.push(std::thread::spawn(move || {
                 let buf = dom.alloc(4096).unwrap();
                 let mut pattern = [0u8; 256];
-                let mut back = [0u8; 256];
                 barrier.wait();
                 for i in 0..n {
                     let off = (i * 64) % 3000;
@@ -52,13 +51,7 @@ fn client_process() {
                     for (k, b) in pattern.iter_mut().enumerate() {
                         *b = (i as u8).wrapping_mul(31) ^ (k as u8) ^ (t as u8) << 7 ^ bdf as u8;
                     }
-                    dev.dma_write(bdf, iova, &pattern)
-                        .unwrap_or_else(|e| panic!("device write to {iova:#x}: {e:?}"));
-                    buf.read(off, &mut back).unwrap();
-                    assert_eq!(back, pattern, "bytes the device wrote through the IOMMU");
-                    buf.write(off, &back.map(|b| !b)).unwrap();
-                    dev.dma_read(bdf, iova, &mut back).unwrap();
-                    assert_eq!(back, pattern.map(|b| !b), "bytes the device read");
+                    common::device_round_trip(&dev, bdf, iova, &buf, off, &pattern);
                     dom.unmap(iova, 256).unwrap();
                 }
             }));

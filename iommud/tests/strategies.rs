@@ -68,13 +68,7 @@ fn strategy_client() {
                 for (k, b) in pattern.iter_mut().enumerate() {
                     *b = (i as u8).wrapping_mul(29) ^ (k as u8) ^ (t as u8) << 6 ^ bdf as u8;
                 }
-                dev.dma_write(bdf, iova, &pattern)
-                    .unwrap_or_else(|e| panic!("device write to {iova:#x}: {e:?}"));
-                buf.read(off, &mut back).unwrap();
-                assert_eq!(back, pattern, "bytes the device wrote");
-                buf.write(off, &back.map(|b| !b)).unwrap();
-                dev.dma_read(bdf, iova, &mut back).unwrap();
-                assert_eq!(back, pattern.map(|b| !b), "bytes the device read");
+                common::device_round_trip(&dev, bdf, iova, &buf, off, &pattern);
                 dom.unmap(iova, 256).unwrap();
                 // The page may have lost one mapping; the other still works.
                 buf.write(off2, &pattern[..64]).unwrap();

@@ -119,3 +119,24 @@ impl Client {
         })
     }
 }
+
+/// The device writes `pattern` at `iova`, the CPU finds it at `off` in `buf`,
+/// writes its complement back, and the device reads that at `iova`.
+pub fn device_round_trip(
+    dev: &vtd::sim::SimMachine,
+    bdf: u16,
+    iova: u64,
+    buf: &libdma::DmaBuffer,
+    off: usize,
+    pattern: &[u8],
+) {
+    let mut back = vec![0u8; pattern.len()];
+    dev.dma_write(bdf, iova, pattern)
+        .unwrap_or_else(|e| panic!("device write to {iova:#x}: {e:?}"));
+    buf.read(off, &mut back).unwrap();
+    assert_eq!(back, pattern, "bytes the device wrote through the IOMMU");
+    let inverse: Vec<u8> = pattern.iter().map(|b| !b).collect();
+    buf.write(off, &inverse).unwrap();
+    dev.dma_read(bdf, iova, &mut back).unwrap();
+    assert_eq!(back, inverse, "bytes the device read");
+}
