@@ -113,6 +113,7 @@ fn run(reclaim: bool, pairs: u64) -> io::Result<Run> {
         0x08,
         Strategy::Va,
         FlushPolicy::Deferred,
+        iommud::policy::Trust::Validated,
         reclaim,
     )
     .map_err(|e| err("domain", e))?;

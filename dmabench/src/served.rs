@@ -206,9 +206,15 @@ impl Backend for Served {
         let log_path = dir.join(format!("iommud-{name}.log"));
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::File::create(&log_path)?;
+        // The benchmark is the administrator here: it grants every device
+        // delegated trust so the magazine rows can run beside the others.
+        let policy = dir.join("iommud-bench.toml");
+        std::fs::write(&policy, "[default]\ntrust = \"delegated\"\n")?;
         let child = Command::new(&exe)
             .args(["--platform", "sim", "--socket"])
             .arg(&socket)
+            .arg("--config")
+            .arg(&policy)
             .args(&self.daemon_args)
             .args([
                 "--sim-inval-latency-ns",

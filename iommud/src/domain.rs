@@ -44,18 +44,21 @@
 //! The timer (run by [`Domain::tick`]) bounds every policy's stale window:
 //! no unmap waits more than 10 ms (+ one tick) for its invalidation.
 
-use crate::hw::{HwError, PhysMem, Region};
+use crate::hw::{HwError, PhysMem, Region, SharedMem};
 use crate::pagetable::{PageTable, PtError, PAGE};
+use crate::policy::Trust;
 use crate::range_alloc::RangeAllocator;
 use crate::stats::{self, DomainStats, Text};
 use crate::unit::{bdf_string, Iommu};
 use libdma::magazine::{class_pages, size_class, FLUSH_QUEUE_LEN, MAG_SIZE, SIZE_CLASSES};
 use libdma::proto::{Dir, ErrorCode, FlushPolicy, Strategy};
-use libdma::shared::{DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, SHARED_LEN};
-use libdma::shm::{memfd, Mapping};
+use libdma::shared::{
+    oldest_unmap_age, take_unmaps, view, ClientPage, CpuCounters, EpochPage, UnmapTotals,
+    CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS, PUBLISHED_LEN,
+};
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
@@ -73,6 +76,12 @@ pub const DEPOT_MAX: usize = 16;
 pub const FLUSH_TIMEOUT_NS: u64 = libdma::magazine::FLUSH_QUEUE_TIMEOUT_NS;
 /// User virtual addresses (the va strategy's IOVAs) lie below 2^47.
 pub const VA_LIMIT: u64 = 1 << 47;
+/// Longest map or unmap, in bytes (a quarter of the IOVA space).
+pub const MAX_MAP_LEN: u64 = IOVA_SPAN / 4;
+/// Flushes a map may trigger before it gives up: a dirty page needs one,
+/// after which the page is clean, so a second can only be needed when
+/// another map of the same page raced this one.
+const MAP_FLUSH_TRIES: usize = 4;
 
 /// Why a domain operation failed, for the reply and the log.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +134,7 @@ enum Parked {
 #[derive(Debug, Clone, Copy)]
 struct PageRef {
     phys: u64,
-    refs: u32,
+    refs: u64,
     read: bool,
     write: bool,
 }
@@ -175,7 +184,7 @@ struct Inner {
     /// Identity/va: live pages by IOVA page.
     refs: HashMap<u64, PageRef>,
     /// Identity/va: live maps by (IOVA, length) → how many.
-    ref_maps: HashMap<(u64, u64), u32>,
+    ref_maps: HashMap<(u64, u64), u64>,
     /// Identity/va: cleared pages awaiting their invalidation.
     dirty: HashMap<u64, DirtyPage>,
     /// Server-side unmaps since the last flush (the deferred trigger).
@@ -191,12 +200,26 @@ pub struct Domain {
     pub sid: u16,
     /// Domain id in the context entry and invalidations.
     pub did: u16,
+    /// How far the driver is trusted (the administrator's policy).
+    pub trust: Trust,
     unit: Arc<Iommu>,
     inner: Mutex<Inner>,
-    shared: Mapping,
-    shared_fd: Arc<OwnedFd>,
+    /// The published page (client read-only): copies of `epoch`, `completed`,
+    /// the policy and the clock.
+    published: SharedMem,
+    /// The client page and exchange area (client-writable: hostile input).
+    client: SharedMem,
+    /// The authoritative epoch (see `libdma::shared`): iommud decides with
+    /// these, never with the published copies.
+    epoch: AtomicU64,
+    /// The authoritative completed epoch.
+    completed: AtomicU64,
+    /// The highest tag iommud's own unmaps wait for (percore policy).
+    server_wanted: AtomicU64,
+    /// The unmap record of iommud's own unmaps (stale windows).
+    server_unmaps: CpuCounters,
     /// iommud's snapshot of the slots' running unmap totals (stale windows).
-    unmaps_seen: Mutex<libdma::shared::UnmapTotals>,
+    unmaps_seen: Mutex<UnmapTotals>,
     /// Server-side counters.
     pub stats: DomainStats,
     dead: AtomicBool,
@@ -210,36 +233,30 @@ impl Domain {
         sid: u16,
         strategy: Strategy,
         flush: FlushPolicy,
+        trust: Trust,
         reclaim: bool,
     ) -> Result<Arc<Domain>, DomainError> {
         let mem = unit.mem().clone();
         let did = unit
             .alloc_did()
             .ok_or_else(|| reply(ErrorCode::NoMemory, "no free domain id"))?;
-        let build = || -> Result<(PageTable, Option<Region>, Mapping, OwnedFd), DomainError> {
+        let build = || -> Result<(PageTable, Option<Region>, SharedMem, SharedMem), DomainError> {
             let pt = PageTable::new(&*mem, unit.levels, reclaim, unit.coherent())?;
-            // Every translating domain gets an arena, so it can switch to the
-            // magazine strategy while its client stays attached.
-            let arena = if strategy != Strategy::NoIommu && unit.translating() {
-                Some(mem.alloc_region(ARENA_BYTES, ARENA_BYTES)?)
-            } else {
-                None
-            };
-            let fd = memfd("iommud-domain", SHARED_LEN).map_err(|e| {
-                DomainError::Hw(HwError::Os {
-                    what: "memfd",
-                    err: e,
-                })
-            })?;
-            let shared = Mapping::new(fd.as_fd(), 0, SHARED_LEN).map_err(|e| {
-                DomainError::Hw(HwError::Os {
-                    what: "mmap",
-                    err: e,
-                })
-            })?;
-            Ok((pt, arena, shared, fd))
+            // Every delegated translating domain gets an arena, so it can
+            // switch to the magazine strategy while its client stays attached;
+            // a validated domain never has client-writable tables.
+            let arena =
+                if trust == Trust::Delegated && strategy != Strategy::NoIommu && unit.translating()
+                {
+                    Some(mem.alloc_region(ARENA_BYTES, ARENA_BYTES)?)
+                } else {
+                    None
+                };
+            let published = mem.alloc_shared(PUBLISHED_LEN, false)?;
+            let client = mem.alloc_shared(CLIENT_LEN, true)?;
+            Ok((pt, arena, published, client))
         };
-        let (pt, arena, shared, fd) = match build() {
+        let (pt, arena, published, client) = match build() {
             Ok(v) => v,
             Err(e) => {
                 unit.free_did(did);
@@ -249,6 +266,7 @@ impl Domain {
         let d = Domain {
             sid,
             did,
+            trust,
             unit: unit.clone(),
             inner: Mutex::new(Inner {
                 strategy,
@@ -268,8 +286,12 @@ impl Domain {
                 queued: 0,
                 table_tag: HashMap::new(),
             }),
-            shared,
-            shared_fd: Arc::new(fd),
+            published,
+            client,
+            epoch: AtomicU64::new(1),
+            completed: AtomicU64::new(0),
+            server_wanted: AtomicU64::new(0),
+            server_unmaps: CpuCounters::default(),
             unmaps_seen: Mutex::default(),
             stats: DomainStats::default(),
             dead: AtomicBool::new(false),
@@ -291,11 +313,19 @@ impl Domain {
         Ok(Arc::new(d))
     }
 
-    /// The shared domain page.
-    pub fn page(&self) -> &DomainPage {
-        // SAFETY: `shared` maps SHARED_LEN (≥ a DomainPage) bytes of a memfd we
-        // created, page-aligned, alive as long as `self`; every field is atomic.
-        unsafe { DomainPage::from_ptr(self.shared.as_ptr()) }
+    /// The published page (iommud writes; the client maps it read-only).
+    pub fn page(&self) -> &EpochPage {
+        // SAFETY: `published` maps PUBLISHED_LEN (≥ an EpochPage) bytes,
+        // page-aligned, alive as long as `self`; every field is atomic.
+        unsafe { view(self.published.map.as_ptr()) }
+    }
+
+    /// The client page: hostile input, read field by field, once per decision.
+    pub fn client(&self) -> &ClientPage {
+        // SAFETY: `client` maps CLIENT_LEN (≥ a ClientPage) bytes,
+        // page-aligned, alive as long as `self`; every field is atomic, so
+        // whatever the client writes is a valid value of it.
+        unsafe { view(self.client.map.as_ptr()) }
     }
 
     fn publish(&self, strategy: Strategy, flush: FlushPolicy) {
@@ -303,9 +333,33 @@ impl Domain {
         self.page().flush.store(flush as u32, SeqCst);
     }
 
-    /// The shared memfd (domain page + exchange area) to hand to the client.
-    pub fn shared_fd(&self) -> Arc<OwnedFd> {
-        self.shared_fd.clone()
+    /// The current epoch (iommud's own copy).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(SeqCst)
+    }
+
+    /// The completed epoch (iommud's own copy).
+    pub fn completed(&self) -> u64 {
+        self.completed.load(SeqCst)
+    }
+
+    /// What to hand the client at attach: the published page's fd (it can
+    /// only map it read-only) and the client page's fd.
+    pub fn shares(&self) -> (Arc<OwnedFd>, Arc<OwnedFd>) {
+        (self.published.fd.clone(), self.client.fd.clone())
+    }
+
+    /// Age of the oldest unmap not yet covered by a flush: the client's
+    /// records (hostile: they can only make iommud flush this domain
+    /// sooner) and iommud's own.
+    fn oldest_unmap_age(&self) -> Option<u64> {
+        oldest_unmap_age(
+            self.client()
+                .cpu
+                .iter()
+                .chain(std::iter::once(&self.server_unmaps)),
+            self.page().now(),
+        )
     }
 
     /// The leaf-table arena the client writes entries into (magazine strategy).
@@ -384,10 +438,13 @@ impl Domain {
     /// pools: validated trust), returning the IOVA of `phys`. `va` is the
     /// client's virtual address of `phys` (the va strategy's IOVA).
     pub fn map(&self, phys: u64, len: u64, dir: Dir, va: u64) -> Result<u64, DomainError> {
-        if len == 0 || len > IOVA_SPAN / 4 {
-            return Err(reply(ErrorCode::Invalid, format!("length {len:#x}")));
+        if len == 0 || len > MAX_MAP_LEN {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!("length {len:#x} not in 1..={MAX_MAP_LEN:#x}"),
+            ));
         }
-        loop {
+        for _ in 0..MAP_FLUSH_TRIES {
             let mut i = self.lock();
             if !Self::owns_frames(&i, phys, len) {
                 return Err(reply(
@@ -428,6 +485,12 @@ impl Domain {
             stats::add(&self.stats.maps, 1);
             return Ok(iova);
         }
+        Err(reply(
+            ErrorCode::Busy,
+            format!(
+                "{phys:#x}+{len:#x}: its pages kept changing under {MAP_FLUSH_TRIES} flushes; retry"
+            ),
+        ))
     }
 
     /// Global and (large) magazine maps: an IOVA range from the allocator.
@@ -604,10 +667,12 @@ impl Domain {
     /// read after the clears; returns that tag.
     fn park_cleared(&self, i: &mut Inner, cleared: Vec<(u64, PageRef)>, detached: Vec<u64>) -> u64 {
         std::sync::atomic::fence(SeqCst);
-        let tag = self.page().epoch.load(SeqCst);
-        // iommud's own unmaps have a slot of their own (it writes it under
-        // the domain lock, the slot's only writer).
-        self.page().note_unmap(libdma::shared::SERVER_SLOT);
+        // iommud's own epoch, never the published copy (a client cannot
+        // hold a tag back and have its IOVA or table freed early).
+        let tag = self.epoch();
+        // iommud's own unmaps have a record of their own (written under the
+        // domain lock, its only writer).
+        self.server_unmaps.note_unmap(self.page());
         for (v, e) in cleared {
             i.dirty.insert(
                 v,
@@ -629,6 +694,12 @@ impl Domain {
 
     /// Unmaps a mapping made by [`Domain::map`].
     pub fn unmap(&self, iova: u64, len: u64) -> Result<(), DomainError> {
+        if len == 0 || len > MAX_MAP_LEN || iova.checked_add(len).is_none() {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!("iova {iova:#x} length {len:#x}"),
+            ));
+        }
         let mut i = self.lock();
         if i.strategy == Strategy::NoIommu || !self.unit.translating() {
             stats::add(&self.stats.unmaps, 1);
@@ -687,14 +758,13 @@ impl Domain {
             FlushPolicy::Strict => self.flush()?,
             FlushPolicy::PerCore if parked >= SERVER_BATCH => self.flush()?,
             FlushPolicy::PerCore => {
-                self.page().wanted.fetch_max(tag, SeqCst);
+                self.server_wanted.fetch_max(tag, SeqCst);
             }
             // The epoch timer ([`Domain::tick`]) flushes 10 ms after the
             // oldest if no unmap comes along to do it.
             FlushPolicy::Deferred
                 if queued >= FLUSH_QUEUE_LEN
                     || self
-                        .page()
                         .oldest_unmap_age()
                         .is_some_and(|age| age >= FLUSH_TIMEOUT_NS) =>
             {
@@ -718,11 +788,22 @@ impl Domain {
 
     /// Flushes if a client asked for an epoch not yet completed (after a
     /// one-way hint, or from the epoch timer).
+    ///
+    /// The client's `wanted` is a wish, read once and never trusted beyond
+    /// iommud's own epoch: a client that writes a huge value, or moves it
+    /// around, gets at most the one flush that completes the current epoch
+    /// per hint or tick — the same as a client that really unmaps that fast.
     pub fn flush_if_wanted(&self) -> Result<bool, DomainError> {
-        let p = self.page();
+        let c = self.client();
         // Clear the hint flag *before* reading `wanted` (see libdma::shared).
-        p.hint_pending.store(0, SeqCst);
-        if p.completed.load(SeqCst) < p.wanted.load(SeqCst) {
+        c.hint_pending.store(0, SeqCst);
+        let epoch = self.epoch();
+        let wanted = c
+            .wanted
+            .load(SeqCst)
+            .min(epoch)
+            .max(self.server_wanted.load(SeqCst));
+        if self.completed() < wanted {
             self.flush()?;
             return Ok(true);
         }
@@ -736,7 +817,6 @@ impl Domain {
             return Ok(true);
         }
         if self
-            .page()
             .oldest_unmap_age()
             .is_some_and(|age| age >= FLUSH_TIMEOUT_NS)
         {
@@ -748,9 +828,16 @@ impl Domain {
 
     fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
         let p = self.page();
-        // Take the unmap record before advancing the epoch (libdma::shared).
-        let unmaps = p.take_unmaps(&mut self.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner()));
-        let e = p.epoch.fetch_add(1, SeqCst);
+        // Take the unmap records before advancing the epoch (libdma::shared).
+        let unmaps = take_unmaps(
+            self.client()
+                .cpu
+                .iter()
+                .chain(std::iter::once(&self.server_unmaps)),
+            &mut self.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        let e = self.epoch.fetch_add(1, SeqCst);
+        p.epoch.fetch_max(e + 1, SeqCst);
         match desc.decode() {
             vtd::desc::Decoded::Iotlb {
                 g: vtd::regs::Granularity::Selective,
@@ -759,6 +846,7 @@ impl Domain {
             _ => stats::add(&self.stats.inval_domain, 1),
         }
         self.unit.invalidate(&[desc])?;
+        self.completed.fetch_max(e, SeqCst);
         p.completed.fetch_max(e, SeqCst);
         if let Some((oldest, sum, count)) = unmaps {
             // Stale window: from each unmap to this completion.
@@ -833,14 +921,22 @@ impl Domain {
         let Some(arena) = i.arena.clone() else {
             return Err(reply(ErrorCode::Unsupported, "no arena"));
         };
-        // Validate everything before changing anything.
-        let mut back = Vec::with_capacity(returned as usize);
-        for k in 0..returned as usize {
-            let iova = self.exchange_slot(k)?;
-            if i.delegated.get(&iova) != Some(&class) || back.contains(&iova) {
+        // Copy the client's list once (it may keep writing the page), then
+        // validate everything before changing anything.
+        let given = (0..returned as usize)
+            .map(|k| self.exchange_slot(k))
+            .collect::<Result<Vec<u64>, _>>()?;
+        let mut back = Vec::with_capacity(given.len());
+        let mut seen = std::collections::HashSet::with_capacity(given.len());
+        for iova in given {
+            if i.delegated.get(&iova) != Some(&class) || !seen.insert(iova) {
+                stats::add(&self.stats.rejected, 1);
                 return Err(reply(
                     ErrorCode::NotOwner,
-                    format!("iova {iova:#x} was not delegated to this client in class {pages}"),
+                    format!(
+                        "iova {iova:#x} was not delegated to this client in class {pages} \
+                         (or is returned twice)"
+                    ),
                 ));
             }
             for p in 0..pages {
@@ -896,7 +992,8 @@ impl Domain {
         }
         for (k, &iova) in out.iter().enumerate() {
             i.delegated.insert(iova, class);
-            self.shared
+            self.client
+                .map
                 .write_u64(EXCHANGE_OFFSET + 8 * k, iova)
                 .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot"))?;
         }
@@ -905,7 +1002,8 @@ impl Domain {
     }
 
     fn exchange_slot(&self, k: usize) -> Result<u64, DomainError> {
-        self.shared
+        self.client
+            .map
             .read_u64(EXCHANGE_OFFSET + 8 * k)
             .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot out of range"))
     }
@@ -1044,14 +1142,15 @@ impl Domain {
 
     /// Renders `domains/<bdf>/stats`.
     pub fn render_stats(&self) -> String {
-        let p = self.page();
+        let p = self.client();
         let s = &self.stats;
         let (strategy, flush, mapped, delegated, parked, pools, depot, c, refs, dirty) = {
             let i = self.lock_uncounted();
             (
                 i.strategy,
                 i.flush,
-                i.mapped.len() + i.ref_maps.values().map(|n| *n as usize).sum::<usize>(),
+                (i.mapped.len() as u64)
+                    .saturating_add(i.ref_maps.values().fold(0u64, |a, n| a.saturating_add(*n))),
                 i.delegated.len(),
                 i.parked.len(),
                 i.pools.iter().map(|r| r.len).sum::<u64>(),
@@ -1070,8 +1169,12 @@ impl Domain {
             .kv("domain_id", self.did)
             .kv("strategy", strategy.name())
             .kv("flush", flush.name())
-            .kv("maps", client_maps + stats::get(&s.maps))
-            .kv("unmaps", client_unmaps + stats::get(&s.unmaps))
+            .kv("trust", self.trust.name())
+            .kv("maps", client_maps.saturating_add(stats::get(&s.maps)))
+            .kv(
+                "unmaps",
+                client_unmaps.saturating_add(stats::get(&s.unmaps)),
+            )
             .kv("magazine_hits", p.sum(|c| &c.mag_hits))
             .kv(
                 "magazine_misses",
@@ -1090,8 +1193,8 @@ impl Domain {
                 "invalidations",
                 stats::get(&s.inval_domain) + stats::get(&s.inval_page),
             )
-            .kv("epoch", p.epoch.load(SeqCst))
-            .kv("epoch_completed", p.completed.load(SeqCst))
+            .kv("epoch", self.epoch())
+            .kv("epoch_completed", self.completed())
             .kv("stale_window_max_ns", stats::get(&s.stale_ns_max))
             .kv(
                 "stale_window_mean_ns",
@@ -1108,7 +1211,8 @@ impl Domain {
             .kv("parked", parked)
             .kv("pool_bytes", pools)
             .kv("faults", stats::get(&s.faults))
-            .kv("errors", stats::get(&s.errors));
+            .kv("errors", stats::get(&s.errors))
+            .kv("rejected", stats::get(&s.rejected));
         t.0
     }
 

@@ -96,4 +96,22 @@ pub trait PhysMem: Send + Sync {
     fn read_u32(&self, phys: u64) -> Result<u32, HwError>;
     /// Writes back CPU cache lines of `[phys, phys+len)` (needed when ECAP.C = 0).
     fn flush(&self, phys: u64, len: u64);
+    /// Creates `len` bytes of zeroed memory to share with one client (not
+    /// DMA memory: the published page and the client page of a domain).
+    /// With `client_writable` false the client can only ever map it
+    /// read-only, whatever it does with what it is given; iommud keeps a
+    /// writable mapping. The default is the Unix one (sealed memfds).
+    fn alloc_shared(&self, len: usize, client_writable: bool) -> Result<SharedMem, HwError> {
+        crate::platform::shm::create(len, client_writable)
+    }
+}
+
+/// Memory shared with one client: iommud's own mapping of it and the handle
+/// the client gets.
+#[derive(Debug)]
+pub struct SharedMem {
+    /// What the client receives (an fd on Unix).
+    pub fd: Arc<OwnedFd>,
+    /// iommud's read-write mapping.
+    pub map: libdma::shm::Mapping,
 }

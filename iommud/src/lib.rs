@@ -4,13 +4,15 @@
 //! root/context tables, one protection domain per PCI function, the
 //! second-level page tables, the invalidation queue, fault recording, and
 //! the IOVA allocator with its magazine depot. Drivers reach it through
-//! `libdma`; see `DESIGN.md` for the architecture.
+//! `libdma`; see `docs/ARCHITECTURE.md` for the architecture.
 //!
 //! Where to find things: [`unit`] (bring-up, context entries, faults),
 //! [`invq`] (queued invalidation), [`pagetable`] (second-level tables and
 //! their reclamation), [`range_alloc`] (the locked IOVA allocator),
 //! [`domain`] (a domain: allocator, depot, epochs), [`session`] (requests),
 //! [`scheme`] (the path tree), [`server`] (the socket transport),
+//! [`policy`] (the administrator's configuration: who administers, which
+//! trust each device gets),
 //! [`platform`] (sim and linux backends).
 #![deny(missing_docs)]
 
@@ -19,6 +21,7 @@ pub mod hw;
 pub mod invq;
 pub mod pagetable;
 pub mod platform;
+pub mod policy;
 pub mod range_alloc;
 pub mod scheme;
 pub mod server;

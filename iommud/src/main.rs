@@ -1,16 +1,21 @@
 //! `iommud`: the IOMMU server daemon.
 //!
 //! ```text
-//! iommud [--platform sim|linux] [--socket PATH] [--no-translation]
+//! iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation]
 //!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
 //!        [--timeout-ms N]
 //! ```
+//! `--config` names the administrator's policy (TOML, see `iommud::policy`);
+//! without it every device gets validated trust and only root administers.
+//! On `sim`, device ownership is proven with the files iommud creates in
+//! `devices/` beside the socket (mode 0600; chown one to hand it to a driver).
 //! `--coherent` (sim only) makes the simulated unit report ECAP.C = 1, so
 //! neither iommud nor libdma flushes CPU cache lines after table writes; the
 //! default is C = 0, as QEMU reports.
 //! It logs to stderr and serves until `iommuctl stop` (or SIGTERM).
 
 use iommud::hw::{Mmio, PhysMem};
+use iommud::platform::proof::Authority;
 use iommud::session::State;
 use iommud::unit::{Iommu, UnitConfig};
 use std::path::PathBuf;
@@ -28,6 +33,7 @@ struct Args {
     sim_inval_latency_ns: u64,
     sim_mem_mb: usize,
     timeout_ms: u64,
+    config: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -41,6 +47,7 @@ fn parse_args() -> Result<Args, String> {
         sim_inval_latency_ns: 0,
         sim_mem_mb: 256,
         timeout_ms: 1000,
+        config: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -48,6 +55,7 @@ fn parse_args() -> Result<Args, String> {
         match arg.as_str() {
             "--platform" => a.platform = val("--platform")?,
             "--socket" => a.socket = PathBuf::from(val("--socket")?),
+            "--config" => a.config = Some(PathBuf::from(val("--config")?)),
             "--no-translation" => a.translate = false,
             "--no-reclaim" => a.reclaim = false,
             "--caching-mode" => a.caching_mode = true,
@@ -69,7 +77,7 @@ fn parse_args() -> Result<Args, String> {
             }
             "-h" | "--help" => {
                 return Err(
-                    "usage: iommud [--platform sim|linux] [--socket PATH] [--no-translation] \
+                    "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation] \
                             [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N] \
                             [--timeout-ms N]"
                         .into(),
@@ -87,6 +95,11 @@ extern "C" fn on_term(_: libc::c_int) {
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn run(a: Args) -> Result<(), String> {
+    // The policy before the hardware: a bad file must not leave a unit on.
+    let policy = match &a.config {
+        Some(p) => iommud::policy::Policy::load(p)?,
+        None => iommud::policy::Policy::default(),
+    };
     let cfg = UnitConfig {
         translate: a.translate,
         timeout: Duration::from_millis(a.timeout_ms),
@@ -139,7 +152,16 @@ fn run(a: Args) -> Result<(), String> {
         if sim_fds.is_some() { "sim" } else { "linux" },
         a.reclaim,
     );
+    state.authority = if sim_fds.is_some() {
+        let dir = libdma::proof::sim_device_dir(&a.socket)
+            .ok_or("the socket path has no directory for the device files")?;
+        Authority::make_sim_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?
+    } else {
+        Authority::Sysfs
+    };
     state.sim_fds = sim_fds;
+    iommud::unit::log::info(&policy.describe());
+    state.policy = policy;
     let state = Arc::new(state);
     // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
     unsafe {

@@ -13,6 +13,7 @@
 //!
 //! Paths may be given as `/scheme/iommu/<p>`, `iommu:<p>`, `/<p>` or `<p>`.
 
+use crate::policy::Peer;
 use crate::unit::parse_bdf;
 use libdma::proto::ErrorCode;
 
@@ -66,12 +67,14 @@ pub fn parse(path: &str) -> Result<Node, ErrorCode> {
 }
 
 /// What serves the tree: implemented by the server state, used by the Unix
-/// socket server and the Redox scheme alike.
+/// socket server and the Redox scheme alike. `caller` is the verified
+/// identity of whoever asks: every write is an administrator's, and a
+/// domain's `mappings` are its owner's or an administrator's.
 pub trait SchemeTree {
     /// Reads a path: `key value` lines (or a bare value for policy files).
-    fn read(&self, path: &str) -> Result<String, ErrorCode>;
+    fn read(&self, caller: &Peer, path: &str) -> Result<String, ErrorCode>;
     /// Writes a value to a path.
-    fn write(&self, path: &str, value: &str) -> Result<(), ErrorCode>;
+    fn write(&self, caller: &Peer, path: &str, value: &str) -> Result<(), ErrorCode>;
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The Unix `SOCK_SEQPACKET` server: one thread per client connection, plus
 //! a ticker thread for fault polling and the epoch timer.
 
+use crate::policy::Peer;
 use crate::session::{Response, Session, State};
 use crate::unit::log;
 use libdma::proto::{Frame, Op, Reply, Request, HEADER_LEN, MAX_MESSAGE};
@@ -60,15 +61,24 @@ fn send(conn: &SeqPacket, op: Op, seq: u32, r: Response) -> std::io::Result<()> 
 }
 
 /// Serves one client until it disconnects; its domain is then torn down.
+/// The client's identity is the one the kernel recorded at connect
+/// (`SO_PEERCRED`); a connection whose identity cannot be read is closed.
 pub fn connection(state: Arc<State>, conn: SeqPacket) {
-    let mut session = Session::new(state.clone());
+    let peer = match conn.peer_cred() {
+        Ok((uid, gid, pid)) => Peer { uid, gid, pid },
+        Err(e) => {
+            log::warn(&format!("connection without credentials closed: {e}"));
+            return;
+        }
+    };
+    let mut session = Session::new(state.clone(), peer);
     let mut buf = vec![0u8; MAX_MESSAGE];
     // Wake up now and then to notice a daemon shutdown.
     let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
     loop {
-        let n = match conn.recv(&mut buf) {
+        let (n, fds) = match conn.recv(&mut buf) {
             Ok((0, _)) => break,
-            Ok((n, _fds)) => n,
+            Ok(got) => got,
             Err(e)
                 if matches!(
                     e.kind(),
@@ -81,6 +91,7 @@ pub fn connection(state: Arc<State>, conn: SeqPacket) {
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                crate::stats::add(&state.security.malformed, 1);
                 let _ = send(
                     &conn,
                     Op::Hello,
@@ -98,13 +109,14 @@ pub fn connection(state: Arc<State>, conn: SeqPacket) {
         match Request::decode(msg) {
             Ok((seq, req)) => {
                 let op = req.op();
-                if let Some(r) = session.handle(req) {
+                if let Some(r) = session.handle(req, fds) {
                     if send(&conn, op, seq, r).is_err() {
                         break;
                     }
                 }
             }
             Err(e) => {
+                crate::stats::add(&state.security.malformed, 1);
                 // Answer with whatever op/seq can be salvaged; the client gets
                 // a clear error and the connection stays usable.
                 let (op, seq) = Frame::decode(msg)

@@ -2,13 +2,15 @@
 //! socket server and the Redox scheme both feed [`Session::handle`].
 
 use crate::domain::{Domain, DomainError};
+use crate::platform::proof::Authority;
+use crate::policy::{Peer, Policy, Trust};
 use crate::scheme::{parse, Node, SchemeTree};
 use crate::stats::{self, Text};
 use crate::unit::{bdf_string, fault_reason_text, log, Iommu};
 use libdma::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -18,6 +20,83 @@ pub const FLAG_CACHING_MODE: u64 = 1 << 0;
 pub const FLAG_COHERENT: u64 = 1 << 1;
 /// Attach reply flag: DMA remapping is on.
 pub const FLAG_TRANSLATING: u64 = 1 << 2;
+
+/// A domain's counters as the unit-wide `stats` sums them.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    maps: u64,
+    unmaps: u64,
+    hits: u64,
+    misses: u64,
+    exchanges: u64,
+    ipc: u64,
+    wakeups: u64,
+    locks: u64,
+    pt_allocated: u64,
+    pt_freed: u64,
+    invalidations: u64,
+    rejected: u64,
+}
+
+impl Totals {
+    /// The counters of `d`; those the client writes are hostile input,
+    /// summed with saturation.
+    fn of(d: &Domain) -> Totals {
+        let c = d.client();
+        let s = &d.stats;
+        let (alloc, freed, _) = d.table_pages();
+        let maps = c.sum(|k| &k.maps);
+        let hits = c.sum(|k| &k.mag_hits);
+        Totals {
+            maps: maps.saturating_add(stats::get(&s.maps)),
+            unmaps: c.sum(|k| &k.unmaps).saturating_add(stats::get(&s.unmaps)),
+            hits,
+            misses: maps.saturating_sub(hits),
+            exchanges: stats::get(&s.depot_exchanges),
+            ipc: stats::get(&s.ipc_round_trips),
+            wakeups: stats::get(&s.wakeups),
+            locks: stats::get(&s.lock_acquisitions),
+            pt_allocated: alloc,
+            pt_freed: freed,
+            invalidations: stats::get(&s.inval_domain).saturating_add(stats::get(&s.inval_page)),
+            rejected: stats::get(&s.rejected),
+        }
+    }
+
+    fn add(mut self, o: Totals) -> Totals {
+        let f = |a: &mut u64, b: u64| *a = a.saturating_add(b);
+        f(&mut self.maps, o.maps);
+        f(&mut self.unmaps, o.unmaps);
+        f(&mut self.hits, o.hits);
+        f(&mut self.misses, o.misses);
+        f(&mut self.exchanges, o.exchanges);
+        f(&mut self.ipc, o.ipc);
+        f(&mut self.wakeups, o.wakeups);
+        f(&mut self.locks, o.locks);
+        f(&mut self.pt_allocated, o.pt_allocated);
+        f(&mut self.pt_freed, o.pt_freed);
+        f(&mut self.invalidations, o.invalidations);
+        f(&mut self.rejected, o.rejected);
+        self
+    }
+}
+
+/// Refusals, unit-wide and cumulative.
+#[derive(Debug, Default)]
+pub struct SecurityStats {
+    /// Administrative operations refused to a non-administrator.
+    pub refused_admin: AtomicU64,
+    /// Attaches refused for want of a proof of device ownership.
+    pub refused_proof: AtomicU64,
+    /// Requests for more than the administrator's policy allows.
+    pub refused_policy: AtomicU64,
+    /// Reads of another client's domain refused.
+    pub refused_read: AtomicU64,
+    /// Messages that did not decode.
+    pub malformed: AtomicU64,
+    /// Requests that hit a bug (a panic caught; the request failed, the daemon went on).
+    pub internal_errors: AtomicU64,
+}
 
 /// State shared by all sessions.
 pub struct State {
@@ -33,6 +112,17 @@ pub struct State {
     pub platform: &'static str,
     /// Sim platform: the machine's memory and state fds, for test devices.
     pub sim_fds: Option<(Arc<OwnedFd>, Arc<OwnedFd>, u64)>,
+    /// The administrator's policy.
+    pub policy: Policy,
+    /// Who vouches for device ownership.
+    pub authority: Authority,
+    /// Refusal counters.
+    pub security: SecurityStats,
+    /// Owner of each attached domain.
+    owners: Mutex<BTreeMap<u16, Peer>>,
+    /// Counters of domains already detached (so unit-wide stats are
+    /// cumulative over the daemon's life).
+    retired: Mutex<Totals>,
     started: Instant,
 }
 
@@ -46,8 +136,22 @@ impl State {
             stop: AtomicBool::new(false),
             platform,
             sim_fds: None,
+            policy: Policy::default(),
+            authority: Authority::Sysfs,
+            security: SecurityStats::default(),
+            owners: Mutex::new(BTreeMap::new()),
+            retired: Mutex::new(Totals::default()),
             started: Instant::now(),
         }
+    }
+
+    /// The owner of `sid`'s domain.
+    pub fn owner(&self, sid: u16) -> Option<Peer> {
+        self.owners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sid)
+            .copied()
     }
 
     /// The domain of `sid`, if attached.
@@ -70,6 +174,9 @@ impl State {
 
     /// Background duties, called every few milliseconds: record faults and
     /// run the epoch timer (flush domains whose clients wait for an epoch).
+    ///
+    /// A failure (or a bug) in one domain never stops the ticker or the
+    /// other domains: each domain's work runs on its own, panics caught.
     pub fn tick(&self) {
         for f in self.unit.poll_faults() {
             if let Some(d) = self.domain(f.sid) {
@@ -77,8 +184,14 @@ impl State {
             }
         }
         for d in self.all_domains() {
-            if let Err(e) = d.tick() {
-                log::warn(&format!("{}: timed flush failed: {e}", bdf_string(d.sid)));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.tick()));
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => log::warn(&format!("{}: timed flush failed: {e}", bdf_string(d.sid))),
+                Err(_) => {
+                    stats::add(&self.security.internal_errors, 1);
+                    log::warn(&format!("{}: timed flush panicked", bdf_string(d.sid)));
+                }
             }
         }
     }
@@ -90,7 +203,14 @@ impl State {
         let d = self.domain(sid);
         if let Some(d) = d {
             d.teardown();
-            self.domains
+            {
+                // Under the list's lock, so `stats` counts the domain once.
+                let mut doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+                let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+                *r = r.add(Totals::of(&d));
+                doms.remove(&sid);
+            }
+            self.owners
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&sid);
@@ -103,7 +223,11 @@ impl State {
 
     fn render_stats(&self) -> String {
         let mut t = Text::default();
-        let doms = self.all_domains();
+        let (doms, retired) = {
+            let doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+            let r = *self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            (doms.values().cloned().collect::<Vec<_>>(), r)
+        };
         t.kv("platform", self.platform)
             .kv("uptime_ms", self.started.elapsed().as_millis())
             .kv(
@@ -121,32 +245,30 @@ impl State {
                 },
             )
             .kv("domains", doms.len());
-        let sum = |f: &dyn Fn(&Domain) -> u64| doms.iter().map(|d| f(d)).sum::<u64>();
-        let maps = sum(&|d| stats::get(&d.stats.maps) + d.page().sum(|c| &c.maps));
-        let unmaps = sum(&|d| stats::get(&d.stats.unmaps) + d.page().sum(|c| &c.unmaps));
-        let ipc = sum(&|d| stats::get(&d.stats.ipc_round_trips));
-        let wake = sum(&|d| stats::get(&d.stats.wakeups));
-        let exch = sum(&|d| stats::get(&d.stats.depot_exchanges));
-        let hits = sum(&|d| d.page().sum(|c| &c.mag_hits));
-        let misses = sum(&|d| {
-            let p = d.page();
-            p.sum(|c| &c.maps).saturating_sub(p.sum(|c| &c.mag_hits))
-        });
-        let locks = sum(&|d| stats::get(&d.stats.lock_acquisitions));
-        let live = sum(&|d| d.table_pages().2);
-        let alloc = sum(&|d| d.table_pages().0);
-        let freed = sum(&|d| d.table_pages().1);
-        t.kv("maps", maps)
-            .kv("unmaps", unmaps)
-            .kv("magazine_hits", hits)
-            .kv("magazine_misses", misses)
-            .kv("depot_exchanges", exch)
-            .kv("ipc_round_trips", ipc)
-            .kv("ipc_wakeups", wake)
-            .kv("lock_acquisitions", locks)
-            .kv("pt_pages_allocated", alloc)
-            .kv("pt_pages_freed", freed)
-            .kv("pt_pages_live", live);
+        let all = doms.iter().fold(retired, |acc, d| acc.add(Totals::of(d)));
+        let live = doms
+            .iter()
+            .fold(0u64, |a, d| a.saturating_add(d.table_pages().2));
+        let sec = &self.security;
+        t.kv("maps", all.maps)
+            .kv("unmaps", all.unmaps)
+            .kv("magazine_hits", all.hits)
+            .kv("magazine_misses", all.misses)
+            .kv("depot_exchanges", all.exchanges)
+            .kv("ipc_round_trips", all.ipc)
+            .kv("ipc_wakeups", all.wakeups)
+            .kv("lock_acquisitions", all.locks)
+            .kv("pt_pages_allocated", all.pt_allocated)
+            .kv("pt_pages_freed", all.pt_freed)
+            .kv("pt_pages_live", live)
+            .kv("domain_invalidations", all.invalidations)
+            .kv("rejected_inputs", all.rejected)
+            .kv("refused_admin", stats::get(&sec.refused_admin))
+            .kv("refused_proof", stats::get(&sec.refused_proof))
+            .kv("refused_policy", stats::get(&sec.refused_policy))
+            .kv("refused_read", stats::get(&sec.refused_read))
+            .kv("malformed", stats::get(&sec.malformed))
+            .kv("internal_errors", stats::get(&sec.internal_errors));
         self.unit.stats.render(&mut t);
         t.0
     }
@@ -168,8 +290,55 @@ impl State {
     }
 }
 
+impl State {
+    /// Refuses `caller` unless it administers iommud.
+    fn need_admin(&self, caller: &Peer, what: &str) -> Result<(), ErrorCode> {
+        if self.policy.is_admin(caller) {
+            return Ok(());
+        }
+        stats::add(&self.security.refused_admin, 1);
+        log::warn(&format!(
+            "refused {what} to uid {} gid {} pid {}: not an administrator",
+            caller.uid, caller.gid, caller.pid
+        ));
+        Err(ErrorCode::PermissionDenied)
+    }
+
+    /// The administrator's rule for `sid`.
+    pub fn rule_for(&self, sid: u16) -> &crate::policy::DeviceRule {
+        self.policy.rule_for(sid, self.authority.device_ids(sid))
+    }
+
+    /// Checks a strategy/flush switch of `d` against the policy.
+    fn check_switch(
+        &self,
+        d: &Domain,
+        s: Option<Strategy>,
+        f: Option<FlushPolicy>,
+    ) -> Result<(), ErrorCode> {
+        let (cs, cf) = d.policy();
+        let (s, f) = (s.unwrap_or(cs), f.unwrap_or(cf));
+        let allowed = if s == Strategy::NoIommu {
+            Ok(())
+        } else if !d.trust.allows(s) {
+            Err(format!(
+                "strategy {} needs delegated trust; this domain has {} trust",
+                s.name(),
+                d.trust.name()
+            ))
+        } else {
+            self.rule_for(d.sid).check(s, f)
+        };
+        allowed.map_err(|e| {
+            stats::add(&self.security.refused_policy, 1);
+            log::warn(&format!("{}: switch refused: {e}", bdf_string(d.sid)));
+            ErrorCode::PermissionDenied
+        })
+    }
+}
+
 impl SchemeTree for State {
-    fn read(&self, path: &str) -> Result<String, ErrorCode> {
+    fn read(&self, caller: &Peer, path: &str) -> Result<String, ErrorCode> {
         let dom = |sid| self.domain(sid).ok_or(ErrorCode::NotFound);
         Ok(match parse(path)? {
             Node::Stats => self.render_stats(),
@@ -181,7 +350,16 @@ impl SchemeTree for State {
             Node::DomainStats(s) => dom(s)?.render_stats(),
             Node::DomainStrategy(s) => format!("{}\n", dom(s)?.policy().0.name()),
             Node::DomainFlush(s) => format!("{}\n", dom(s)?.policy().1.name()),
-            Node::DomainMappings(s) => dom(s)?.render_mappings(),
+            Node::DomainMappings(s) => {
+                // Physical addresses of a domain: its owner's and the
+                // administrator's business only.
+                let d = dom(s)?;
+                if self.owner(s) != Some(*caller) && !self.policy.is_admin(caller) {
+                    stats::add(&self.security.refused_read, 1);
+                    return Err(ErrorCode::PermissionDenied);
+                }
+                d.render_mappings()
+            }
             Node::Faults => self.render_faults(),
             Node::Reclaim => format!(
                 "{}\n",
@@ -194,16 +372,22 @@ impl SchemeTree for State {
         })
     }
 
-    fn write(&self, path: &str, value: &str) -> Result<(), ErrorCode> {
+    fn write(&self, caller: &Peer, path: &str, value: &str) -> Result<(), ErrorCode> {
+        let node = parse(path)?;
+        self.need_admin(caller, &format!("write of {path}"))?;
         let dom = |sid| self.domain(sid).ok_or(ErrorCode::NotFound);
-        match parse(path)? {
+        match node {
             Node::DomainStrategy(s) => {
                 let st = Strategy::parse(value).ok_or(ErrorCode::Invalid)?;
-                dom(s)?.set_policy(Some(st), None).map_err(|e| e.code())
+                let d = dom(s)?;
+                self.check_switch(&d, Some(st), None)?;
+                d.set_policy(Some(st), None).map_err(|e| e.code())
             }
             Node::DomainFlush(s) => {
                 let f = FlushPolicy::parse(value).ok_or(ErrorCode::Invalid)?;
-                dom(s)?.set_policy(None, Some(f)).map_err(|e| e.code())
+                let d = dom(s)?;
+                self.check_switch(&d, None, Some(f))?;
+                d.set_policy(None, Some(f)).map_err(|e| e.code())
             }
             Node::Reclaim => {
                 let on = match value.trim() {
@@ -266,15 +450,24 @@ impl From<DomainError> for Response {
 pub struct Session {
     state: Arc<State>,
     domain: Option<Arc<Domain>>,
+    /// Who is at the other end (verified by the transport).
+    peer: Peer,
 }
 
 impl Session {
-    /// A session with nothing attached.
-    pub fn new(state: Arc<State>) -> Session {
+    /// A session with nothing attached, for the client `peer` (its identity
+    /// as the kernel reports it, never as the client claims it).
+    pub fn new(state: Arc<State>, peer: Peer) -> Session {
         Session {
             state,
             domain: None,
+            peer,
         }
+    }
+
+    /// The client's identity.
+    pub fn peer(&self) -> Peer {
+        self.peer
     }
 
     /// The attached domain.
@@ -292,22 +485,39 @@ impl Session {
         }
     }
 
-    /// Handles one request; `None` for one-way requests.
-    pub fn handle(&mut self, req: Request) -> Option<Response> {
+    /// Handles one request with the descriptors that came with it (the
+    /// proof of device ownership an Attach carries; ignored otherwise);
+    /// `None` for one-way requests. A bug reached by a request fails that
+    /// request with `Hardware` and leaves the daemon serving.
+    pub fn handle(&mut self, req: Request, fds: Vec<OwnedFd>) -> Option<Response> {
         if let Some(d) = &self.domain {
             if req.wants_reply() {
                 stats::add(&d.stats.ipc_round_trips, 1);
             }
         }
-        let r = self.dispatch(req)?;
+        let wants_reply = req.wants_reply();
+        let r = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.dispatch(req, fds)
+        })) {
+            Ok(r) => r?,
+            Err(_) => {
+                stats::add(&self.state.security.internal_errors, 1);
+                log::warn("a request hit an internal error (panic caught); the request failed");
+                if !wants_reply {
+                    return None;
+                }
+                Response::err(ErrorCode::Hardware, "internal error in iommud")
+            }
+        };
         if let (Err(_), Some(d)) = (&r.result, &self.domain) {
             stats::add(&d.stats.errors, 1);
         }
         Some(r)
     }
 
-    fn dispatch(&mut self, req: Request) -> Option<Response> {
+    fn dispatch(&mut self, req: Request, mut fds: Vec<OwnedFd>) -> Option<Response> {
         let st = self.state.clone();
+        let peer = self.peer;
         Some(match req {
             Request::Hello { version } => {
                 if version != u64::from(VERSION) {
@@ -323,7 +533,14 @@ impl Session {
                 bdf,
                 strategy,
                 flush,
-            } => self.attach(bdf, strategy, flush),
+            } => {
+                let proof = if fds.is_empty() {
+                    None
+                } else {
+                    Some(fds.swap_remove(0))
+                };
+                self.attach(bdf, strategy, flush, proof.as_ref())
+            }
             Request::AllocPool { bytes } => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => match d.alloc_pool(bytes) {
@@ -390,7 +607,7 @@ impl Session {
             Request::FlushSync => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => match d.flush() {
-                    Ok(()) => Response::ok([d.page().completed.load(SeqCst), 0, 0, 0, 0]),
+                    Ok(()) => Response::ok([d.completed(), 0, 0, 0, 0]),
                     Err(e) => e.into(),
                 },
             },
@@ -401,7 +618,7 @@ impl Session {
                 }
                 None => Response::err(ErrorCode::NoDomain, "nothing attached"),
             },
-            Request::ReadPath { path } => match st.read(&path) {
+            Request::ReadPath { path } => match st.read(&peer, &path) {
                 Ok(text) => Response {
                     result: Ok([text.len() as u64, 0, 0, 0, 0]),
                     payload: text.into_bytes(),
@@ -409,10 +626,14 @@ impl Session {
                 },
                 Err(e) => Response::err(e, format!("{path}: {e}")),
             },
-            Request::WritePath { path, value } => match st.write(&path, &value) {
+            Request::WritePath { path, value } => match st.write(&peer, &path, &value) {
                 Ok(()) => Response::ok([0; 5]),
                 Err(e) => Response::err(e, format!("{path}: {e}")),
             },
+            Request::SimInfo if st.need_admin(&peer, "SimInfo").is_err() => Response::err(
+                ErrorCode::PermissionDenied,
+                "the simulated machine is the administrator's",
+            ),
             Request::SimInfo => match &st.sim_fds {
                 Some((m, s, len)) => Response {
                     result: Ok([*len, 0, 0, 0, 0]),
@@ -421,18 +642,65 @@ impl Session {
                 },
                 None => Response::err(ErrorCode::Unsupported, "not the sim platform"),
             },
-            Request::Shutdown => {
-                st.stop.store(true, SeqCst);
-                Response::ok([0; 5])
-            }
+            Request::Shutdown => match st.need_admin(&peer, "Shutdown") {
+                Ok(()) => {
+                    log::info(&format!(
+                        "stop requested by uid {} pid {}",
+                        peer.uid, peer.pid
+                    ));
+                    st.stop.store(true, SeqCst);
+                    Response::ok([0; 5])
+                }
+                Err(c) => Response::err(c, "only an administrator may stop iommud"),
+            },
         })
     }
 
-    fn attach(&mut self, sid: u16, strategy: Strategy, flush: FlushPolicy) -> Response {
+    fn attach(
+        &mut self,
+        sid: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+        proof: Option<&OwnedFd>,
+    ) -> Response {
         if self.domain.is_some() {
             return Response::err(ErrorCode::Busy, "this connection is already attached");
         }
         let st = &self.state;
+        // Proof of device ownership first: nobody learns anything about a
+        // device (not even whether it is attached) without it.
+        if let Err(e) = st.authority.verify(sid, proof) {
+            stats::add(&st.security.refused_proof, 1);
+            log::warn(&format!(
+                "{}: attach refused to uid {} pid {}: {e}",
+                bdf_string(sid),
+                self.peer.uid,
+                self.peer.pid
+            ));
+            return Response::err(ErrorCode::PermissionDenied, e);
+        }
+        // Then the administrator's policy: trust, strategy, flush policy.
+        let rule = st.rule_for(sid);
+        let effective = if st.unit.translating() {
+            strategy
+        } else {
+            Strategy::NoIommu
+        };
+        if let Err(e) = rule.check(effective, flush) {
+            stats::add(&st.security.refused_policy, 1);
+            log::warn(&format!(
+                "{}: attach refused to uid {} pid {}: {e}",
+                bdf_string(sid),
+                self.peer.uid,
+                self.peer.pid
+            ));
+            return Response::err(ErrorCode::PermissionDenied, e);
+        }
+        let trust = if effective == Strategy::Magazine {
+            Trust::Delegated
+        } else {
+            rule.trust
+        };
         let d = {
             let mut doms = st.domains.lock().unwrap_or_else(|p| p.into_inner());
             if doms.contains_key(&sid) {
@@ -451,21 +719,29 @@ impl Session {
                 sid,
                 strategy,
                 flush,
+                trust,
                 st.reclaim.load(SeqCst),
             ) {
                 Ok(d) => {
                     doms.insert(sid, d.clone());
+                    st.owners
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(sid, self.peer);
                     d
                 }
                 Err(e) => return e.into(),
             }
         };
         log::info(&format!(
-            "{}: attached (domain {}, {}, {})",
+            "{}: attached by uid {} pid {} (domain {}, {}, {}, {} trust)",
             bdf_string(sid),
+            self.peer.uid,
+            self.peer.pid,
             d.did,
             d.policy().0.name(),
-            d.policy().1.name()
+            d.policy().1.name(),
+            d.trust.name()
         ));
         let u = &st.unit;
         let flags = (if u.caching_mode() {
@@ -474,9 +750,12 @@ impl Session {
             0
         }) | (if u.coherent() { FLAG_COHERENT } else { 0 })
             | (if u.translating() { FLAG_TRANSLATING } else { 0 });
-        let mut shares = vec![Share { fd: d.shared_fd() }];
+        let (published, client) = d.shares();
+        let mut shares = vec![Share { fd: published }, Share { fd: client }];
         let mut args = [u64::from(d.did), flags, 0, 0, 0];
-        if let Some(a) = d.arena() {
+        // The arena (client-writable leaf tables) only where the driver is
+        // trusted to write entries.
+        if let Some(a) = d.arena().filter(|_| d.trust == Trust::Delegated) {
             args[2] = a.phys;
             args[3] = a.fd_offset;
             args[4] = a.len;

@@ -62,6 +62,9 @@ pub struct DomainStats {
     pub faults: AtomicU64,
     /// Rejected requests.
     pub errors: AtomicU64,
+    /// Hostile or inconsistent input from shared memory that iommud refused
+    /// (an IOVA returned that was not delegated, or returned twice).
+    pub rejected: AtomicU64,
 }
 
 /// Builder of `key value` text.

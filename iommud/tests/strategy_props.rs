@@ -17,7 +17,6 @@ use iommud::unit::{Iommu, UnitConfig};
 use libdma::proto::{Dir, FlushPolicy, Strategy};
 use proptest::prelude::*;
 use proptest::strategy::Strategy as _;
-use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use vtd::sim::{SimConfig, SimMachine};
 
@@ -50,7 +49,12 @@ fn rig(strategy: Strategy, flush: FlushPolicy, reclaim: bool) -> Rig {
         )
         .unwrap(),
     );
-    let dom = Domain::new(unit, SID, strategy, flush, reclaim).unwrap();
+    let trust = if strategy == Strategy::Magazine {
+        iommud::policy::Trust::Delegated
+    } else {
+        iommud::policy::Trust::Validated
+    };
+    let dom = Domain::new(unit, SID, strategy, flush, trust, reclaim).unwrap();
     let pool = dom.alloc_pool(POOL).unwrap();
     Rig { machine, dom, pool }
 }
@@ -131,7 +135,7 @@ fn run(
     let r = rig(strategy, flush, reclaim);
     let mut live: Vec<Live> = Vec::new();
     for (round, s) in steps.into_iter().enumerate() {
-        let completed = r.dom.page().completed.load(SeqCst);
+        let completed = r.dom.completed();
         let freed = kv(&r.dom.render_stats(), "pt_pages_freed");
         match s {
             Step::Map { off, len, dir } => {
@@ -163,7 +167,7 @@ fn run(
                 r.dom.tick().unwrap();
             }
         }
-        if r.dom.page().completed.load(SeqCst) == completed {
+        if r.dom.completed() == completed {
             prop_assert_eq!(
                 kv(&r.dom.render_stats(), "pt_pages_freed"),
                 freed,

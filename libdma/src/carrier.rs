@@ -14,7 +14,7 @@
 //! byte has in it. The fast paths of [`crate::DmaDomain`] make no call here.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::proto::HEADER_LEN;
@@ -62,6 +62,16 @@ impl Share {
         Mapping::new(self.fd.as_fd(), at, len)
     }
 
+    /// Maps `len` bytes at byte `offset` of the region, read-only (the
+    /// published page: iommud seals it against writable mappings).
+    pub fn map_readonly(&self, offset: u64, len: usize) -> io::Result<Mapping> {
+        let at = self
+            .base
+            .checked_add(offset)
+            .ok_or(io::ErrorKind::InvalidInput)?;
+        Mapping::new_readonly(self.fd.as_fd(), at, len)
+    }
+
     /// The file itself, if this share is a whole file nobody else holds.
     pub fn into_fd(self) -> Option<OwnedFd> {
         if self.base != 0 {
@@ -87,6 +97,18 @@ pub trait Transport: Send {
     fn recv(&mut self, reply: &mut [u8]) -> io::Result<(usize, Vec<Share>)>;
     /// Sends a frame whose reply nobody awaits.
     fn post(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Like [`Transport::call`], passing `fds` with the request (the proof
+    /// of device ownership an Attach carries). A carrier that cannot pass
+    /// descriptors sends the frame alone: its proof travels another way
+    /// (on Redox, the session handle pcid gave the driver).
+    fn call_with_fds(
+        &mut self,
+        frame: &[u8],
+        _fds: &[BorrowedFd<'_>],
+        reply: &mut [u8],
+    ) -> io::Result<(usize, Vec<Share>)> {
+        self.call(frame, reply)
+    }
 }
 
 #[cfg(not(target_os = "redox"))]
@@ -103,6 +125,16 @@ impl Transport for crate::transport::SeqPacket {
 
     fn post(&mut self, frame: &[u8]) -> io::Result<()> {
         self.send(frame, &[])
+    }
+
+    fn call_with_fds(
+        &mut self,
+        frame: &[u8],
+        fds: &[BorrowedFd<'_>],
+        reply: &mut [u8],
+    ) -> io::Result<(usize, Vec<Share>)> {
+        self.send(frame, fds)?;
+        self.recv(reply)
     }
 }
 

@@ -18,7 +18,8 @@ use crate::proto::{
     MAX_MESSAGE, VERSION,
 };
 use crate::shared::{
-    bump, DomainPage, EXCHANGE_OFFSET, EXCHANGE_SLOTS, MAGAZINE_IOVA_BASE, MAX_CPUS, SHARED_LEN,
+    bump, view, ClientPage, EpochPage, CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS,
+    MAGAZINE_IOVA_BASE, MAX_CPUS, PUBLISHED_LEN,
 };
 use crate::shm::{flush_cache_range, Mapping};
 use std::os::fd::OwnedFd;
@@ -71,12 +72,17 @@ struct Conn {
     link: Box<dyn Transport>,
     seq: u32,
     buf: Vec<u8>,
+    /// The socket connected to, if any (where to look for the sim's device files).
+    #[cfg_attr(target_os = "redox", allow(dead_code))]
+    path: Option<std::path::PathBuf>,
 }
 
 impl Conn {
     #[cfg(not(target_os = "redox"))]
     fn connect(path: &Path) -> Result<Conn> {
-        Conn::over(Box::new(crate::transport::SeqPacket::connect(path)?))
+        let mut c = Conn::over(Box::new(crate::transport::SeqPacket::connect(path)?))?;
+        c.path = Some(path.to_path_buf());
+        Ok(c)
     }
 
     /// A connection over any carrier (see [`crate::carrier`]).
@@ -85,6 +91,7 @@ impl Conn {
             link,
             seq: 0,
             buf: vec![0; MAX_MESSAGE],
+            path: None,
         };
         c.call(&Request::Hello {
             version: u64::from(VERSION),
@@ -94,8 +101,19 @@ impl Conn {
 
     /// One blocking round trip.
     fn call(&mut self, req: &Request) -> Result<(Reply, Vec<Share>)> {
+        self.call_with_fds(req, &[])
+    }
+
+    /// One blocking round trip passing `fds` with the request.
+    fn call_with_fds(
+        &mut self,
+        req: &Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(Reply, Vec<Share>)> {
         self.seq = self.seq.wrapping_add(1);
-        let mut got = self.link.call(&req.encode(self.seq), &mut self.buf)?;
+        let mut got = self
+            .link
+            .call_with_fds(&req.encode(self.seq), fds, &mut self.buf)?;
         loop {
             let (n, shares) = got;
             if n == 0 {
@@ -298,6 +316,9 @@ pub struct DmaDomain {
     /// Source id of the device.
     pub bdf: u16,
     flags: u64,
+    /// The published page, mapped read-only.
+    published: Mapping,
+    /// The client page and exchange area, mapped read-write.
     shared: Mapping,
     arena: Option<Mapping>,
     pools: Mutex<Vec<Pool>>,
@@ -347,18 +368,33 @@ impl DmaDomain {
         strategy: Strategy,
         flush: FlushPolicy,
     ) -> Result<DmaDomain> {
-        let (r, mut fds) = conn.call(&Request::Attach {
-            bdf,
-            strategy,
-            flush,
-        })?;
+        // Proof that this process owns the device (docs/ARCHITECTURE.md,
+        // "Trust and the attacker"): on Linux an fd of the function's BAR
+        // file opened read-write, which only its owner can open. Without
+        // one, iommud refuses with a message saying what is missing.
+        #[cfg(not(target_os = "redox"))]
+        let proof = crate::proof::open(bdf, conn.path.as_deref()).ok();
+        #[cfg(not(target_os = "redox"))]
+        let proofs: Vec<std::os::fd::BorrowedFd<'_>> =
+            proof.iter().map(std::os::fd::AsFd::as_fd).collect();
+        #[cfg(target_os = "redox")]
+        let proofs: Vec<std::os::fd::BorrowedFd<'_>> = Vec::new();
+        let (r, mut fds) = conn.call_with_fds(
+            &Request::Attach {
+                bdf,
+                strategy,
+                flush,
+            },
+            &proofs,
+        )?;
         let a = r.result.unwrap_or_default();
-        if fds.is_empty() {
+        if fds.len() < 2 {
             return Err(Error::Invalid(
                 "attach reply carried no shared memory".into(),
             ));
         }
-        let shared = fds.remove(0).map(0, SHARED_LEN)?;
+        let published = fds.remove(0).map_readonly(0, PUBLISHED_LEN)?;
+        let shared = fds.remove(0).map(0, CLIENT_LEN)?;
         // Every translating domain has a leaf-table arena, so it can switch
         // to the magazine strategy later without another fd.
         let arena = match fds.pop() {
@@ -371,11 +407,12 @@ impl DmaDomain {
         let ncpu = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
-            .clamp(1, MAX_CPUS - 1); // the last slot is iommud's (SERVER_SLOT)
+            .clamp(1, MAX_CPUS);
         let d = DmaDomain {
             conn: Mutex::new(conn),
             bdf,
             flags: a[1],
+            published,
             shared,
             arena,
             pools: Mutex::new(Vec::new()),
@@ -421,10 +458,19 @@ impl DmaDomain {
         self.flags & FLAG_CACHING_MODE != 0
     }
 
-    fn page(&self) -> &DomainPage {
-        // SAFETY: `shared` maps SHARED_LEN bytes of the memfd iommud made for
-        // this domain, page-aligned and alive as long as `self`; all atomics.
-        unsafe { DomainPage::from_ptr(self.shared.as_ptr()) }
+    /// The published page (epochs, policy, clock): read-only here.
+    fn page(&self) -> &EpochPage {
+        // SAFETY: `published` maps PUBLISHED_LEN bytes of the memfd iommud
+        // made for this domain, page-aligned and alive as long as `self`;
+        // EpochPage is all atomics and this side only loads from it.
+        unsafe { view(self.published.as_ptr()) }
+    }
+
+    /// The client page (flush wishes, counters): written here only.
+    fn client(&self) -> &ClientPage {
+        // SAFETY: `shared` maps CLIENT_LEN bytes of the client memfd,
+        // page-aligned and alive as long as `self`; ClientPage is all atomics.
+        unsafe { view(self.shared.as_ptr()) }
     }
 
     fn conn(&self) -> MutexGuard<'_, Conn> {
@@ -599,7 +645,7 @@ impl DmaDomain {
                         r => r?,
                     };
                     // Counted under the slot lock, the slot's only writer.
-                    let k = &self.page().cpu[slot];
+                    let k = &self.client().cpu[slot];
                     bump(&k.maps);
                     if ev.hit {
                         bump(&k.mag_hits); // misses = maps - hits
@@ -778,8 +824,9 @@ impl DmaDomain {
                 {
                     // Recorded under the slot lock, the slot's only writer.
                     let mut c = self.cpus[slot].lock();
-                    self.page().note_unmap(slot);
-                    bump(&self.page().cpu[slot].unmaps);
+                    let k = &self.client().cpu[slot];
+                    k.note_unmap(self.page());
+                    bump(&k.unmaps);
                     if flush != FlushPolicy::Deferred {
                         c.free(class, base, tag, &Remote(self));
                     }
@@ -885,9 +932,9 @@ impl Backend for Remote<'_> {
     }
 
     fn request_flush(&self, tag: u64) {
-        let p = self.0.page();
+        let p = self.0.client();
         p.wanted.fetch_max(tag, SeqCst);
-        if p.completed.load(SeqCst) < tag && p.hint_pending.swap(1, SeqCst) == 0 {
+        if self.0.page().completed.load(SeqCst) < tag && p.hint_pending.swap(1, SeqCst) == 0 {
             self.0.stats.wakeups.fetch_add(1, Relaxed);
             if self.0.conn().post(&Request::FlushHint).is_err() {
                 // iommud's epoch timer still sees `wanted`; nothing is lost.
@@ -897,7 +944,7 @@ impl Backend for Remote<'_> {
     }
 
     fn want(&self, tag: u64) {
-        self.0.page().wanted.fetch_max(tag, SeqCst);
+        self.0.client().wanted.fetch_max(tag, SeqCst);
     }
 
     fn seal(&self) -> u64 {

@@ -134,6 +134,10 @@ pub enum ErrorCode {
     /// The hardware reported an error.
     #[error("hardware error")]
     Hardware = 12,
+    /// The caller lacks the identity, the proof of device ownership or the
+    /// administrator's permission the request needs (the message says which).
+    #[error("permission denied")]
+    PermissionDenied = 13,
 }
 
 impl ErrorCode {
@@ -152,6 +156,7 @@ impl ErrorCode {
             10 => ErrorCode::Unsupported,
             11 => ErrorCode::NotFound,
             12 => ErrorCode::Hardware,
+            13 => ErrorCode::PermissionDenied,
             _ => ErrorCode::Malformed,
         })
     }

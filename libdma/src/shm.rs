@@ -43,6 +43,21 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Maps `len` bytes of `fd` from `offset` (page-aligned), read-write.
     pub fn new(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Mapping> {
+        Self::with_prot(fd, offset, len, libc::PROT_READ | libc::PROT_WRITE)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (page-aligned), read-only: for
+    /// memory the other side publishes and seals against writers.
+    pub fn new_readonly(fd: BorrowedFd<'_>, offset: u64, len: usize) -> io::Result<Mapping> {
+        Self::with_prot(fd, offset, len, libc::PROT_READ)
+    }
+
+    fn with_prot(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        prot: libc::c_int,
+    ) -> io::Result<Mapping> {
         if len == 0 || !offset.is_multiple_of(4096) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -55,7 +70,7 @@ impl Mapping {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
+                prot,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
                 off,

@@ -214,6 +214,29 @@ impl SeqPacket {
         Ok((n, fds))
     }
 
+    /// The peer's identity as the kernel recorded it when the connection was
+    /// made (`SO_PEERCRED`): `(uid, gid, pid)`. Nothing the peer sends can
+    /// change it.
+    pub fn peer_cred(&self) -> io::Result<(u32, u32, i32)> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
+        cvt(unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        })?;
+        Ok((cred.uid, cred.gid, cred.pid))
+    }
+
     /// Sets a receive timeout (None = block forever).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         let tv = match t {

@@ -4,4 +4,6 @@
 pub mod drhd;
 #[cfg(target_os = "linux")]
 pub mod linux;
+pub mod proof;
+pub mod shm;
 pub mod sim;

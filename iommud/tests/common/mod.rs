@@ -18,9 +18,20 @@ impl Daemon {
         let dir = std::env::temp_dir().join(format!("iommud-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("iommud.sock");
+        // The tests of strategies run every strategy, so unless a test
+        // brings its own policy the administrator here grants delegated
+        // trust (the magazine strategy) to every device.
+        let mut policy = Vec::new();
+        if !extra.contains(&"--config") {
+            let cfg = dir.join("iommud.toml");
+            std::fs::write(&cfg, "[default]\ntrust = \"delegated\"\n").unwrap();
+            policy.push("--config".to_string());
+            policy.push(cfg.display().to_string());
+        }
         let child = Command::new(env!("CARGO_BIN_EXE_iommud"))
             .args(["--platform", "sim", "--socket"])
             .arg(&socket)
+            .args(&policy)
             .args(extra)
             .stderr(Stdio::inherit())
             .spawn()
@@ -42,6 +53,11 @@ impl Daemon {
 
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The directory the daemon's files live in (socket, policy, device files).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The sim machine, as a device would see it.
