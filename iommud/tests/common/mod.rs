@@ -156,3 +156,148 @@ pub fn device_round_trip(
     dev.dma_read(bdf, iova, &mut back).unwrap();
     assert_eq!(back, inverse, "bytes the device read");
 }
+
+/// A client that speaks the protocol by hand, to do what libdma never does
+/// (the adversarial tests): choose the proof it passes, write anything into
+/// its client page, send any request.
+pub struct RawClient {
+    pub sock: libdma::transport::SeqPacket,
+    seq: u32,
+    /// Attach reply: the published page (read-only) and the client page.
+    pub published: Option<libdma::shm::Mapping>,
+    pub client: Option<libdma::shm::Mapping>,
+    /// The published page's descriptor (to try to get write access).
+    pub published_fd: Option<std::os::fd::OwnedFd>,
+    /// How many descriptors the Attach reply carried.
+    pub attach_fds: usize,
+}
+
+/// A reply, or the server's error with its message.
+pub type RawResult = Result<([u64; 5], Vec<u8>), (libdma::proto::ErrorCode, String)>;
+
+impl RawClient {
+    pub fn connect(socket: &Path) -> RawClient {
+        let sock = libdma::transport::SeqPacket::connect(socket).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut c = RawClient {
+            sock,
+            seq: 0,
+            published: None,
+            client: None,
+            published_fd: None,
+            attach_fds: 0,
+        };
+        c.call(&libdma::proto::Request::Hello {
+            version: u64::from(libdma::proto::VERSION),
+        })
+        .unwrap();
+        c
+    }
+
+    /// Sends `req` with `fds`, returns the reply and its descriptors.
+    pub fn call_fds(
+        &mut self,
+        req: &libdma::proto::Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> (RawResult, Vec<std::os::fd::OwnedFd>) {
+        self.seq = self.seq.wrapping_add(1);
+        self.sock.send(&req.encode(self.seq), fds).unwrap();
+        let mut buf = vec![0u8; libdma::proto::MAX_MESSAGE];
+        loop {
+            let (n, got) = self.sock.recv(&mut buf).unwrap();
+            assert!(n > 0, "iommud closed the connection");
+            let r = libdma::proto::Reply::decode(&buf[..n]).unwrap();
+            if r.seq != self.seq {
+                continue;
+            }
+            let res = match r.result {
+                Ok(a) => Ok((a, r.payload)),
+                Err(c) => Err((c, String::from_utf8_lossy(&r.payload).into_owned())),
+            };
+            return (res, got);
+        }
+    }
+
+    pub fn call(&mut self, req: &libdma::proto::Request) -> RawResult {
+        self.call_fds(req, &[]).0
+    }
+
+    /// One-way message.
+    pub fn post(&mut self, req: &libdma::proto::Request) {
+        self.seq = self.seq.wrapping_add(1);
+        self.sock.send(&req.encode(self.seq), &[]).unwrap();
+    }
+
+    /// Attaches with `proof` (or none); maps the pages it is given.
+    pub fn attach(
+        &mut self,
+        bdf: u16,
+        strategy: libdma::Strategy,
+        flush: libdma::FlushPolicy,
+        proof: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> RawResult {
+        let fds: Vec<_> = proof.into_iter().collect();
+        let (r, mut got) = self.call_fds(
+            &libdma::proto::Request::Attach {
+                bdf,
+                strategy,
+                flush,
+            },
+            &fds,
+        );
+        if r.is_ok() {
+            use std::os::fd::AsFd;
+            self.attach_fds = got.len();
+            let p = got.remove(0);
+            let c = got.remove(0);
+            self.published = Some(
+                libdma::shm::Mapping::new_readonly(p.as_fd(), 0, libdma::shared::PUBLISHED_LEN)
+                    .unwrap(),
+            );
+            self.client =
+                Some(libdma::shm::Mapping::new(c.as_fd(), 0, libdma::shared::CLIENT_LEN).unwrap());
+            self.published_fd = Some(p);
+        }
+        r
+    }
+
+    /// Allocates a pool: (phys, CPU mapping).
+    pub fn pool(&mut self, bytes: u64) -> (u64, libdma::shm::Mapping) {
+        use std::os::fd::AsFd;
+        let (r, fds) = self.call_fds(&libdma::proto::Request::AllocPool { bytes }, &[]);
+        let (a, _) = r.unwrap();
+        let m = libdma::shm::Mapping::new(fds[0].as_fd(), a[1], a[2] as usize).unwrap();
+        (a[0], m)
+    }
+
+    pub fn map(&mut self, phys: u64, len: u64, dir: libdma::Dir) -> RawResult {
+        self.call(&libdma::proto::Request::Map {
+            phys,
+            len,
+            dir,
+            va: 0,
+        })
+    }
+
+    pub fn unmap(&mut self, iova: u64, len: u64) -> RawResult {
+        self.call(&libdma::proto::Request::Unmap { iova, len })
+    }
+}
+
+/// The proof of ownership of `bdf` a root process can open for a sim daemon.
+pub fn proof(d: &Daemon, bdf: u16) -> std::os::fd::OwnedFd {
+    libdma::proof::open(bdf, Some(d.socket())).unwrap()
+}
+
+/// Starts a sim daemon with `policy` as its configuration file.
+pub fn daemon_with_policy(name: &str, policy: &str, extra: &[&str]) -> Daemon {
+    let dir = std::env::temp_dir().join(format!("iommud-policy-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("iommud.toml");
+    std::fs::write(&cfg, policy).unwrap();
+    let cfg = cfg.display().to_string();
+    let mut args = vec!["--config", cfg.as_str()];
+    args.extend_from_slice(extra);
+    Daemon::start(name, &args)
+}
