@@ -405,7 +405,7 @@ fn scribble(name: &str, strategy: Strategy, flush: FlushPolicy, extra: &[&str], 
         pool.read_bytes(off, &mut got).unwrap();
         assert_eq!(got, pat, "cycle {cycles}: the write landed elsewhere");
         c.unmap(iova, 4096).unwrap();
-        if cycles % 16 == 0 {
+        if cycles.is_multiple_of(16) {
             c.post(&Request::FlushHint);
         }
         cycles += 1;
