@@ -78,10 +78,28 @@ pub fn parse(args: &[String]) -> Result<DemoOpts> {
     Ok(o)
 }
 
-/// Shell lines that start iommud (extra arguments `args`) and wait for its socket.
+/// The guest administrator's policy (`iommud --config`): the emulated NICs
+/// and disk get delegated trust, so the magazine strategy may run on them;
+/// every other device keeps the default, validated trust.
+pub const GUEST_POLICY: &str = r#"# written by cargo xtask: the guest's administrator
+[[device]]
+match = "8086:100e"   # e1000
+trust = "delegated"
+[[device]]
+match = "8086:10c9"   # igb (82576)
+trust = "delegated"
+[[device]]
+match = "1b36:0010"   # QEMU NVMe
+trust = "delegated"
+"#;
+
+/// Shell lines that start iommud (extra arguments `args`) with
+/// [`GUEST_POLICY`] and wait for its socket.
 pub fn start_iommud(args: &str) -> String {
     format!(
-        r#"iommud --platform linux --socket /run/iommud.sock {args} > /tmp/iommud.log 2>&1 &
+        r#"cat > /run/iommud.toml <<'POLICY-EOF'
+{GUEST_POLICY}POLICY-EOF
+iommud --platform linux --socket /run/iommud.sock --config /run/iommud.toml {args} > /tmp/iommud.log 2>&1 &
 i=0; while [ ! -S /run/iommud.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -S /run/iommud.sock ]; then echo "iommud did not start"; cat /tmp/iommud.log; exit 3; fi
 "#

@@ -5,6 +5,7 @@ mod fault;
 mod guest;
 mod netbench;
 mod pipeline;
+mod security;
 mod smoke;
 mod tests;
 mod util;

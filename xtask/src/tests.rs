@@ -61,6 +61,12 @@ pub fn guest_tests() -> Vec<GuestTest> {
             run: || crate::demo::test("va", "percore", false, SLOW_TEST_PACKETS),
         },
         GuestTest {
+            name: "guest-security",
+            about: "as nobody: iommuctl stop / policy switch / reclaim / mappings / attach are \
+refused; root e1000d still moves every frame; refusals counted",
+            run: crate::security::run,
+        },
+        GuestTest {
             name: "guest-fault",
             about: "DMA to unmapped IOVAs (TX read, RX write over a canary page) is blocked and \
 reported in iommud's faults; the canary is intact; later bursts succeed",
