@@ -4,4 +4,5 @@
 pub mod drhd;
 #[cfg(target_os = "linux")]
 pub mod linux;
+#[cfg(feature = "sim")]
 pub mod sim;
