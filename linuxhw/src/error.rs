@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::dmar::DmarError;
+use vtd::dmar::DmarError;
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

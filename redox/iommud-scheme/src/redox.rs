@@ -9,8 +9,8 @@ use iommud::session::State;
 use redox_scheme::scheme::{SchemeState, SchemeSync};
 use redox_scheme::{RequestKind, SignalBehavior, Socket};
 
-use iommud::platform::drhd::register_span;
 use iommud::unit::{Iommu, UnitConfig};
+use vtd::dmar::register_span;
 use vtd::regs::{CAP, ECAP};
 
 use crate::hw_redox::{drhd_plan, kernel, BlockMapper, RedoxMem, SharedRegions, PAGE};
