@@ -118,6 +118,7 @@ impl Error {
         }
     }
 
+    #[cfg(target_os = "linux")]
     pub(crate) fn last_os(op: impl Into<String>) -> Self {
         Error::Sys {
             op: op.into(),

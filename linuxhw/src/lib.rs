@@ -12,6 +12,7 @@
 
 pub mod dmar;
 mod error;
+#[cfg(target_os = "linux")]
 pub mod hugemem;
 pub mod mmio;
 pub mod pci;
