@@ -34,9 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e1000d::payload::{self, Bad};
-use e1000d::{DmaMapper, Error, LibdmaMapper, E1000};
 #[cfg(target_os = "linux")]
 use e1000d::PhysMapper;
+use e1000d::{DmaMapper, Error, LibdmaMapper, E1000};
 use libdma::{DmaDomain, FlushPolicy, Strategy};
 
 type Nic = E1000<Box<dyn DmaMapper>>;

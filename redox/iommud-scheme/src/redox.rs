@@ -9,6 +9,7 @@ use iommud::session::State;
 use redox_scheme::scheme::{SchemeState, SchemeSync};
 use redox_scheme::{RequestKind, SignalBehavior, Socket};
 
+use iommud::hw::Mmio;
 use iommud::unit::{Iommu, UnitConfig};
 use vtd::dmar::register_span;
 use vtd::regs::{CAP, ECAP};
@@ -26,7 +27,7 @@ pub fn daemon() -> ! {
             .name("iommud-tick".into())
             .spawn(move || loop {
                 st.tick();
-                std::thread::sleep(iommud::server::TICK);
+                std::thread::sleep(iommud::TICK);
             })
             .expect("iommud: failed to start the tick thread");
         let socket = Socket::create().expect("iommud: failed to create the scheme socket");
@@ -37,8 +38,7 @@ pub fn daemon() -> ! {
         serve(&socket, &mut scheme);
         std::process::exit(0);
     })
-    .expect("iommud: failed to daemonise");
-    unreachable!()
+    .expect("iommud: failed to daemonise")
 }
 
 fn serve(socket: &Socket, scheme: &mut IommuScheme<Arc<State>, BlockMapper>) {
