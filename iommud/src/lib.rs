@@ -4,7 +4,7 @@
 //! root/context tables, one protection domain per PCI function, the
 //! second-level page tables, the invalidation queue, fault recording, and
 //! the IOVA allocator with its magazine depot. Drivers reach it through
-//! `libdma`; see `DESIGN.md` for the architecture.
+//! `libdma`; see `docs/ARCHITECTURE.md` for the architecture.
 //!
 //! Where to find things: [`unit`] (bring-up, context entries, faults),
 //! [`invq`] (queued invalidation), [`pagetable`] (second-level tables and

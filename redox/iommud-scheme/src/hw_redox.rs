@@ -450,8 +450,8 @@ fn flush_lines(p: *const u8, len: usize) {
 
 /// The Redox system calls behind [`RegisterWindow`] and [`RedoxMem`].
 ///
-/// Never compiled (no Redox toolchain here). The calls follow libredox 0.1.25
-/// as read in its source (`Fd::open`, `Fd::call_rw`, `call::mmap`,
+/// Type-checked for `x86_64-unknown-redox` by `cargo xtask redox-check`, never run. The
+/// calls follow libredox 0.1.25 as read in its source (`Fd::open`, `Fd::call_rw`, `call::mmap`,
 /// `call::munmap`); which memory-scheme paths exist and what they accept
 /// (`physical@uc`, `zeroed?phys_contiguous`, `translation`) is taken from
 /// Redox's public driver code and is **unverified** here, as is whether a

@@ -1,5 +1,6 @@
 //! The Redox system calls: daemonise, register `iommu`, serve requests.
-//! Never compiled: no Redox toolchain is reachable here (see recipes/README.md).
+//! Type-checked for `x86_64-unknown-redox` by `cargo xtask redox-check` (docs/ARCHITECTURE.md,
+//! "Building for Redox"); never run (no relibc to link with, no Redox image here).
 //! The calls follow redox-scheme 0.12 and redox-daemon 0.1.3 as read in their
 //! sources; unverified on Redox.
 

@@ -6,7 +6,7 @@ use super::*;
 
 /// VER as QEMU reports it (major 1, minor 0).
 pub(super) const VER_VALUE: u64 = 0x10;
-/// CAP as QEMU reports it (DESIGN.md); CM, SAGAW, MGAW and NFR are replaced
+/// CAP as QEMU reports it (docs/ARCHITECTURE.md, "QEMU's VT-d unit"); CM, SAGAW, MGAW and NFR are replaced
 /// per configuration.
 pub(super) const QEMU_CAP: u64 = 0x00D2_008C_222F_0606;
 /// ECAP as QEMU reports it: C=0, QI=1, PT=1, IRO=0xF (IOTLB regs at 0xF0).
