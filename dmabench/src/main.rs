@@ -78,8 +78,8 @@ fn rows(all: &[Box<dyn Backend>], filter: Option<&str>) -> Vec<Row> {
 const INVAL_LATENCY_ENV: &str = "DMABENCH_INVAL_LATENCY_NS";
 
 /// What an invalidation costs the simulated unit unless `--inval-latency-ns`
-/// says otherwise: DESIGN.md puts a synchronous IOTLB invalidation at
-/// "thousands of cycles", and 1 µs is 2–3 thousand at 2–3 GHz. An assumption,
+/// says otherwise: a synchronous IOTLB invalidation costs "thousands of
+/// cycles" (docs/ARCHITECTURE.md, "Costs"), and 1 µs is 2–3 thousand at 2–3 GHz. An assumption,
 /// printed with every run; `--inval-latency-ns 0` gives instantaneous hardware.
 pub const DEFAULT_INVAL_LATENCY_NS: u64 = 1000;
 

@@ -24,7 +24,14 @@ pub mod platform;
 pub mod policy;
 pub mod range_alloc;
 pub mod scheme;
+// The Unix socket transport (libdma's Linux transport); on Redox the `iommu` scheme in
+// `redox/iommud-scheme` serves the same sessions.
+#[cfg(not(target_os = "redox"))]
 pub mod server;
 pub mod session;
 pub mod stats;
 pub mod unit;
+
+/// How often the ticker polls faults and flushes waiting epochs, on every platform (the
+/// Linux socket server's ticker and the Redox scheme daemon's).
+pub const TICK: std::time::Duration = std::time::Duration::from_millis(2);

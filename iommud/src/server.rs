@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How often faults are polled and waiting epochs flushed.
-pub const TICK: Duration = Duration::from_millis(2);
+pub use crate::TICK;
 
 /// Serves `path` until a `Shutdown` request (or `state.stop`).
 pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {

@@ -669,7 +669,10 @@ impl Session {
         let st = &self.state;
         // Proof of device ownership first: nobody learns anything about a
         // device (not even whether it is attached) without it.
-        if let Err(e) = st.authority.verify(sid, proof) {
+        if let Err(e) = st
+            .authority
+            .verify(sid, proof, st.policy.is_admin(&self.peer))
+        {
             stats::add(&st.security.refused_proof, 1);
             log::warn(&format!(
                 "{}: attach refused to uid {} pid {}: {e}",

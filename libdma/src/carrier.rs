@@ -174,7 +174,8 @@ impl Slots {
 
 /// The Redox carrier: a session handle on the `iommu` scheme.
 ///
-/// Never compiled (no Redox toolchain here): `open` is std's, `call` is
+/// Compiled for `x86_64-unknown-redox` by `cargo xtask redox-check` (docs/ARCHITECTURE.md,
+/// "Building for Redox"), never run: `open` is std's, `call` is
 /// libredox 0.1.25's `call_rw` as read in its source, and mapping is
 /// [`Mapping::new`] (relibc's `mmap`) on the session handle, which the scheme
 /// answers in `mmap_prep`. Unverified on Redox.

@@ -1,11 +1,19 @@
-//! Shared memory: memfds mapped into both iommud and its clients.
+//! Shared memory mapped into both iommud and its clients: [`Mapping`] of any
+//! shareable fd (a memfd on Linux, a scheme handle such as a memory region
+//! iommud hands out on Redox), and [`memfd`] to create one on Linux.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
+#[cfg(not(target_os = "redox"))]
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
 /// Creates an anonymous shared-memory file of `len` bytes (zero-filled).
-#[cfg(not(target_os = "redox"))] // relibc has no memfd_create (libc 0.2.191)
+///
+/// Not on Redox: relibc has no `memfd_create` (libc 0.2.191); there, shared
+/// memory comes from the platform (iommud's Redox backend hands out regions
+/// through the `iommu` scheme).
+#[cfg(not(target_os = "redox"))]
 pub fn memfd(name: &str, len: usize) -> io::Result<OwnedFd> {
     let cname = std::ffi::CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: FFI call with a valid NUL-terminated name; the returned fd is checked.

@@ -3,7 +3,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use crate::dmar::DmarError;
+use vtd::dmar::DmarError;
 
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -118,6 +118,7 @@ impl Error {
         }
     }
 
+    #[cfg(target_os = "linux")]
     pub(crate) fn last_os(op: impl Into<String>) -> Self {
         Error::Sys {
             op: op.into(),

@@ -5,13 +5,14 @@
 //! - [`hugemem`]: locked DMA memory (2 MiB hugepages or 4 KiB pages) with the physical address
 //!   of every page, read from `/proc/self/pagemap`.
 //! - [`pci`]: PCI functions through `/sys/bus/pci/devices/<bdf>/` (config space, BARs).
-//! - [`dmar`]: the ACPI DMAR table (VT-d remapping hardware units and reserved regions).
+//! - [`dmar`]: reads the ACPI DMAR table from sysfs (parsed by the platform-free `vtd::dmar`).
 //!
 //! Every fallible call returns [`Error`], which names the path or address involved.
 #![deny(missing_docs)]
 
 pub mod dmar;
 mod error;
+#[cfg(target_os = "linux")]
 pub mod hugemem;
 pub mod mmio;
 pub mod pci;

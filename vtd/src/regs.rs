@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn decode_qemu_cap() {
-        // CAP 0x00D2008C222F0606 as QEMU reports (DESIGN.md):
+        // CAP 0x00D2008C222F0606 as QEMU reports (docs/ARCHITECTURE.md, "QEMU's VT-d unit"):
         // bits 2:0   = 0x6           -> ND 6, 2^(4+12) = 65536 ids
         // bit 7      = 0 (0x06)      -> CM off
         // bits 12:8  = 0x06          -> SAGAW 39- and 48-bit
@@ -545,8 +545,8 @@ mod tests {
 
     #[test]
     fn fault_record_decode_encode() {
-        // The record QEMU gave (DESIGN.md): page 0x900000, F=1, T=1, FR=6,
-        // SID 0x0008: hi = 1<<63 | 1<<62 | 6<<32 | 8 = 0xC000_0006_0000_0008.
+        // The record QEMU gave (docs/ARCHITECTURE.md, "QEMU's VT-d unit"): page 0x900000,
+        // F=1, T=1, FR=6, SID 0x0008: hi = 1<<63 | 1<<62 | 6<<32 | 8 = 0xC000_0006_0000_0008.
         let r = FaultRecord::decode(0x90_0000, 0xC000_0006_0000_0008);
         assert_eq!(
             r,

@@ -5,6 +5,7 @@ mod fault;
 mod guest;
 mod netbench;
 mod pipeline;
+mod redox;
 mod security;
 mod smoke;
 mod tests;
@@ -28,12 +29,15 @@ usage: cargo xtask <command> [options]
   guest-smoke [--caching-mode]
                             (see below)
   test [--host-only] [--keep-going]
-                            fmt --check, clippy -D warnings, cargo test, then every guest test
+                            fmt --check, clippy -D warnings, cargo test, the Redox scheme crate
+                            (nightly), redox-check, then every guest test
                             (stops at the first failure unless --keep-going)
   demo [--strategy magazine|global|identity|va] [--flush percore|strict|deferred]
        [--caching-mode] [--no-translation] [--packets N] [--size B]
                             boot iommud + e1000d, stream frames A->B through the IOMMU,
                             print iommud's stats and a `demo: ...` summary line
+  redox-check               build for x86_64-unknown-redox (installs the target if missing) every
+                            crate that runs on Redox: libraries built, binaries type-checked
   netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
                             strategy and with translation off; writes target/netbench/
@@ -170,6 +174,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         }
         "demo" => demo::run(rest),
         "netbench" => netbench::run(rest),
+        "redox-check" => redox::check(),
         other => match tests::guest_tests().into_iter().find(|t| t.name == other) {
             Some(t) => (t.run)(),
             None => {

@@ -83,6 +83,10 @@ pub fn test(host_only: bool, keep_going: bool) -> Result<()> {
             "cargo +nightly test (redox/iommud-scheme)",
             &["test", "--manifest-path", REDOX_MANIFEST],
         ),
+        Step {
+            name: "cargo xtask redox-check".into(),
+            run: Box::new(crate::redox::check),
+        },
     ];
     if !host_only {
         for t in guest_tests() {

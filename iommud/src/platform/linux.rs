@@ -15,13 +15,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use linuxhw::dmar::Dmar;
 use linuxhw::hugemem::{HugeRegion, HUGE_PAGE_SIZE};
 use linuxhw::mmio::MmioRegion;
 use linuxhw::PAGE_SIZE;
 use vtd::regs::{CAP, ECAP};
 
-pub use super::drhd::{choose_drhd, register_span, MAX_REG_SPAN};
+use vtd::dmar::{choose_drhd, register_span};
 
 use crate::hw::{HwError, Mmio, PhysMem, Region};
 
@@ -163,7 +162,7 @@ impl Mmio for LinuxMmio {
 /// first). QEMU's q35 has exactly one; on a machine with several, devices behind the others
 /// stay untranslated by iommud. Every DRHD found is logged.
 pub fn discover() -> Result<LinuxMmio, HwError> {
-    let dmar = Dmar::read().map_err(|e| os_err("read ACPI DMAR table", e))?;
+    let dmar = linuxhw::dmar::read().map_err(|e| os_err("read ACPI DMAR table", e))?;
     for (i, d) in dmar.drhds.iter().enumerate() {
         eprintln!(
             "iommud: DMAR: DRHD {i}: registers at {:#x}, segment {}, flags {:#x}{}, {} device scope(s)",
@@ -189,9 +188,7 @@ pub fn discover() -> Result<LinuxMmio, HwError> {
             drhd.register_base
         );
     }
-    // DRHD size field, bits 3:0: the register set spans 2^N 4 KiB pages (0 in old tables).
-    let min = PAGE_SIZE << (drhd.size & 0xf);
-    let mmio = LinuxMmio::map(drhd.register_base, min)?;
+    let mmio = LinuxMmio::map(drhd.register_base, drhd.min_register_bytes())?;
     eprintln!(
         "iommud: VT-d unit at {:#x}: {:#x} bytes of registers mapped (HAW {} bits)",
         drhd.register_base,
@@ -585,51 +582,9 @@ impl PhysMem for HugeMem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use linuxhw::dmar::{Drhd, DRHD_INCLUDE_PCI_ALL};
 
-    /// QEMU's intel-iommu, as measured in the guest (DESIGN.md).
+    /// QEMU's intel-iommu, as measured in the guest (docs/ARCHITECTURE.md, "Platforms").
     const QEMU_CAP: u64 = 0x00D2_008C_222F_0606;
-    const QEMU_ECAP: u64 = 0xF42;
-
-    #[test]
-    fn register_span_from_cap_and_ecap() {
-        // QEMU: FRO = 0x22 (0x220), NFR = 0 (one record, ends 0x230); IRO = 0xF (0xF0,
-        // IOTLB ends 0x100): one page.
-        assert_eq!(register_span(QEMU_CAP, QEMU_ECAP, 0), 0x1000);
-        // FRO = 0x3ff (0x3ff0) with NFR = 3 (4 records, end 0x4030) -> 5 pages.
-        let cap = (0x3ffu64 << 24) | (3u64 << 40);
-        assert_eq!(register_span(cap, 0, 0), 0x5000);
-        // IRO = 0x100 (0x1000): IOTLB register at 0x1008, so two pages.
-        assert_eq!(register_span(0, 0x100 << 8, 0), 0x2000);
-        // The DRHD size field's minimum wins when larger; absurd values are clamped.
-        assert_eq!(register_span(QEMU_CAP, QEMU_ECAP, 0x4000), 0x4000);
-        assert_eq!(register_span(QEMU_CAP, QEMU_ECAP, 1 << 30), MAX_REG_SPAN);
-    }
-
-    fn drhd(flags: u8, base: u64) -> Drhd {
-        Drhd {
-            flags,
-            size: 0,
-            segment: 0,
-            register_base: base,
-            scopes: vec![],
-        }
-    }
-
-    #[test]
-    fn drhd_choice_prefers_include_pci_all() {
-        let mut dmar = Dmar {
-            host_address_width: 39,
-            flags: 0,
-            drhds: vec![],
-            rmrrs: vec![],
-        };
-        assert!(choose_drhd(&dmar).is_none());
-        dmar.drhds = vec![drhd(0, 0x1000), drhd(0, 0x2000)];
-        assert_eq!(choose_drhd(&dmar).map(|d| d.register_base), Some(0x1000));
-        dmar.drhds.push(drhd(DRHD_INCLUDE_PCI_ALL, 0x3000));
-        assert_eq!(choose_drhd(&dmar).map(|d| d.register_base), Some(0x3000));
-    }
 
     #[test]
     fn mmio_over_a_file_logs_bad_offsets_instead_of_panicking() {

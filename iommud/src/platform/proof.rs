@@ -7,7 +7,9 @@
 //! opened with, the file system it lives on, and the path it resolves to.
 //! Nothing the client says about it is believed.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+#[cfg(target_os = "linux")]
+use std::os::fd::AsRawFd;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 /// `statfs.f_type` of sysfs (Linux `include/uapi/linux/magic.h`).
@@ -16,6 +18,9 @@ pub const SYSFS_MAGIC: i64 = 0x6265_6572;
 /// Who vouches for device ownership on this platform.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Authority {
+    /// Only administrators attach (Redox until its proof, the handle pcid
+    /// gives the driver, is checked: drivers run as root there).
+    Administrators,
     /// Linux: a read-write descriptor of one of the function's
     /// `resource<N>` BAR files in sysfs (root-only files).
     Sysfs,
@@ -31,12 +36,14 @@ fn refuse(sid: u16, what: impl std::fmt::Display) -> String {
     )
 }
 
+#[cfg(target_os = "linux")]
 /// Where the descriptor `fd` of this process points.
 fn resolve(fd: &OwnedFd) -> Result<PathBuf, String> {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map_err(|e| format!("cannot resolve the descriptor: {e}"))
 }
 
+#[cfg(target_os = "linux")]
 fn access_mode(fd: &OwnedFd) -> Result<libc::c_int, String> {
     // SAFETY: F_GETFL on a descriptor we own reads its flags.
     let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
@@ -49,6 +56,7 @@ fn access_mode(fd: &OwnedFd) -> Result<libc::c_int, String> {
     Ok(fl & libc::O_ACCMODE)
 }
 
+#[cfg(target_os = "linux")]
 fn fs_type(fd: &OwnedFd) -> Result<i64, String> {
     // SAFETY: statfs is plain old data; all-zero is valid.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
@@ -60,6 +68,7 @@ fn fs_type(fd: &OwnedFd) -> Result<i64, String> {
     Ok(st.f_type as i64)
 }
 
+#[cfg(target_os = "linux")]
 fn is_regular(fd: &OwnedFd) -> Result<bool, String> {
     // SAFETY: stat is plain old data; all-zero is valid.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -70,6 +79,7 @@ fn is_regular(fd: &OwnedFd) -> Result<bool, String> {
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFREG)
 }
 
+#[cfg(target_os = "linux")]
 /// True for `resource0`..`resource5` and their `_wc` twins: the BAR files.
 fn is_bar_file(name: &str) -> bool {
     let Some(n) = name.strip_prefix("resource") else {
@@ -82,12 +92,34 @@ fn is_bar_file(name: &str) -> bool {
 impl Authority {
     /// Checks that `proof` shows ownership of function `sid`; the error
     /// says what was missing or wrong.
-    pub fn verify(&self, sid: u16, proof: Option<&OwnedFd>) -> Result<(), String> {
+    pub fn verify(&self, sid: u16, proof: Option<&OwnedFd>, admin: bool) -> Result<(), String> {
+        if *self == Authority::Administrators {
+            return if admin {
+                Ok(())
+            } else {
+                Err(refuse(
+                    sid,
+                    "only an administrator may attach on this platform",
+                ))
+            };
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = proof;
+            Err(refuse(sid, "descriptor proofs are checked on Linux only"))
+        }
+        #[cfg(target_os = "linux")]
+        self.verify_fd(sid, proof)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn verify_fd(&self, sid: u16, proof: Option<&OwnedFd>) -> Result<(), String> {
         let name = libdma::proof::pci_name(sid);
         let Some(fd) = proof else {
             return Err(refuse(
                 sid,
                 match self {
+                    Authority::Administrators => String::new(),
                     Authority::Sysfs => format!(
                         "pass a read-write descriptor of {}/{name}/resource0 with Attach",
                         libdma::proof::SYSFS_PCI_DEVICES
@@ -110,6 +142,7 @@ impl Authority {
         }
         let path = resolve(fd).map_err(|e| refuse(sid, e))?;
         match self {
+            Authority::Administrators => Ok(()),
             Authority::Sysfs => {
                 if fs_type(fd).map_err(|e| refuse(sid, e))? != SYSFS_MAGIC {
                     return Err(refuse(sid, format!("{} is not on sysfs", path.display())));
@@ -147,6 +180,7 @@ impl Authority {
     /// The vendor and device id of `sid`, where the platform can tell.
     pub fn device_ids(&self, sid: u16) -> Option<(u16, u16)> {
         match self {
+            Authority::Administrators => None,
             Authority::Sysfs => {
                 let dir =
                     Path::new(libdma::proof::SYSFS_PCI_DEVICES).join(libdma::proof::pci_name(sid));
@@ -187,7 +221,7 @@ impl Authority {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
@@ -227,24 +261,24 @@ mod tests {
         let a = Authority::make_sim_dir(&root).unwrap();
         let Authority::SimDir(dir) = &a else { panic!() };
         let f01 = dir.join("0000:00:01.0/resource0");
-        assert!(a.verify(0x08, Some(&open(&f01, true))).is_ok());
+        assert!(a.verify(0x08, Some(&open(&f01, true)), false).is_ok());
         // Another function's file, a read-only descriptor, no descriptor, a
         // look-alike file elsewhere: all refused, each saying why.
-        let e = a.verify(0x10, Some(&open(&f01, true))).unwrap_err();
+        let e = a.verify(0x10, Some(&open(&f01, true)), false).unwrap_err();
         assert!(e.contains("is not"), "{e}");
-        let e = a.verify(0x08, Some(&open(&f01, false))).unwrap_err();
+        let e = a.verify(0x08, Some(&open(&f01, false)), false).unwrap_err();
         assert!(e.contains("not open for reading and writing"), "{e}");
-        let e = a.verify(0x08, None).unwrap_err();
+        let e = a.verify(0x08, None, false).unwrap_err();
         assert!(e.contains("pass a read-write descriptor"), "{e}");
         let fake = tmp("fake").join("0000:00:01.0");
         std::fs::create_dir_all(&fake).unwrap();
         std::fs::write(fake.join("resource0"), b"").unwrap();
         assert!(a
-            .verify(0x08, Some(&open(&fake.join("resource0"), true)))
+            .verify(0x08, Some(&open(&fake.join("resource0"), true)), false)
             .is_err());
         // A directory is not a device file.
         let d: OwnedFd = std::fs::File::open(dir).unwrap().into();
-        assert!(a.verify(0x08, Some(&d)).is_err());
+        assert!(a.verify(0x08, Some(&d), false).is_err());
         // The files are the owner's only.
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&f01).unwrap().permissions().mode();
@@ -261,7 +295,7 @@ mod tests {
         std::fs::create_dir_all(&p).unwrap();
         std::fs::write(p.join("resource0"), b"").unwrap();
         let e = a
-            .verify(0x08, Some(&open(&p.join("resource0"), true)))
+            .verify(0x08, Some(&open(&p.join("resource0"), true)), false)
             .unwrap_err();
         assert!(e.contains("not on sysfs"), "{e}");
         std::fs::remove_dir_all(tmp("sysfs")).unwrap();
@@ -273,7 +307,7 @@ mod tests {
             let name = dev.file_name().unwrap().to_str().unwrap().to_string();
             let sid = crate::unit::parse_bdf(&name).unwrap();
             let e = a
-                .verify(sid, Some(&open(&dev.join("config"), false)))
+                .verify(sid, Some(&open(&dev.join("config"), false)), false)
                 .unwrap_err();
             assert!(e.contains("not open for reading and writing"), "{e}");
             if let Ok(f) = std::fs::OpenOptions::new()
@@ -281,7 +315,7 @@ mod tests {
                 .write(true)
                 .open(dev.join("config"))
             {
-                let e = a.verify(sid, Some(&f.into())).unwrap_err();
+                let e = a.verify(sid, Some(&f.into()), false).unwrap_err();
                 assert!(e.contains("not a PCI BAR file"), "{e}");
             }
         }

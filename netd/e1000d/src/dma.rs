@@ -6,8 +6,10 @@
 //! when the NIC is done with it.
 
 use std::ptr::NonNull;
+#[cfg(target_os = "linux")]
 use std::sync::Mutex;
 
+#[cfg(target_os = "linux")]
 use linuxhw::hugemem::HugeRegion;
 
 use crate::{Error, Result};
@@ -148,6 +150,7 @@ pub fn bump_place(used: usize, len: usize, page: usize, region_len: usize) -> Op
     (off.checked_add(len)? <= region_len).then_some(off)
 }
 
+#[cfg(target_os = "linux")]
 struct Arena {
     region: HugeRegion,
     used: usize,
@@ -155,14 +158,18 @@ struct Arena {
 
 /// No IOMMU: IOVA = physical address. Memory comes from locked hugepages (or 4 KiB pages
 /// when the system has none), carved by a bump allocator and freed with the mapper.
+/// Linux only (hugepages and `/proc/self/pagemap` through `linuxhw`).
+#[cfg(target_os = "linux")]
 pub struct PhysMapper {
     arenas: Mutex<Vec<Arena>>,
     counts: Mutex<(u64, u64)>,
 }
 
 /// Bytes requested from linuxhw at a time.
+#[cfg(target_os = "linux")]
 const ARENA_LEN: usize = 2 << 20;
 
+#[cfg(target_os = "linux")]
 impl PhysMapper {
     /// A mapper with no memory yet.
     pub fn new() -> Self {
@@ -178,12 +185,14 @@ impl PhysMapper {
     }
 }
 
+#[cfg(target_os = "linux")]
 impl Default for PhysMapper {
     fn default() -> Self {
         Self::new()
     }
 }
 
+#[cfg(target_os = "linux")]
 impl DmaMapper for PhysMapper {
     fn alloc(&self, len: usize) -> Result<DmaBuf> {
         let mut arenas = self.arenas.lock().unwrap_or_else(|e| e.into_inner());

@@ -13,7 +13,9 @@ pub mod pcid;
 pub mod regs;
 pub mod ring;
 
-pub use dma::{Dir, DmaBuf, DmaMapper, PhysMapper};
+#[cfg(target_os = "linux")]
+pub use dma::PhysMapper;
+pub use dma::{Dir, DmaBuf, DmaMapper};
 pub use e1000::{Stats, BUF_LEN, DEVICE, E1000, MAX_FRAME, RING_LEN, VENDOR};
 pub use error::{Error, Result};
 pub use libdma_mapper::LibdmaMapper;

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use libdma::{DmaDomain, FlushPolicy, Strategy};
+use libdma::DmaDomain;
+#[cfg(not(target_os = "redox"))]
+use libdma::{FlushPolicy, Strategy};
 
 use crate::dma::{Dir, DmaBuf, DmaMapper};
 use crate::{Error, Result};

@@ -34,7 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e1000d::payload::{self, Bad};
-use e1000d::{DmaMapper, Error, LibdmaMapper, PhysMapper, E1000};
+#[cfg(target_os = "linux")]
+use e1000d::PhysMapper;
+use e1000d::{DmaMapper, Error, LibdmaMapper, E1000};
 use libdma::{DmaDomain, FlushPolicy, Strategy};
 
 type Nic = E1000<Box<dyn DmaMapper>>;
@@ -139,7 +141,10 @@ type Mapper = (Box<dyn DmaMapper>, Option<Arc<DmaDomain>>);
 /// The DMA mapper for the NIC at `bdf`. One mapper (one IOMMU domain) per device.
 fn make_mapper(o: &LoopOpts, bdf: &str) -> Result<Mapper, String> {
     match o.mapper.as_str() {
+        #[cfg(target_os = "linux")]
         "phys" => Ok((Box::new(PhysMapper::new()), None)),
+        #[cfg(not(target_os = "linux"))]
+        "phys" => Err("mapper phys needs Linux (hugepages and /proc/self/pagemap)".into()),
         "libdma" => {
             let sid = bdf
                 .parse::<linuxhw::pci::Bdf>()

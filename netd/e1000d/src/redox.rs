@@ -1,6 +1,7 @@
 //! e1000d on Redox, started by pcid-spawner (see `recipes/e1000d`).
 //!
-//! Never compiled (no Redox toolchain here). From the pcid channel in
+//! Type-checked for `x86_64-unknown-redox` by `cargo xtask redox-check`, never run
+//! (docs/ARCHITECTURE.md, "Building for Redox"). From the pcid channel in
 //! `PCID_CLIENT_CHANNEL` it learns its function (`fpath` on the channel), reads
 //! the configuration header next to it in the pci scheme, maps BAR 0 through
 //! `/scheme/memory/physical@uc`, attaches to its iommud domain through the

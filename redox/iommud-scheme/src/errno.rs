@@ -16,7 +16,7 @@ pub fn errno(code: ErrorCode) -> i32 {
         ErrorCode::Busy => EBUSY,
         ErrorCode::NoMemory => ENOMEM,
         ErrorCode::NoSpace => ENOSPC,
-        ErrorCode::NotOwner => EPERM,
+        ErrorCode::NotOwner | ErrorCode::PermissionDenied => EPERM,
         ErrorCode::Timeout => ETIMEDOUT,
         ErrorCode::Unsupported => EOPNOTSUPP,
         ErrorCode::NotFound => ENOENT,

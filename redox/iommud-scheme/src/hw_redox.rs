@@ -67,10 +67,10 @@ pub fn aligned_offset(phys: u64, block_len: u64, len: u64, align: u64) -> Option
 
 /// The unit iommud drives, from the DMAR table's bytes: (register base,
 /// bytes to map at least, from the DRHD size field: 2^N pages), and a line per
-/// DRHD for the log. Same choice as the Linux platform
-/// ([`iommud::platform::drhd::choose_drhd`]).
+/// DRHD for the log. Same parser and choice as the Linux platform
+/// ([`vtd::dmar::choose_drhd`]).
 pub fn drhd_plan(dmar: &[u8]) -> Result<(u64, usize, Vec<String>), String> {
-    let dmar = linuxhw::dmar::parse(dmar).map_err(|e| format!("DMAR: {e}"))?;
+    let dmar = vtd::dmar::parse(dmar).map_err(|e| format!("DMAR: {e}"))?;
     let log = dmar
         .drhds
         .iter()
@@ -84,9 +84,8 @@ pub fn drhd_plan(dmar: &[u8]) -> Result<(u64, usize, Vec<String>), String> {
             )
         })
         .collect();
-    let d = iommud::platform::drhd::choose_drhd(&dmar)
-        .ok_or("the DMAR table lists no DRHD (no VT-d unit)")?;
-    Ok((d.register_base, (PAGE as usize) << (d.size & 0xf), log))
+    let d = vtd::dmar::choose_drhd(&dmar).ok_or("the DMAR table lists no DRHD (no VT-d unit)")?;
+    Ok((d.register_base, d.min_register_bytes(), log))
 }
 
 // ---------------------------------------------------------------------------
@@ -451,8 +450,8 @@ fn flush_lines(p: *const u8, len: usize) {
 
 /// The Redox system calls behind [`RegisterWindow`] and [`RedoxMem`].
 ///
-/// Never compiled (no Redox toolchain here). The calls follow libredox 0.1.25
-/// as read in its source (`Fd::open`, `Fd::call_rw`, `call::mmap`,
+/// Type-checked for `x86_64-unknown-redox` by `cargo xtask redox-check`, never run. The
+/// calls follow libredox 0.1.25 as read in its source (`Fd::open`, `Fd::call_rw`, `call::mmap`,
 /// `call::munmap`); which memory-scheme paths exist and what they accept
 /// (`physical@uc`, `zeroed?phys_contiguous`, `translation`) is taken from
 /// Redox's public driver code and is **unverified** here, as is whether a

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use iommud::policy::Peer;
 use iommud::scheme::{parse, Node, SchemeTree};
 use iommud::session::{Session, State};
 use libdma::proto::{ErrorCode, Request};
@@ -36,18 +37,18 @@ impl Server for Arc<State> {
         })
     }
 
-    fn read(&self, path: &str) -> Result<String, ErrorCode> {
-        SchemeTree::read(&**self, path)
+    fn read(&self, caller: &Peer, path: &str) -> Result<String, ErrorCode> {
+        SchemeTree::read(&**self, caller, path)
     }
 
-    fn write(&self, path: &str, value: &str) -> Result<(), ErrorCode> {
-        SchemeTree::write(&**self, path, value)
+    fn write(&self, caller: &Peer, path: &str, value: &str) -> Result<(), ErrorCode> {
+        SchemeTree::write(&**self, caller, path, value)
     }
 
-    fn open_session(&mut self, bdf: u16, _pid: usize) -> Result<DomainSession, ErrorCode> {
+    fn open_session(&mut self, bdf: u16, caller: Peer) -> Result<DomainSession, ErrorCode> {
         Ok(DomainSession {
             bdf,
-            session: Session::new(self.clone()),
+            session: Session::new(self.clone(), caller),
         })
     }
 
@@ -61,7 +62,9 @@ impl Server for Arc<State> {
                 };
             }
         }
-        match s.session.handle(req) {
+        // Redox carries no descriptors here: the proof is the caller's
+        // identity (iommud's Authority::Administrators on Redox).
+        match s.session.handle(req, Vec::new()) {
             Some(r) => Answer {
                 result: r.result,
                 payload: r.payload,

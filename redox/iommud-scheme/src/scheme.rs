@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 
+use iommud::policy::Peer;
 use iommud::session::Share;
 use libdma::proto::{Reply, Request, HEADER_LEN};
 use redox_scheme::scheme::SchemeSync;
@@ -87,6 +88,8 @@ enum Handle<T> {
         path: String,
         kind: PathKind,
         text: Vec<u8>,
+        /// Who opened it (what it may read and write is judged by that).
+        caller: Peer,
     },
     Session {
         bdf: u16,
@@ -101,6 +104,15 @@ pub struct IommuScheme<S: Server, M: RegionMapper = FdMapper> {
     mapper: M,
     handles: BTreeMap<usize, Handle<S::Session>>,
     next_id: usize,
+}
+
+/// The caller's identity as the kernel reports it with each request.
+fn peer(ctx: &CallerCtx) -> Peer {
+    Peer {
+        uid: ctx.uid,
+        gid: ctx.gid,
+        pid: i32::try_from(ctx.pid).unwrap_or(i32::MAX),
+    }
 }
 
 /// Id of the scheme root handle.
@@ -149,9 +161,11 @@ impl<S: Server, M: RegionMapper> IommuScheme<S, M> {
     fn node_text(&mut self, id: usize, refresh: bool) -> Result<&[u8]> {
         let server = &self.server;
         match self.handles.get_mut(&id) {
-            Some(Handle::Node { path, text, .. }) => {
+            Some(Handle::Node {
+                path, text, caller, ..
+            }) => {
                 if refresh || text.is_empty() {
-                    *text = server.read(path).map_err(error)?.into_bytes();
+                    *text = server.read(caller, path).map_err(error)?.into_bytes();
                 }
                 Ok(text)
             }
@@ -186,7 +200,7 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
         let kind = self.server.kind(&full).map_err(error)?;
         let (handle, flags) = match kind {
             PathKind::Session { bdf } => {
-                let session = self.server.open_session(bdf, ctx.pid).map_err(error)?;
+                let session = self.server.open_session(bdf, peer(ctx)).map_err(error)?;
                 let h = Handle::Session {
                     bdf,
                     session: Some(session),
@@ -199,6 +213,7 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
                     path: full,
                     kind,
                     text: Vec::new(),
+                    caller: peer(ctx),
                 },
                 NewFdFlags::POSITIONED,
             ),
@@ -235,7 +250,7 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
         buf: &[u8],
         _offset: u64,
         _fcntl_flags: u32,
-        _ctx: &CallerCtx,
+        ctx: &CallerCtx,
     ) -> Result<usize> {
         match self.handles.get(&id) {
             Some(Handle::Node {
@@ -245,7 +260,7 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
             }) => {
                 let value = std::str::from_utf8(buf).map_err(|_| Error::new(EINVAL))?;
                 let value = value.trim_end_matches(['\n', '\r']);
-                self.server.write(path, value).map_err(error)?;
+                self.server.write(&peer(ctx), path, value).map_err(error)?;
                 Ok(buf.len())
             }
             Some(Handle::Node {

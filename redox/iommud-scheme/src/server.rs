@@ -5,6 +5,7 @@
 //! real state. The path parsing and request handling stay in iommud (the same
 //! code the Linux socket server calls); this trait only names them.
 
+use iommud::policy::Peer;
 use iommud::session::Share;
 use libdma::proto::{ErrorCode, Request};
 
@@ -44,11 +45,11 @@ pub trait Server {
     /// Classifies a path; `Err(NotFound)` for paths outside the tree.
     fn kind(&self, path: &str) -> Result<PathKind, ErrorCode>;
     /// Reads a node's text.
-    fn read(&self, path: &str) -> Result<String, ErrorCode>;
+    fn read(&self, caller: &Peer, path: &str) -> Result<String, ErrorCode>;
     /// Writes a node (`strategy`, `flush`).
-    fn write(&self, path: &str, value: &str) -> Result<(), ErrorCode>;
-    /// Opens a session for the domain of `bdf` on behalf of process `pid`.
-    fn open_session(&mut self, bdf: u16, pid: usize) -> Result<Self::Session, ErrorCode>;
+    fn write(&self, caller: &Peer, path: &str, value: &str) -> Result<(), ErrorCode>;
+    /// Opens a session for the domain of `bdf` on behalf of `caller`.
+    fn open_session(&mut self, bdf: u16, caller: Peer) -> Result<Self::Session, ErrorCode>;
     /// Handles one decoded request of a session.
     fn handle(&mut self, session: &mut Self::Session, req: Request) -> Answer;
     /// The session's handle was closed (or its process died): give its domain back.

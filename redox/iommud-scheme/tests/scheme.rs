@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use iommud::platform::sim::{SimMmio, SimPlatform};
+use iommud::policy::Peer;
 use iommud::scheme::SchemeTree;
 use iommud::session::State;
 use iommud::unit::{Iommu, UnitConfig};
@@ -30,7 +31,12 @@ fn state() -> Arc<State> {
     let plat = Arc::new(SimPlatform::new(SimConfig::default()).expect("sim platform"));
     let mmio = Box::new(SimMmio(plat.machine().clone()));
     let unit = Iommu::init(mmio, plat, &UnitConfig::default()).expect("unit init");
-    Arc::new(State::new(Arc::new(unit), "sim", true))
+    let mut st = State::new(Arc::new(unit), "sim", true);
+    // As on Redox: administrators attach (the zeroed test caller is uid 0),
+    // and this administrator grants delegated trust (the magazine strategy).
+    st.authority = iommud::platform::proof::Authority::Administrators;
+    st.policy = iommud::policy::Policy::parse("[default]\ntrust = \"delegated\"\n").unwrap();
+    Arc::new(st)
 }
 
 type Scheme = IommuScheme<Arc<State>>;
@@ -100,10 +106,16 @@ fn attach(s: &mut Scheme) -> usize {
         })
         .expect("attach");
     assert!(r.result.is_ok(), "{r:?}");
-    // Whatever memory the attach offers is mappable through mmap_prep.
+    // Whatever memory the attach offers is mappable through mmap_prep,
+    // except that region 0, the published page, is never writable by the
+    // client (it is sealed: the mapping is refused).
     for slot in slots {
-        let p = ch.map_slot(slot, 0, 4096).expect("map offered region");
-        assert!(!p.is_null());
+        let p = ch.map_slot(slot, 0, 4096);
+        if slot == 0 {
+            assert!(p.is_err(), "the published page was mapped writable");
+        } else {
+            assert!(!p.expect("map offered region").is_null());
+        }
     }
     id
 }
@@ -129,13 +141,17 @@ fn shared_table_gives_the_same_answers_as_the_tree() {
                     text.starts_with(prefix),
                     "{path:?}: {text:?} lacks {prefix:?}"
                 );
-                let tree = SchemeTree::read(&*st, path).expect("tree read");
+                let tree = SchemeTree::read(&*st, &Peer::ROOT, path).expect("tree read");
                 assert_eq!(without_uptime(&text), without_uptime(&tree), "{path:?}");
             }
             Err(code) => {
                 let e = got.expect_err(path);
                 assert_eq!(e.errno, iommud_scheme::errno::errno(*code), "{path:?}");
-                assert_eq!(SchemeTree::read(&*st, path), Err(*code), "{path:?}");
+                assert_eq!(
+                    SchemeTree::read(&*st, &Peer::ROOT, path),
+                    Err(*code),
+                    "{path:?}"
+                );
             }
         }
     }
@@ -148,7 +164,7 @@ fn stats_reads_like_the_tree_and_bad_paths_are_enoent() {
     let text = read_path(&mut s, "stats").unwrap();
     assert_eq!(
         without_uptime(&text),
-        without_uptime(&SchemeTree::read(&*st, "stats").unwrap())
+        without_uptime(&SchemeTree::read(&*st, &Peer::ROOT, "stats").unwrap())
     );
     for p in [
         "nonesuch",
@@ -169,11 +185,11 @@ fn writing_strategy_switches_an_idle_domain_and_read_only_nodes_refuse() {
     let id = open(&mut s, "domains/00:01.0/strategy", O_RDWR).unwrap();
     // Same answer as the tree gives (an attached domain may refuse with Busy).
     let via_scheme = s.write(id, b"global\n", 0, 0, &ctx()).map_err(|e| e.errno);
-    let via_tree = SchemeTree::write(&*st, "domains/00:01.0/strategy", "global")
+    let via_tree = SchemeTree::write(&*st, &Peer::ROOT, "domains/00:01.0/strategy", "global")
         .map(|()| 7)
         .map_err(iommud_scheme::errno::errno);
     assert_eq!(via_scheme, via_tree);
-    let want = SchemeTree::read(&*st, "domains/00:01.0/strategy").unwrap();
+    let want = SchemeTree::read(&*st, &Peer::ROOT, "domains/00:01.0/strategy").unwrap();
     assert_eq!(read_all(&mut s, id).unwrap(), want);
     assert_eq!(
         s.write(id, b"nonsense", 0, 0, &ctx()).unwrap_err().errno,
