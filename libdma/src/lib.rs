@@ -8,7 +8,6 @@
 pub mod carrier;
 pub mod client;
 pub mod magazine;
-#[cfg(not(target_os = "redox"))]
 pub mod proof;
 pub mod proto;
 pub mod shared;
