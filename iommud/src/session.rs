@@ -202,12 +202,18 @@ impl State {
         // gone also sees the device blocked.
         let d = self.domain(sid);
         if let Some(d) = d {
+            // The domain's figures before teardown gives its tables away.
+            let mut last = Totals::of(&d);
             d.teardown();
             {
                 // Under the list's lock, so `stats` counts the domain once.
                 let mut doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
                 let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
-                *r = r.add(Totals::of(&d));
+                // Teardown's own invalidation and frees count too.
+                let after = Totals::of(&d);
+                last.invalidations = after.invalidations;
+                last.pt_freed = after.pt_freed;
+                *r = r.add(last);
                 doms.remove(&sid);
             }
             self.owners

@@ -496,5 +496,10 @@ fn unit_stats_are_cumulative_over_clients() {
         assert_eq!(kv(&s, "maps"), 10 * round, "{s}");
         assert_eq!(kv(&s, "unmaps"), 10 * round, "{s}");
         assert!(kv(&s, "domain_invalidations") >= 10 * round, "{s}");
+        // Per domain: the root, then three tables per map, each freed again
+        // after its strict unmap's invalidation (reclamation): still counted
+        // after the domain is gone.
+        assert_eq!(kv(&s, "pt_pages_allocated"), 31 * round, "{s}");
+        assert!(kv(&s, "pt_pages_freed") >= 30 * round, "{s}");
     }
 }

@@ -15,6 +15,21 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(name: &str, extra: &[&str]) -> Daemon {
+        Self::start_with(name, extra, false)
+    }
+
+    /// Like [`Daemon::start`], with the daemon's stderr kept in
+    /// [`Daemon::log`] instead of the test's.
+    pub fn start_logged(name: &str, extra: &[&str]) -> Daemon {
+        Self::start_with(name, extra, true)
+    }
+
+    /// What the daemon wrote to stderr (a logged daemon).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("iommud.log")).unwrap_or_default()
+    }
+
+    fn start_with(name: &str, extra: &[&str], logged: bool) -> Daemon {
         let dir = std::env::temp_dir().join(format!("iommud-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("iommud.sock");
@@ -33,7 +48,11 @@ impl Daemon {
             .arg(&socket)
             .args(&policy)
             .args(extra)
-            .stderr(Stdio::inherit())
+            .stderr(if logged {
+                Stdio::from(std::fs::File::create(dir.join("iommud.log")).unwrap())
+            } else {
+                Stdio::inherit()
+            })
             .spawn()
             .expect("spawn iommud");
         let t = Instant::now();
