@@ -435,13 +435,27 @@ impl Iommu {
 
 /// Minimal logging to stderr with the daemon's name (no logging crate needed).
 pub mod log {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+    static QUIET: AtomicBool = AtomicBool::new(false);
+
+    /// Silences the log (the in-process fuzzer, whose millions of refused
+    /// requests would otherwise be millions of lines).
+    pub fn set_quiet(on: bool) {
+        QUIET.store(on, Relaxed);
+    }
+
     /// Informational line.
     pub fn info(msg: &str) {
-        eprintln!("iommud: {msg}");
+        if !QUIET.load(Relaxed) {
+            eprintln!("iommud: {msg}");
+        }
     }
     /// Warning line.
     pub fn warn(msg: &str) {
-        eprintln!("iommud: warning: {msg}");
+        if !QUIET.load(Relaxed) {
+            eprintln!("iommud: warning: {msg}");
+        }
     }
 }
 

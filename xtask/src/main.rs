@@ -2,6 +2,7 @@
 
 mod demo;
 mod fault;
+mod fuzz;
 mod guest;
 mod netbench;
 mod pipeline;
@@ -30,7 +31,7 @@ usage: cargo xtask <command> [options]
                             (see below)
   test [--host-only] [--keep-going]
                             fmt --check, clippy -D warnings, cargo test, the Redox scheme crate
-                            (nightly), redox-check, then every guest test
+                            (nightly), redox-check, fuzz (60 s per target), then every guest test
                             (stops at the first failure unless --keep-going)
   demo [--strategy magazine|global|identity|va] [--flush percore|strict|deferred]
        [--caching-mode] [--no-translation] [--packets N] [--size B]
@@ -38,6 +39,8 @@ usage: cargo xtask <command> [options]
                             print iommud's stats and a `demo: ...` summary line
   redox-check               build for x86_64-unknown-redox (installs the target if missing) every
                             crate that runs on Redox: libraries built, binaries type-checked
+  fuzz [--seconds N]        the cargo fuzz targets (protocol decoder, session on the sim), N s
+                            each (default 60) from fuzz/corpus; installs cargo-fuzz if missing
   netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
                             strategy and with translation off; writes target/netbench/
@@ -175,6 +178,7 @@ fn dispatch(args: &[String]) -> Result<()> {
         "demo" => demo::run(rest),
         "netbench" => netbench::run(rest),
         "redox-check" => redox::check(),
+        "fuzz" => fuzz::command(rest),
         other => match tests::guest_tests().into_iter().find(|t| t.name == other) {
             Some(t) => (t.run)(),
             None => {

@@ -83,9 +83,21 @@ pub fn test(host_only: bool, keep_going: bool) -> Result<()> {
             "cargo +nightly test (redox/iommud-scheme)",
             &["test", "--manifest-path", REDOX_MANIFEST],
         ),
+        nightly_step(
+            "cargo +nightly fmt --check (fuzz)",
+            &["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"],
+        ),
         Step {
             name: "cargo xtask redox-check".into(),
             run: Box::new(crate::redox::check),
+        },
+        Step {
+            name: format!(
+                "cargo xtask fuzz ({} s per target: {})",
+                crate::fuzz::TEST_SECONDS,
+                crate::fuzz::TARGETS.join(", ")
+            ),
+            run: Box::new(|| crate::fuzz::run_all(crate::fuzz::TEST_SECONDS)),
         },
     ];
     if !host_only {
