@@ -51,6 +51,9 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
     }
     let _ = ticker.join();
     let _ = std::fs::remove_file(path);
+    // Block every device before this process (and its memory) goes: each
+    // context entry cleared and invalidated, then the domain's memory freed.
+    state.detach_all();
     log::info("stopped");
     Ok(())
 }

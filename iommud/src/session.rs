@@ -196,6 +196,15 @@ impl State {
         }
     }
 
+    /// Tears down every domain (a stop): each device is blocked (context
+    /// entry cleared and invalidated) before its memory is freed. Clients
+    /// see `dead` in their published page.
+    pub fn detach_all(&self) {
+        for d in self.all_domains() {
+            self.detach(d.sid);
+        }
+    }
+
     /// Removes and tears down a domain.
     pub fn detach(&self, sid: u16) {
         // Tear down before the domain leaves the list, so whoever sees it

@@ -503,3 +503,31 @@ fn unit_stats_are_cumulative_over_clients() {
         assert!(kv(&s, "pt_pages_freed") >= 30 * round, "{s}");
     }
 }
+
+/// `stop` (here by the administrator) blocks every device before iommud
+/// exits: a mapping that worked a moment before faults afterwards, and the
+/// clients see their domain dead.
+#[test]
+fn stop_blocks_every_device_before_exit() {
+    let mut d = common::daemon_with_policy("stop", POLICY, &[]);
+    let dev = d.machine();
+    let dom = DmaDomain::connect(d.socket(), B, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let buf = dom.alloc(4096).unwrap();
+    let iova = dom.map(buf.phys, 4096, Dir::Bidirectional).unwrap();
+    device_round_trip(&dev, B, iova, &buf, 0, &[0x3c; 32]);
+    d.ctl().shutdown().unwrap();
+    let t = Instant::now();
+    while d.child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(10), "iommud did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut got = [0u8; 32];
+    assert!(
+        dev.dma_read(B, iova, &mut got).is_err(),
+        "the device still reaches its buffer after stop"
+    );
+    assert!(
+        dom.map(buf.phys, 4096, Dir::ToDevice).is_err(),
+        "the domain is dead"
+    );
+}

@@ -619,6 +619,11 @@ impl DmaDomain {
         if len == 0 {
             return Err(Error::Invalid("zero-length map".into()));
         }
+        // iommud detached the domain (a stop, or it blocked the device): the
+        // entries would reach no device; say so instead of mapping.
+        if self.page().dead.load(Relaxed) != 0 {
+            return Err(Error::Dead);
+        }
         let off = phys % PAGE;
         let pages = (off + len as u64).div_ceil(PAGE);
         match (self.strategy(), size_class(pages), &self.arena) {
