@@ -10,7 +10,7 @@
 //! whose refcount fell to zero (identity, va) and a page-table page detached
 //! by reclamation are parked, tagged with the epoch read after the clear, and
 //! freed (or, for a page, forgotten) only once an invalidation that started
-//! at or after that epoch has completed (see `libdma::shared` for the epoch
+//! at or after that epoch has completed (see `iommu_abi::shared` for the epoch
 //! protocol, which the client follows for the IOVAs it unmaps itself).
 //!
 //! **Strategies and trust.** `magazine` runs in *delegated* trust: the
@@ -50,9 +50,9 @@ use crate::policy::Trust;
 use crate::range_alloc::RangeAllocator;
 use crate::stats::{self, DomainStats, Text};
 use crate::unit::{bdf_string, Iommu};
-use libdma::magazine::{class_pages, size_class, FLUSH_QUEUE_LEN, MAG_SIZE, SIZE_CLASSES};
-use libdma::proto::{Dir, ErrorCode, FlushPolicy, Strategy};
-use libdma::shared::{
+use iommu_abi::classes::{class_pages, size_class, FLUSH_QUEUE_LEN, MAG_SIZE, SIZE_CLASSES};
+use iommu_abi::proto::{Dir, ErrorCode, FlushPolicy, Strategy};
+use iommu_abi::shared::{
     oldest_unmap_age, take_unmaps, view, ClientPage, CpuCounters, EpochPage, UnmapTotals,
     CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS, PUBLISHED_LEN,
 };
@@ -62,7 +62,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
-pub const IOVA_BASE: u64 = libdma::shared::MAGAZINE_IOVA_BASE;
+pub const IOVA_BASE: u64 = iommu_abi::shared::MAGAZINE_IOVA_BASE;
 /// Bytes of a magazine domain's leaf-table arena: 512 leaf tables.
 pub const ARENA_BYTES: u64 = 2 << 20;
 /// IOVA space of a domain: what the arena's leaf tables cover (1 GiB).
@@ -73,7 +73,7 @@ pub const SERVER_BATCH: usize = MAG_SIZE;
 pub const DEPOT_MAX: usize = 16;
 /// The deferred policy flushes this long after the oldest unflushed unmap
 /// (Linux's flush queue: 10 ms); the epoch timer applies it to every policy.
-pub const FLUSH_TIMEOUT_NS: u64 = libdma::magazine::FLUSH_QUEUE_TIMEOUT_NS;
+pub const FLUSH_TIMEOUT_NS: u64 = iommu_abi::classes::FLUSH_QUEUE_TIMEOUT_NS;
 /// User virtual addresses (the va strategy's IOVAs) lie below 2^47.
 pub const VA_LIMIT: u64 = 1 << 47;
 /// Longest map or unmap, in bytes (a quarter of the IOVA space).
@@ -209,7 +209,7 @@ pub struct Domain {
     published: SharedMem,
     /// The client page and exchange area (client-writable: hostile input).
     client: SharedMem,
-    /// The authoritative epoch (see `libdma::shared`): iommud decides with
+    /// The authoritative epoch (see `iommu_abi::shared`): iommud decides with
     /// these, never with the published copies.
     epoch: AtomicU64,
     /// The authoritative completed epoch.
@@ -795,7 +795,7 @@ impl Domain {
     /// per hint or tick — the same as a client that really unmaps that fast.
     pub fn flush_if_wanted(&self) -> Result<bool, DomainError> {
         let c = self.client();
-        // Clear the hint flag *before* reading `wanted` (see libdma::shared).
+        // Clear the hint flag *before* reading `wanted` (see iommu_abi::shared).
         c.hint_pending.store(0, SeqCst);
         let epoch = self.epoch();
         let wanted = c
@@ -828,7 +828,7 @@ impl Domain {
 
     fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
         let p = self.page();
-        // Take the unmap records before advancing the epoch (libdma::shared).
+        // Take the unmap records before advancing the epoch (iommu_abi::shared).
         let unmaps = take_unmaps(
             self.client()
                 .cpu

@@ -113,5 +113,5 @@ pub struct SharedMem {
     /// What the client receives (an fd on Unix).
     pub fd: Arc<OwnedFd>,
     /// iommud's read-write mapping.
-    pub map: libdma::shm::Mapping,
+    pub map: iommu_abi::shm::Mapping,
 }

@@ -16,6 +16,8 @@
 //! [`platform`] (sim and linux backends).
 #![deny(missing_docs)]
 
+#[cfg(all(feature = "sim", not(target_os = "redox")))]
+pub mod cli;
 pub mod domain;
 pub mod hw;
 pub mod invq;

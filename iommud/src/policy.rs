@@ -31,7 +31,7 @@
 //! allows. Unknown keys are errors, so a typo cannot silently widen access.
 
 use crate::unit::{bdf_string, parse_bdf};
-use libdma::proto::{FlushPolicy, Strategy};
+use iommu_abi::proto::{FlushPolicy, Strategy};
 use serde::Deserialize;
 
 /// The verified identity of a client: what the kernel says about the other

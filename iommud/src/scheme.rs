@@ -15,7 +15,7 @@
 
 use crate::policy::Peer;
 use crate::unit::parse_bdf;
-use libdma::proto::ErrorCode;
+use iommu_abi::proto::ErrorCode;
 
 /// A node of the tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

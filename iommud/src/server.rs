@@ -4,8 +4,8 @@
 use crate::policy::Peer;
 use crate::session::{Response, Session, State};
 use crate::unit::log;
-use libdma::proto::{Frame, Op, Reply, Request, HEADER_LEN, MAX_MESSAGE};
-use libdma::transport::SeqPacket;
+use iommu_abi::proto::{Frame, Op, Reply, Request, HEADER_LEN, MAX_MESSAGE};
+use iommu_abi::transport::SeqPacket;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::atomic::Ordering::SeqCst;
@@ -106,7 +106,7 @@ pub fn connection(state: Arc<State>, conn: SeqPacket) {
                     &conn,
                     Op::Hello,
                     0,
-                    Response::err(libdma::proto::ErrorCode::Malformed, e.to_string()),
+                    Response::err(iommu_abi::proto::ErrorCode::Malformed, e.to_string()),
                 );
                 continue;
             }
@@ -139,7 +139,7 @@ pub fn connection(state: Arc<State>, conn: SeqPacket) {
                         };
                         (Op::Hello, seq)
                     });
-                let r = Response::err(libdma::proto::ErrorCode::Malformed, e.to_string());
+                let r = Response::err(iommu_abi::proto::ErrorCode::Malformed, e.to_string());
                 if send(&conn, op, seq, r).is_err() {
                     break;
                 }

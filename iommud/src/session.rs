@@ -7,7 +7,7 @@ use crate::policy::{Peer, Policy, Trust};
 use crate::scheme::{parse, Node, SchemeTree};
 use crate::stats::{self, Text};
 use crate::unit::{bdf_string, fault_reason_text, log, Iommu};
-use libdma::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
+use iommu_abi::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -790,7 +790,7 @@ impl Session {
 
 /// Maps a batch, all or nothing: on the first failure the entries already
 /// mapped are unmapped again and the error names the failing entry.
-fn map_batch(d: &Domain, entries: &[libdma::proto::MapEntry]) -> Response {
+fn map_batch(d: &Domain, entries: &[iommu_abi::proto::MapEntry]) -> Response {
     let mut iovas: Vec<u64> = Vec::with_capacity(entries.len());
     for (k, e) in entries.iter().enumerate() {
         match d.map(e.phys, e.len, e.dir, e.va) {

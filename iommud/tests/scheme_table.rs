@@ -15,7 +15,7 @@ pub const TABLE_BDF: u16 = 0x0008;
 
 /// The cases.
 #[allow(dead_code)]
-pub const SCHEME_TABLE: &[(&str, Result<&str, libdma::proto::ErrorCode>)] = &[
+pub const SCHEME_TABLE: &[(&str, Result<&str, iommu_abi::proto::ErrorCode>)] = &[
     ("stats", Ok("platform sim\n")),
     ("/scheme/iommu/stats", Ok("platform sim\n")),
     ("iommu:stats", Ok("platform sim\n")),
@@ -29,17 +29,20 @@ pub const SCHEME_TABLE: &[(&str, Result<&str, libdma::proto::ErrorCode>)] = &[
     ("reclaim", Ok("on\n")),
     (
         "domains/00:02.0/stats",
-        Err(libdma::proto::ErrorCode::NotFound),
+        Err(iommu_abi::proto::ErrorCode::NotFound),
     ),
     (
         "domains/00:02.0/strategy",
-        Err(libdma::proto::ErrorCode::NotFound),
+        Err(iommu_abi::proto::ErrorCode::NotFound),
     ),
-    ("domains/zz/stats", Err(libdma::proto::ErrorCode::NotFound)),
+    (
+        "domains/zz/stats",
+        Err(iommu_abi::proto::ErrorCode::NotFound),
+    ),
     (
         "domains/00:01.0/nonesuch",
-        Err(libdma::proto::ErrorCode::NotFound),
+        Err(iommu_abi::proto::ErrorCode::NotFound),
     ),
-    ("nonesuch", Err(libdma::proto::ErrorCode::NotFound)),
-    ("", Err(libdma::proto::ErrorCode::NotFound)),
+    ("nonesuch", Err(iommu_abi::proto::ErrorCode::NotFound)),
+    ("", Err(iommu_abi::proto::ErrorCode::NotFound)),
 ];

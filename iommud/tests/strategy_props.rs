@@ -10,11 +10,11 @@
 //!   translation that differs from the tables) stays 0, and table pages are
 //!   freed only by steps that completed an invalidation.
 
+use iommu_abi::proto::{Dir, FlushPolicy, Strategy};
 use iommud::domain::Domain;
 use iommud::hw::{PhysMem, Region};
 use iommud::platform::sim::{SimMmio, SimPlatform};
 use iommud::unit::{Iommu, UnitConfig};
-use libdma::proto::{Dir, FlushPolicy, Strategy};
 use proptest::prelude::*;
 use proptest::strategy::Strategy as _;
 use std::sync::Arc;

@@ -29,8 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqC
 use std::sync::{Mutex, MutexGuard};
 use thiserror::Error;
 
-/// Where iommud listens by default.
-pub const DEFAULT_SOCKET: &str = "/run/iommud.sock";
+pub use iommu_abi::DEFAULT_SOCKET;
 const PAGE: u64 = 4096;
 
 /// Attach reply flag: caching mode (see `iommud::session`).

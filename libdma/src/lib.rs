@@ -8,12 +8,9 @@
 pub mod carrier;
 pub mod client;
 pub mod magazine;
-pub mod proof;
-pub mod proto;
-pub mod shared;
-pub mod shm;
 #[cfg(not(target_os = "redox"))]
-pub mod transport;
+pub use iommu_abi::transport;
+pub use iommu_abi::{proof, proto, shared, shm, Bdf};
 
 pub use client::{Control, DmaBuffer, DmaDomain, Error, DEFAULT_SOCKET};
 pub use proto::{Dir, FlushPolicy, Strategy};

@@ -25,10 +25,9 @@
 
 use std::collections::VecDeque;
 
-/// IOVAs per magazine (Linux uses 127 or 128: one 1 KiB slab of pointers).
-pub const MAG_SIZE: usize = 128;
-/// Size classes: 1, 2, 4, 8, 16, 32 pages (Linux: `IOVA_RANGE_CACHE_MAX_SIZE` 6).
-pub const SIZE_CLASSES: usize = 6;
+pub use iommu_abi::classes::{
+    class_pages, size_class, FLUSH_QUEUE_LEN, FLUSH_QUEUE_TIMEOUT_NS, MAG_SIZE, SIZE_CLASSES,
+};
 /// Closed dirty batches a CPU lets wait before it blocks on the oldest (for
 /// the smallest size class; see [`max_pending`]).
 pub const MAX_PENDING: usize = 32;
@@ -53,25 +52,6 @@ pub fn max_pending(class: usize) -> usize {
 pub fn hint_pending(class: usize) -> usize {
     (max_pending(class) / 4).clamp(1, HINT_PENDING)
 }
-/// Unmaps the deferred policy's domain-wide queue holds before it asks for a
-/// flush (Linux's flush queue: 256 entries or 10 ms).
-pub const FLUSH_QUEUE_LEN: usize = 256;
-/// ... or this long (ns) after its oldest entry.
-pub const FLUSH_QUEUE_TIMEOUT_NS: u64 = 10_000_000;
-
-/// Size class of an allocation of `pages` pages, if cached (≤ 32 pages).
-pub fn size_class(pages: u64) -> Option<usize> {
-    if pages == 0 || pages > 32 {
-        return None;
-    }
-    Some(pages.next_power_of_two().trailing_zeros() as usize)
-}
-
-/// Pages in size class `class`.
-pub fn class_pages(class: usize) -> u64 {
-    1 << class
-}
-
 /// A magazine of IOVAs whose previous mappings are known to be invalidated.
 #[derive(Debug, Default)]
 pub struct Clean(Vec<u64>);
@@ -375,17 +355,6 @@ mod tests {
     use proptest::prelude::*;
     use std::cell::RefCell;
     use std::collections::{BTreeMap, BTreeSet};
-
-    #[test]
-    fn size_classes_round_up_to_powers_of_two() {
-        assert_eq!(size_class(0), None);
-        assert_eq!(size_class(1), Some(0));
-        assert_eq!(size_class(2), Some(1));
-        assert_eq!(size_class(3), Some(2));
-        assert_eq!(size_class(32), Some(5));
-        assert_eq!(size_class(33), None);
-        assert_eq!(class_pages(5), 32);
-    }
 
     /// A fake iommud: a depot with a finite pool, an epoch counter, and a log
     /// of when each IOVA was unmapped (with its tag) to check reuse safety.

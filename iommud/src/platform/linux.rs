@@ -721,7 +721,7 @@ mod tests {
             assert_eq!(m.read_u64(r.phys + off).expect("read"), 0);
         }
         // Mapped as a client maps it.
-        let client = libdma::shm::Mapping::new(
+        let client = iommu_abi::shm::Mapping::new(
             std::os::fd::AsFd::as_fd(&*r.fd),
             r.fd_offset,
             usize::try_from(r.len).expect("region length fits"),

@@ -1,6 +1,6 @@
 //! Checking a client's proof that it owns the device it attaches to
 //! (docs/ARCHITECTURE.md, "Trust and the attacker"; the client side is
-//! `libdma::proof`).
+//! `iommu_abi::proof`).
 //!
 //! The proof is a file descriptor, and everything iommud checks it comes
 //! from the descriptor itself, through the kernel: the access mode it was
@@ -32,7 +32,7 @@ pub enum Authority {
 fn refuse(sid: u16, what: impl std::fmt::Display) -> String {
     format!(
         "no proof of ownership of {}: {what}",
-        libdma::proof::pci_name(sid)
+        iommu_abi::proof::pci_name(sid)
     )
 }
 
@@ -114,7 +114,7 @@ impl Authority {
 
     #[cfg(target_os = "linux")]
     fn verify_fd(&self, sid: u16, proof: Option<&OwnedFd>) -> Result<(), String> {
-        let name = libdma::proof::pci_name(sid);
+        let name = iommu_abi::proof::pci_name(sid);
         let Some(fd) = proof else {
             return Err(refuse(
                 sid,
@@ -122,7 +122,7 @@ impl Authority {
                     Authority::Administrators => String::new(),
                     Authority::Sysfs => format!(
                         "pass a read-write descriptor of {}/{name}/resource0 with Attach",
-                        libdma::proof::SYSFS_PCI_DEVICES
+                        iommu_abi::proof::SYSFS_PCI_DEVICES
                     ),
                     Authority::SimDir(d) => format!(
                         "pass a read-write descriptor of {}/{name}/resource0 with Attach",
@@ -182,8 +182,8 @@ impl Authority {
         match self {
             Authority::Administrators => None,
             Authority::Sysfs => {
-                let dir =
-                    Path::new(libdma::proof::SYSFS_PCI_DEVICES).join(libdma::proof::pci_name(sid));
+                let dir = Path::new(iommu_abi::proof::SYSFS_PCI_DEVICES)
+                    .join(iommu_abi::proof::pci_name(sid));
                 let read = |f: &str| {
                     let t = std::fs::read_to_string(dir.join(f)).ok()?;
                     u16::from_str_radix(t.trim().trim_start_matches("0x"), 16).ok()
@@ -205,7 +205,7 @@ impl Authority {
             .create(dir)?;
         let dir = dir.canonicalize()?;
         for devfn in 0..=0xffu16 {
-            let d = dir.join(libdma::proof::pci_name(devfn));
+            let d = dir.join(iommu_abi::proof::pci_name(devfn));
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o755)
@@ -301,7 +301,7 @@ mod tests {
         std::fs::remove_dir_all(tmp("sysfs")).unwrap();
         // A real sysfs `config` file of a function of this machine (readable
         // by anyone) proves nothing.
-        let devs = Path::new(libdma::proof::SYSFS_PCI_DEVICES);
+        let devs = Path::new(iommu_abi::proof::SYSFS_PCI_DEVICES);
         if let Some(dev) = std::fs::read_dir(devs).ok().and_then(|mut d| d.next()) {
             let dev = dev.unwrap().path();
             let name = dev.file_name().unwrap().to_str().unwrap().to_string();

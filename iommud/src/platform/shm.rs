@@ -39,7 +39,7 @@ pub fn create(len: usize, client_writable: bool) -> Result<SharedMem, HwError> {
     if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
         return Err(os("ftruncate"));
     }
-    let map = libdma::shm::Mapping::new(fd.as_fd(), 0, len).map_err(|err| HwError::Os {
+    let map = iommu_abi::shm::Mapping::new(fd.as_fd(), 0, len).map_err(|err| HwError::Os {
         what: "mmap of a shared page",
         err,
     })?;
@@ -79,10 +79,10 @@ mod tests {
         s.map.write_u64(0, 0x1122_3344).unwrap();
         let fd = s.fd.as_fd();
         assert!(
-            libdma::shm::Mapping::new(fd, 0, 4096).is_err(),
+            iommu_abi::shm::Mapping::new(fd, 0, 4096).is_err(),
             "writable mapping"
         );
-        let ro = libdma::shm::Mapping::new_readonly(fd, 0, 4096).unwrap();
+        let ro = iommu_abi::shm::Mapping::new_readonly(fd, 0, 4096).unwrap();
         assert_eq!(ro.read_u64(0), Some(0x1122_3344));
         // mprotect of the read-only mapping to writable is refused too.
         // SAFETY: asking the kernel to change protection of a mapping we own;
@@ -97,7 +97,7 @@ mod tests {
             f.write_all(&[0xff; 8]).is_err(),
             "write() through a reopened fd"
         );
-        assert!(libdma::shm::Mapping::new(f.as_fd(), 0, 4096).is_err());
+        assert!(iommu_abi::shm::Mapping::new(f.as_fd(), 0, 4096).is_err());
         // Nor can seals be removed or the file shrunk.
         // SAFETY: plain FFI calls on fds we own; they fail.
         unsafe {
@@ -113,7 +113,7 @@ mod tests {
     #[test]
     fn a_client_page_is_writable_by_the_client() {
         let s = create(8192, true).unwrap();
-        let c = libdma::shm::Mapping::new(s.fd.as_fd(), 0, 8192).unwrap();
+        let c = iommu_abi::shm::Mapping::new(s.fd.as_fd(), 0, 8192).unwrap();
         c.write_u64(4096, 7).unwrap();
         assert_eq!(s.map.read_u64(4096), Some(7));
     }

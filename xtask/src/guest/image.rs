@@ -19,6 +19,12 @@ pub fn build_dir() -> PathBuf {
 
 /// Builds every binary of `packages` statically (release profile); returns their paths.
 pub fn build_binaries(packages: &[String]) -> Result<Vec<PathBuf>> {
+    // The daemon ships with its control tool (`iommuctl`, its own crate).
+    let mut packages = packages.to_vec();
+    if packages.iter().any(|p| p == "iommud") && !packages.iter().any(|p| p == "iommuctl") {
+        packages.push("iommuctl".into());
+    }
+    let packages = &packages[..];
     if packages.is_empty() {
         return Ok(Vec::new());
     }

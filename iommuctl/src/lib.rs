@@ -40,20 +40,22 @@ fn become_user(spec: &str) -> Result<(), String> {
 }
 
 fn attach(socket: &std::path::Path, bdf: &str, s: &str, f: &str) -> Result<(), String> {
-    let sid = iommud::unit::parse_bdf(bdf).ok_or(format!("bad PCI address {bdf:?}"))?;
+    let sid = libdma::Bdf::parse(bdf).ok_or(format!("bad PCI address {bdf:?}"))?;
     let strategy = Strategy::parse(s).ok_or(format!("unknown strategy {s:?}"))?;
     let flush = FlushPolicy::parse(f).ok_or(format!("unknown flush policy {f:?}"))?;
-    let d = libdma::DmaDomain::connect(socket, sid, strategy, flush).map_err(|e| e.to_string())?;
+    let d =
+        libdma::DmaDomain::connect(socket, sid.0, strategy, flush).map_err(|e| e.to_string())?;
     println!(
         "attached {} strategy={} flush={}",
-        iommud::unit::bdf_string(sid),
+        sid,
         d.strategy().name(),
         d.flush_policy().name()
     );
     d.shutdown().map(|_| ()).map_err(|e| e.to_string())
 }
 
-fn main() -> ExitCode {
+/// The command: parses `std::env::args`, talks to iommud, returns the exit status.
+pub fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut socket = PathBuf::from(libdma::DEFAULT_SOCKET);
     loop {

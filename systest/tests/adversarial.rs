@@ -220,7 +220,7 @@ fn other_domains_frames_and_iommuds_tables_are_unreachable() {
 /// Runs `iommuctl` as `uid` against `d`; returns (success, stderr).
 fn ctl_as(d: &Daemon, uid: u32, args: &[&str]) -> (bool, String) {
     use std::os::unix::process::CommandExt;
-    let out = Command::new(env!("CARGO_BIN_EXE_iommuctl"))
+    let out = Command::new(env!("CARGO_BIN_EXE_systest-iommuctl"))
         .arg("--socket")
         .arg(d.socket())
         .args(args)

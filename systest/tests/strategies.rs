@@ -229,7 +229,7 @@ fn idle_domains_switch_strategy_and_busy_ones_refuse() {
 
     // iommuctl does the same.
     let ctl_bin = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_iommuctl"))
+        std::process::Command::new(env!("CARGO_BIN_EXE_systest-iommuctl"))
             .arg("--socket")
             .arg(d.socket())
             .args(args)

@@ -226,7 +226,7 @@ fn a_client_that_dies_loses_its_domain() {
 fn iommuctl_reads_and_writes_the_tree() {
     let d = Daemon::start("ctl", &[]);
     let run = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_iommuctl"))
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_systest-iommuctl"))
             .arg("--socket")
             .arg(d.socket())
             .args(args)
@@ -251,7 +251,7 @@ fn iommuctl_reads_and_writes_the_tree() {
 }
 
 mod table {
-    include!("scheme_table.rs");
+    include!("../../iommud/tests/scheme_table.rs");
 }
 
 /// The same scheme-path requests the Redox handler answers (see

@@ -43,7 +43,7 @@ impl Daemon {
             policy.push("--config".to_string());
             policy.push(cfg.display().to_string());
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_iommud"))
+        let child = Command::new(env!("CARGO_BIN_EXE_systest-iommud"))
             .args(["--platform", "sim", "--socket"])
             .arg(&socket)
             .args(&policy)

@@ -1,0 +1,5 @@
+//! `iommuctl`: see [`iommuctl::main`] for usage.
+
+fn main() -> std::process::ExitCode {
+    iommuctl::main()
+}

@@ -1,0 +1,195 @@
+//! The `iommud` command line: the daemon's `main` (in the library, so the
+//! end-to-end tests in `systest` can run the same daemon as a binary of theirs).
+//!
+//! ```text
+//! iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation]
+//!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
+//!        [--timeout-ms N]
+//! ```
+//! `--config` names the administrator's policy (TOML, see `crate::policy`);
+//! without it every device gets validated trust and only root administers.
+//! On `sim`, device ownership is proven with the files iommud creates in
+//! `devices/` beside the socket (mode 0600; chown one to hand it to a driver).
+//! `--coherent` (sim only) makes the simulated unit report ECAP.C = 1, so
+//! neither iommud nor libdma flushes CPU cache lines after table writes; the
+//! default is C = 0, as QEMU reports.
+//! It logs to stderr and serves until `iommuctl stop` (or SIGTERM).
+
+use crate::hw::{Mmio, PhysMem};
+use crate::platform::proof::Authority;
+use crate::session::State;
+use crate::unit::{Iommu, UnitConfig};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+struct Args {
+    platform: String,
+    socket: PathBuf,
+    translate: bool,
+    reclaim: bool,
+    caching_mode: bool,
+    coherent: bool,
+    sim_inval_latency_ns: u64,
+    sim_mem_mb: usize,
+    timeout_ms: u64,
+    config: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        platform: "linux".into(),
+        socket: PathBuf::from(iommu_abi::DEFAULT_SOCKET),
+        translate: true,
+        reclaim: true,
+        caching_mode: false,
+        coherent: false,
+        sim_inval_latency_ns: 0,
+        sim_mem_mb: 256,
+        timeout_ms: 1000,
+        config: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match arg.as_str() {
+            "--platform" => a.platform = val("--platform")?,
+            "--socket" => a.socket = PathBuf::from(val("--socket")?),
+            "--config" => a.config = Some(PathBuf::from(val("--config")?)),
+            "--no-translation" => a.translate = false,
+            "--no-reclaim" => a.reclaim = false,
+            "--caching-mode" => a.caching_mode = true,
+            "--coherent" => a.coherent = true,
+            "--sim-inval-latency-ns" => {
+                a.sim_inval_latency_ns = val("--sim-inval-latency-ns")?
+                    .parse()
+                    .map_err(|e| format!("--sim-inval-latency-ns: {e}"))?
+            }
+            "--sim-mem-mb" => {
+                a.sim_mem_mb = val("--sim-mem-mb")?
+                    .parse()
+                    .map_err(|e| format!("--sim-mem-mb: {e}"))?
+            }
+            "--timeout-ms" => {
+                a.timeout_ms = val("--timeout-ms")?
+                    .parse()
+                    .map_err(|e| format!("--timeout-ms: {e}"))?
+            }
+            "-h" | "--help" => {
+                return Err(
+                    "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation] \
+                            [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N] \
+                            [--timeout-ms N]"
+                        .into(),
+                )
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(a)
+}
+
+extern "C" fn on_term(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn run(a: Args) -> Result<(), String> {
+    // The policy before the hardware: a bad file must not leave a unit on.
+    let policy = match &a.config {
+        Some(p) => crate::policy::Policy::load(p)?,
+        None => crate::policy::Policy::default(),
+    };
+    let cfg = UnitConfig {
+        translate: a.translate,
+        timeout: Duration::from_millis(a.timeout_ms),
+    };
+    let (mmio, mem, sim_fds): (Box<dyn Mmio>, Arc<dyn PhysMem>, _) = match a.platform.as_str() {
+        "sim" => {
+            let sc = vtd::sim::SimConfig {
+                mem_bytes: a.sim_mem_mb << 20,
+                caching_mode: a.caching_mode,
+                coherent: a.coherent,
+                inval_latency_ns: a.sim_inval_latency_ns,
+                ..Default::default()
+            };
+            let p = Arc::new(
+                crate::platform::sim::SimPlatform::new(sc)
+                    .map_err(|e| format!("sim platform: {e}"))?,
+            );
+            let m = p.machine().clone();
+            let (mf, sf) = m.fds();
+            let dup = |f: std::os::fd::BorrowedFd<'_>| f.try_clone_to_owned().map(Arc::new);
+            let fds = (
+                dup(mf).map_err(|e| e.to_string())?,
+                dup(sf).map_err(|e| e.to_string())?,
+                m.mem_len() as u64,
+            );
+            (Box::new(crate::platform::sim::SimMmio(m)), p, Some(fds))
+        }
+        #[cfg(target_os = "linux")]
+        "linux" => {
+            if a.coherent {
+                return Err("--coherent is a property of the hardware on linux (ECAP.C)".into());
+            }
+            if a.caching_mode {
+                return Err(
+                    "--caching-mode is a property of the hardware on linux (QEMU: caching-mode=on)"
+                        .into(),
+                );
+            }
+            let mmio =
+                crate::platform::linux::discover().map_err(|e| format!("VT-d discovery: {e}"))?;
+            let mem =
+                crate::platform::linux::HugeMem::new().map_err(|e| format!("DMA memory: {e}"))?;
+            (Box::new(mmio), Arc::new(mem), None)
+        }
+        other => return Err(format!("unknown platform {other:?} (sim or linux)")),
+    };
+    let unit = Iommu::init(mmio, mem, &cfg).map_err(|e| format!("bringing up VT-d: {e}"))?;
+    let mut state = State::new(
+        Arc::new(unit),
+        if sim_fds.is_some() { "sim" } else { "linux" },
+        a.reclaim,
+    );
+    state.authority = if sim_fds.is_some() {
+        let dir = iommu_abi::proof::sim_device_dir(&a.socket)
+            .ok_or("the socket path has no directory for the device files")?;
+        Authority::make_sim_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?
+    } else {
+        Authority::Sysfs
+    };
+    state.sim_fds = sim_fds;
+    crate::unit::log::info(&policy.describe());
+    state.policy = policy;
+    let state = Arc::new(state);
+    // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
+    unsafe {
+        libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_term as *const () as libc::sighandler_t);
+    }
+    {
+        let st = state.clone();
+        std::thread::spawn(move || loop {
+            if STOP.load(std::sync::atomic::Ordering::SeqCst) {
+                st.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        });
+    }
+    crate::server::serve(state, &a.socket)
+        .map_err(|e| format!("serving {}: {e}", a.socket.display()))
+}
+
+/// The daemon: parses `std::env::args`, brings the unit up, serves.
+pub fn main() -> ExitCode {
+    match parse_args().and_then(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iommud: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

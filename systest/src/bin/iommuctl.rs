@@ -1,0 +1,5 @@
+//! `iommuctl`, for the end-to-end tests.
+
+fn main() -> std::process::ExitCode {
+    iommuctl::main()
+}
