@@ -73,7 +73,7 @@ impl PoolReply {
 
     /// From the argument words; `None` for an empty or misaligned pool.
     pub fn decode(a: [u64; 5]) -> Option<PoolReply> {
-        (a[2] != 0 && a[1] % 4096 == 0).then_some(PoolReply {
+        (a[2] != 0 && a[1].is_multiple_of(4096)).then_some(PoolReply {
             phys: a[0],
             fd_offset: a[1],
             len: a[2],
