@@ -174,10 +174,6 @@ pub fn bdf_of(process: usize) -> u16 {
     ((process as u16) + 1) << 3
 }
 
-fn bdf_string(bdf: u16) -> String {
-    format!("{:02x}:{:02x}.{}", bdf >> 8, (bdf >> 3) & 0x1f, bdf & 7)
-}
-
 fn lib_err(e: libdma::Error) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -264,7 +260,7 @@ impl Backend for Served {
         let dom = DmaDomain::connect(socket, bdf, self.strategy, self.flush).map_err(lib_err)?;
         let c = ServedClient {
             dom: Some(Arc::new(dom)),
-            stats_path: format!("domains/{}/stats", bdf_string(bdf)),
+            stats_path: format!("domains/{}/stats", libdma::Bdf(bdf)),
             reads: AtomicU64::new(0),
             locks_per_read: AtomicU64::new(0),
         };
@@ -389,8 +385,8 @@ mod tests {
     fn bdfs_by_hand() {
         assert_eq!(bdf_of(0), 0x0008);
         assert_eq!(bdf_of(1), 0x0010);
-        assert_eq!(bdf_string(0x0010), "00:02.0");
-        assert_eq!(bdf_string(PROBE_BDF), "00:1f.7");
+        assert_eq!(libdma::Bdf(0x0010).to_string(), "00:02.0");
+        assert_eq!(libdma::Bdf(PROBE_BDF).to_string(), "00:1f.7");
     }
 
     #[test]

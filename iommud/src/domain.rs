@@ -49,13 +49,14 @@ use crate::pagetable::{PageTable, PtError, PAGE};
 use crate::policy::Trust;
 use crate::range_alloc::RangeAllocator;
 use crate::stats::{self, DomainStats, Text};
-use crate::unit::{bdf_string, Iommu};
+use crate::unit::Iommu;
 use iommu_abi::classes::{class_pages, size_class, FLUSH_QUEUE_LEN, MAG_SIZE, SIZE_CLASSES};
 use iommu_abi::proto::{Dir, ErrorCode, FlushPolicy, Strategy};
 use iommu_abi::shared::{
     oldest_unmap_age, take_unmaps, view, ClientPage, CpuCounters, EpochPage, UnmapTotals,
     CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS, PUBLISHED_LEN,
 };
+use iommu_abi::Bdf;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -1096,7 +1097,7 @@ impl Domain {
             if let Err(e) = self.unit.clear_context(self.sid, self.did) {
                 crate::unit::log::warn(&format!(
                     "{}: clearing context failed: {e}; leaking its tables",
-                    bdf_string(self.sid)
+                    Bdf(self.sid)
                 ));
                 return;
             }
@@ -1165,7 +1166,7 @@ impl Domain {
         let stale_sum = stats::get(&s.stale_ns_sum);
         let stale_n = stats::get(&s.stale_count);
         let mut t = Text::default();
-        t.kv("bdf", bdf_string(self.sid))
+        t.kv("bdf", Bdf(self.sid))
             .kv("domain_id", self.did)
             .kv("strategy", strategy.name())
             .kv("flush", flush.name())

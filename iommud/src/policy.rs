@@ -30,8 +30,8 @@
 //! A missing `strategies` or `flush` list means every one the trust mode
 //! allows. Unknown keys are errors, so a typo cannot silently widen access.
 
-use crate::unit::{bdf_string, parse_bdf};
 use iommu_abi::proto::{FlushPolicy, Strategy};
+use iommu_abi::Bdf;
 use serde::Deserialize;
 
 /// The verified identity of a client: what the kernel says about the other
@@ -238,7 +238,7 @@ impl FileRule {
 }
 
 fn parse_match(s: &str) -> Result<Match, String> {
-    if let Some(sid) = parse_bdf(s) {
+    if let Some(sid) = Bdf::parse(s).map(|b| b.0) {
         return Ok(Match::Bdf(sid));
     }
     let (v, d) = s
@@ -305,7 +305,7 @@ impl Policy {
         );
         for (m, r) in &self.devices {
             let who = match m {
-                Match::Bdf(sid) => bdf_string(*sid),
+                Match::Bdf(sid) => Bdf(*sid).to_string(),
                 Match::Id(v, d) => format!("{v:04x}:{d:04x}"),
             };
             s.push_str(&format!("; {who}: {}", describe_rule(r)));

@@ -14,8 +14,8 @@
 //! Paths may be given as `/scheme/iommu/<p>`, `iommu:<p>`, `/<p>` or `<p>`.
 
 use crate::policy::Peer;
-use crate::unit::parse_bdf;
 use iommu_abi::proto::ErrorCode;
+use iommu_abi::Bdf;
 
 /// A node of the tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub fn parse(path: &str) -> Result<Node, ErrorCode> {
         ["faults"] => Node::Faults,
         ["reclaim"] => Node::Reclaim,
         ["domains", bdf, leaf] => {
-            let sid = parse_bdf(bdf).ok_or(ErrorCode::NotFound)?;
+            let sid = Bdf::parse(bdf).map(|b| b.0).ok_or(ErrorCode::NotFound)?;
             match *leaf {
                 "stats" => Node::DomainStats(sid),
                 "strategy" => Node::DomainStrategy(sid),

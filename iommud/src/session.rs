@@ -6,20 +6,17 @@ use crate::platform::proof::Authority;
 use crate::policy::{Peer, Policy, Trust};
 use crate::scheme::{parse, Node, SchemeTree};
 use crate::stats::{self, Text};
-use crate::unit::{bdf_string, fault_reason_text, log, Iommu};
-use iommu_abi::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
+use crate::unit::{fault_reason_text, log, Iommu};
+use iommu_abi::proto::{
+    AttachReply, ErrorCode, FlushPolicy, PoolReply, Request, Strategy, FLAG_CACHING_MODE,
+    FLAG_COHERENT, FLAG_TRANSLATING, VERSION,
+};
+use iommu_abi::Bdf;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-
-/// Attach reply flag: the unit is in caching mode (CAP.CM).
-pub const FLAG_CACHING_MODE: u64 = 1 << 0;
-/// Attach reply flag: table walks are cache-coherent (ECAP.C).
-pub const FLAG_COHERENT: u64 = 1 << 1;
-/// Attach reply flag: DMA remapping is on.
-pub const FLAG_TRANSLATING: u64 = 1 << 2;
 
 /// A domain's counters as the unit-wide `stats` sums them.
 #[derive(Debug, Default, Clone, Copy)]
@@ -187,10 +184,10 @@ impl State {
             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.tick()));
             match r {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => log::warn(&format!("{}: timed flush failed: {e}", bdf_string(d.sid))),
+                Ok(Err(e)) => log::warn(&format!("{}: timed flush failed: {e}", Bdf(d.sid))),
                 Err(_) => {
                     stats::add(&self.security.internal_errors, 1);
-                    log::warn(&format!("{}: timed flush panicked", bdf_string(d.sid)));
+                    log::warn(&format!("{}: timed flush panicked", Bdf(d.sid)));
                 }
             }
         }
@@ -229,10 +226,7 @@ impl State {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&sid);
-            log::info(&format!(
-                "{}: detached, mappings reclaimed",
-                bdf_string(sid)
-            ));
+            log::info(&format!("{}: detached, mappings reclaimed", Bdf(sid)));
         }
     }
 
@@ -293,7 +287,7 @@ impl State {
         for f in self.unit.faults() {
             s.push_str(&format!(
                 "fault bdf={} iova={:#x} access={} reason={:#x} ({}) at_ms={}\n",
-                bdf_string(f.sid),
+                Bdf(f.sid),
                 f.addr,
                 if f.is_read { "read" } else { "write" },
                 f.reason,
@@ -346,7 +340,7 @@ impl State {
         };
         allowed.map_err(|e| {
             stats::add(&self.security.refused_policy, 1);
-            log::warn(&format!("{}: switch refused: {e}", bdf_string(d.sid)));
+            log::warn(&format!("{}: switch refused: {e}", Bdf(d.sid)));
             ErrorCode::PermissionDenied
         })
     }
@@ -360,7 +354,7 @@ impl SchemeTree for State {
             Node::Domains => self
                 .all_domains()
                 .iter()
-                .map(|d| format!("{}\n", bdf_string(d.sid)))
+                .map(|d| format!("{}\n", Bdf(d.sid)))
                 .collect(),
             Node::DomainStats(s) => dom(s)?.render_stats(),
             Node::DomainStrategy(s) => format!("{}\n", dom(s)?.policy().0.name()),
@@ -560,7 +554,12 @@ impl Session {
                 Err(r) => r,
                 Ok(d) => match d.alloc_pool(bytes) {
                     Ok(r) => Response {
-                        result: Ok([r.phys, r.fd_offset, r.len, 0, 0]),
+                        result: Ok(PoolReply {
+                            phys: r.phys,
+                            fd_offset: r.fd_offset,
+                            len: r.len,
+                        }
+                        .encode()),
                         payload: Vec::new(),
                         shares: vec![Share { fd: r.fd }],
                     },
@@ -614,7 +613,7 @@ impl Session {
                 if let Ok(d) = self.need_domain() {
                     stats::add(&d.stats.wakeups, 1);
                     if let Err(e) = d.flush_if_wanted() {
-                        log::warn(&format!("{}: flush failed: {e}", bdf_string(d.sid)));
+                        log::warn(&format!("{}: flush failed: {e}", Bdf(d.sid)));
                     }
                 }
                 return None;
@@ -691,7 +690,7 @@ impl Session {
             stats::add(&st.security.refused_proof, 1);
             log::warn(&format!(
                 "{}: attach refused to uid {} pid {}: {e}",
-                bdf_string(sid),
+                Bdf(sid),
                 self.peer.uid,
                 self.peer.pid
             ));
@@ -708,7 +707,7 @@ impl Session {
             stats::add(&st.security.refused_policy, 1);
             log::warn(&format!(
                 "{}: attach refused to uid {} pid {}: {e}",
-                bdf_string(sid),
+                Bdf(sid),
                 self.peer.uid,
                 self.peer.pid
             ));
@@ -724,7 +723,7 @@ impl Session {
             if doms.contains_key(&sid) {
                 return Response::err(
                     ErrorCode::Busy,
-                    format!("{} is attached by another client", bdf_string(sid)),
+                    format!("{} is attached by another client", Bdf(sid)),
                 );
             }
             let strategy = if st.unit.translating() {
@@ -753,7 +752,7 @@ impl Session {
         };
         log::info(&format!(
             "{}: attached by uid {} pid {} (domain {}, {}, {}, {} trust)",
-            bdf_string(sid),
+            Bdf(sid),
             self.peer.uid,
             self.peer.pid,
             d.did,
@@ -770,18 +769,20 @@ impl Session {
             | (if u.translating() { FLAG_TRANSLATING } else { 0 });
         let (published, client) = d.shares();
         let mut shares = vec![Share { fd: published }, Share { fd: client }];
-        let mut args = [u64::from(d.did), flags, 0, 0, 0];
+        let mut reply = AttachReply {
+            did: d.did,
+            flags,
+            arena: None,
+        };
         // The arena (client-writable leaf tables) only where the driver is
         // trusted to write entries.
         if let Some(a) = d.arena().filter(|_| d.trust == Trust::Delegated) {
-            args[2] = a.phys;
-            args[3] = a.fd_offset;
-            args[4] = a.len;
+            reply.arena = Some((a.phys, a.fd_offset, a.len));
             shares.push(Share { fd: a.fd });
         }
         self.domain = Some(d);
         Response {
-            result: Ok(args),
+            result: Ok(reply.encode()),
             payload: Vec::new(),
             shares,
         }
@@ -798,10 +799,7 @@ fn map_batch(d: &Domain, entries: &[iommu_abi::proto::MapEntry]) -> Response {
             Err(err) => {
                 for (iova, done) in iovas.iter().zip(entries) {
                     if let Err(u) = d.unmap(*iova, done.len) {
-                        log::warn(&format!(
-                            "{}: undoing a failed batch: {u}",
-                            bdf_string(d.sid)
-                        ));
+                        log::warn(&format!("{}: undoing a failed batch: {u}", Bdf(d.sid)));
                     }
                 }
                 return Response::err(err.code(), format!("entry {k}: {err}"));

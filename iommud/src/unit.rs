@@ -4,6 +4,7 @@
 use crate::hw::{HwError, Mmio, PhysMem};
 use crate::invq::{set_gcmd, wait_for, InvQueue};
 use crate::stats::UnitStats;
+use iommu_abi::Bdf;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,27 +44,6 @@ pub struct FaultEntry {
     pub is_read: bool,
     /// Milliseconds since iommud started.
     pub at_ms: u64,
-}
-
-/// Formats a source id as `bb:dd.f`.
-pub fn bdf_string(sid: u16) -> String {
-    format!("{:02x}:{:02x}.{}", sid >> 8, (sid >> 3) & 0x1f, sid & 7)
-}
-
-/// Parses `bb:dd.f` (or `ssss:bb:dd.f` with segment 0) into a source id.
-pub fn parse_bdf(s: &str) -> Option<u16> {
-    let s = s.trim();
-    let s = match s.matches(':').count() {
-        2 => s.split_once(':')?.1,
-        1 => s,
-        _ => return None,
-    };
-    let (bus, rest) = s.split_once(':')?;
-    let (dev, func) = rest.split_once('.')?;
-    let bus = u8::from_str_radix(bus, 16).ok()?;
-    let dev = u8::from_str_radix(dev, 16).ok().filter(|d| *d < 32)?;
-    let func = func.parse::<u8>().ok().filter(|f| *f < 8)?;
-    Some(u16::from(bus) << 8 | u16::from(dev) << 3 | u16::from(func))
 }
 
 /// Explains a fault reason code.
@@ -402,7 +382,7 @@ impl Iommu {
             for f in &out {
                 log::warn(&format!(
                     "DMA fault: {} {} iova {:#x}: reason {:#x} ({})",
-                    bdf_string(f.sid),
+                    Bdf(f.sid),
                     if f.is_read { "read" } else { "write" },
                     f.addr,
                     f.reason,
@@ -456,24 +436,5 @@ pub mod log {
         if !QUIET.load(Relaxed) {
             eprintln!("iommud: warning: {msg}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bdf_text_round_trips() {
-        assert_eq!(bdf_string(0x0008), "00:01.0");
-        assert_eq!(bdf_string(0x0010), "00:02.0");
-        assert_eq!(bdf_string(0xff_fb), "ff:1f.3");
-        assert_eq!(parse_bdf("00:01.0"), Some(0x0008));
-        assert_eq!(parse_bdf("0000:00:02.0"), Some(0x0010));
-        assert_eq!(parse_bdf("ff:1f.3"), Some(0xfffb));
-        assert_eq!(parse_bdf("00:20.0"), None);
-        assert_eq!(parse_bdf("00:01.8"), None);
-        assert_eq!(parse_bdf("zz"), None);
-        assert_eq!(parse_bdf(""), None);
     }
 }

@@ -14,8 +14,8 @@
 use crate::carrier::{Share, Transport};
 use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache, FlushQueue};
 use crate::proto::{
-    Dir, ErrorCode, FlushPolicy, MapEntry, ProtoError, Reply, Request, Strategy, MAX_BATCH,
-    MAX_MESSAGE, VERSION,
+    AttachReply, Dir, ErrorCode, FlushPolicy, MapEntry, PoolReply, ProtoError, Reply, Request,
+    Strategy, FLAG_CACHING_MODE, FLAG_COHERENT, FLAG_TRANSLATING, MAX_BATCH, MAX_MESSAGE, VERSION,
 };
 use crate::shared::{
     bump, view, ClientPage, EpochPage, CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS,
@@ -31,13 +31,6 @@ use thiserror::Error;
 
 pub use iommu_abi::DEFAULT_SOCKET;
 const PAGE: u64 = 4096;
-
-/// Attach reply flag: caching mode (see `iommud::session`).
-const FLAG_CACHING_MODE: u64 = 1 << 0;
-/// Attach reply flag: coherent table walks.
-const FLAG_COHERENT: u64 = 1 << 1;
-/// Attach reply flag: translation on.
-const FLAG_TRANSLATING: u64 = 1 << 2;
 
 /// Client errors.
 #[derive(Debug, Error)]
@@ -386,7 +379,11 @@ impl DmaDomain {
             },
             &proofs,
         )?;
-        let a = r.result.unwrap_or_default();
+        let a = r
+            .result
+            .ok()
+            .and_then(AttachReply::decode)
+            .ok_or_else(|| Error::Invalid("attach reply does not decode".into()))?;
         if fds.len() < 2 {
             return Err(Error::Invalid(
                 "attach reply carried no shared memory".into(),
@@ -394,14 +391,19 @@ impl DmaDomain {
         }
         let published = fds.remove(0).map_readonly(0, PUBLISHED_LEN)?;
         let shared = fds.remove(0).map(0, CLIENT_LEN)?;
-        // Every translating domain has a leaf-table arena, so it can switch
-        // to the magazine strategy later without another fd.
-        let arena = match fds.pop() {
-            Some(fd) => Some(fd.map(a[3], a[4] as usize)?),
-            None if strategy == Strategy::Magazine && a[1] & FLAG_TRANSLATING != 0 => {
+        // A delegated domain has a leaf-table arena (so it can switch to the
+        // magazine strategy later without another fd); a validated one none.
+        let arena = match (fds.pop(), a.arena) {
+            (Some(fd), Some((_, offset, len))) => Some(fd.map(offset, len as usize)?),
+            (None, None) if strategy == Strategy::Magazine && a.flags & FLAG_TRANSLATING != 0 => {
                 return Err(Error::Invalid("magazine attach without an arena".into()))
             }
-            None => None,
+            (None, None) => None,
+            _ => {
+                return Err(Error::Invalid(
+                    "attach reply and its shares disagree".into(),
+                ))
+            }
         };
         let ncpu = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -410,7 +412,7 @@ impl DmaDomain {
         let d = DmaDomain {
             conn: Mutex::new(conn),
             bdf,
-            flags: a[1],
+            flags: a.flags,
             published,
             shared,
             arena,
@@ -512,13 +514,17 @@ impl DmaDomain {
             let (r, mut fds) = self
                 .conn()
                 .call(&Request::AllocPool { bytes: POOL_BYTES })?;
-            let a = r.result.unwrap_or_default();
+            let a = r
+                .result
+                .ok()
+                .and_then(PoolReply::decode)
+                .ok_or_else(|| Error::Invalid("pool reply does not decode".into()))?;
             let fd = fds
                 .pop()
                 .ok_or_else(|| Error::Invalid("pool reply carried no fd".into()))?;
             pools.push(Pool {
-                map: fd.map(a[1], a[2] as usize)?,
-                phys: a[0],
+                map: fd.map(a.fd_offset, a.len as usize)?,
+                phys: a.phys,
                 next: 0,
             });
         }

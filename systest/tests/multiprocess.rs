@@ -8,6 +8,7 @@
 mod common;
 
 use common::{kv, Daemon};
+use iommu_abi::Bdf;
 use libdma::Dir;
 use std::process::Command;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ fn client_process() {
     };
     let (bdf, strategy, dom, dev) = (c.bdf, c.strategy, c.dom, c.dev);
     let per_thread: usize = c.extra[0].parse().unwrap();
-    let stats_path = format!("domains/{}/stats", iommud::unit::bdf_string(bdf));
+    let stats_path = format!("domains/{}/stats", Bdf(bdf));
     let barrier = Arc::new(std::sync::Barrier::new(THREADS + 1));
     let run = |warm: bool| {
         let mut hs = Vec::new();

@@ -11,6 +11,7 @@
 mod common;
 
 use common::{kv, Daemon};
+use iommu_abi::Bdf;
 use libdma::proto::ErrorCode;
 use libdma::{Dir, DmaDomain, FlushPolicy, Strategy};
 use std::process::Command;
@@ -83,7 +84,7 @@ fn strategy_client() {
     for h in hs {
         h.join().unwrap();
     }
-    let path = format!("domains/{}/stats", iommud::unit::bdf_string(bdf));
+    let path = format!("domains/{}/stats", Bdf(bdf));
     dom.drain().unwrap();
     // Let the epoch timer take whatever a deferred queue still holds.
     std::thread::sleep(std::time::Duration::from_millis(30));

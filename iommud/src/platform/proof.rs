@@ -305,7 +305,7 @@ mod tests {
         if let Some(dev) = std::fs::read_dir(devs).ok().and_then(|mut d| d.next()) {
             let dev = dev.unwrap().path();
             let name = dev.file_name().unwrap().to_str().unwrap().to_string();
-            let sid = crate::unit::parse_bdf(&name).unwrap();
+            let sid = iommu_abi::Bdf::parse(&name).map(|b| b.0).unwrap();
             let e = a
                 .verify(sid, Some(&open(&dev.join("config"), false)), false)
                 .unwrap_err();

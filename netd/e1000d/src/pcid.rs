@@ -54,11 +54,6 @@ pub fn config_path(channel_path: &str) -> Option<String> {
     Some(format!("{dir}/config"))
 }
 
-/// `bb:dd.f` of a source id, as iommud's paths name functions.
-pub fn bdf_name(sid: u16) -> String {
-    format!("{:02x}:{:02x}.{}", sid >> 8, (sid >> 3) & 0x1f, sid & 7)
-}
-
 fn dword(config: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(
         config.get(off..off + 4)?.try_into().ok()?,
@@ -111,8 +106,6 @@ mod tests {
         assert_eq!(bdf_of_pci_path("pci:00:01.0"), Some(0x08));
         assert_eq!(bdf_of_pci_path("/scheme/pci/0000--00--20.0"), None); // dev 0x20 > 31
         assert_eq!(bdf_of_pci_path("/scheme/pci/channel"), None);
-        assert_eq!(bdf_name(0x18), "00:03.0");
-        assert_eq!(bdf_name(0x0a1f), "0a:03.7");
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub fn run() -> Result<bool, String> {
         .map_err(|e| format!("fpath of the pcid channel: {e}"))?;
     let path = String::from_utf8_lossy(&buf[..n]).into_owned();
     let sid = pcid::bdf_of_pci_path(&path).ok_or(format!("no PCI address in {path:?}"))?;
-    let bdf = pcid::bdf_name(sid);
+    let bdf = libdma::Bdf(sid).to_string();
     let cfg_path = pcid::config_path(&path).ok_or(format!("{path:?} is not a channel"))?;
     let config = std::fs::read(&cfg_path).map_err(|e| format!("{cfg_path}: {e}"))?;
     match pcid::ids(&config) {
