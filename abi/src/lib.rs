@@ -10,6 +10,7 @@
 //! * [`classes`]: the page, size classes, magazine size, flush-queue bounds.
 //! * [`bdf`]: PCI function addresses ([`Bdf`]).
 //! * [`proof`]: where a client finds its proof of device ownership.
+//! * [`session`]: the Redox carrier's paths, region slots and frame lengths.
 //! * [`shm`]: the one type through which either side touches shared memory
 //!   (a mapping with bounds-checked, volatile or atomic access only).
 //! * `transport` (not on Redox): the Unix `SOCK_SEQPACKET` carrier with
@@ -57,6 +58,7 @@ pub mod bdf;
 pub mod classes;
 pub mod proof;
 pub mod proto;
+pub mod session;
 pub mod shared;
 pub mod shm;
 #[cfg(not(target_os = "redox"))]

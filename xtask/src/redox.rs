@@ -46,6 +46,12 @@ fn units() -> Vec<Unit> {
             nightly_features: false,
         },
         Unit {
+            what: "iommu-abi (the protocol, shared-page layouts, session contract)",
+            args: &["-p", "iommu-abi", "--lib"],
+            sub: "build",
+            nightly_features: false,
+        },
+        Unit {
             what: "libdma with its Redox transport (SchemeSession)",
             args: &["-p", "libdma", "--lib"],
             sub: "build",

@@ -1,6 +1,6 @@
 //! libdma's Redox transport: a session on `/scheme/iommu/domains/<bdf>/session`.
 //!
-//! Same messages as the Linux transport ([`libdma::proto`] frames); only the
+//! Same messages as the Linux transport ([`iommu_abi::proto`] frames); only the
 //! carrier differs: one `call` per request (the request frame goes in the
 //! buffer, the reply frame comes back in it), and shared memory is mapped with
 //! `mmap` on the session handle instead of received as fds. `call` returns how
@@ -14,7 +14,7 @@
 use std::io;
 use std::ops::Range;
 
-use libdma::proto::{Reply, Request, MAX_MESSAGE};
+use iommu_abi::proto::{Reply, Request, MAX_MESSAGE};
 
 use crate::scheme::{frame_len, REGION_SPAN};
 
@@ -35,7 +35,7 @@ pub struct Channel<E: Endpoint> {
     buf: Vec<u8>,
 }
 
-pub use libdma::carrier::session_path;
+pub use iommu_abi::session::session_path;
 
 impl<E: Endpoint> Channel<E> {
     /// A session over an open endpoint.

@@ -1,6 +1,6 @@
 //! iommud's error codes as the errnos a Redox scheme returns.
 
-use libdma::proto::ErrorCode;
+use iommu_abi::proto::ErrorCode;
 use syscall::error::{
     Error, EACCES, EBUSY, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC, EOPNOTSUPP, EPERM, EPROTO,
     ETIMEDOUT,

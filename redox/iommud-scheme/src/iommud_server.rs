@@ -6,7 +6,7 @@ use std::sync::Arc;
 use iommud::policy::Peer;
 use iommud::scheme::{parse, Node, SchemeTree};
 use iommud::session::{Session, State};
-use libdma::proto::{ErrorCode, Request};
+use iommu_abi::proto::{ErrorCode, Request};
 
 use crate::server::{Answer, PathKind, Server};
 

@@ -6,7 +6,7 @@
 //!   taken when a read starts at offset 0, so a reader in several pieces sees one
 //!   snapshot); `write` on `strategy`/`flush` sets them (a trailing newline is ignored);
 //! * a **session** (`domains/<bdf>/session`): `call` carries one request frame of
-//!   [`libdma::proto`] in the buffer and gets the reply frame back in the same
+//!   [`iommu_abi::proto`] in the buffer and gets the reply frame back in the same
 //!   buffer; `call` returns how many shared-memory regions the reply offers (the
 //!   count of fds the Linux transport passes beside a reply). The `k`-th region a
 //!   session was offered is mapped with `mmap(handle, offset = k * REGION_SPAN + o)`,
@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 
 use iommud::policy::Peer;
 use iommud::session::Share;
-use libdma::proto::{Reply, Request, HEADER_LEN};
+use iommu_abi::proto::{Reply, Request, HEADER_LEN};
 use redox_scheme::scheme::SchemeSync;
 use redox_scheme::{CallerCtx, OpenResult};
 use syscall::error::{Error, Result, EBADF, EINVAL, EISDIR, ENOTDIR, EOVERFLOW};
@@ -31,7 +31,7 @@ use crate::errno::{error, read_only};
 use crate::server::{PathKind, Server};
 
 /// Distance between two region slots in a session's mmap offset space.
-pub use libdma::carrier::REGION_SPAN;
+pub use iommu_abi::session::REGION_SPAN;
 
 /// Page size of mmap offsets.
 pub const PAGE: u64 = 4096;
@@ -47,12 +47,12 @@ pub trait RegionMapper {
 }
 
 /// Maps each region's fd with `mmap(MAP_SHARED)` once (a
-/// [`libdma::shm::Mapping`]) and keeps it mapped until the handle holding it
+/// [`iommu_abi::shm::Mapping`]) and keeps it mapped until the handle holding it
 /// closes. The same call works on Linux and on Redox (relibc's `mmap` on a
 /// memory-scheme fd).
 #[derive(Default)]
 pub struct FdMapper {
-    maps: BTreeMap<usize, libdma::shm::Mapping>,
+    maps: BTreeMap<usize, iommu_abi::shm::Mapping>,
 }
 
 impl RegionMapper for FdMapper {
@@ -68,7 +68,7 @@ impl RegionMapper for FdMapper {
             .map_err(|e| Error::new(e.raw_os_error().unwrap_or(EINVAL)))?
             .len();
         let len = usize::try_from(size).map_err(|_| Error::new(EOVERFLOW))?;
-        let m = libdma::shm::Mapping::new(share.fd.as_fd(), 0, len)
+        let m = iommu_abi::shm::Mapping::new(share.fd.as_fd(), 0, len)
             .map_err(|e| Error::new(e.raw_os_error().unwrap_or(EINVAL)))?;
         let addr = m.as_ptr() as usize;
         self.maps.insert(key, m);
@@ -402,4 +402,4 @@ impl<S: Server, M: RegionMapper> SchemeSync for IommuScheme<S, M> {
     }
 }
 
-pub use libdma::carrier::frame_len;
+pub use iommu_abi::session::frame_len;

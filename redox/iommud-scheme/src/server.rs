@@ -7,7 +7,7 @@
 
 use iommud::policy::Peer;
 use iommud::session::Share;
-use libdma::proto::{ErrorCode, Request};
+use iommu_abi::proto::{ErrorCode, Request};
 
 /// What a path opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub enum PathKind {
 /// iommud's answer to one request: the reply and the memory it offers.
 #[derive(Debug)]
 pub struct Answer {
-    /// `Ok(args)` or the error, as in [`libdma::proto::Reply`].
+    /// `Ok(args)` or the error, as in [`iommu_abi::proto::Reply`].
     pub result: Result<[u64; 5], ErrorCode>,
     /// Reply payload (text for path reads).
     pub payload: Vec<u8>,

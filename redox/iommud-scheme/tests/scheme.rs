@@ -10,7 +10,7 @@ use iommud::session::State;
 use iommud::unit::{Iommu, UnitConfig};
 use iommud_scheme::client::{session_path, Channel, Endpoint};
 use iommud_scheme::scheme::{IommuScheme, ROOT_ID};
-use libdma::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
+use iommu_abi::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
 use redox_scheme::scheme::SchemeSync;
 use redox_scheme::{CallerCtx, OpenResult, RequestKind};
 use syscall::error::{EACCES, EBADF, EINVAL, ENOENT, EPERM};
