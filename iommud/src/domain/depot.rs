@@ -1,0 +1,116 @@
+//! The magazine depot: exchanges of whole magazines of delegated IOVAs
+//! through the client's exchange area (hostile input: copied once,
+//! validated before anything changes).
+
+use super::*;
+
+impl Domain {
+    /// A magazine exchange: take back `returned` clean IOVAs of `class` from
+    /// the exchange area, then write up to `want` clean IOVAs there.
+    pub fn exchange(&self, pages: u64, returned: u64, want: u64) -> Result<u64, DomainError> {
+        let class = size_class(pages)
+            .filter(|c| class_pages(*c) == pages)
+            .ok_or_else(|| reply(ErrorCode::Invalid, format!("size class {pages} pages")))?;
+        if returned as usize > EXCHANGE_SLOTS || want as usize > MAG_SIZE {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!("returned {returned} (max {EXCHANGE_SLOTS}) want {want} (max {MAG_SIZE})"),
+            ));
+        }
+        let mut i = self.lock();
+        if i.strategy != Strategy::Magazine {
+            return Err(reply(
+                ErrorCode::Unsupported,
+                "exchange needs the magazine strategy",
+            ));
+        }
+        let Some(arena) = i.arena.clone() else {
+            return Err(reply(ErrorCode::Unsupported, "no arena"));
+        };
+        // Copy the client's list once (it may keep writing the page), then
+        // validate everything before changing anything.
+        let given = (0..returned as usize)
+            .map(|k| self.exchange_slot(k))
+            .collect::<Result<Vec<u64>, _>>()?;
+        let mut back = Vec::with_capacity(given.len());
+        let mut seen = std::collections::HashSet::with_capacity(given.len());
+        for iova in given {
+            if i.delegated.get(&iova) != Some(&class) || !seen.insert(iova) {
+                stats::add(&self.stats.rejected, 1);
+                return Err(reply(
+                    ErrorCode::NotOwner,
+                    format!(
+                        "iova {iova:#x} was not delegated to this client in class {pages} \
+                         (or is returned twice)"
+                    ),
+                ));
+            }
+            for p in 0..pages {
+                let va = iova + p * PAGE;
+                let pte_at = arena.phys + ((va - IOVA_BASE) >> 12) * 8;
+                if vtd::entry::SlPte(self.mem().read_u64(pte_at)?).present() {
+                    return Err(reply(
+                        ErrorCode::Invalid,
+                        format!("iova {va:#x} is still mapped; unmap before returning it"),
+                    ));
+                }
+            }
+            back.push(iova);
+        }
+        for iova in &back {
+            i.delegated.remove(iova);
+        }
+        if !back.is_empty() {
+            if i.depot[class].len() < DEPOT_MAX {
+                i.depot[class].push(back);
+            } else {
+                for iova in back {
+                    i.iova.free(iova, pages * PAGE);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if want > 0 {
+            if let Some(m) = i.depot[class].last_mut() {
+                // A magazine given back whole (or a larger batch from a
+                // client's drain, split here): hand out up to `want` of it.
+                let keep = m.len().saturating_sub(want as usize);
+                out = m.split_off(keep);
+                if m.is_empty() {
+                    i.depot[class].pop();
+                }
+                stats::add(&self.stats.depot_hits, 1);
+            } else {
+                for _ in 0..want {
+                    let Some(iova) = i.iova.alloc(pages * PAGE, pages * PAGE) else {
+                        break;
+                    };
+                    if let Err(e) = self.ensure_leaves(&mut i, iova, pages * PAGE) {
+                        i.iova.free(iova, pages * PAGE);
+                        for v in out {
+                            i.iova.free(v, pages * PAGE);
+                        }
+                        return Err(e);
+                    }
+                    out.push(iova);
+                }
+            }
+        }
+        for (k, &iova) in out.iter().enumerate() {
+            i.delegated.insert(iova, class);
+            self.client
+                .map
+                .write_u64(EXCHANGE_OFFSET + 8 * k, iova)
+                .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot"))?;
+        }
+        stats::add(&self.stats.depot_exchanges, 1);
+        Ok(out.len() as u64)
+    }
+
+    pub(super) fn exchange_slot(&self, k: usize) -> Result<u64, DomainError> {
+        self.client
+            .map
+            .read_u64(EXCHANGE_OFFSET + 8 * k)
+            .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot out of range"))
+    }
+}

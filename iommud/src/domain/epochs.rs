@@ -1,0 +1,144 @@
+//! Invalidation epochs: flushes that start by advancing iommud's private
+//! epoch and complete it when the wait descriptor lands, the timer and the
+//! client's flush wishes, and the release of what waited for them.
+
+use super::*;
+
+impl Domain {
+    /// Age of the oldest unmap not yet covered by a flush: the client's
+    /// records (hostile: they can only make iommud flush this domain
+    /// sooner) and iommud's own.
+    pub(super) fn oldest_unmap_age(&self) -> Option<u64> {
+        oldest_unmap_age(
+            self.client()
+                .cpu
+                .iter()
+                .chain(std::iter::once(&self.server_unmaps)),
+            self.page().now(),
+        )
+    }
+
+    /// A domain-selective invalidation that completes the current epoch.
+    ///
+    /// Every invalidation that completes an epoch is domain-selective, strict
+    /// unmaps included: completing epoch `e` releases *everything* parked
+    /// under tags ≤ `e` (other unmaps' IOVAs, pages and tables too), so the
+    /// invalidation must cover all of them, which a page-selective one of
+    /// the unmapped range does not.
+    pub fn flush(&self) -> Result<(), DomainError> {
+        self.flush_with(self.unit.iotlb_domain(self.did))
+    }
+
+    /// Flushes if a client asked for an epoch not yet completed (after a
+    /// one-way hint, or from the epoch timer).
+    ///
+    /// The client's `wanted` is a wish, read once and never trusted beyond
+    /// iommud's own epoch: a client that writes a huge value, or moves it
+    /// around, gets at most the one flush that completes the current epoch
+    /// per hint or tick — the same as a client that really unmaps that fast.
+    pub fn flush_if_wanted(&self) -> Result<bool, DomainError> {
+        let c = self.client();
+        // Clear the hint flag *before* reading `wanted` (see iommu_abi::shared).
+        c.hint_pending.store(0, SeqCst);
+        let epoch = self.epoch();
+        let wanted = c
+            .wanted
+            .load(SeqCst)
+            .min(epoch)
+            .max(self.server_wanted.load(SeqCst));
+        if self.completed() < wanted {
+            self.flush()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The epoch timer, run every tick: flushes what a client asked for, and
+    /// any domain whose oldest unflushed unmap is [`FLUSH_TIMEOUT_NS`] old.
+    pub fn tick(&self) -> Result<bool, DomainError> {
+        if self.flush_if_wanted()? {
+            return Ok(true);
+        }
+        if self
+            .oldest_unmap_age()
+            .is_some_and(|age| age >= FLUSH_TIMEOUT_NS)
+        {
+            self.flush()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    pub(super) fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
+        let p = self.page();
+        // Take the unmap records before advancing the epoch (iommu_abi::shared).
+        let unmaps = take_unmaps(
+            self.client()
+                .cpu
+                .iter()
+                .chain(std::iter::once(&self.server_unmaps)),
+            &mut self.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner()),
+        );
+        let e = self.epoch.fetch_add(1, SeqCst);
+        p.epoch.fetch_max(e + 1, SeqCst);
+        match desc.decode() {
+            vtd::desc::Decoded::Iotlb {
+                g: vtd::regs::Granularity::Selective,
+                ..
+            } => stats::add(&self.stats.inval_page, 1),
+            _ => stats::add(&self.stats.inval_domain, 1),
+        }
+        self.unit.invalidate(&[desc])?;
+        self.completed.fetch_max(e, SeqCst);
+        p.completed.fetch_max(e, SeqCst);
+        if let Some((oldest, sum, count)) = unmaps {
+            // Stale window: from each unmap to this completion.
+            let now = p.now();
+            if oldest != 0 {
+                stats::max(&self.stats.stale_ns_max, now.saturating_sub(oldest));
+            }
+            stats::add(
+                &self.stats.stale_ns_sum,
+                count.saturating_mul(now).saturating_sub(sum),
+            );
+            stats::add(&self.stats.stale_count, count);
+        }
+        self.release_parked(e);
+        Ok(())
+    }
+
+    pub(super) fn release_parked(&self, completed: u64) {
+        let mut i = self.lock();
+        i.queued = 0;
+        if i.parked.is_empty() {
+            return;
+        }
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut i.parked)
+            .into_iter()
+            .partition(|(t, _)| *t <= completed);
+        i.parked = keep;
+        for (tag, what) in done {
+            match what {
+                Parked::Iova { iova, bytes } => {
+                    i.iova.free(iova, bytes);
+                }
+                Parked::Table(t) => {
+                    if i.table_tag.get(&t) == Some(&tag) {
+                        i.table_tag.remove(&t);
+                        // Not if a map revived it meanwhile (it is live again).
+                        if i.pt.release_detached(t) {
+                            self.mem().free_frame(t);
+                            stats::add(&self.stats.pt_freed, 1);
+                        }
+                    }
+                }
+                Parked::Page(v) => {
+                    // Only if not cleared again since (a newer tag) or revived.
+                    if i.dirty.get(&v).is_some_and(|d| d.tag <= completed) {
+                        i.dirty.remove(&v);
+                    }
+                }
+            }
+        }
+    }
+}
