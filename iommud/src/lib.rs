@@ -31,6 +31,7 @@ pub mod scheme;
 #[cfg(not(target_os = "redox"))]
 pub mod server;
 pub mod session;
+pub mod state;
 pub mod stats;
 pub mod unit;
 

@@ -1,0 +1,419 @@
+//! The client: [`DmaDomain`] (map and unmap DMA buffers) and [`Control`]
+//! (read and write iommud's path tree).
+//!
+//! ## Per-CPU caches
+//!
+//! Magazines live in per-CPU slots chosen with `sched_getcpu()` (slot =
+//! CPU number modulo the slot count), each behind its own mutex. A thread
+//! keeps using the slot of the CPU it runs on, so the lock is uncontended
+//! unless a thread is preempted inside the few instructions it holds it —
+//! the same assumption Linux's per-CPU IOVA caches make with preemption
+//! disabled. Per-thread caches would avoid even that, but strand IOVAs in
+//! idle threads; per-CPU slots bound the cached IOVAs by the CPU count.
+
+use crate::carrier::{Share, Transport};
+use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache, FlushQueue};
+use crate::proto::{
+    AttachReply, Dir, ErrorCode, FlushPolicy, MapEntry, PoolReply, ProtoError, Reply, Request,
+    Strategy, FLAG_CACHING_MODE, FLAG_COHERENT, FLAG_TRANSLATING, MAX_BATCH, MAX_MESSAGE, VERSION,
+};
+use crate::shared::{
+    bump, view, ClientPage, EpochPage, CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS,
+    MAGAZINE_IOVA_BASE, MAX_CPUS, PUBLISHED_LEN,
+};
+use crate::shm::{flush_cache_range, Mapping};
+use std::os::fd::OwnedFd;
+#[cfg(not(target_os = "redox"))]
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Mutex, MutexGuard};
+use thiserror::Error;
+
+pub use iommu_abi::DEFAULT_SOCKET;
+const PAGE: u64 = 4096;
+
+/// Client errors.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Talking to iommud failed (it may have exited).
+    #[error("iommud connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// iommud refused the request.
+    #[error("iommud: {code}: {msg}")]
+    Server {
+        /// The code.
+        code: ErrorCode,
+        /// iommud's explanation.
+        msg: String,
+    },
+    /// iommud sent something we cannot decode.
+    #[error("bad reply: {0}")]
+    Proto(#[from] ProtoError),
+    /// The caller passed something invalid.
+    #[error("{0}")]
+    Invalid(String),
+    /// iommud detached the domain (or is gone).
+    #[error("the domain was detached by iommud")]
+    Dead,
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;
+
+mod batch;
+mod buffer;
+mod conn;
+mod fastpath;
+mod remote;
+#[cfg(all(test, not(target_os = "redox")))]
+mod tests;
+
+pub use buffer::DmaBuffer;
+use conn::Conn;
+pub use conn::Control;
+use remote::Remote;
+
+struct Pool {
+    map: Mapping,
+    phys: u64,
+    next: usize,
+}
+
+/// One CPU slot's magazines behind a spin lock, alone on its cache lines.
+///
+/// The lock is taken only by threads running on the slot's CPU, so it is
+/// uncontended unless a holder was preempted inside its few instructions;
+/// then the waiter yields. A spin lock's release is a plain store, where
+/// `std::sync::Mutex` pays a second locked instruction to look for sleepers.
+#[derive(Default)]
+#[repr(align(128))]
+struct Slot(spin::mutex::SpinMutex<CpuCache>);
+
+impl Slot {
+    fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, CpuCache> {
+        loop {
+            if let Some(g) = self.0.try_lock() {
+                return g;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+/// Client-side counters.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Blocking round trips made (attach and pool allocation included).
+    pub round_trips: AtomicU64,
+    /// One-way flush hints sent.
+    pub wakeups: AtomicU64,
+}
+
+/// A snapshot of [`ClientStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCounts {
+    /// Blocking round trips.
+    pub round_trips: u64,
+    /// One-way wake-ups.
+    pub wakeups: u64,
+}
+
+/// A driver's handle on its device's protection domain.
+pub struct DmaDomain {
+    conn: Mutex<Conn>,
+    /// Source id of the device.
+    pub bdf: u16,
+    flags: u64,
+    /// The published page, mapped read-only.
+    published: Mapping,
+    /// The client page and exchange area, mapped read-write.
+    shared: Mapping,
+    arena: Option<Mapping>,
+    pools: Mutex<Vec<Pool>>,
+    free_bufs: Mutex<Vec<(usize, DmaBuffer)>>,
+    cpus: Vec<Slot>,
+    /// The deferred policy's domain-wide queue (see `magazine::FlushQueue`).
+    flush_queue: Mutex<FlushQueue>,
+    stats: ClientStats,
+    closed: AtomicBool,
+}
+
+/// Size of each pool requested from iommud.
+const POOL_BYTES: u64 = 2 << 20;
+
+impl DmaDomain {
+    /// Connects to iommud at `socket` and attaches to the domain of `bdf`.
+    #[cfg(not(target_os = "redox"))]
+    pub fn connect(
+        socket: &Path,
+        bdf: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+    ) -> Result<DmaDomain> {
+        Self::attach(Conn::connect(socket)?, bdf, strategy, flush)
+    }
+
+    /// Opens the session of `bdf` on the `iommu` scheme and attaches to its domain.
+    #[cfg(target_os = "redox")]
+    pub fn open(bdf: u16, strategy: Strategy, flush: FlushPolicy) -> Result<DmaDomain> {
+        let link = crate::carrier::SchemeSession::open(bdf)?;
+        Self::over(Box::new(link), bdf, strategy, flush)
+    }
+
+    /// Attaches to the domain of `bdf` over any carrier (see [`crate::carrier`]).
+    pub fn over(
+        link: Box<dyn Transport>,
+        bdf: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+    ) -> Result<DmaDomain> {
+        Self::attach(Conn::over(link)?, bdf, strategy, flush)
+    }
+
+    fn attach(
+        mut conn: Conn,
+        bdf: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+    ) -> Result<DmaDomain> {
+        // Proof that this process owns the device (docs/ARCHITECTURE.md,
+        // "Trust and the attacker"): on Linux an fd of the function's BAR
+        // file opened read-write, which only its owner can open. Without
+        // one, iommud refuses with a message saying what is missing.
+        #[cfg(not(target_os = "redox"))]
+        let proof = crate::proof::open(bdf, conn.path.as_deref()).ok();
+        #[cfg(not(target_os = "redox"))]
+        let proofs: Vec<std::os::fd::BorrowedFd<'_>> =
+            proof.iter().map(std::os::fd::AsFd::as_fd).collect();
+        #[cfg(target_os = "redox")]
+        let proofs: Vec<std::os::fd::BorrowedFd<'_>> = Vec::new();
+        let (r, mut fds) = conn.call_with_fds(
+            &Request::Attach {
+                bdf,
+                strategy,
+                flush,
+            },
+            &proofs,
+        )?;
+        let a = r
+            .result
+            .ok()
+            .and_then(AttachReply::decode)
+            .ok_or_else(|| Error::Invalid("attach reply does not decode".into()))?;
+        if fds.len() < 2 {
+            return Err(Error::Invalid(
+                "attach reply carried no shared memory".into(),
+            ));
+        }
+        let published = fds.remove(0).map_readonly(0, PUBLISHED_LEN)?;
+        let shared = fds.remove(0).map(0, CLIENT_LEN)?;
+        // A delegated domain has a leaf-table arena (so it can switch to the
+        // magazine strategy later without another fd); a validated one none.
+        let arena = match (fds.pop(), a.arena) {
+            (Some(fd), Some((_, offset, len))) => Some(fd.map(offset, len as usize)?),
+            (None, None) if strategy == Strategy::Magazine && a.flags & FLAG_TRANSLATING != 0 => {
+                return Err(Error::Invalid("magazine attach without an arena".into()))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(Error::Invalid(
+                    "attach reply and its shares disagree".into(),
+                ))
+            }
+        };
+        let ncpu = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, MAX_CPUS);
+        let d = DmaDomain {
+            conn: Mutex::new(conn),
+            bdf,
+            flags: a.flags,
+            published,
+            shared,
+            arena,
+            pools: Mutex::new(Vec::new()),
+            free_bufs: Mutex::new(Vec::new()),
+            cpus: (0..ncpu).map(|_| Slot::default()).collect(),
+            flush_queue: Mutex::new(FlushQueue::default()),
+            stats: ClientStats::default(),
+            closed: AtomicBool::new(false),
+        };
+        d.stats.round_trips.fetch_add(2, Relaxed); // hello + attach
+        Ok(d)
+    }
+
+    /// The strategy in effect (NoIommu when iommud runs without translation).
+    /// iommud publishes it in the shared page, so a switch of the idle domain
+    /// (`domains/<bdf>/strategy`) shows here at once.
+    pub fn strategy(&self) -> Strategy {
+        if self.flags & FLAG_TRANSLATING == 0 {
+            return Strategy::NoIommu;
+        }
+        Strategy::from_u64(u64::from(self.page().strategy.load(Relaxed)))
+            .unwrap_or(Strategy::Global)
+    }
+
+    /// The flush policy in effect (published by iommud like the strategy).
+    pub fn flush_policy(&self) -> FlushPolicy {
+        FlushPolicy::from_u64(u64::from(self.page().flush.load(Relaxed)))
+            .unwrap_or(FlushPolicy::Strict)
+    }
+
+    /// This process's virtual address of physical `phys`, if it lies in one
+    /// of the domain's pools (the `va` strategy's IOVA).
+    fn va_of(&self, phys: u64) -> Option<u64> {
+        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools.iter().find_map(|p| {
+            let off = phys.checked_sub(p.phys)?;
+            (off < p.map.len() as u64).then(|| p.map.as_ptr() as u64 + off)
+        })
+    }
+
+    /// True when the unit is in caching mode.
+    pub fn caching_mode(&self) -> bool {
+        self.flags & FLAG_CACHING_MODE != 0
+    }
+
+    /// The published page (epochs, policy, clock): read-only here.
+    fn page(&self) -> &EpochPage {
+        // SAFETY: `published` maps PUBLISHED_LEN bytes of the memfd iommud
+        // made for this domain, page-aligned and alive as long as `self`;
+        // EpochPage is all atomics and this side only loads from it.
+        unsafe { view(self.published.as_ptr()) }
+    }
+
+    /// The client page (flush wishes, counters): written here only.
+    fn client(&self) -> &ClientPage {
+        // SAFETY: `shared` maps CLIENT_LEN bytes of the client memfd,
+        // page-aligned and alive as long as `self`; ClientPage is all atomics.
+        unsafe { view(self.shared.as_ptr()) }
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn call(&self, req: &Request) -> Result<[u64; 5]> {
+        self.stats.round_trips.fetch_add(1, Relaxed);
+        self.conn().args(req)
+    }
+
+    /// Counters of this client.
+    pub fn counts(&self) -> ClientCounts {
+        ClientCounts {
+            round_trips: self.stats.round_trips.load(Relaxed),
+            wakeups: self.stats.wakeups.load(Relaxed),
+        }
+    }
+
+    /// Allocates a DMA buffer of `len` bytes (4 KiB aligned, never crossing
+    /// a pool) from memory iommud gave this client.
+    pub fn alloc(&self, len: usize) -> Result<DmaBuffer> {
+        if len == 0 || len as u64 > POOL_BYTES {
+            return Err(Error::Invalid(format!(
+                "buffer size {len} not in 1..=2 MiB"
+            )));
+        }
+        let rounded = len.next_multiple_of(PAGE as usize);
+        {
+            let mut f = self.free_bufs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(i) = f.iter().position(|(sz, _)| *sz == rounded) {
+                let (_, mut b) = f.swap_remove(i);
+                b.len = len;
+                return Ok(b);
+            }
+        }
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if pools.last().is_none_or(|p| p.next + rounded > p.map.len()) {
+            self.stats.round_trips.fetch_add(1, Relaxed);
+            let (r, mut fds) = self
+                .conn()
+                .call(&Request::AllocPool { bytes: POOL_BYTES })?;
+            let a = r
+                .result
+                .ok()
+                .and_then(PoolReply::decode)
+                .ok_or_else(|| Error::Invalid("pool reply does not decode".into()))?;
+            let fd = fds
+                .pop()
+                .ok_or_else(|| Error::Invalid("pool reply carried no fd".into()))?;
+            pools.push(Pool {
+                map: fd.map(a.fd_offset, a.len as usize)?,
+                phys: a.phys,
+                next: 0,
+            });
+        }
+        let p = pools.last_mut().ok_or(Error::Dead)?;
+        if p.next + rounded > p.map.len() {
+            return Err(Error::Invalid(format!(
+                "pool of {} bytes cannot hold {len}",
+                p.map.len()
+            )));
+        }
+        // SAFETY: p.next + rounded ≤ the mapping's length (checked above).
+        let ptr = unsafe { p.map.as_ptr().add(p.next) };
+        let b = DmaBuffer {
+            ptr,
+            phys: p.phys + p.next as u64,
+            len,
+        };
+        p.next += rounded;
+        Ok(b)
+    }
+
+    /// Returns a buffer from [`DmaDomain::alloc`] for reuse.
+    pub fn free(&self, b: DmaBuffer) {
+        let rounded = b.len.next_multiple_of(PAGE as usize);
+        self.free_bufs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((rounded, b));
+    }
+
+    /// Waits for every unmapped IOVA's invalidation and returns all cached
+    /// IOVAs to iommud's depot; returns how many.
+    pub fn drain(&self) -> Result<usize> {
+        let closed = {
+            let mut q = self.flush_queue.lock().unwrap_or_else(|p| p.into_inner());
+            let tag = q.tag();
+            (!q.is_empty()).then(|| (tag, q.close()))
+        };
+        if let Some((tag, batches)) = closed {
+            Remote(self).request_flush(tag);
+            let mut c = self.cpus[0].lock();
+            for (class, d) in batches {
+                c.adopt(class, d);
+            }
+        }
+        let mut n = 0;
+        for c in &self.cpus {
+            n += c.lock().drain(&Remote(self))?;
+        }
+        Ok(n)
+    }
+
+    /// Clean shutdown: drain, then detach (iommud frees tables and pools).
+    pub fn shutdown(self) -> Result<usize> {
+        let n = self.drain()?;
+        self.closed.store(true, SeqCst);
+        self.call(&Request::Detach)?;
+        Ok(n)
+    }
+
+    /// Reads a path of iommud's tree over this connection.
+    pub fn read_path(&self, path: &str) -> Result<String> {
+        self.stats.round_trips.fetch_add(1, Relaxed);
+        let (r, _) = self.conn().call(&Request::ReadPath { path: path.into() })?;
+        Ok(String::from_utf8_lossy(&r.payload).into_owned())
+    }
+}
+
+impl Drop for DmaDomain {
+    fn drop(&mut self) {
+        if !self.closed.load(SeqCst) {
+            // Best effort; iommud tears the domain down when the socket closes anyway.
+            let _ = self.conn().post(&Request::Detach);
+        }
+    }
+}
