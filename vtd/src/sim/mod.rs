@@ -211,7 +211,7 @@ unsafe impl Sync for SimMachine {}
 impl fmt::Debug for SimMachine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SimMachine")
-            .field("mem_len", &self.mem.len)
+            .field("mem_len", &self.mem.len())
             .field("config", &self.config())
             .finish()
     }
@@ -239,8 +239,8 @@ impl SimMachine {
             .filter(|&m| m > 0)
             .ok_or_else(|| invalid("bad mem_bytes"))?;
         let buckets = cfg.iotlb_capacity.next_power_of_two();
-        let mem = Mapping::create(c"vtd-sim-mem", mem_bytes)?;
-        let state = Mapping::create(c"vtd-sim-state", state_bytes(buckets))?;
+        let mem = Mapping::create("vtd-sim-mem", mem_bytes)?;
+        let state = Mapping::create("vtd-sim-state", state_bytes(buckets))?;
         let m = SimMachine { mem, state };
         let h = m.hdr();
         h.mem_bytes.store(mem_bytes as u64, Relaxed);
@@ -282,7 +282,7 @@ impl SimMachine {
         // SAFETY: the mapping is at least size_of::<Header>() bytes, page
         // aligned, and every field of Header is an atomic (valid for any bit
         // pattern, shared mutation allowed).
-        let h = unsafe { &*probe.ptr.as_ptr().cast::<Header>() };
+        let h = unsafe { &*probe.as_ptr().cast::<Header>() };
         if h.magic.load(std::sync::atomic::Ordering::Acquire) != MAGIC {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -304,7 +304,7 @@ impl SimMachine {
     pub fn config(&self) -> SimConfig {
         let h = self.hdr();
         SimConfig {
-            mem_bytes: self.mem.len,
+            mem_bytes: self.mem.len(),
             caching_mode: h.caching_mode.load(Relaxed) != 0,
             aw_bits: h.aw_bits.load(Relaxed) as u8,
             iotlb_capacity: h.iotlb_capacity.load(Relaxed) as usize,
@@ -319,7 +319,7 @@ impl SimMachine {
         // size_of::<Header>() bytes (checked in create/open); it lives as
         // long as `self`; every field is an atomic, so shared references are
         // sound even while other processes write.
-        unsafe { &*self.state.ptr.as_ptr().cast::<Header>() }
+        unsafe { &*self.state.as_ptr().cast::<Header>() }
     }
 
     fn slots(&self, which: usize) -> &[Slot] {
@@ -330,7 +330,6 @@ impl SimMachine {
         unsafe {
             let base = self
                 .state
-                .ptr
                 .as_ptr()
                 .add(std::mem::size_of::<Header>())
                 .cast::<Slot>();
@@ -370,19 +369,19 @@ impl SimMachine {
     /// Base of the physical memory mapping. Writes through it must be
     /// volatile; the device side reads it concurrently.
     pub fn mem_ptr(&self) -> *mut u8 {
-        self.mem.ptr.as_ptr()
+        self.mem.as_ptr()
     }
 
     /// Bytes of physical memory.
     pub fn mem_len(&self) -> usize {
-        self.mem.len
+        self.mem.len()
     }
 
     fn check(&self, phys: u64, len: usize, align: usize) -> Result<usize, MemError> {
         let oob = MemError::OutOfBounds { phys, len };
         let start = usize::try_from(phys).map_err(|_| oob)?;
         let end = start.checked_add(len).ok_or(oob)?;
-        if end > self.mem.len {
+        if end > self.mem.len() {
             return Err(oob);
         }
         if start % align != 0 {

@@ -5,8 +5,7 @@
 //! provided by [`SpinLock`], a cross-process lock living in the same region.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::ptr::NonNull;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 /// "VTDSIM01" little-endian-ish tag marking an initialised state region.
@@ -65,35 +64,17 @@ pub(crate) fn state_bytes(buckets: usize) -> usize {
     std::mem::size_of::<Header>() + 2 * buckets * WAYS * std::mem::size_of::<Slot>()
 }
 
-/// A `MAP_SHARED` mapping of a whole memfd, unmapped on drop.
+/// A `MAP_SHARED` mapping of a whole memfd (the project's one mapping type,
+/// `iommu_abi::shm::Mapping`), with the file kept to share it further.
 pub(crate) struct Mapping {
-    pub ptr: NonNull<u8>,
-    pub len: usize,
+    map: iommu_abi::shm::Mapping,
     pub fd: OwnedFd,
-}
-
-fn memfd(name: &std::ffi::CStr, len: usize) -> io::Result<OwnedFd> {
-    // SAFETY: memfd_create takes a valid NUL-terminated name; the returned
-    // fd, if valid, is owned by nobody else.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is not owned elsewhere.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len_off = libc::off_t::try_from(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "memfd too large"))?;
-    // SAFETY: plain syscall on an fd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len_off) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
 }
 
 impl Mapping {
     /// Create a zero-filled memfd of `len` bytes and map it shared.
-    pub fn create(name: &std::ffi::CStr, len: usize) -> io::Result<Self> {
-        let fd = memfd(name, len)?;
+    pub fn create(name: &str, len: usize) -> io::Result<Self> {
+        let fd = iommu_abi::shm::memfd(name, len)?;
         Self::map(fd, len)
     }
 
@@ -116,37 +97,18 @@ impl Mapping {
     }
 
     fn map(fd: OwnedFd, len: usize) -> io::Result<Self> {
-        if len == 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
-        }
-        // SAFETY: mapping a shared file of at least `len` bytes at an address
-        // the kernel chooses; no existing memory is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr =
-            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Self { ptr, len, fd })
+        let map = iommu_abi::shm::Mapping::new(fd.as_fd(), 0, len)?;
+        Ok(Self { map, fd })
     }
-}
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region mapped in `map`; no references
-        // into it outlive `self` (they borrow from the owning SimMachine).
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len);
-        }
+    /// Start of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
