@@ -109,6 +109,7 @@ fn usage() -> ExitCode {
 }
 
 fn parse_opts(args: &[String]) -> Option<Opts> {
+    use lexopt::prelude::*;
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."));
@@ -118,19 +119,19 @@ fn parse_opts(args: &[String]) -> Option<Opts> {
         rows: None,
         scale: plot::Scale::Auto,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--out" => o.out = PathBuf::from(it.next()?),
-            "--rows" => o.rows = Some(it.next()?.clone()),
-            "--inval-latency-ns" => {
-                let ns: u64 = it.next()?.parse().ok()?;
+    let mut p = lexopt::Parser::from_args(args);
+    while let Some(arg) = p.next().ok()? {
+        match arg {
+            Long("quick") => o.quick = true,
+            Long("out") => o.out = p.value().ok()?.into(),
+            Long("rows") => o.rows = Some(p.value().ok()?.string().ok()?),
+            Long("inval-latency-ns") => {
+                let ns: u64 = p.value().ok()?.parse().ok()?;
                 // Inherited by the client processes and passed to every daemon.
                 std::env::set_var(INVAL_LATENCY_ENV, ns.to_string());
             }
-            "--scale" => {
-                o.scale = match it.next()?.as_str() {
+            Long("scale") => {
+                o.scale = match p.value().ok()?.string().ok()?.as_str() {
                     "auto" => plot::Scale::Auto,
                     "log" => plot::Scale::Log,
                     "linear" => plot::Scale::Linear,
@@ -323,19 +324,28 @@ fn client_main(args: &[String]) -> io::Result<()> {
         budget: Duration::from_millis(100),
         env: ClientEnv::default(),
     };
-    let mut it = args.iter();
-    while let Some(k) = it.next() {
-        let v = it.next().ok_or_else(|| bad("missing value"))?;
-        let num = || v.parse::<u64>().map_err(|_| bad("bad number"));
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(args);
+    let e = |e: lexopt::Error| bad(&e.to_string());
+    while let Some(arg) = p.next().map_err(e)? {
+        let Long(k) = arg else {
+            return Err(e(arg.unexpected()));
+        };
+        let k = k.to_string();
+        let v = p.value().map_err(e)?.string().map_err(e)?;
+        let num = || {
+            v.parse::<u64>()
+                .map_err(|_| bad(&format!("--{k}: bad number {v:?}")))
+        };
         match k.as_str() {
-            "--strategy" => strategy = Some(v.clone()),
-            "--flush" => flush = Some(v.clone()),
-            "--threads" => a.threads = num()? as usize,
-            "--pages" => a.pages = num()?,
-            "--budget-ns" => a.budget = Duration::from_nanos(num()?),
-            "--process" => a.env.process = num()? as usize,
-            "--socket" => a.env.socket = Some(PathBuf::from(v)),
-            _ => return Err(bad("unknown option")),
+            "strategy" => strategy = Some(v.clone()),
+            "flush" => flush = Some(v.clone()),
+            "threads" => a.threads = num()? as usize,
+            "pages" => a.pages = num()?,
+            "budget-ns" => a.budget = Duration::from_nanos(num()?),
+            "process" => a.env.process = num()? as usize,
+            "socket" => a.env.socket = Some(PathBuf::from(&v)),
+            _ => return Err(bad(&format!("unknown option --{k}"))),
         }
     }
     if a.threads == 0 || a.pages == 0 || a.pages > peers::MAX_PAGES {

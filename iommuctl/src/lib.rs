@@ -39,6 +39,31 @@ fn become_user(spec: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The options before the command (`--socket`, `--as`, which drops root at
+/// once), then the command's words.
+fn parse_options() -> Result<(PathBuf, Vec<String>), String> {
+    use lexopt::prelude::*;
+    let mut socket = PathBuf::from(libdma::DEFAULT_SOCKET);
+    let mut p = lexopt::Parser::from_env();
+    let e = |e: lexopt::Error| e.to_string();
+    while let Some(arg) = p.next().map_err(e)? {
+        match arg {
+            Long("socket") => socket = p.value().map_err(e)?.into(),
+            Long("as") => become_user(&p.value().map_err(e)?.string().map_err(e)?)?,
+            Short('h') | Long("help") => return Err("help".into()),
+            Value(first) => {
+                let mut words = vec![first.string().map_err(e)?];
+                for w in p.raw_args().map_err(e)? {
+                    words.push(w.into_string().map_err(|w| format!("not UTF-8: {w:?}"))?);
+                }
+                return Ok((socket, words));
+            }
+            _ => return Err(e(arg.unexpected())),
+        }
+    }
+    Ok((socket, Vec::new()))
+}
+
 fn attach(socket: &std::path::Path, bdf: &str, s: &str, f: &str) -> Result<(), String> {
     let sid = libdma::Bdf::parse(bdf).ok_or(format!("bad PCI address {bdf:?}"))?;
     let strategy = Strategy::parse(s).ok_or(format!("unknown strategy {s:?}"))?;
@@ -56,25 +81,13 @@ fn attach(socket: &std::path::Path, bdf: &str, s: &str, f: &str) -> Result<(), S
 
 /// The command: parses `std::env::args`, talks to iommud, returns the exit status.
 pub fn main() -> ExitCode {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let mut socket = PathBuf::from(libdma::DEFAULT_SOCKET);
-    loop {
-        match args.first().map(String::as_str) {
-            Some("--socket") if args.len() >= 2 => {
-                socket = PathBuf::from(args.remove(1));
-                args.remove(0);
-            }
-            Some("--as") if args.len() >= 2 => {
-                let who = args.remove(1);
-                args.remove(0);
-                if let Err(e) = become_user(&who) {
-                    eprintln!("iommuctl: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-            _ => break,
+    let (socket, args) = match parse_options() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("iommuctl: {e}\n{USAGE}");
+            return ExitCode::from(2);
         }
-    }
+    };
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     if let ["attach", bdf, rest @ ..] = words.as_slice() {
         let s = rest.first().copied().unwrap_or("global");

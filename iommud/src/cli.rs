@@ -37,7 +37,12 @@ struct Args {
     config: Option<PathBuf>,
 }
 
+const USAGE: &str = "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] \
+[--no-translation] [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] \
+[--sim-mem-mb N] [--timeout-ms N]";
+
 fn parse_args() -> Result<Args, String> {
+    use lexopt::prelude::*;
     let mut a = Args {
         platform: "linux".into(),
         socket: PathBuf::from(iommu_abi::DEFAULT_SOCKET),
@@ -50,41 +55,24 @@ fn parse_args() -> Result<Args, String> {
         timeout_ms: 1000,
         config: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut val = |name: &str| it.next().ok_or(format!("{name} needs a value"));
-        match arg.as_str() {
-            "--platform" => a.platform = val("--platform")?,
-            "--socket" => a.socket = PathBuf::from(val("--socket")?),
-            "--config" => a.config = Some(PathBuf::from(val("--config")?)),
-            "--no-translation" => a.translate = false,
-            "--no-reclaim" => a.reclaim = false,
-            "--caching-mode" => a.caching_mode = true,
-            "--coherent" => a.coherent = true,
-            "--sim-inval-latency-ns" => {
-                a.sim_inval_latency_ns = val("--sim-inval-latency-ns")?
-                    .parse()
-                    .map_err(|e| format!("--sim-inval-latency-ns: {e}"))?
+    let e = |e: lexopt::Error| format!("{e} (try --help)");
+    let mut p = lexopt::Parser::from_env();
+    while let Some(arg) = p.next().map_err(e)? {
+        match arg {
+            Long("platform") => a.platform = p.value().map_err(e)?.string().map_err(e)?,
+            Long("socket") => a.socket = p.value().map_err(e)?.into(),
+            Long("config") => a.config = Some(p.value().map_err(e)?.into()),
+            Long("no-translation") => a.translate = false,
+            Long("no-reclaim") => a.reclaim = false,
+            Long("caching-mode") => a.caching_mode = true,
+            Long("coherent") => a.coherent = true,
+            Long("sim-inval-latency-ns") => {
+                a.sim_inval_latency_ns = p.value().map_err(e)?.parse().map_err(e)?
             }
-            "--sim-mem-mb" => {
-                a.sim_mem_mb = val("--sim-mem-mb")?
-                    .parse()
-                    .map_err(|e| format!("--sim-mem-mb: {e}"))?
-            }
-            "--timeout-ms" => {
-                a.timeout_ms = val("--timeout-ms")?
-                    .parse()
-                    .map_err(|e| format!("--timeout-ms: {e}"))?
-            }
-            "-h" | "--help" => {
-                return Err(
-                    "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation] \
-                            [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N] \
-                            [--timeout-ms N]"
-                        .into(),
-                )
-            }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
+            Long("sim-mem-mb") => a.sim_mem_mb = p.value().map_err(e)?.parse().map_err(e)?,
+            Long("timeout-ms") => a.timeout_ms = p.value().map_err(e)?.parse().map_err(e)?,
+            Short('h') | Long("help") => return Err(USAGE.into()),
+            _ => return Err(e(arg.unexpected())),
         }
     }
     Ok(a)

@@ -80,6 +80,14 @@ fn parse_u64(s: &str) -> Result<u64, String> {
     r.map_err(|_| format!("not a number: {s:?}"))
 }
 
+/// The value of the option just read.
+fn val(p: &mut lexopt::Parser) -> Result<String, String> {
+    use lexopt::ValueExt;
+    p.value()
+        .and_then(|v| v.string())
+        .map_err(|e| format!("{e}\n{USAGE}"))
+}
+
 fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
     let mut o = LoopOpts {
         tx: "0000:00:01.0".into(),
@@ -96,32 +104,35 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
         canary: false,
         then: None,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--tx" => o.tx = val()?,
-            "--rx" => o.rx = val()?,
-            "--packets" => o.packets = parse_u64(&val()?)?,
-            "--size" => o.size = parse_u64(&val()?)? as usize,
-            "--window" => o.window = parse_u64(&val()?)?.max(1),
-            "--mapper" => o.mapper = val()?,
-            "--ping-pong" => o.ping_pong = true,
-            "--bad-iova" => o.bad_iova = Some(parse_u64(&val()?)?),
-            "--strategy" => {
-                let v = val()?;
-                o.strategy = Strategy::parse(&v)
-                    .ok_or(format!("unknown strategy {v:?} (global|magazine|noiommu)"))?
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(args);
+    let e = |e: lexopt::Error| format!("{e}\n{USAGE}");
+    while let Some(arg) = p.next().map_err(e)? {
+        match arg {
+            Long("tx") => o.tx = val(&mut p)?,
+            Long("rx") => o.rx = val(&mut p)?,
+            Long("packets") => o.packets = parse_u64(&val(&mut p)?)?,
+            Long("size") => o.size = parse_u64(&val(&mut p)?)? as usize,
+            Long("window") => o.window = parse_u64(&val(&mut p)?)?.max(1),
+            Long("mapper") => o.mapper = val(&mut p)?,
+            Long("ping-pong") => o.ping_pong = true,
+            Long("bad-iova") => o.bad_iova = Some(parse_u64(&val(&mut p)?)?),
+            Long("strategy") => {
+                let v = val(&mut p)?;
+                o.strategy = Strategy::parse(&v).ok_or(format!(
+                    "unknown strategy {v:?} (noiommu|global|magazine|identity|va)"
+                ))?
             }
-            "--flush" => {
-                let v = val()?;
-                o.flush = FlushPolicy::parse(&v)
-                    .ok_or(format!("unknown flush policy {v:?} (strict|percore)"))?
+            Long("flush") => {
+                let v = val(&mut p)?;
+                o.flush = FlushPolicy::parse(&v).ok_or(format!(
+                    "unknown flush policy {v:?} (strict|percore|deferred)"
+                ))?
             }
-            "--socket" => o.socket = PathBuf::from(val()?),
-            "--canary" => o.canary = true,
-            "--then" => o.then = Some(val()?),
-            _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
+            Long("socket") => o.socket = PathBuf::from(val(&mut p)?),
+            Long("canary") => o.canary = true,
+            Long("then") => o.then = Some(val(&mut p)?),
+            _ => return Err(e(arg.unexpected())),
         }
     }
     if !(payload::MIN_PAYLOAD..=payload::MAX_PAYLOAD).contains(&o.size) {
