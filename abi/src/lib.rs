@@ -51,7 +51,7 @@
 //! answers an unknown op with `Malformed`, an old client reads an unknown
 //! error code as `Malformed`. Reserved header fields must be zero, so they
 //! can gain a meaning later. Version 2 (this one): the published/client page
-//! split, the proof of ownership at `Attach`, `PermissionDenied` (13).
+//! split, the proof of ownership at `Attach`, `PermissionDenied` (13), `QuotaExceeded` (14).
 #![deny(missing_docs)]
 
 pub mod bdf;

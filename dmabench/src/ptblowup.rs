@@ -115,6 +115,17 @@ fn run(reclaim: bool, pairs: u64) -> io::Result<Run> {
         FlushPolicy::Deferred,
         iommud::policy::Trust::Validated,
         reclaim,
+        // The experiment grows tables on purpose: no quota on them.
+        iommud::quota::Accounts::new(
+            {
+                let mut l = iommud::quota::Limits::default();
+                l.set(iommud::quota::Quota::PtPages, u64::MAX);
+                l.set(iommud::quota::Quota::Mappings, u64::MAX);
+                l
+            },
+            Default::default(),
+        )
+        .of(0),
     )
     .map_err(|e| err("domain", e))?;
     let pool = dom

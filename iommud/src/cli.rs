@@ -150,7 +150,7 @@ fn run(a: Args) -> Result<(), String> {
     };
     state.sim_fds = sim_fds;
     crate::unit::log::info(&policy.describe());
-    state.policy = policy;
+    state.set_policy(policy);
     let state = Arc::new(state);
     // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
     unsafe {

@@ -24,6 +24,7 @@ pub mod invq;
 pub mod pagetable;
 pub mod platform;
 pub mod policy;
+pub mod quota;
 pub mod range_alloc;
 pub mod scheme;
 // The Unix socket transport (libdma's Linux transport); on Redox the `iommu` scheme in

@@ -13,6 +13,8 @@
 //! # Who may stop iommud, write the path tree, read any domain's mappings:
 //! # root always, and members of these groups (numeric gids).
 //! admin_gids = [10]
+//! # Connections served at once, all clients together (the default).
+//! max_connections = 512
 //!
 //! # Every device not matched below (these are the defaults).
 //! [default]
@@ -25,14 +27,27 @@
 //! match = "00:01.0"          # or "0000:00:01.0", or "8086:100e"
 //! trust = "delegated"
 //! strategies = ["magazine", "global"]
+//!
+//! # What one client identity (uid) may hold (defaults shown); see `quota`.
+//! [quota]
+//! pool_bytes = 268435456
+//! pt_pages = 16384
+//! mappings = 1048576
+//! domains = 16
+//! connections = 64
+//! [[quota.user]]
+//! uid = 0
+//! connections = 256
 //! ```
 //!
 //! A missing `strategies` or `flush` list means every one the trust mode
 //! allows. Unknown keys are errors, so a typo cannot silently widen access.
 
+use crate::quota::{Limits, Quota};
 use iommu_abi::proto::{FlushPolicy, Strategy};
 use iommu_abi::Bdf;
 use serde::Deserialize;
+use std::collections::HashMap;
 
 /// The verified identity of a client: what the kernel says about the other
 /// end of the connection (Linux `SO_PEERCRED`, Redox the caller's uid/gid),
@@ -151,6 +166,12 @@ pub struct Policy {
     pub default: DeviceRule,
     /// Per-device rules, first match wins.
     pub devices: Vec<(Match, DeviceRule)>,
+    /// Connections the daemon serves at once (all identities).
+    pub max_connections: u64,
+    /// Quotas of identities without their own.
+    pub quota: Limits,
+    /// Quotas per uid.
+    pub quota_per_uid: HashMap<u32, Limits>,
 }
 
 impl Default for Policy {
@@ -160,9 +181,15 @@ impl Default for Policy {
             admin_gids: Vec::new(),
             default: rule(Trust::Validated, None, None),
             devices: Vec::new(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            quota: Limits::default(),
+            quota_per_uid: HashMap::new(),
         }
     }
 }
+
+/// Connections served at once unless the configuration says otherwise.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 512;
 
 fn rule(trust: Trust, s: Option<Vec<Strategy>>, f: Option<Vec<FlushPolicy>>) -> DeviceRule {
     DeviceRule {
@@ -194,6 +221,50 @@ struct FileDevice {
     rule: FileRule,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    pool_bytes: Option<u64>,
+    pt_pages: Option<u64>,
+    mappings: Option<u64>,
+    domains: Option<u64>,
+    connections: Option<u64>,
+}
+
+impl FileLimits {
+    fn apply(&self, mut l: Limits) -> Limits {
+        for (q, v) in [
+            (Quota::PoolBytes, self.pool_bytes),
+            (Quota::PtPages, self.pt_pages),
+            (Quota::Mappings, self.mappings),
+            (Quota::Domains, self.domains),
+            (Quota::Connections, self.connections),
+        ] {
+            if let Some(v) = v {
+                l.set(q, v);
+            }
+        }
+        l
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUserLimits {
+    uid: u32,
+    #[serde(flatten)]
+    limits: FileLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileQuota {
+    #[serde(flatten)]
+    limits: FileLimits,
+    #[serde(default)]
+    user: Vec<FileUserLimits>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -202,6 +273,9 @@ struct File {
     default: Option<FileRule>,
     #[serde(default)]
     device: Vec<FileDevice>,
+    #[serde(default)]
+    quota: FileQuota,
+    max_connections: Option<u64>,
 }
 
 impl FileRule {
@@ -266,10 +340,20 @@ impl Policy {
                 .map_err(|e| format!("device {k} ({}): {e}", d.matches))?;
             devices.push((m, r));
         }
+        let quota = f.quota.limits.apply(Limits::default());
+        let quota_per_uid = f
+            .quota
+            .user
+            .iter()
+            .map(|u| (u.uid, u.limits.apply(quota)))
+            .collect();
         Ok(Policy {
             admin_gids: f.admin_gids,
             default,
             devices,
+            max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            quota,
+            quota_per_uid,
         })
     }
 

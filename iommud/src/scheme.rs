@@ -9,6 +9,8 @@
 //! domains/<bdf>/mappings        iommud-made mappings
 //! faults                        recorded DMA faults, oldest first
 //! reclaim                       read/write: on | off (empty page-table reclamation)
+//! quotas                        per client identity: each quota's use and limit
+//!                               (the caller's own line; an administrator's: all)
 //! ```
 //!
 //! Paths may be given as `/scheme/iommu/<p>`, `iommu:<p>`, `/<p>` or `<p>`.
@@ -36,6 +38,8 @@ pub enum Node {
     Faults,
     /// `reclaim`.
     Reclaim,
+    /// `quotas`.
+    Quotas,
 }
 
 /// Parses a path into a node.
@@ -52,6 +56,7 @@ pub fn parse(path: &str) -> Result<Node, ErrorCode> {
         ["domains"] => Node::Domains,
         ["faults"] => Node::Faults,
         ["reclaim"] => Node::Reclaim,
+        ["quotas"] => Node::Quotas,
         ["domains", bdf, leaf] => {
             let sid = Bdf::parse(bdf).map(|b| b.0).ok_or(ErrorCode::NotFound)?;
             match *leaf {

@@ -3,6 +3,7 @@
 
 use crate::domain::{Domain, DomainError};
 use crate::policy::{Peer, Trust};
+use crate::quota::Account;
 use crate::scheme::SchemeTree;
 pub use crate::state::State;
 use crate::stats;
@@ -65,16 +66,20 @@ pub struct Session {
     domain: Option<Arc<Domain>>,
     /// Who is at the other end (verified by the transport).
     peer: Peer,
+    /// Its identity's quotas.
+    account: Arc<Account>,
 }
 
 impl Session {
     /// A session with nothing attached, for the client `peer` (its identity
     /// as the kernel reports it, never as the client claims it).
     pub fn new(state: Arc<State>, peer: Peer) -> Session {
+        let account = state.accounts.of(peer.uid);
         Session {
             state,
             domain: None,
             peer,
+            account,
         }
     }
 
@@ -342,6 +347,7 @@ impl Session {
                 flush,
                 trust,
                 st.reclaim.load(SeqCst),
+                self.account.clone(),
             ) {
                 Ok(d) => {
                     doms.insert(sid, d.clone());

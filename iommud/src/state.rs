@@ -6,6 +6,7 @@
 use crate::domain::Domain;
 use crate::platform::proof::Authority;
 use crate::policy::{Peer, Policy};
+use crate::quota::{Accounts, Quota};
 use crate::scheme::{parse, Node, SchemeTree};
 use crate::stats::{self, Text};
 use crate::unit::{fault_reason_text, log, Iommu};
@@ -90,6 +91,8 @@ pub struct SecurityStats {
     pub refused_read: AtomicU64,
     /// Messages that did not decode.
     pub malformed: AtomicU64,
+    /// Connections refused at the daemon's connection cap.
+    pub refused_connections: AtomicU64,
     /// Requests that hit a bug (a panic caught; the request failed, the daemon went on).
     pub internal_errors: AtomicU64,
 }
@@ -112,6 +115,10 @@ pub struct State {
     pub policy: Policy,
     /// Who vouches for device ownership.
     pub authority: Authority,
+    /// What each client identity holds, against its quotas.
+    pub accounts: Accounts,
+    /// Connections open now (against `policy.max_connections`).
+    pub open_connections: AtomicU64,
     /// Refusal counters.
     pub security: SecurityStats,
     /// Owner of each attached domain.
@@ -134,6 +141,8 @@ impl State {
             sim_fds: None,
             policy: Policy::default(),
             authority: Authority::Sysfs,
+            accounts: Accounts::default(),
+            open_connections: AtomicU64::new(0),
             security: SecurityStats::default(),
             owners: Mutex::new(BTreeMap::new()),
             retired: Mutex::new(Totals::default()),
@@ -147,6 +156,12 @@ impl State {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(sid, peer);
+    }
+
+    /// Installs the administrator's policy (and the quotas it sets).
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.accounts = Accounts::new(policy.quota, policy.quota_per_uid.clone());
+        self.policy = policy;
     }
 
     /// The owner of `sid`'s domain.
@@ -283,10 +298,37 @@ impl State {
             .kv("refused_proof", stats::get(&sec.refused_proof))
             .kv("refused_policy", stats::get(&sec.refused_policy))
             .kv("refused_read", stats::get(&sec.refused_read))
+            .kv("connections", stats::get(&self.open_connections))
+            .kv("refused_connections", stats::get(&sec.refused_connections))
+            .kv(
+                "refused_quota",
+                self.accounts
+                    .all()
+                    .iter()
+                    .fold(0u64, |a, c| a.saturating_add(stats::get(&c.refused))),
+            )
             .kv("malformed", stats::get(&sec.malformed))
             .kv("internal_errors", stats::get(&sec.internal_errors));
         self.unit.stats.render(&mut t);
         t.0
+    }
+
+    /// One line per identity: `uid U pool_bytes used/limit ...`; a
+    /// non-administrator sees its own line only.
+    fn render_quotas(&self, caller: &Peer) -> String {
+        let admin = self.policy.is_admin(caller);
+        let mut s = String::new();
+        for a in self.accounts.all() {
+            if !admin && a.uid != caller.uid {
+                continue;
+            }
+            s.push_str(&format!("uid {}", a.uid));
+            for q in Quota::ALL {
+                s.push_str(&format!(" {} {}/{}", q.name(), a.used(q), a.limit(q)));
+            }
+            s.push_str(&format!(" refused {}\n", stats::get(&a.refused)));
+        }
+        s
     }
 
     fn render_faults(&self) -> String {
@@ -377,6 +419,7 @@ impl SchemeTree for State {
                 d.render_mappings()
             }
             Node::Faults => self.render_faults(),
+            Node::Quotas => self.render_quotas(caller),
             Node::Reclaim => format!(
                 "{}\n",
                 if self.reclaim.load(SeqCst) {

@@ -65,6 +65,8 @@ pub struct DomainStats {
     /// Hostile or inconsistent input from shared memory that iommud refused
     /// (an IOVA returned that was not delegated, or returned twice).
     pub rejected: AtomicU64,
+    /// Requests refused because the owner's quota was used up.
+    pub quota_refusals: AtomicU64,
 }
 
 /// Builder of `key value` text.

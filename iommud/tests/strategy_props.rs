@@ -54,7 +54,16 @@ fn rig(strategy: Strategy, flush: FlushPolicy, reclaim: bool) -> Rig {
     } else {
         iommud::policy::Trust::Validated
     };
-    let dom = Domain::new(unit, SID, strategy, flush, trust, reclaim).unwrap();
+    let dom = Domain::new(
+        unit,
+        SID,
+        strategy,
+        flush,
+        trust,
+        reclaim,
+        iommud::quota::Accounts::default().of(0),
+    )
+    .unwrap();
     let pool = dom.alloc_pool(POOL).unwrap();
     Rig { machine, dom, pool }
 }

@@ -138,6 +138,10 @@ pub enum ErrorCode {
     /// administrator's permission the request needs (the message says which).
     #[error("permission denied")]
     PermissionDenied = 13,
+    /// The caller's identity holds all of one resource its quota allows
+    /// (the message names the quota).
+    #[error("quota exceeded")]
+    QuotaExceeded = 14,
 }
 
 impl ErrorCode {
@@ -157,6 +161,7 @@ impl ErrorCode {
             11 => ErrorCode::NotFound,
             12 => ErrorCode::Hardware,
             13 => ErrorCode::PermissionDenied,
+            14 => ErrorCode::QuotaExceeded,
             _ => ErrorCode::Malformed,
         })
     }

@@ -46,6 +46,23 @@ impl Domain {
                 format!("length {len:#x} not in 1..={MAX_MAP_LEN:#x}"),
             ));
         }
+        let translating = self.unit.translating() && self.policy().0 != Strategy::NoIommu;
+        if translating {
+            self.check_tables()?;
+            self.charge(Quota::Mappings, 1)?;
+        }
+        let r = self.map_charged(phys, len, dir, va);
+        if translating {
+            if r.is_err() {
+                self.uncharge(Quota::Mappings, 1);
+            }
+            self.sync_tables(self.lock_uncounted().pt.counts().live);
+        }
+        r
+    }
+
+    /// [`Domain::map`] once the owner's quotas allowed it.
+    fn map_charged(&self, phys: u64, len: u64, dir: Dir, va: u64) -> Result<u64, DomainError> {
         for _ in 0..MAP_FLUSH_TRIES {
             let mut i = self.lock();
             if !Self::owns_frames(&i, phys, len) {
@@ -160,6 +177,7 @@ impl Domain {
                 if *n == 0 {
                     i.ref_maps.remove(&(iova, len));
                 }
+                self.uncharge(Quota::Mappings, 1);
                 let (cleared, detached) = self.unref(&mut i, base, pages)?;
                 if cleared.is_empty() {
                     // Every page is still used by another mapping: nothing to invalidate.
@@ -179,6 +197,7 @@ impl Domain {
                     ));
                 }
                 i.mapped.remove(&base);
+                self.uncharge(Quota::Mappings, 1);
                 let detached = i.pt.unmap(self.mem(), base, m.pages)?;
                 let tag = self.park_cleared(&mut i, Vec::new(), detached);
                 i.parked.push((

@@ -57,9 +57,15 @@ impl Domain {
             }
             back.push(iova);
         }
+        // The IOVAs handed out count against the owner's mappings quota:
+        // ask for all of `want` before anything changes, give back the rest.
+        if want > 0 {
+            self.charge(Quota::Mappings, want)?;
+        }
         for iova in &back {
             i.delegated.remove(iova);
         }
+        self.uncharge(Quota::Mappings, back.len() as u64);
         if !back.is_empty() {
             if i.depot[class].len() < DEPOT_MAX {
                 i.depot[class].push(back);
@@ -90,6 +96,7 @@ impl Domain {
                         for v in out {
                             i.iova.free(v, pages * PAGE);
                         }
+                        self.uncharge(Quota::Mappings, want);
                         return Err(e);
                     }
                     out.push(iova);
@@ -103,6 +110,7 @@ impl Domain {
                 .write_u64(EXCHANGE_OFFSET + 8 * k, iova)
                 .ok_or_else(|| reply(ErrorCode::Invalid, "exchange slot"))?;
         }
+        self.uncharge(Quota::Mappings, want - out.len() as u64);
         stats::add(&self.stats.depot_exchanges, 1);
         Ok(out.len() as u64)
     }

@@ -140,5 +140,7 @@ impl Domain {
                 }
             }
         }
+        let live = i.pt.counts().live;
+        self.sync_tables(live);
     }
 }

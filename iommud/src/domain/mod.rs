@@ -47,6 +47,7 @@
 use crate::hw::{HwError, PhysMem, Region, SharedMem};
 use crate::pagetable::{PageTable, PtError, PAGE};
 use crate::policy::Trust;
+use crate::quota::{Account, Quota};
 use crate::range_alloc::RangeAllocator;
 use crate::stats::{self, DomainStats, Text};
 use crate::unit::Iommu;
@@ -232,6 +233,9 @@ pub struct Domain {
     /// Server-side counters.
     pub stats: DomainStats,
     dead: AtomicBool,
+    /// The owner's account (quotas), and what this domain charged to it.
+    account: Arc<Account>,
+    charged: [AtomicU64; 3],
 }
 
 impl Domain {
@@ -244,11 +248,17 @@ impl Domain {
         flush: FlushPolicy,
         trust: Trust,
         reclaim: bool,
+        account: Arc<Account>,
     ) -> Result<Arc<Domain>, DomainError> {
+        // One domain of the owner's quota, given back at teardown.
+        account
+            .charge(Quota::Domains, 1)
+            .map_err(|m| reply(ErrorCode::QuotaExceeded, m))?;
         let mem = unit.mem().clone();
-        let did = unit
-            .alloc_did()
-            .ok_or_else(|| reply(ErrorCode::NoMemory, "no free domain id"))?;
+        let Some(did) = unit.alloc_did() else {
+            account.release(Quota::Domains, 1);
+            return Err(reply(ErrorCode::NoMemory, "no free domain id"));
+        };
         let build = || -> Result<(PageTable, Option<Region>, SharedMem, SharedMem), DomainError> {
             let pt = PageTable::new(&*mem, unit.levels, reclaim, unit.coherent())?;
             // Every delegated translating domain gets an arena, so it can
@@ -269,6 +279,7 @@ impl Domain {
             Ok(v) => v,
             Err(e) => {
                 unit.free_did(did);
+                account.release(Quota::Domains, 1);
                 return Err(e);
             }
         };
@@ -304,6 +315,8 @@ impl Domain {
             unmaps_seen: Mutex::default(),
             stats: DomainStats::default(),
             dead: AtomicBool::new(false),
+            account,
+            charged: Default::default(),
         };
         d.page().init();
         d.publish(strategy, flush);
@@ -393,11 +406,54 @@ impl Domain {
                 format!("pool size {bytes} not in 1..=64 MiB"),
             ));
         }
-        let r = self
-            .mem()
-            .alloc_region(bytes.next_multiple_of(PAGE), PAGE)?;
-        self.lock().pools.push(r.clone());
-        Ok(r)
+        let rounded = bytes.next_multiple_of(PAGE);
+        self.charge(Quota::PoolBytes, rounded)?;
+        match self.mem().alloc_region(rounded, PAGE) {
+            Ok(r) => {
+                self.lock().pools.push(r.clone());
+                Ok(r)
+            }
+            Err(e) => {
+                self.uncharge(Quota::PoolBytes, rounded);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Charges `n` of `q` to the owner's account (pool bytes, mappings),
+    /// or refuses with `QuotaExceeded` naming the quota.
+    pub(super) fn charge(&self, q: Quota, n: u64) -> Result<(), DomainError> {
+        self.account.charge(q, n).map_err(|m| {
+            stats::add(&self.stats.quota_refusals, 1);
+            reply(ErrorCode::QuotaExceeded, m)
+        })?;
+        self.charged[q as usize].fetch_add(n, SeqCst);
+        Ok(())
+    }
+
+    /// Gives `n` of `q` back to the owner's account.
+    pub(super) fn uncharge(&self, q: Quota, n: u64) {
+        let _ =
+            self.charged[q as usize].fetch_update(SeqCst, SeqCst, |c| Some(c.saturating_sub(n)));
+        self.account.release(q, n);
+    }
+
+    /// Refuses a map while the owner's table pages are at their limit.
+    pub(super) fn check_tables(&self) -> Result<(), DomainError> {
+        self.account.check(Quota::PtPages).map_err(|m| {
+            stats::add(&self.stats.quota_refusals, 1);
+            reply(ErrorCode::QuotaExceeded, m)
+        })
+    }
+
+    /// Brings the owner's table-page charge in line with `live` pages.
+    pub(super) fn sync_tables(&self, live: u64) {
+        let old = self.charged[Quota::PtPages as usize].swap(live, SeqCst);
+        if live > old {
+            self.account.add(Quota::PtPages, live - old);
+        } else {
+            self.account.release(Quota::PtPages, old - live);
+        }
     }
 
     fn owns_frames(i: &Inner, phys: u64, len: u64) -> bool {
@@ -527,5 +583,11 @@ impl Domain {
         i.dirty.clear();
         drop(i);
         self.unit.free_did(self.did);
+        // Everything this domain held goes back to its owner's account.
+        for q in [Quota::PoolBytes, Quota::PtPages, Quota::Mappings] {
+            self.account
+                .release(q, self.charged[q as usize].swap(0, SeqCst));
+        }
+        self.account.release(Quota::Domains, 1);
     }
 }

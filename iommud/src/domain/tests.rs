@@ -9,6 +9,11 @@ use vtd::sim::{SimConfig, SimMachine};
 
 const SID: u16 = 0x08;
 
+/// An account with the default quotas.
+fn test_account() -> Arc<Account> {
+    crate::quota::Accounts::default().of(0)
+}
+
 fn rig(strategy: Strategy, flush: FlushPolicy) -> (Arc<SimMachine>, Arc<Domain>, Region) {
     let p = Arc::new(
         SimPlatform::new(SimConfig {
@@ -32,7 +37,7 @@ fn rig(strategy: Strategy, flush: FlushPolicy) -> (Arc<SimMachine>, Arc<Domain>,
     } else {
         Trust::Validated
     };
-    let dom = Domain::new(unit, SID, strategy, flush, trust, true).unwrap();
+    let dom = Domain::new(unit, SID, strategy, flush, trust, true, test_account()).unwrap();
     let pool = dom.alloc_pool(8 * PAGE).unwrap();
     (machine, dom, pool)
 }

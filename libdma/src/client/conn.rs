@@ -55,6 +55,16 @@ impl Conn {
                 return Err(Error::Dead);
             }
             let r = Reply::decode(&self.buf[..n])?;
+            // Sequence 0 is iommud refusing the connection itself (its
+            // connection cap, this identity's quota): the reason, then EOF.
+            if r.seq == 0 && r.seq != self.seq {
+                if let Err(code) = r.result {
+                    return Err(Error::Server {
+                        code,
+                        msg: String::from_utf8_lossy(&r.payload).into_owned(),
+                    });
+                }
+            }
             if r.seq != self.seq {
                 got = self.link.recv(&mut self.buf)?;
                 continue; // a stale answer; ours follows

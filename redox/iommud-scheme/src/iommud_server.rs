@@ -31,7 +31,11 @@ impl Server for Arc<State> {
         Ok(match parse(path)? {
             Node::Domains => PathKind::Dir,
             Node::DomainStrategy(_) | Node::DomainFlush(_) | Node::Reclaim => PathKind::ReadWrite,
-            Node::Stats | Node::DomainStats(_) | Node::DomainMappings(_) | Node::Faults => {
+            Node::Stats
+            | Node::DomainStats(_)
+            | Node::DomainMappings(_)
+            | Node::Faults
+            | Node::Quotas => {
                 PathKind::ReadOnly
             }
         })
