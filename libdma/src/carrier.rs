@@ -102,11 +102,36 @@ pub trait Transport: Send {
     }
 }
 
+/// Sends `frame` and receives the answer; if the send finds the connection
+/// closed, the reason iommud may have left before closing (a refused
+/// connection) is still read and returned.
+#[cfg(not(target_os = "redox"))]
+fn send_then_recv(
+    s: &crate::transport::SeqPacket,
+    frame: &[u8],
+    fds: &[BorrowedFd<'_>],
+    reply: &mut [u8],
+) -> io::Result<(usize, Vec<Share>)> {
+    if let Err(e) = s.send(frame, fds) {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            return Err(e);
+        }
+        return match s.recv(reply) {
+            Ok((n, fds)) if n > 0 => Ok((n, fds.into_iter().map(Share::file).collect())),
+            _ => Err(e),
+        };
+    }
+    let (n, fds) = s.recv(reply)?;
+    Ok((n, fds.into_iter().map(Share::file).collect()))
+}
+
 #[cfg(not(target_os = "redox"))]
 impl Transport for crate::transport::SeqPacket {
     fn call(&mut self, frame: &[u8], reply: &mut [u8]) -> io::Result<(usize, Vec<Share>)> {
-        self.send(frame, &[])?;
-        self.recv(reply)
+        send_then_recv(self, frame, &[], reply)
     }
 
     fn recv(&mut self, reply: &mut [u8]) -> io::Result<(usize, Vec<Share>)> {
@@ -124,8 +149,7 @@ impl Transport for crate::transport::SeqPacket {
         fds: &[BorrowedFd<'_>],
         reply: &mut [u8],
     ) -> io::Result<(usize, Vec<Share>)> {
-        self.send(frame, fds)?;
-        self.recv(reply)
+        send_then_recv(self, frame, fds, reply)
     }
 }
 
