@@ -3,6 +3,7 @@
 mod demo;
 mod fault;
 mod guest;
+mod igb;
 mod netbench;
 mod pipeline;
 mod smoke;
