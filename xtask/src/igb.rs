@@ -35,6 +35,10 @@ impl IgbOpts {
     }
 }
 
+/// The two igbs (see `guest::qemu::qemu_args`: the second sits in slot 3).
+pub const TX: &str = "0000:00:01.0";
+pub const RX: &str = "0000:00:03.0";
+
 /// Shell lines listing the PCI functions (`PCI <bdf> <vendor> <device>`).
 const LIST_PCI: &str = r#"for d in /sys/bus/pci/devices/*; do echo "PCI ${d##*/} $(cat $d/vendor) $(cat $d/device)"; done
 "#;
@@ -42,7 +46,7 @@ const LIST_PCI: &str = r#"for d in /sys/bus/pci/devices/*; do echo "PCI ${d##*/}
 /// The `igbd loop` command of a run (without the `--then`).
 pub fn loop_cmd(o: &IgbOpts, extra: &str) -> String {
     format!(
-        "igbd loop --mapper libdma --strategy {} --flush {} --queues {} --packets {} --size {}{extra}",
+        "igbd loop --tx {TX} --rx {RX} --mapper libdma --strategy {} --flush {} --queues {} --packets {} --size {}{extra}",
         o.demo.strategy,
         o.demo.flush,
         o.queues,
@@ -332,13 +336,13 @@ pub fn fault() -> Result<()> {
     };
     expect(has("00:01.0", BAD_IOVA, "read"), format!("faults lists bdf=00:01.0 iova={BAD_IOVA:#x} access=read"));
     match addr {
-        Some(a) => expect(has("00:02.0", a & !0xfff, "write"), format!("faults lists bdf=00:02.0 iova={:#x} access=write", a & !0xfff)),
+        Some(a) => expect(has("00:03.0", a & !0xfff, "write"), format!("faults lists bdf=00:03.0 iova={:#x} access=write", a & !0xfff)),
         None => expect(false, "canary address reported".into()),
     }
     // Control: without translation the NIC's write lands on the canary.
     let mut c = start_iommud("--no-translation");
     c.push_str(&format!(
-        "igbd loop --mapper libdma --queues 2 --packets 100 --canary\necho \"IGBD-EXIT $?\"\n{STOP_IOMMUD}"
+        "igbd loop --tx {TX} --rx {RX} --mapper libdma --queues 2 --packets 100 --canary\necho \"IGBD-EXIT $?\"\n{STOP_IOMMUD}"
     ));
     let cout = guest::run(&guest("test-igb-fault-control", c, false, 120))?;
     let cchanged = cout

@@ -11,7 +11,7 @@ use nicdesc::regs::{Doorbell, Regs};
 use nicdesc::rss::{self, RETA_LEN};
 use nicdesc::{Error, Result};
 
-use crate::regs::{self, ctrl, eerd, mrqc, rctl, srrctl, stat, tctl};
+use crate::regs::{self, ctrl, eerd, mdic, mrqc, phy, rctl, srrctl, stat, tctl};
 
 /// PCI vendor id of Intel.
 pub const VENDOR: u16 = 0x8086;
@@ -23,7 +23,7 @@ pub const MAX_QUEUES: u16 = 16;
 pub const RING_LEN: u16 = 256;
 
 const RESET_MS: u64 = 100;
-const EEPROM_MS: u64 = 500;
+const MDIC_MS: u64 = 10;
 const LINK_MS: u64 = 5000;
 const QUEUE_MS: u64 = 100;
 
@@ -218,9 +218,11 @@ impl MqNic for Igb {
     }
 }
 
-/// §4.5.1-§4.5.3: mask interrupts, software reset, wait for RST to clear and the EEPROM
-/// auto-read, mask again, then set link up (§4.5.7.2, MAC/PHY link with
-/// auto-negotiation: CTRL.SLU).
+/// Datasheet §4.5 (initialization): mask interrupts, software reset (CTRL.RST), wait for
+/// RST to clear, mask again; then link: CTRL.SLU and a PHY auto-negotiation restart
+/// through MDIC (§4.5.7, copper link set-up). The datasheet also asks to wait for
+/// EEC.Auto_RD after a reset; QEMU's igb never sets that bit (its EECD reset value has
+/// none), so igbd does not wait for it: CTRL.RST clearing marks the reset's end.
 fn reset(r: &Regs) -> Result<()> {
     r.write(regs::IMC, u32::MAX)?;
     r.write(regs::EIMC, u32::MAX)?;
@@ -228,10 +230,17 @@ fn reset(r: &Regs) -> Result<()> {
     // The datasheet asks for at least 1 µs before the next access after a reset.
     std::thread::sleep(Duration::from_micros(10));
     r.wait(regs::CTRL, ctrl::RST, 0, RESET_MS, "CTRL.RST (0x0000 bit 26) to clear")?;
-    r.wait(regs::EEC, regs::EEC_AUTO_RD, regs::EEC_AUTO_RD, EEPROM_MS, "EEC.Auto_RD (0x0010 bit 9)")?;
     r.write(regs::IMC, u32::MAX)?;
     r.write(regs::EIMC, u32::MAX)?;
     r.read(regs::ICR)?;
     r.modify(regs::CTRL, ctrl::SLU, 0)?;
+    r.write(
+        regs::MDIC,
+        phy::CTRL_AUTONEG_RESTART | (phy::CTRL << mdic::REG_SHIFT) | mdic::PHY_1 | mdic::OP_WRITE,
+    )?;
+    r.wait(regs::MDIC, mdic::READY, mdic::READY, MDIC_MS, "MDIC.R (0x0020 bit 28)")?;
+    if r.read(regs::MDIC)? & mdic::ERROR != 0 {
+        return Err(Error::Device("MDIC.E (0x0020 bit 30): the PHY refused the control write".into()));
+    }
     Ok(())
 }

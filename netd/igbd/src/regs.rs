@@ -5,10 +5,10 @@
 pub const CTRL: usize = 0x0000;
 /// Device Status (§8.2.2).
 pub const STATUS: usize = 0x0008;
-/// EEPROM/Flash Control (§8.2.3).
-pub const EEC: usize = 0x0010;
 /// EEPROM Read (§8.2.4).
 pub const EERD: usize = 0x0014;
+/// MDI Control: PHY register access (§8.2, MDIC).
+pub const MDIC: usize = 0x0020;
 /// Interrupt Cause Read (§8.8.1).
 pub const ICR: usize = 0x00C0;
 /// Interrupt Mask Clear (§8.8.5).
@@ -116,8 +116,29 @@ pub mod ctrl {
 }
 /// STATUS.LU: link up (§8.2.2).
 pub const STATUS_LU: u32 = 1 << 1;
-/// EEC.Auto_RD: the EEPROM auto-read after reset is done (§8.2.3).
-pub const EEC_AUTO_RD: u32 = 1 << 9;
+/// MDIC fields: DATA bits 15:0, REGADD bits 20:16, PHYADD bits 25:21, OP bits 27:26
+/// (01b write, 10b read), R (ready) bit 28, E (error) bit 30.
+pub mod mdic {
+    /// Shift of the PHY register address.
+    pub const REG_SHIFT: u32 = 16;
+    /// The internal PHY's address, 1, in bits 25:21.
+    pub const PHY_1: u32 = 1 << 21;
+    /// OP = write.
+    pub const OP_WRITE: u32 = 0b01 << 26;
+    /// Ready.
+    pub const READY: u32 = 1 << 28;
+    /// Error.
+    pub const ERROR: u32 = 1 << 30;
+}
+/// PHY Control register (IEEE 802.3 clause 22 register 0) and the value igbd writes:
+/// auto-negotiation enable (bit 12) and restart (bit 9), full duplex (bit 8), 1000 Mb/s
+/// (bit 6 set, bit 13 clear).
+pub mod phy {
+    /// PHY register 0, control.
+    pub const CTRL: u32 = 0;
+    /// AN enable | AN restart | full duplex | speed 1000.
+    pub const CTRL_AUTONEG_RESTART: u32 = (1 << 12) | (1 << 9) | (1 << 8) | (1 << 6);
+}
 /// EERD fields (§8.2.4): START bit 0, DONE bit 1, ADDR bits 15:2, DATA bits 31:16.
 pub mod eerd {
     /// Start a read.
@@ -208,5 +229,12 @@ mod tests {
         assert_eq!(tctl::EN | tctl::PSP | tctl::CT_DEFAULT | tctl::COLD_FD, 0x0003_F0FA);
         assert_eq!(QUEUE_ENABLE, 0x0200_0000);
         assert_eq!(RXCSUM_PCSD, 0x2000);
+        // MDIC write of 0x1340 to PHY 1 register 0: 0x1340 | 0 << 16 | 1 << 21 | 01b << 26.
+        assert_eq!(phy::CTRL_AUTONEG_RESTART, 0x1340);
+        assert_eq!(
+            phy::CTRL_AUTONEG_RESTART | (phy::CTRL << mdic::REG_SHIFT) | mdic::PHY_1 | mdic::OP_WRITE,
+            0x0420_1340
+        );
+        assert_eq!((mdic::READY, mdic::ERROR), (0x1000_0000, 0x4000_0000));
     }
 }
