@@ -216,6 +216,9 @@ impl MqNic for Igb {
     fn mapper(&self) -> SharedMapper {
         self.mapper.clone()
     }
+    fn rx_head_tail(&self, q: u16) -> Result<(u32, u32)> {
+        Ok((self.regs.read(regs::rdh(q))?, self.regs.read(regs::rdt(q))?))
+    }
 }
 
 /// Datasheet §4.5 (initialization): mask interrupts, software reset (CTRL.RST), wait for

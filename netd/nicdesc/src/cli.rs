@@ -38,6 +38,8 @@ pub trait MqNic {
     fn hw_stats(&mut self) -> Result<Vec<(&'static str, u64)>>;
     /// The mapper this NIC's queues use.
     fn mapper(&self) -> SharedMapper;
+    /// RX queue `q`'s head and tail registers (diagnostics).
+    fn rx_head_tail(&self, q: u16) -> Result<(u32, u32)>;
 }
 
 /// Opens a NIC: `(bdf, mapper, queues)`.
@@ -187,6 +189,30 @@ pub fn print_domain(bdf: &str, d: &DmaDomain) {
     );
 }
 
+/// A domain's numeric counters (`domains/<bdf>/stats`).
+fn domain_counters(bdf: &str, d: &DmaDomain) -> std::collections::BTreeMap<String, u64> {
+    d.read_path(&format!("domains/{bdf}/stats"))
+        .map(|text| {
+            text.lines()
+                .filter_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    Some((k.to_string(), v.trim().parse().ok()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Prints what the domain's counters grew by since `before` as
+/// `loopdomain <bdf> <key> <delta>` lines (the measured loop alone, after warm-up).
+fn print_domain_delta(bdf: &str, d: &DmaDomain, before: &std::collections::BTreeMap<String, u64>) {
+    for (k, v) in domain_counters(bdf, d) {
+        if let Some(b) = before.get(&k) {
+            println!("loopdomain {bdf} {k} {}", v.saturating_sub(*b));
+        }
+    }
+}
+
 fn e(x: Error) -> String {
     x.to_string()
 }
@@ -275,10 +301,15 @@ fn canary<N: MqNic>(a: &mut N, b: &mut N) -> std::result::Result<usize, String> 
     let port = mqloop::probe_port(&table, 0).ok_or("no port reaches queue 0")?;
     let (dst, src) = (b.mac(), a.mac());
     let bdf = b.bdf().to_string();
+    drain(b)?;
     let (_, brx) = b.queues_mut();
     let rx0 = brx.first_mut().ok_or("no RX queue")?;
     let before = rx0.unmapped_done();
+    let next = rx0.next_slot();
     rx0.post_unmapped(addr).map_err(e)?;
+    let ht0 = b.rx_head_tail(0).map_err(e)?;
+    let (_, brx) = b.queues_mut();
+    let rx0 = brx.first_mut().ok_or("no RX queue")?;
     let mut f = Vec::new();
     frame::build(dst, src, port, 0, mqloop::PROBE_SEQ, 1000, &mut f);
     let (atx, _) = a.queues_mut();
@@ -291,15 +322,32 @@ fn canary<N: MqNic>(a: &mut N, b: &mut N) -> std::result::Result<usize, String> 
     }
     tx0.flush(1000).map_err(e)?;
     let completed = rx0.unmapped_done() > before;
+    let ht1 = b.rx_head_tail(0).map_err(e)?;
     let changed = (0..LEN)
         // SAFETY: as above; reading back through a raw pointer.
         .filter(|&i| unsafe { p.add(i).read_volatile() } != canary_byte(i))
         .count();
-    println!("canary: addr={addr:#x} bdf={bdf} queue=0 descriptor_completed={completed} changed_bytes={changed}");
+    println!(
+        "canary: addr={addr:#x} bdf={bdf} queue=0 descriptor_completed={completed} changed_bytes={changed} slot={next} rdh_rdt_before={ht0:?} rdh_rdt_after={ht1:?}"
+    );
     Ok(changed)
 }
 
-fn inject_bad_iova<N: MqNic>(a: &mut N, iova: u64) -> std::result::Result<(), String> {
+/// Receives (and drops) whatever arrives on any of `nic`'s RX queues for 50 ms.
+/// Returns how many frames that was.
+fn drain<N: MqNic>(nic: &mut N) -> std::result::Result<usize, String> {
+    let until = Instant::now() + Duration::from_millis(50);
+    let mut n = 0;
+    while Instant::now() < until {
+        let (_, rx) = nic.queues_mut();
+        for q in rx.iter_mut() {
+            n += q.recv_batch(64, |_, _| {}).map_err(e)?;
+        }
+    }
+    Ok(n)
+}
+
+fn inject_bad_iova<N: MqNic>(a: &mut N, b: &mut N, iova: u64) -> std::result::Result<(), String> {
     let (atx, _) = a.queues_mut();
     let tx0 = atx.first_mut().ok_or("no TX queue")?;
     tx0.send_unmapped(iova, 64).map_err(e)?;
@@ -307,6 +355,8 @@ fn inject_bad_iova<N: MqNic>(a: &mut N, iova: u64) -> std::result::Result<(), St
         Ok(()) => println!("bad-iova: TX descriptor at iova {iova:#x} on queue 0 completed (a blocked read shows only in iommud's fault records)"),
         Err(err) => println!("bad-iova: TX descriptor at iova {iova:#x}: {err}"),
     }
+    let arrived = drain(b)?;
+    println!("bad-iova: {arrived} frame(s) arrived on {} from it", b.bdf());
     Ok(())
 }
 
@@ -326,7 +376,7 @@ pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::res
         }
     }
     if let Some(iova) = o.bad_iova {
-        inject_bad_iova(&mut a, iova)?;
+        inject_bad_iova(&mut a, &mut b, iova)?;
         // The unit keeps one fault record: let iommud read and clear it first.
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -338,6 +388,11 @@ pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::res
         0
     };
     let cfg = LoopCfg { packets: o.packets, size: o.size, window: o.window, pin: o.pin };
+    // Counters before the measured loop: rings and RX buffers are mapped, paths settled.
+    let before: Vec<_> = [(a.bdf().to_string(), &da), (b.bdf().to_string(), &db)]
+        .into_iter()
+        .filter_map(|(bdf, d)| d.as_ref().map(|d| (bdf.clone(), d.clone(), domain_counters(&bdf, d))))
+        .collect();
     let tallies: Vec<Tally> = {
         let (atx, _) = a.queues_mut();
         let (_, brx) = b.queues_mut();
@@ -359,6 +414,9 @@ pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::res
         if let Some(d) = d {
             print_domain(&nic, d);
         }
+    }
+    for (bdf, d, counters) in &before {
+        print_domain_delta(bdf, d, counters);
     }
     if let Some(cmd) = &o.then {
         match std::process::Command::new("sh").arg("-c").arg(cmd).status() {

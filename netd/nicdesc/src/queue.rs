@@ -441,6 +441,12 @@ impl RxQueue {
     /// Fault injection: points the next descriptor the NIC fills at `addr`, which this
     /// driver did not map (its own buffer is unmapped first). Call with the queue idle.
     pub fn post_unmapped(&mut self, addr: u64) -> Result<()> {
+        if RxWb::decode(self.ring.read(self.next)).done() {
+            return Err(Error::Device(format!(
+                "RX queue {}: slot {} holds a received frame; receive it before posting an unmapped buffer",
+                self.index, self.next
+            )));
+        }
         let idx = usize::from(self.next);
         if let Some(iova) = self.iova[idx].take() {
             self.mapper.unmap(iova, BUF_LEN, Dir::FromDevice)?;
@@ -450,6 +456,16 @@ impl RxQueue {
         self.ring.write(self.next, desc::rx_read(addr));
         fence(Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Descriptor `slot` as it is in memory now (diagnostics).
+    pub fn peek(&self, slot: u16) -> [u64; 2] {
+        self.ring.read(slot)
+    }
+
+    /// The slot the NIC fills next (software's view).
+    pub fn next_slot(&self) -> u16 {
+        self.next
     }
 
     /// Descriptors posted by [`post_unmapped`](Self::post_unmapped) the NIC completed.
