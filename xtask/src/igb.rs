@@ -57,7 +57,11 @@ pub fn loop_cmd(o: &IgbOpts, extra: &str) -> String {
 
 /// The guest job of a demo run.
 pub fn script(o: &IgbOpts) -> String {
-    let mut s = start_iommud(if o.demo.no_translation { "--no-translation" } else { "" });
+    let mut s = start_iommud(if o.demo.no_translation {
+        "--no-translation"
+    } else {
+        ""
+    });
     s.push_str(LIST_PCI);
     s.push_str(&loop_cmd(
         o,
@@ -127,10 +131,17 @@ pub struct IgbResult {
 /// Parses an igb run's output.
 pub fn parse(out: GuestOutput, name: &str) -> Result<IgbResult> {
     let l = kv_line(&out, "loop:").ok_or_else(|| {
-        format!("{name}: no `loop:` line (exit {:?}); log {}", out.exit_marker, out.log_path.display())
+        format!(
+            "{name}: no `loop:` line (exit {:?}); log {}",
+            out.exit_marker,
+            out.log_path.display()
+        )
     })?;
     let num = |k: &str| get(&l, k).ok_or_else(|| format!("{name}: loop line has no {k}"));
-    let queues: Vec<BTreeMap<String, String>> = out.job_lines().filter_map(|l| fields(l, "queue:")).collect();
+    let queues: Vec<BTreeMap<String, String>> = out
+        .job_lines()
+        .filter_map(|l| fields(l, "queue:"))
+        .collect();
     let sent = num("sent")?;
     let per_k = |k: &str| domain_sum(&out, k).map(|v| v as f64 * 1000.0 / sent.max(1) as f64);
     let per_k_dom = |k: &str| domain_max(&out, k).map(|v| v as f64 * 1000.0 / sent.max(1) as f64);
@@ -140,10 +151,19 @@ pub fn parse(out: GuestOutput, name: &str) -> Result<IgbResult> {
         corrupt: num("corrupt")?,
         lost: num("lost")?,
         misrouted: num("misrouted")?,
-        pps: l.get("pps").and_then(|v| v.parse().ok()).unwrap_or(f64::NAN),
+        pps: l
+            .get("pps")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN),
         faults: section(&out, "FAULTS").len(),
-        per_queue: queues.iter().map(|q| get(q, "received").unwrap_or(0)).collect(),
-        cpus: queues.iter().map(|q| q.get("cpu").and_then(|c| c.parse().ok()).unwrap_or(-1)).collect(),
+        per_queue: queues
+            .iter()
+            .map(|q| get(q, "received").unwrap_or(0))
+            .collect(),
+        cpus: queues
+            .iter()
+            .map(|q| q.get("cpu").and_then(|c| c.parse().ok()).unwrap_or(-1))
+            .collect(),
         round_trips_per_k: per_k("ipc_round_trips"),
         invalidations_per_k: per_k("invalidations"),
         round_trips_per_k_domain: per_k_dom("ipc_round_trips"),
@@ -174,7 +194,12 @@ pub fn run_igb(o: &IgbOpts, name: &str) -> Result<IgbResult> {
 
 /// The one summary line.
 pub fn summary(o: &IgbOpts, r: &IgbResult) -> String {
-    let q: Vec<String> = r.per_queue.iter().enumerate().map(|(i, n)| format!("q{i}={n}")).collect();
+    let q: Vec<String> = r
+        .per_queue
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("q{i}={n}"))
+        .collect();
     format!(
         "demo: nic=igb queues={} strategy={} sent={} received={} corrupt={} lost={} pps={:.1} faults={} {}",
         o.queues,
@@ -202,25 +227,45 @@ pub fn check(o: &IgbOpts, r: &IgbResult) -> Vec<String> {
         bad.push(format!("job failed: GUEST-EXIT {:?}", r.out.exit_marker));
     }
     if r.sent != o.total() || r.received != o.total() {
-        bad.push(format!("sent {} received {} of {}", r.sent, r.received, o.total()));
+        bad.push(format!(
+            "sent {} received {} of {}",
+            r.sent,
+            r.received,
+            o.total()
+        ));
     }
     if r.lost != 0 || r.corrupt != 0 || r.misrouted != 0 {
-        bad.push(format!("lost {} corrupt {} misrouted {}", r.lost, r.corrupt, r.misrouted));
+        bad.push(format!(
+            "lost {} corrupt {} misrouted {}",
+            r.lost, r.corrupt, r.misrouted
+        ));
     }
-    if r.per_queue.len() != usize::from(o.queues) || r.per_queue.iter().any(|&n| n != o.per_queue()) {
-        bad.push(format!("per-queue received {:?}, want {} on each of {} queues", r.per_queue, o.per_queue(), o.queues));
+    if r.per_queue.len() != usize::from(o.queues) || r.per_queue.iter().any(|&n| n != o.per_queue())
+    {
+        bad.push(format!(
+            "per-queue received {:?}, want {} on each of {} queues",
+            r.per_queue,
+            o.per_queue(),
+            o.queues
+        ));
     }
     if r.faults != 0 {
         bad.push(format!("{} DMA fault(s) recorded", r.faults));
     }
-    if o.demo.strategy == "magazine" && o.demo.flush == "percore" && !o.demo.no_translation && !o.demo.caching_mode {
+    if o.demo.strategy == "magazine"
+        && o.demo.flush == "percore"
+        && !o.demo.no_translation
+        && !o.demo.caching_mode
+    {
         for (what, v, max) in [
             ("ipc_round_trips", r.round_trips_per_k_domain, 2.0),
             ("invalidations", r.invalidations_per_k_domain, 10.0),
         ] {
             match v {
                 Some(x) if x < max => {}
-                Some(x) => bad.push(format!("{what} per 1000 frames in a domain {x:.2} (want < {max})")),
+                Some(x) => bad.push(format!(
+                    "{what} per 1000 frames in a domain {x:.2} (want < {max})"
+                )),
                 None => bad.push(format!("no {what} in the domain stats")),
             }
         }
@@ -235,7 +280,11 @@ pub fn demo(o: &IgbOpts) -> Result<()> {
         o.queues,
         o.demo.strategy,
         if o.demo.caching_mode { "-cm" } else { "" },
-        if o.demo.no_translation { "-notrans" } else { "" }
+        if o.demo.no_translation {
+            "-notrans"
+        } else {
+            ""
+        }
     );
     println!(
         "xtask demo: booting a guest (iommud on VT-d{}, igbd with libdma {} / {}, {} queue pairs), {} frames of {} B",
@@ -249,7 +298,10 @@ pub fn demo(o: &IgbOpts) -> Result<()> {
     let r = run_igb(o, &name)?;
     for l in r.out.job_lines() {
         let t = l.trim();
-        if ["PCI ", "igbd:", "settle:", "queue:", "stats ", "loop:"].iter().any(|p| t.starts_with(p)) {
+        if ["PCI ", "igbd:", "settle:", "queue:", "stats ", "loop:"]
+            .iter()
+            .any(|p| t.starts_with(p))
+        {
             println!("{t}");
         }
     }
@@ -287,7 +339,10 @@ pub fn test(strategy: &str, flush: &str, queues: u16, cm: bool, packets: u64) ->
         },
         queues,
     };
-    let name = format!("test-igb-q{queues}-{strategy}-{flush}{}", if cm { "-cm" } else { "" });
+    let name = format!(
+        "test-igb-q{queues}-{strategy}-{flush}{}",
+        if cm { "-cm" } else { "" }
+    );
     let r = run_igb(&o, &name)?;
     println!("{}", summary(&o, &r));
     println!(
@@ -315,7 +370,8 @@ pub fn test(strategy: &str, flush: &str, queues: u16, cm: bool, packets: u64) ->
 const BAD_IOVA: u64 = 0x90_0000;
 
 fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// `cargo xtask guest-igb-fault`: on igb with 2 queues, a TX descriptor at an unmapped
@@ -324,12 +380,20 @@ fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// the control boot without translation must find the canary overwritten.
 pub fn fault() -> Result<()> {
     let o = IgbOpts {
-        demo: DemoOpts { packets: 2000, ..DemoOpts::default() },
+        demo: DemoOpts {
+            packets: 2000,
+            ..DemoOpts::default()
+        },
         queues: 2,
     };
     let mut s = start_iommud("");
-    s.push_str(&loop_cmd(&o, &format!(" --bad-iova {BAD_IOVA:#x} --canary")));
-    s.push_str(&format!("\nrc=$?\necho \"IGBD-EXIT $rc\"\n{STOP_IOMMUD}exit $rc\n"));
+    s.push_str(&loop_cmd(
+        &o,
+        &format!(" --bad-iova {BAD_IOVA:#x} --canary"),
+    ));
+    s.push_str(&format!(
+        "\nrc=$?\necho \"IGBD-EXIT $rc\"\n{STOP_IOMMUD}exit $rc\n"
+    ));
     let out = guest::run(&guest("test-igb-fault", s, false, 180))?;
     let mut bad = Vec::new();
     let mut expect = |ok: bool, what: String| {
@@ -338,33 +402,58 @@ pub fn fault() -> Result<()> {
             bad.push(what);
         }
     };
-    expect(out.success(), format!("igbd exits 0: GUEST-EXIT {:?}", out.exit_marker));
+    expect(
+        out.success(),
+        format!("igbd exits 0: GUEST-EXIT {:?}", out.exit_marker),
+    );
     let l = kv_line(&out, "loop:");
     let n = |k: &str| l.as_ref().and_then(|m| get(m, k));
     expect(
         n("received") == Some(o.total()) && n("lost") == Some(0) && n("corrupt") == Some(0),
-        format!("traffic after the faults intact: received={:?} lost={:?} corrupt={:?} of {}", n("received"), n("lost"), n("corrupt"), o.total()),
+        format!(
+            "traffic after the faults intact: received={:?} lost={:?} corrupt={:?} of {}",
+            n("received"),
+            n("lost"),
+            n("corrupt"),
+            o.total()
+        ),
     );
     let canary = out.value("canary:");
     let addr = canary.and_then(|c| kv(c, "addr")).and_then(parse_hex);
-    let changed = canary.and_then(|c| kv(c, "changed_bytes")).and_then(|v| v.parse::<u64>().ok());
+    let changed = canary
+        .and_then(|c| kv(c, "changed_bytes"))
+        .and_then(|v| v.parse::<u64>().ok());
     expect(
         canary.and_then(|c| kv(c, "descriptor_completed")) == Some("true"),
         "NIC B completed the RX descriptor pointing at the canary".into(),
     );
-    expect(changed == Some(0), format!("canary unchanged (changed_bytes={changed:?})"));
+    expect(
+        changed == Some(0),
+        format!("canary unchanged (changed_bytes={changed:?})"),
+    );
     let faults = section(&out, "FAULTS");
     for f in &faults {
         println!("       {f}");
     }
     let has = |bdf: &str, iova: u64, access: &str| {
         faults.iter().any(|f| {
-            kv(f, "bdf") == Some(bdf) && kv(f, "iova").and_then(parse_hex) == Some(iova) && kv(f, "access") == Some(access)
+            kv(f, "bdf") == Some(bdf)
+                && kv(f, "iova").and_then(parse_hex) == Some(iova)
+                && kv(f, "access") == Some(access)
         })
     };
-    expect(has("00:01.0", BAD_IOVA, "read"), format!("faults lists bdf=00:01.0 iova={BAD_IOVA:#x} access=read"));
+    expect(
+        has("00:01.0", BAD_IOVA, "read"),
+        format!("faults lists bdf=00:01.0 iova={BAD_IOVA:#x} access=read"),
+    );
     match addr {
-        Some(a) => expect(has("00:03.0", a & !0xfff, "write"), format!("faults lists bdf=00:03.0 iova={:#x} access=write", a & !0xfff)),
+        Some(a) => expect(
+            has("00:03.0", a & !0xfff, "write"),
+            format!(
+                "faults lists bdf=00:03.0 iova={:#x} access=write",
+                a & !0xfff
+            ),
+        ),
         None => expect(false, "canary address reported".into()),
     }
     // Control: without translation the NIC's write lands on the canary.
@@ -379,14 +468,51 @@ pub fn fault() -> Result<()> {
         .and_then(|v| v.parse::<u64>().ok());
     expect(
         cchanged.is_some_and(|n| n > 0),
-        format!("control (--no-translation): the NIC overwrote the canary (changed_bytes={cchanged:?})"),
+        format!(
+            "control (--no-translation): the NIC overwrote the canary (changed_bytes={cchanged:?})"
+        ),
     );
     if bad.is_empty() {
         println!("guest-igb-fault: PASS");
         Ok(())
     } else {
-        println!("guest-igb-fault: FAIL; logs {} {}", out.log_path.display(), cout.log_path.display());
+        println!(
+            "guest-igb-fault: FAIL; logs {} {}",
+            out.log_path.display(),
+            cout.log_path.display()
+        );
         Err(format!("guest-igb-fault: {}", bad.join("; ")))
+    }
+}
+
+/// Takes `--nic e1000|igb` and `--queues N` out of the demo's arguments: `Some(queues)`
+/// for igb (default 2 queue pairs), `None` for the default e1000 demo.
+pub fn split_nic_args(args: &[String]) -> Result<(Vec<String>, Option<u16>)> {
+    let (mut rest, mut nic, mut queues) = (Vec::new(), "e1000".to_string(), 2u16);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--nic" => {
+                nic = it
+                    .next()
+                    .cloned()
+                    .ok_or("--nic needs a value (e1000|igb)")?
+            }
+            "--queues" => {
+                let v = it.next().ok_or("--queues needs a value")?;
+                queues = v
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=16).contains(q))
+                    .ok_or(format!("bad --queues {v} (1..=16)"))?;
+            }
+            _ => rest.push(a.clone()),
+        }
+    }
+    match nic.as_str() {
+        "e1000" => Ok((rest, None)),
+        "igb" => Ok((rest, Some(queues))),
+        other => Err(format!("unknown --nic {other:?} (e1000|igb)")),
     }
 }
 
@@ -402,37 +528,40 @@ domain 00:01.0 ipc_round_trips 1\ndomain 00:03.0 ipc_round_trips 0\nloopdomain 0
 loop: queues=2 sent=10 received=10 corrupt=0 lost=0 duplicate=0 misrouted=0 pps=99.5\nFAULTS-BEGIN\nFAULTS-END\nGUEST-EXIT 0\n",
         );
         let r = parse(out, "t").expect("parsed");
-        assert_eq!((r.sent, r.received, r.per_queue.clone(), r.cpus.clone()), (10, 10, vec![5, 5], vec![0, 1]));
+        assert_eq!(
+            (r.sent, r.received, r.per_queue.clone(), r.cpus.clone()),
+            (10, 10, vec![5, 5], vec![0, 1])
+        );
         assert_eq!(r.round_trips_per_k, Some(100.0));
         assert_eq!(r.invalidations_per_k, Some(300.0));
         assert_eq!(r.round_trips_per_k_domain, Some(100.0));
         assert_eq!(r.invalidations_per_k_domain, Some(300.0));
-        let o = IgbOpts { demo: DemoOpts { packets: 10, ..DemoOpts::default() }, queues: 2 };
-        assert!(summary(&o, &r).starts_with("demo: nic=igb queues=2 strategy=magazine sent=10 received=10"));
+        let o = IgbOpts {
+            demo: DemoOpts {
+                packets: 10,
+                ..DemoOpts::default()
+            },
+            queues: 2,
+        };
+        assert!(summary(&o, &r)
+            .starts_with("demo: nic=igb queues=2 strategy=magazine sent=10 received=10"));
         let bad = check(&o, &r);
         assert_eq!(bad.len(), 2, "{bad:?}"); // round trips and invalidations too high
         assert!(loop_cmd(&o, "").contains("--queues 2 --packets 5"));
-    }
-}
-
-/// Takes `--nic e1000|igb` and `--queues N` out of the demo's arguments: `Some(queues)`
-/// for igb (default 2 queue pairs), `None` for the default e1000 demo.
-pub fn split_nic_args(args: &[String]) -> Result<(Vec<String>, Option<u16>)> {
-    let (mut rest, mut nic, mut queues) = (Vec::new(), "e1000".to_string(), 2u16);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--nic" => nic = it.next().cloned().ok_or("--nic needs a value (e1000|igb)")?,
-            "--queues" => {
-                let v = it.next().ok_or("--queues needs a value")?;
-                queues = v.parse().ok().filter(|q| (1..=16).contains(q)).ok_or(format!("bad --queues {v} (1..=16)"))?;
-            }
-            _ => rest.push(a.clone()),
-        }
-    }
-    match nic.as_str() {
-        "e1000" => Ok((rest, None)),
-        "igb" => Ok((rest, Some(queues))),
-        other => Err(format!("unknown --nic {other:?} (e1000|igb)")),
+        let a = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            split_nic_args(&a("--packets 9")).expect("e1000"),
+            (a("--packets 9"), None)
+        );
+        assert_eq!(
+            split_nic_args(&a("--nic igb --packets 9")).expect("igb").1,
+            Some(2)
+        );
+        assert_eq!(
+            split_nic_args(&a("--nic igb --queues 1")).expect("igb").1,
+            Some(1)
+        );
+        assert!(split_nic_args(&a("--nic igb --queues 17")).is_err());
+        assert!(split_nic_args(&a("--nic ixgbe")).is_err());
     }
 }

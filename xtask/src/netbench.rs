@@ -392,7 +392,11 @@ fn igb_script(c: &Config, o: &Opts) -> String {
     for rep in 0..o.reps {
         for (phase, translate) in [("notrans", false), (c.name.as_str(), true)] {
             s.push_str("rm -f /run/iommud.sock\n");
-            s.push_str(&start_iommud(if translate { "" } else { "--no-translation" }));
+            s.push_str(&start_iommud(if translate {
+                ""
+            } else {
+                "--no-translation"
+            }));
             let _ = writeln!(s, "echo \"igbbench-phase {phase} rep={rep}\"");
             for q in IGB_QUEUES {
                 for size in SIZES {
@@ -461,11 +465,18 @@ fn igb_rows(chosen: &[Config], o: &Opts) -> Result<()> {
     let mut bad = Vec::new();
     for c in configs {
         let secs = 150 + (o.reps * o.packets * 8) / 400;
-        let run = crate::igb::guest(&format!("netbench-igb-{}", c.name), igb_script(c, o), false, secs);
+        let run = crate::igb::guest(
+            &format!("netbench-igb-{}", c.name),
+            igb_script(c, o),
+            false,
+            secs,
+        );
         let out = guest::run(&run)?;
         let m = igb_measure(out.job_lines());
         let med = |phase: &str, q: u16, size: u64| {
-            m.pps.get(&(phase.to_string(), u64::from(q), size)).and_then(|v| spread(v))
+            m.pps
+                .get(&(phase.to_string(), u64::from(q), size))
+                .and_then(|v| spread(v))
         };
         for size in SIZES {
             let one = |q: u16| med(&c.name, q, size).map(|s| s.0);

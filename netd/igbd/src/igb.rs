@@ -61,17 +61,35 @@ impl Igb {
 
     /// Drives a function already claimed whose BAR 0 is mapped at `bar` (the Linux
     /// [`open`](Self::open) and the Redox entry both end here).
-    pub fn with_bar(bdf: String, source_id: u16, bar: MmioRegion, mapper: SharedMapper, queues: u16) -> Result<Igb> {
+    pub fn with_bar(
+        bdf: String,
+        source_id: u16,
+        bar: MmioRegion,
+        mapper: SharedMapper,
+        queues: u16,
+    ) -> Result<Igb> {
         if queues == 0 || queues > MAX_QUEUES {
-            return Err(Error::Device(format!("{queues} queue pairs: the 82576 has 1..={MAX_QUEUES}")));
+            return Err(Error::Device(format!(
+                "{queues} queue pairs: the 82576 has 1..={MAX_QUEUES}"
+            )));
         }
         let regs = Regs::new(bar);
         reset(&regs)?;
         let mut tx = Vec::new();
         let mut rx = Vec::new();
         for q in 0..queues {
-            tx.push(TxQueue::new(q, mapper.clone(), RING_LEN, Doorbell::new(regs.clone(), regs::tdt(q)))?);
-            rx.push(RxQueue::new(q, mapper.clone(), RING_LEN, Doorbell::new(regs.clone(), regs::rdt(q)))?);
+            tx.push(TxQueue::new(
+                q,
+                mapper.clone(),
+                RING_LEN,
+                Doorbell::new(regs.clone(), regs::tdt(q)),
+            )?);
+            rx.push(RxQueue::new(
+                q,
+                mapper.clone(),
+                RING_LEN,
+                Doorbell::new(regs.clone(), regs::rdt(q)),
+            )?);
         }
         let mut nic = Igb {
             bdf,
@@ -87,7 +105,13 @@ impl Igb {
         nic.mac = nic.read_mac()?;
         nic.setup_rx()?;
         nic.setup_tx()?;
-        nic.regs.wait(regs::STATUS, regs::STATUS_LU, regs::STATUS_LU, LINK_MS, "STATUS.LU (0x0008 bit 1)")?;
+        nic.regs.wait(
+            regs::STATUS,
+            regs::STATUS_LU,
+            regs::STATUS_LU,
+            LINK_MS,
+            "STATUS.LU (0x0008 bit 1)",
+        )?;
         Ok(nic)
     }
 
@@ -106,8 +130,15 @@ impl Igb {
         // §6.1: EEPROM words 0..2 hold the Ethernet address.
         let mut mac = [0u8; 6];
         for w in 0..3u32 {
-            self.regs.write(regs::EERD, eerd::START | (w << eerd::ADDR_SHIFT))?;
-            self.regs.wait(regs::EERD, eerd::DONE, eerd::DONE, 10, "EERD.DONE (0x0014 bit 1)")?;
+            self.regs
+                .write(regs::EERD, eerd::START | (w << eerd::ADDR_SHIFT))?;
+            self.regs.wait(
+                regs::EERD,
+                eerd::DONE,
+                eerd::DONE,
+                10,
+                "EERD.DONE (0x0014 bit 1)",
+            )?;
             let v = ((self.regs.read(regs::EERD)? >> eerd::DATA_SHIFT) as u16).to_le_bytes();
             mac[2 * w as usize] = v[0];
             mac[2 * w as usize + 1] = v[1];
@@ -130,20 +161,35 @@ impl Igb {
         for (k, v) in rss::reta_regs(&self.reta).iter().enumerate() {
             r.write(regs::RETA + 4 * k, *v)?;
         }
-        r.write(regs::MRQC, mrqc::RSS | mrqc::IPV4 | mrqc::TCP_IPV4 | mrqc::UDP_IPV4)?;
+        r.write(
+            regs::MRQC,
+            mrqc::RSS | mrqc::IPV4 | mrqc::TCP_IPV4 | mrqc::UDP_IPV4,
+        )?;
         for q in self.rx.iter_mut() {
             let n = q.index();
             r.write(regs::rdbal(n), q.ring_iova() as u32)?;
             r.write(regs::rdbah(n), (q.ring_iova() >> 32) as u32)?;
             r.write(regs::rdlen(n), q.ring_bytes())?;
-            r.write(regs::srrctl(n), srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN)?;
+            r.write(
+                regs::srrctl(n),
+                srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN,
+            )?;
             r.write(regs::rdh(n), 0)?;
             r.write(regs::rdt(n), 0)?;
             r.modify(regs::rxdctl(n), regs::QUEUE_ENABLE, 0)?;
-            r.wait(regs::rxdctl(n), regs::QUEUE_ENABLE, regs::QUEUE_ENABLE, QUEUE_MS, "RXDCTL.ENABLE (0xC028 + 0x40 n, bit 25)")?;
+            r.wait(
+                regs::rxdctl(n),
+                regs::QUEUE_ENABLE,
+                regs::QUEUE_ENABLE,
+                QUEUE_MS,
+                "RXDCTL.ENABLE (0xC028 + 0x40 n, bit 25)",
+            )?;
             q.arm()?;
         }
-        r.write(regs::RCTL, rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM | rctl::SECRC)?;
+        r.write(
+            regs::RCTL,
+            rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM | rctl::SECRC,
+        )?;
         Ok(())
     }
 
@@ -159,9 +205,18 @@ impl Igb {
             r.write(regs::tdh(n), 0)?;
             r.write(regs::tdt(n), 0)?;
             r.modify(regs::txdctl(n), regs::QUEUE_ENABLE, 0)?;
-            r.wait(regs::txdctl(n), regs::QUEUE_ENABLE, regs::QUEUE_ENABLE, QUEUE_MS, "TXDCTL.ENABLE (0xE028 + 0x40 n, bit 25)")?;
+            r.wait(
+                regs::txdctl(n),
+                regs::QUEUE_ENABLE,
+                regs::QUEUE_ENABLE,
+                QUEUE_MS,
+                "TXDCTL.ENABLE (0xE028 + 0x40 n, bit 25)",
+            )?;
         }
-        r.write(regs::TCTL, tctl::EN | tctl::PSP | tctl::CT_DEFAULT | tctl::COLD_FD)?;
+        r.write(
+            regs::TCTL,
+            tctl::EN | tctl::PSP | tctl::CT_DEFAULT | tctl::COLD_FD,
+        )?;
         Ok(())
     }
 
@@ -232,7 +287,13 @@ fn reset(r: &Regs) -> Result<()> {
     r.modify(regs::CTRL, ctrl::RST, 0)?;
     // The datasheet asks for at least 1 µs before the next access after a reset.
     std::thread::sleep(Duration::from_micros(10));
-    r.wait(regs::CTRL, ctrl::RST, 0, RESET_MS, "CTRL.RST (0x0000 bit 26) to clear")?;
+    r.wait(
+        regs::CTRL,
+        ctrl::RST,
+        0,
+        RESET_MS,
+        "CTRL.RST (0x0000 bit 26) to clear",
+    )?;
     r.write(regs::IMC, u32::MAX)?;
     r.write(regs::EIMC, u32::MAX)?;
     r.read(regs::ICR)?;
@@ -241,9 +302,17 @@ fn reset(r: &Regs) -> Result<()> {
         regs::MDIC,
         phy::CTRL_AUTONEG_RESTART | (phy::CTRL << mdic::REG_SHIFT) | mdic::PHY_1 | mdic::OP_WRITE,
     )?;
-    r.wait(regs::MDIC, mdic::READY, mdic::READY, MDIC_MS, "MDIC.R (0x0020 bit 28)")?;
+    r.wait(
+        regs::MDIC,
+        mdic::READY,
+        mdic::READY,
+        MDIC_MS,
+        "MDIC.R (0x0020 bit 28)",
+    )?;
     if r.read(regs::MDIC)? & mdic::ERROR != 0 {
-        return Err(Error::Device("MDIC.E (0x0020 bit 30): the PHY refused the control write".into()));
+        return Err(Error::Device(
+            "MDIC.E (0x0020 bit 30): the PHY refused the control write".into(),
+        ));
     }
     Ok(())
 }

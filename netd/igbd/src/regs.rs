@@ -208,7 +208,10 @@ mod tests {
     #[test]
     fn queue_registers_by_hand() {
         // Queue 0 at 0xC000 / 0xE000, queue 1 at + 0x40, queue 15 at + 0x3C0.
-        assert_eq!((rdbal(0), rdbah(0), rdlen(0), srrctl(0)), (0xC000, 0xC004, 0xC008, 0xC00C));
+        assert_eq!(
+            (rdbal(0), rdbah(0), rdlen(0), srrctl(0)),
+            (0xC000, 0xC004, 0xC008, 0xC00C)
+        );
         assert_eq!((rdh(0), rdt(0), rxdctl(0)), (0xC010, 0xC018, 0xC028));
         assert_eq!((rdbal(1), rdt(1), rxdctl(1)), (0xC040, 0xC058, 0xC068));
         assert_eq!(rdt(15), 0xC3D8);
@@ -220,19 +223,34 @@ mod tests {
     #[test]
     fn control_values_by_hand() {
         // SRRCTL: 2 | 001b << 25 | 1 << 31 = 0x8200_0002.
-        assert_eq!(srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN, 0x8200_0002);
+        assert_eq!(
+            srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN,
+            0x8200_0002
+        );
         // MRQC for RSS over IPv4, TCP/IPv4, UDP/IPv4: 0x2 | 0x1_0000 | 0x2_0000 | 0x40_0000.
-        assert_eq!(mrqc::RSS | mrqc::TCP_IPV4 | mrqc::IPV4 | mrqc::UDP_IPV4, 0x0043_0002);
+        assert_eq!(
+            mrqc::RSS | mrqc::TCP_IPV4 | mrqc::IPV4 | mrqc::UDP_IPV4,
+            0x0043_0002
+        );
         // RCTL: EN | UPE | MPE | BAM | SECRC = 0x2 | 0x8 | 0x10 | 0x8000 | 0x400_0000.
-        assert_eq!(rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM | rctl::SECRC, 0x0400_801A);
+        assert_eq!(
+            rctl::EN | rctl::UPE | rctl::MPE | rctl::BAM | rctl::SECRC,
+            0x0400_801A
+        );
         // TCTL: EN | PSP | CT 0x0F << 4 | COLD 0x3F << 12 = 0x0003_F0FA.
-        assert_eq!(tctl::EN | tctl::PSP | tctl::CT_DEFAULT | tctl::COLD_FD, 0x0003_F0FA);
+        assert_eq!(
+            tctl::EN | tctl::PSP | tctl::CT_DEFAULT | tctl::COLD_FD,
+            0x0003_F0FA
+        );
         assert_eq!(QUEUE_ENABLE, 0x0200_0000);
         assert_eq!(RXCSUM_PCSD, 0x2000);
         // MDIC write of 0x1340 to PHY 1 register 0: 0x1340 | 0 << 16 | 1 << 21 | 01b << 26.
         assert_eq!(phy::CTRL_AUTONEG_RESTART, 0x1340);
         assert_eq!(
-            phy::CTRL_AUTONEG_RESTART | (phy::CTRL << mdic::REG_SHIFT) | mdic::PHY_1 | mdic::OP_WRITE,
+            phy::CTRL_AUTONEG_RESTART
+                | (phy::CTRL << mdic::REG_SHIFT)
+                | mdic::PHY_1
+                | mdic::OP_WRITE,
             0x0420_1340
         );
         assert_eq!((mdic::READY, mdic::ERROR), (0x1000_0000, 0x4000_0000));

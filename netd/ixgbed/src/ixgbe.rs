@@ -56,17 +56,35 @@ impl Ixgbe {
     }
 
     /// Drives a function already claimed whose BAR 0 is mapped at `bar`.
-    pub fn with_bar(bdf: String, source_id: u16, bar: MmioRegion, mapper: SharedMapper, queues: u16) -> Result<Ixgbe> {
+    pub fn with_bar(
+        bdf: String,
+        source_id: u16,
+        bar: MmioRegion,
+        mapper: SharedMapper,
+        queues: u16,
+    ) -> Result<Ixgbe> {
         if queues == 0 || queues > MAX_QUEUES {
-            return Err(Error::Device(format!("{queues} queue pairs: RSS spreads over 1..={MAX_QUEUES}")));
+            return Err(Error::Device(format!(
+                "{queues} queue pairs: RSS spreads over 1..={MAX_QUEUES}"
+            )));
         }
         let regs = Regs::new(bar);
         program::run(&regs, &program::reset())?;
         let mut tx = Vec::new();
         let mut rx = Vec::new();
         for q in 0..queues {
-            tx.push(TxQueue::new(q, mapper.clone(), RING_LEN, Doorbell::new(regs.clone(), regs::tdt(q)))?);
-            rx.push(RxQueue::new(q, mapper.clone(), RING_LEN, Doorbell::new(regs.clone(), regs::rdt(q)))?);
+            tx.push(TxQueue::new(
+                q,
+                mapper.clone(),
+                RING_LEN,
+                Doorbell::new(regs.clone(), regs::tdt(q)),
+            )?);
+            rx.push(RxQueue::new(
+                q,
+                mapper.clone(),
+                RING_LEN,
+                Doorbell::new(regs.clone(), regs::rdt(q)),
+            )?);
         }
         let mut nic = Ixgbe {
             bdf,
@@ -83,12 +101,20 @@ impl Ixgbe {
         let rxl: Vec<RingLayout> = nic
             .rx
             .iter()
-            .map(|q| RingLayout { index: q.index(), iova: q.ring_iova(), bytes: q.ring_bytes() })
+            .map(|q| RingLayout {
+                index: q.index(),
+                iova: q.ring_iova(),
+                bytes: q.ring_bytes(),
+            })
             .collect();
         let txl: Vec<RingLayout> = nic
             .tx
             .iter()
-            .map(|q| RingLayout { index: q.index(), iova: q.ring_iova(), bytes: q.ring_bytes() })
+            .map(|q| RingLayout {
+                index: q.index(),
+                iova: q.ring_iova(),
+                bytes: q.ring_bytes(),
+            })
             .collect();
         program::run(&nic.regs, &program::rx(&rxl, &nic.reta))?;
         for q in nic.rx.iter_mut() {
@@ -109,7 +135,9 @@ impl Ixgbe {
         let lo = self.regs.read(regs::RAL0)?;
         let hi = self.regs.read(regs::RAH0)?;
         if hi & regs::RAH_AV == 0 {
-            return Err(Error::Device("RAH0.AV (0x0A204 bit 31) clear: no station address".into()));
+            return Err(Error::Device(
+                "RAH0.AV (0x0A204 bit 31) clear: no station address".into(),
+            ));
         }
         let (l, h) = (lo.to_le_bytes(), hi.to_le_bytes());
         Ok([l[0], l[1], l[2], l[3], h[0], h[1]])
@@ -154,7 +182,10 @@ impl MqNic for Ixgbe {
         for (acc, r) in self.hw.iter_mut().zip(regs) {
             *acc += u64::from(self.regs.read(r)?);
         }
-        Ok(["gptc", "gprc", "crcerrs", "mpc"].into_iter().zip(self.hw).collect())
+        Ok(["gptc", "gprc", "crcerrs", "mpc"]
+            .into_iter()
+            .zip(self.hw)
+            .collect())
     }
     fn mapper(&self) -> SharedMapper {
         self.mapper.clone()

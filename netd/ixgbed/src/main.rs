@@ -13,7 +13,8 @@ use std::process::ExitCode;
 
 use ixgbed::Ixgbe;
 
-const USAGE: &str = "usage: ixgbed loop --tx BDF --rx BDF [--queues N] [--packets N] [--size BYTES] \
+const USAGE: &str =
+    "usage: ixgbed loop --tx BDF --rx BDF [--queues N] [--packets N] [--size BYTES] \
 [--window W] [--mapper phys|libdma] [--strategy S] [--flush F] [--socket PATH] [--no-pin] \
 [--bad-iova ADDR] [--canary] [--then CMD]\n       ixgbed info BDF";
 

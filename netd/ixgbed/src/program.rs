@@ -60,10 +60,22 @@ pub fn reset() -> Vec<Step> {
         Modify(regs::CTRL, ctrl::RESET, 0),
         // §4.6.3.2: wait at least 10 ms after a global reset before polling.
         Sleep(10),
-        Wait { reg: regs::CTRL, mask: ctrl::RST, want: 0, ms: 100, what: "CTRL.RST (0x00000 bit 26) to clear" },
+        Wait {
+            reg: regs::CTRL,
+            mask: ctrl::RST,
+            want: 0,
+            ms: 100,
+            what: "CTRL.RST (0x00000 bit 26) to clear",
+        },
         Write(regs::EIMC, 0x7FFF_FFFF),
         Read(regs::EICR),
-        Wait { reg: regs::EEC, mask: regs::EEC_ARD, want: regs::EEC_ARD, ms: 500, what: "EEC.ARD (0x10010 bit 9)" },
+        Wait {
+            reg: regs::EEC,
+            mask: regs::EEC_ARD,
+            want: regs::EEC_ARD,
+            ms: 500,
+            what: "EEC.ARD (0x10010 bit 9)",
+        },
         Wait {
             reg: regs::RDRXCTL,
             mask: rdrxctl::DMAIDONE,
@@ -72,7 +84,13 @@ pub fn reset() -> Vec<Step> {
             what: "RDRXCTL.DMAIDONE (0x02F00 bit 3)",
         },
         Modify(regs::AUTOC, regs::AUTOC_RESTART_AN, 0),
-        Wait { reg: regs::LINKS, mask: regs::LINKS_UP, want: regs::LINKS_UP, ms: 5000, what: "LINKS.Link_Up (0x042A4 bit 30)" },
+        Wait {
+            reg: regs::LINKS,
+            mask: regs::LINKS_UP,
+            want: regs::LINKS_UP,
+            ms: 5000,
+            what: "LINKS.Link_Up (0x042A4 bit 30)",
+        },
     ]
 }
 
@@ -86,15 +104,31 @@ pub fn rx(queues: &[RingLayout], reta: &[u8; RETA_LEN]) -> Vec<Step> {
     v.push(Modify(regs::HLREG0, hlreg0::RXCRCSTRP, 0));
     v.push(Modify(regs::RDRXCTL, rdrxctl::CRC_STRIP, 0));
     v.push(Write(regs::RXCSUM, regs::RXCSUM_PCSD));
-    v.extend(rss::key_regs(&rss::KEY).iter().enumerate().map(|(n, &k)| Write(regs::RSSRK + 4 * n, k)));
-    v.extend(rss::reta_regs(reta).iter().enumerate().map(|(n, &r)| Write(regs::RETA + 4 * n, r)));
-    v.push(Write(regs::MRQC, mrqc::RSS | mrqc::IPV4 | mrqc::TCP_IPV4 | mrqc::UDP_IPV4));
+    v.extend(
+        rss::key_regs(&rss::KEY)
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| Write(regs::RSSRK + 4 * n, k)),
+    );
+    v.extend(
+        rss::reta_regs(reta)
+            .iter()
+            .enumerate()
+            .map(|(n, &r)| Write(regs::RETA + 4 * n, r)),
+    );
+    v.push(Write(
+        regs::MRQC,
+        mrqc::RSS | mrqc::IPV4 | mrqc::TCP_IPV4 | mrqc::UDP_IPV4,
+    ));
     for q in queues {
         let n = q.index;
         v.push(Write(regs::rdbal(n), q.iova as u32));
         v.push(Write(regs::rdbah(n), (q.iova >> 32) as u32));
         v.push(Write(regs::rdlen(n), q.bytes));
-        v.push(Write(regs::srrctl(n), srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN));
+        v.push(Write(
+            regs::srrctl(n),
+            srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN,
+        ));
         v.push(Write(regs::rdh(n), 0));
         v.push(Write(regs::rdt(n), 0));
         v.push(Modify(regs::rxdctl(n), regs::QUEUE_ENABLE, 0));
@@ -167,7 +201,13 @@ pub fn run(r: &Regs, steps: &[Step]) -> Result<()> {
             Step::Read(o) => {
                 r.read(o)?;
             }
-            Step::Wait { reg, mask, want, ms, what } => r.wait(reg, mask, want, ms, what)?,
+            Step::Wait {
+                reg,
+                mask,
+                want,
+                ms,
+                what,
+            } => r.wait(reg, mask, want, ms, what)?,
             Step::Sleep(ms) => std::thread::sleep(std::time::Duration::from_millis(ms)),
         }
     }
@@ -194,18 +234,57 @@ mod tests {
         assert_eq!(p[0], Write(0x00888, 0x7FFF_FFFF));
         assert_eq!(p[1], Modify(0x00000, 0x0400_0008, 0));
         assert_eq!(p[2], Sleep(10));
-        assert!(matches!(p[3], Wait { reg: 0x00000, mask: 0x0400_0000, want: 0, .. }));
-        assert!(matches!(p[6], Wait { reg: 0x10010, mask: 0x200, want: 0x200, .. }));
-        assert!(matches!(p[7], Wait { reg: 0x02F00, mask: 0x8, want: 0x8, .. }));
+        assert!(matches!(
+            p[3],
+            Wait {
+                reg: 0x00000,
+                mask: 0x0400_0000,
+                want: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            p[6],
+            Wait {
+                reg: 0x10010,
+                mask: 0x200,
+                want: 0x200,
+                ..
+            }
+        ));
+        assert!(matches!(
+            p[7],
+            Wait {
+                reg: 0x02F00,
+                mask: 0x8,
+                want: 0x8,
+                ..
+            }
+        ));
         assert_eq!(p[8], Modify(0x042A0, 0x1000, 0));
-        assert!(matches!(p[9], Wait { reg: 0x042A4, mask: 0x4000_0000, .. }));
+        assert!(matches!(
+            p[9],
+            Wait {
+                reg: 0x042A4,
+                mask: 0x4000_0000,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn rx_sequence_by_hand() {
         let qs = [
-            RingLayout { index: 0, iova: 0x1_2345_6000, bytes: 4096 },
-            RingLayout { index: 1, iova: 0x7000, bytes: 4096 },
+            RingLayout {
+                index: 0,
+                iova: 0x1_2345_6000,
+                bytes: 4096,
+            },
+            RingLayout {
+                index: 1,
+                iova: 0x7000,
+                bytes: 4096,
+            },
         ];
         let p = rx(&qs, &rss::reta(2));
         // Receive off first.
@@ -234,14 +313,29 @@ mod tests {
         assert!(w.contains(&(0x01040, 0x7000)) && w.contains(&(0x01044, 0)));
         assert!(p.contains(&Modify(0x01068, 0x0200_0000, 0)));
         // Each enable is followed by its wait.
-        let i = p.iter().position(|s| *s == Modify(0x01028, 0x0200_0000, 0)).expect("queue 0 enable");
-        assert!(matches!(p[i + 1], Wait { reg: 0x01028, mask: 0x0200_0000, want: 0x0200_0000, .. }));
+        let i = p
+            .iter()
+            .position(|s| *s == Modify(0x01028, 0x0200_0000, 0))
+            .expect("queue 0 enable");
+        assert!(matches!(
+            p[i + 1],
+            Wait {
+                reg: 0x01028,
+                mask: 0x0200_0000,
+                want: 0x0200_0000,
+                ..
+            }
+        ));
         assert_eq!(rx_enable(), vec![Modify(0x03000, 1, 0)]);
     }
 
     #[test]
     fn tx_sequence_by_hand() {
-        let qs = [RingLayout { index: 1, iova: 0xAB_CDEF_0000, bytes: 8192 }];
+        let qs = [RingLayout {
+            index: 1,
+            iova: 0xAB_CDEF_0000,
+            bytes: 8192,
+        }];
         let p = tx(&qs);
         assert_eq!(
             &p[..4],
@@ -258,10 +352,24 @@ mod tests {
         assert!(w.contains(&(0x06048, 8192)));
         assert!(w.contains(&(0x06050, 0)) && w.contains(&(0x06058, 0)));
         // DMA TX enable before the queue enable (§4.6.8).
-        let te = p.iter().position(|s| *s == Modify(0x04A80, 1, 0)).expect("TE");
-        let en = p.iter().position(|s| *s == Modify(0x06068, 0x0200_0000, 0)).expect("enable");
+        let te = p
+            .iter()
+            .position(|s| *s == Modify(0x04A80, 1, 0))
+            .expect("TE");
+        let en = p
+            .iter()
+            .position(|s| *s == Modify(0x06068, 0x0200_0000, 0))
+            .expect("enable");
         assert!(te < en);
-        assert_eq!(stop(1), vec![Modify(0x03000, 0, 1), Modify(0x01028, 0, 0x0200_0000), Modify(0x06028, 0, 0x0200_0000), Modify(0x04A80, 0, 1)]);
+        assert_eq!(
+            stop(1),
+            vec![
+                Modify(0x03000, 0, 1),
+                Modify(0x01028, 0, 0x0200_0000),
+                Modify(0x06028, 0, 0x0200_0000),
+                Modify(0x04A80, 0, 1)
+            ]
+        );
     }
 
     #[test]
@@ -269,13 +377,19 @@ mod tests {
         // §7.2.3.2.4 advanced TX data descriptor for 1514 bytes at 0x10_0000:
         // DTALEN 0x05EA, DTYP 0011b (0x0030_0000), DCMD EOP|IFCS|RS|DEXT = 0x2B
         // (0x2B00_0000), PAYLEN 1514 in bits 63:46 (0x017A_8000 in the high dword).
-        assert_eq!(nicdesc::desc::tx_data(0x10_0000, 1514), [0x10_0000, 0x017A_8000_2B30_05EA]);
+        assert_eq!(
+            nicdesc::desc::tx_data(0x10_0000, 1514),
+            [0x10_0000, 0x017A_8000_2B30_05EA]
+        );
         // §7.1.6.1 read format: packet buffer, no header buffer.
         assert_eq!(nicdesc::desc::rx_read(0x20_0000), [0x20_0000, 0]);
         // §7.1.6.2 write-back: RSS type 7 (UDP/IPv4) in bits 3:0, hash in 63:32,
         // DD|EOP, length 60; an RXE error (bit 29) lands in `errors`.
         let d = nicdesc::desc::RxWb::decode([0xDEAD_BEEF_0000_0007, 0x0000_003C_2000_0003]);
-        assert_eq!((d.rss_type, d.rss_hash, d.len, d.errors), (7, 0xDEAD_BEEF, 60, 0x2000_0000));
+        assert_eq!(
+            (d.rss_type, d.rss_hash, d.len, d.errors),
+            (7, 0xDEAD_BEEF, 60, 0x2000_0000)
+        );
         assert!(d.done() && d.eop());
     }
 }

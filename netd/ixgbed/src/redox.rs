@@ -25,7 +25,8 @@ pub fn run() -> Result<(), String> {
     let env = std::env::var(PCID_CHANNEL_ENV).ok();
     let fd = pcid::pcid_channel(env.as_deref())?;
     let mut buf = [0u8; 256];
-    let n = libredox::call::fpath(fd, &mut buf).map_err(|e| format!("fpath of the pcid channel: {e}"))?;
+    let n = libredox::call::fpath(fd, &mut buf)
+        .map_err(|e| format!("fpath of the pcid channel: {e}"))?;
     let path = String::from_utf8_lossy(&buf[..n]).into_owned();
     let sid = pcid::bdf_of_pci_path(&path).ok_or(format!("no PCI address in {path:?}"))?;
     let bdf = pcid::bdf_name(sid);
@@ -40,9 +41,18 @@ pub fn run() -> Result<(), String> {
         .map_err(|e| format!("{bdf}: BAR 0 at {bar:#x}: {e}"))?;
     let domain = DmaDomain::open(sid, Strategy::Magazine, FlushPolicy::PerCore)
         .map_err(|e| format!("{bdf}: iommu scheme: {e}"))?;
-    let nic = Ixgbe::with_bar(bdf.clone(), sid, regs, Arc::new(LibdmaMapper::from_domain(domain)), QUEUES)
-        .map_err(|e| format!("{bdf}: {e}"))?;
-    println!("ixgbed: {bdf} up under iommud, {QUEUES} queue pairs, source id {:#x}", nic.source_id());
+    let nic = Ixgbe::with_bar(
+        bdf.clone(),
+        sid,
+        regs,
+        Arc::new(LibdmaMapper::from_domain(domain)),
+        QUEUES,
+    )
+    .map_err(|e| format!("{bdf}: {e}"))?;
+    println!(
+        "ixgbed: {bdf} up under iommud, {QUEUES} queue pairs, source id {:#x}",
+        nic.source_id()
+    );
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

@@ -240,7 +240,15 @@ mod tests {
     fn queue_offsets_by_hand() {
         // Queue 0.
         assert_eq!(
-            [rdbal(0), rdbah(0), rdlen(0), rdh(0), srrctl(0), rdt(0), rxdctl(0)],
+            [
+                rdbal(0),
+                rdbah(0),
+                rdlen(0),
+                rdh(0),
+                srrctl(0),
+                rdt(0),
+                rxdctl(0)
+            ],
             [0x1000, 0x1004, 0x1008, 0x1010, 0x1014, 0x1018, 0x1028]
         );
         assert_eq!(
@@ -248,7 +256,10 @@ mod tests {
             [0x6000, 0x6004, 0x6008, 0x6010, 0x6018, 0x6028]
         );
         // Queue 1: + 0x40; queue 63: + 0xFC0.
-        assert_eq!([rdbal(1), rdt(1), rxdctl(1), srrctl(1)], [0x1040, 0x1058, 0x1068, 0x1054]);
+        assert_eq!(
+            [rdbal(1), rdt(1), rxdctl(1), srrctl(1)],
+            [0x1040, 0x1058, 0x1068, 0x1054]
+        );
         assert_eq!([tdbal(1), tdt(1), txdctl(1)], [0x6040, 0x6058, 0x6068]);
         assert_eq!([rdt(63), tdt(63)], [0x1FD8, 0x6FD8]);
     }
@@ -265,9 +276,15 @@ mod tests {
         assert_eq!(RTTDCS_ARBDIS, 0x40);
         assert_eq!(fctrl::MPE | fctrl::UPE | fctrl::BAM, 0x700);
         // MRQC: 0x1 | 0x1_0000 | 0x2_0000 | 0x40_0000.
-        assert_eq!(mrqc::RSS | mrqc::TCP_IPV4 | mrqc::IPV4 | mrqc::UDP_IPV4, 0x0043_0001);
+        assert_eq!(
+            mrqc::RSS | mrqc::TCP_IPV4 | mrqc::IPV4 | mrqc::UDP_IPV4,
+            0x0043_0001
+        );
         // SRRCTL: 2 | 001b << 25 | 1 << 28 = 0x1200_0002.
-        assert_eq!(srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN, 0x1200_0002);
+        assert_eq!(
+            srrctl::BSIZEPKT_2K | srrctl::DESCTYPE_ADV_ONEBUF | srrctl::DROP_EN,
+            0x1200_0002
+        );
         assert_eq!(QUEUE_ENABLE, 0x0200_0000);
         assert_eq!(RXCSUM_PCSD, 0x2000);
         assert_eq!(RAH_AV, 0x8000_0000);

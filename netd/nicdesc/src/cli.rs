@@ -111,7 +111,8 @@ pub fn parse_loop(args: &[String], usage: &str) -> std::result::Result<LoopOpts,
             "--tx" => o.tx = val()?,
             "--rx" => o.rx = val()?,
             "--queues" => {
-                o.queues = u16::try_from(parse_u64(&val()?)?).map_err(|_| "--queues too large".to_string())?
+                o.queues = u16::try_from(parse_u64(&val()?)?)
+                    .map_err(|_| "--queues too large".to_string())?
             }
             "--packets" => o.packets = parse_u64(&val()?)?,
             "--size" => o.size = parse_u64(&val()?)? as usize,
@@ -150,7 +151,10 @@ pub fn parse_loop(args: &[String], usage: &str) -> std::result::Result<LoopOpts,
 }
 
 /// The NIC's mapper and its iommud domain. The one place a driver attaches to iommud.
-pub fn attach(o: &LoopOpts, bdf: &str) -> std::result::Result<(SharedMapper, Option<Arc<DmaDomain>>), String> {
+pub fn attach(
+    o: &LoopOpts,
+    bdf: &str,
+) -> std::result::Result<(SharedMapper, Option<Arc<DmaDomain>>), String> {
     match o.mapper.as_str() {
         "phys" => Ok((Arc::new(PhysMapper::new()), None)),
         "libdma" => {
@@ -231,7 +235,11 @@ fn open_one<N: MqNic>(
             "libdma strategy {} flush {}{}",
             d.strategy().name(),
             d.flush_policy().name(),
-            if d.caching_mode() { " caching-mode" } else { "" }
+            if d.caching_mode() {
+                " caching-mode"
+            } else {
+                ""
+            }
         ),
         None => o.mapper.clone(),
     };
@@ -263,7 +271,15 @@ fn print_stats<N: MqNic>(role: &str, nic: &mut N) -> std::result::Result<(), Str
     let per_q: Vec<String> = tx
         .iter()
         .zip(rx.iter())
-        .map(|(t, r)| format!("q{}_tx={} q{}_rx={}", t.index(), t.stats().packets, r.index(), r.stats().packets))
+        .map(|(t, r)| {
+            format!(
+                "q{}_tx={} q{}_rx={}",
+                t.index(),
+                t.stats().packets,
+                r.index(),
+                r.stats().packets
+            )
+        })
         .collect();
     let hw: Vec<String> = hw.iter().map(|(k, v)| format!("hw_{k}={v}")).collect();
     println!(
@@ -356,12 +372,19 @@ fn inject_bad_iova<N: MqNic>(a: &mut N, b: &mut N, iova: u64) -> std::result::Re
         Err(err) => println!("bad-iova: TX descriptor at iova {iova:#x}: {err}"),
     }
     let arrived = drain(b)?;
-    println!("bad-iova: {arrived} frame(s) arrived on {} from it", b.bdf());
+    println!(
+        "bad-iova: {arrived} frame(s) arrived on {} from it",
+        b.bdf()
+    );
     Ok(())
 }
 
 /// `loop`: returns whether every frame arrived intact on its queue.
-pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::result::Result<bool, String> {
+pub fn run_loop<N: MqNic>(
+    name: &str,
+    open: Opener<N>,
+    o: &LoopOpts,
+) -> std::result::Result<bool, String> {
     let (mut a, da) = open_one(name, open, &o.tx, o)?;
     let (mut b, db) = open_one(name, open, &o.rx, o)?;
     let (dst, src) = (b.mac(), a.mac());
@@ -372,7 +395,11 @@ pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::res
         for (tx, rx) in atx.iter_mut().zip(brx.iter_mut()) {
             let port = mqloop::probe_port(&table, tx.index()).ok_or("no port reaches a queue")?;
             let took = mqloop::settle(tx, rx, dst, src, port).map_err(e)?;
-            println!("settle: queue {} delivering after {:.0} ms", tx.index(), took.as_secs_f64() * 1e3);
+            println!(
+                "settle: queue {} delivering after {:.0} ms",
+                tx.index(),
+                took.as_secs_f64() * 1e3
+            );
         }
     }
     if let Some(iova) = o.bad_iova {
@@ -387,11 +414,19 @@ pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::res
     } else {
         0
     };
-    let cfg = LoopCfg { packets: o.packets, size: o.size, window: o.window, pin: o.pin };
+    let cfg = LoopCfg {
+        packets: o.packets,
+        size: o.size,
+        window: o.window,
+        pin: o.pin,
+    };
     // Counters before the measured loop: rings and RX buffers are mapped, paths settled.
     let before: Vec<_> = [(a.bdf().to_string(), &da), (b.bdf().to_string(), &db)]
         .into_iter()
-        .filter_map(|(bdf, d)| d.as_ref().map(|d| (bdf.clone(), d.clone(), domain_counters(&bdf, d))))
+        .filter_map(|(bdf, d)| {
+            d.as_ref()
+                .map(|d| (bdf.clone(), d.clone(), domain_counters(&bdf, d)))
+        })
         .collect();
     let tallies: Vec<Tally> = {
         let (atx, _) = a.queues_mut();
@@ -405,11 +440,28 @@ pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::res
     print_stats("tx", &mut a)?;
     print_stats("rx", &mut b)?;
     let sum = |f: fn(&Tally) -> u64| tallies.iter().map(f).sum::<u64>();
-    let (sent, received, corrupt, lost) = (sum(|t| t.sent), sum(|t| t.received), sum(|t| t.corrupt), sum(|t| t.lost));
-    let (dup, mis, rssm, foreign) = (sum(|t| t.duplicate), sum(|t| t.misrouted), sum(|t| t.rss_mismatch), sum(|t| t.foreign));
-    let elapsed = tallies.iter().map(|t| t.elapsed_s).fold(0.0, f64::max).max(1e-9);
+    let (sent, received, corrupt, lost) = (
+        sum(|t| t.sent),
+        sum(|t| t.received),
+        sum(|t| t.corrupt),
+        sum(|t| t.lost),
+    );
+    let (dup, mis, rssm, foreign) = (
+        sum(|t| t.duplicate),
+        sum(|t| t.misrouted),
+        sum(|t| t.rss_mismatch),
+        sum(|t| t.foreign),
+    );
+    let elapsed = tallies
+        .iter()
+        .map(|t| t.elapsed_s)
+        .fold(0.0, f64::max)
+        .max(1e-9);
     let pps = received as f64 / elapsed;
-    let per_q: Vec<String> = tallies.iter().map(|t| format!("q{}={}", t.queue, t.received)).collect();
+    let per_q: Vec<String> = tallies
+        .iter()
+        .map(|t| format!("q{}={}", t.queue, t.received))
+        .collect();
     for (nic, d) in [(a.bdf().to_string(), &da), (b.bdf().to_string(), &db)] {
         if let Some(d) = d {
             print_domain(&nic, d);
@@ -437,7 +489,12 @@ pub fn run_loop<N: MqNic>(name: &str, open: Opener<N>, o: &LoopOpts) -> std::res
 }
 
 /// `info BDF`.
-pub fn info<N: MqNic>(name: &str, open: Opener<N>, bdf: &str, usage: &str) -> std::result::Result<bool, String> {
+pub fn info<N: MqNic>(
+    name: &str,
+    open: Opener<N>,
+    bdf: &str,
+    usage: &str,
+) -> std::result::Result<bool, String> {
     let o = parse_loop(&[], usage)?;
     let (mut nic, _) = open_one(name, open, bdf, &o)?;
     print_stats("info", &mut nic)?;
@@ -475,9 +532,15 @@ mod tests {
 
     #[test]
     fn loop_options() {
-        let o = parse_loop(&args("--queues 2 --packets 0x10 --size 64 --window 0 --no-pin --bad-iova 0x900000"), "u")
-            .expect("valid");
-        assert_eq!((o.queues, o.packets, o.size, o.window, o.pin), (2, 16, 64, 1, false));
+        let o = parse_loop(
+            &args("--queues 2 --packets 0x10 --size 64 --window 0 --no-pin --bad-iova 0x900000"),
+            "u",
+        )
+        .expect("valid");
+        assert_eq!(
+            (o.queues, o.packets, o.size, o.window, o.pin),
+            (2, 16, 64, 1, false)
+        );
         assert_eq!(o.bad_iova, Some(0x90_0000));
         assert!(parse_loop(&args("--size 1501"), "u").is_err());
         assert!(parse_loop(&args("--size 47"), "u").is_err());

@@ -136,10 +136,7 @@ mod tests {
             [0x1234_5000, 0x000F_0000_2B30_003C]
         );
         // 1514 bytes (0x5EA): PAYLEN 0x5EA << 14 = 0x017A_8000 in the high dword.
-        assert_eq!(
-            tx_data(0xFFFF_F000_0000, 1514)[1],
-            0x017A_8000_2B30_05EA
-        );
+        assert_eq!(tx_data(0xFFFF_F000_0000, 1514)[1], 0x017A_8000_2B30_05EA);
     }
 
     #[test]

@@ -53,13 +53,22 @@ pub fn inet_csum(data: &[u8]) -> u16 {
 }
 
 fn pattern(seq: u64, i: usize) -> u8 {
-    let x = seq.wrapping_mul(0xA24B_AED4_963E_E407) ^ (i as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25);
+    let x =
+        seq.wrapping_mul(0xA24B_AED4_963E_E407) ^ (i as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25);
     (x >> 31) as u8
 }
 
 /// Builds frame `seq` for `queue` from source port `sport`, `size` bytes of Ethernet
 /// payload (clamped to `MIN_SIZE..=MAX_SIZE`), into `out` (cleared first).
-pub fn build(dst: [u8; 6], src: [u8; 6], sport: u16, queue: u16, seq: u64, size: usize, out: &mut Vec<u8>) {
+pub fn build(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sport: u16,
+    queue: u16,
+    seq: u64,
+    size: usize,
+    out: &mut Vec<u8>,
+) {
     let size = size.clamp(MIN_SIZE, MAX_SIZE);
     out.clear();
     out.extend_from_slice(&dst);
@@ -137,7 +146,10 @@ mod tests {
     fn inet_checksum_rfc1071_example() {
         // RFC 1071 §3: the words 0001 f203 f4f5 f6f7 sum (with end-around carry) to
         // 0xddf2; the checksum is its complement.
-        assert_eq!(inet_csum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), !0xddf2);
+        assert_eq!(
+            inet_csum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            !0xddf2
+        );
     }
 
     #[test]
@@ -148,7 +160,10 @@ mod tests {
         assert_eq!(&f[0..12], &[B, A].concat()[..]);
         assert_eq!(&f[12..14], &[0x08, 0x00]);
         // IPv4: 45 00 | total length 0x0040 | id 0x0708 | 40 00 | ttl 64, proto 17.
-        assert_eq!(&f[14..24], &[0x45, 0, 0x00, 0x40, 0x07, 0x08, 0x40, 0, 64, 17]);
+        assert_eq!(
+            &f[14..24],
+            &[0x45, 0, 0x00, 0x40, 0x07, 0x08, 0x40, 0, 64, 17]
+        );
         assert_eq!(&f[26..34], &[10, 0, 0, 1, 10, 0, 0, 2]);
         // Header checksum by hand: 4500 + 0040 + 0708 + 4000 + 4011 + 0a00 + 0001 +
         // 0a00 + 0002 = 0xe05c; complement 0x1fa3.

@@ -75,7 +75,10 @@ impl Tally {
         match frame::check(f) {
             Ok((_, PROBE_SEQ, _)) => {}
             Ok((q, seq, sport)) => {
-                let h = rss::toeplitz(&rss::KEY, &rss::ipv4_udp_input(frame::SRC_IP, frame::DST_IP, sport, frame::DPORT));
+                let h = rss::toeplitz(
+                    &rss::KEY,
+                    &rss::ipv4_udp_input(frame::SRC_IP, frame::DST_IP, sport, frame::DPORT),
+                );
                 if m.rss_type != 0 && m.rss_hash != h {
                     self.rss_mismatch += 1;
                 }
@@ -129,7 +132,11 @@ pub fn pin_to(cpu: usize) -> i32 {
             libc::CPU_ZERO(&mut set);
             libc::CPU_SET(cpu % n, &mut set);
             if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                eprintln!("nicdesc: pinning to CPU {}: {}", cpu % n, std::io::Error::last_os_error());
+                eprintln!(
+                    "nicdesc: pinning to CPU {}: {}",
+                    cpu % n,
+                    std::io::Error::last_os_error()
+                );
             }
         }
         // SAFETY: no preconditions.
@@ -143,7 +150,13 @@ pub fn pin_to(cpu: usize) -> i32 {
 }
 
 /// Sends probes on `tx` until one arrives on `rx` (bounded), then drains `rx`.
-pub fn settle(tx: &mut TxQueue, rx: &mut RxQueue, dst: [u8; 6], src: [u8; 6], sport: u16) -> Result<Duration> {
+pub fn settle(
+    tx: &mut TxQueue,
+    rx: &mut RxQueue,
+    dst: [u8; 6],
+    src: [u8; 6],
+    sport: u16,
+) -> Result<Duration> {
     let start = Instant::now();
     let mut probe = Vec::new();
     frame::build(dst, src, sport, tx.index(), PROBE_SEQ, 64, &mut probe);
@@ -163,7 +176,9 @@ pub fn settle(tx: &mut TxQueue, rx: &mut RxQueue, dst: [u8; 6], src: [u8; 6], sp
         let until = Instant::now() + Duration::from_millis(50);
         while !arrived && Instant::now() < until {
             tx.reap()?;
-            rx.recv_batch(64, |f, _| arrived |= matches!(frame::check(f), Ok((_, PROBE_SEQ, _))))?;
+            rx.recv_batch(64, |f, _| {
+                arrived |= matches!(frame::check(f), Ok((_, PROBE_SEQ, _)))
+            })?;
         }
     }
     let took = start.elapsed();
@@ -176,22 +191,39 @@ pub fn settle(tx: &mut TxQueue, rx: &mut RxQueue, dst: [u8; 6], src: [u8; 6], sp
     Ok(took)
 }
 
+/// Where a worker's frames go: MACs, B's redirection table, the flows' source ports.
+struct Flows<'a> {
+    dst: [u8; 6],
+    src: [u8; 6],
+    table: &'a [u8; RETA_LEN],
+    ports: &'a [u16],
+}
+
 fn worker(
     cfg: &LoopCfg,
     tx: &mut TxQueue,
     rx: &mut RxQueue,
-    dst: [u8; 6],
-    src: [u8; 6],
-    table: &[u8; RETA_LEN],
-    ports: &[u16],
+    fl: Flows<'_>,
     start_line: &Barrier,
 ) -> Result<Tally> {
+    let Flows {
+        dst,
+        src,
+        table,
+        ports,
+    } = fl;
     let q = tx.index();
     let cpu = if cfg.pin { pin_to(usize::from(q)) } else { -1 };
     let n = usize::try_from(cfg.packets).map_err(|_| Error::Device("too many packets".into()))?;
     let mut seen = vec![false; n];
-    let mut t = Tally { queue: q, cpu, ..Tally::default() };
-    let mut frames: Vec<Vec<u8>> = (0..TX_BATCH).map(|_| Vec::with_capacity(frame::ETH_HDR + cfg.size)).collect();
+    let mut t = Tally {
+        queue: q,
+        cpu,
+        ..Tally::default()
+    };
+    let mut frames: Vec<Vec<u8>> = (0..TX_BATCH)
+        .map(|_| Vec::with_capacity(frame::ETH_HDR + cfg.size))
+        .collect();
     let window = u64::from(cfg.window.max(1));
     start_line.wait();
     let start = Instant::now();
@@ -251,9 +283,19 @@ pub fn run(
     let start_line = Barrier::new(pairs.len());
     let mut flows = Vec::new();
     for (tx, _) in &pairs {
-        let ports = rss::ports_for_queue(table, frame::SRC_IP, frame::DST_IP, frame::DPORT, tx.index() as u8, FLOWS);
+        let ports = rss::ports_for_queue(
+            table,
+            frame::SRC_IP,
+            frame::DST_IP,
+            frame::DPORT,
+            tx.index() as u8,
+            FLOWS,
+        );
         if ports.is_empty() {
-            return Err(Error::Device(format!("no UDP source port reaches queue {}", tx.index())));
+            return Err(Error::Device(format!(
+                "no UDP source port reaches queue {}",
+                tx.index()
+            )));
         }
         flows.push(ports);
     }
@@ -263,19 +305,37 @@ pub fn run(
             .zip(&flows)
             .map(|((tx, rx), ports)| {
                 let sl = &start_line;
-                s.spawn(move || worker(cfg, tx, rx, dst, src, table, ports, sl))
+                s.spawn(move || {
+                    let fl = Flows {
+                        dst,
+                        src,
+                        table,
+                        ports,
+                    };
+                    worker(cfg, tx, rx, fl, sl)
+                })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Device("a queue worker panicked".into()))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Device("a queue worker panicked".into())))
+            })
             .collect()
     })
 }
 
 /// The first source port that reaches `queue` (for settle probes).
 pub fn probe_port(table: &[u8; RETA_LEN], queue: u16) -> Option<u16> {
-    rss::ports_for_queue(table, frame::SRC_IP, frame::DST_IP, frame::DPORT, queue as u8, 1)
-        .first()
-        .copied()
+    rss::ports_for_queue(
+        table,
+        frame::SRC_IP,
+        frame::DST_IP,
+        frame::DPORT,
+        queue as u8,
+        1,
+    )
+    .first()
+    .copied()
 }

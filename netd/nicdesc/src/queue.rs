@@ -56,7 +56,9 @@ struct Ring {
 impl Ring {
     fn new(mapper: &SharedMapper, n: u16) -> Result<Ring> {
         if !ring::valid_len(usize::from(n)) {
-            return Err(Error::Device(format!("ring of {n} descriptors: not a multiple of 8 in 8..=32768")));
+            return Err(Error::Device(format!(
+                "ring of {n} descriptors: not a multiple of 8 in 8..=32768"
+            )));
         }
         let mem = mapper.alloc(usize::from(n) * DESC_LEN)?;
         let iova = mapper.map(&mem, 0, mem.len(), Dir::Bidirectional)?;
@@ -91,7 +93,10 @@ impl Ring {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TxSlot {
     Free,
-    Mapped { iova: u64, len: usize },
+    Mapped {
+        iova: u64,
+        len: usize,
+    },
     /// A descriptor at an address nobody mapped (fault injection).
     Raw,
 }
@@ -136,7 +141,10 @@ impl TxQueue {
             tail: 0,
             clean: 0,
             tdt,
-            stats: QueueStats { maps: 1, ..QueueStats::default() },
+            stats: QueueStats {
+                maps: 1,
+                ..QueueStats::default()
+            },
         })
     }
 
@@ -171,7 +179,10 @@ impl TxQueue {
     pub fn send_batch(&mut self, frames: &[&[u8]]) -> Result<usize> {
         for f in frames {
             if f.len() > MAX_FRAME || f.is_empty() {
-                return Err(Error::FrameTooLong { len: f.len(), max: MAX_FRAME });
+                return Err(Error::FrameTooLong {
+                    len: f.len(),
+                    max: MAX_FRAME,
+                });
             }
         }
         self.reap()?;
@@ -213,7 +224,9 @@ impl TxQueue {
     pub fn send_unmapped(&mut self, iova: u64, len: u16) -> Result<()> {
         self.reap()?;
         if self.room() == 0 {
-            return Err(Error::RingFull { slots: usize::from(self.in_flight()) });
+            return Err(Error::RingFull {
+                slots: usize::from(self.in_flight()),
+            });
         }
         let t = self.tail;
         self.ring.write(t, desc::tx_data(iova, len));
@@ -255,7 +268,10 @@ impl TxQueue {
         while self.in_flight() > 0 {
             self.reap()?;
             if start.elapsed().as_millis() as u64 > ms {
-                return Err(Error::Timeout { what: "TX descriptor write-back (STA.DD, word 1 bit 32)", ms });
+                return Err(Error::Timeout {
+                    what: "TX descriptor write-back (STA.DD, word 1 bit 32)",
+                    ms,
+                });
             }
             std::hint::spin_loop();
         }
@@ -274,7 +290,8 @@ impl TxQueue {
         }
         self.clean = self.tail;
         if self.ring.iova != 0 {
-            self.mapper.unmap(self.ring.iova, self.ring.mem.len(), Dir::Bidirectional)?;
+            self.mapper
+                .unmap(self.ring.iova, self.ring.mem.len(), Dir::Bidirectional)?;
             self.ring.iova = 0;
             self.stats.unmaps += 1;
         }
@@ -321,7 +338,10 @@ impl RxQueue {
         for _ in 0..n {
             bufs.push(mapper.alloc(BUF_LEN)?);
         }
-        let reqs: Vec<_> = bufs.iter().map(|b| (b, 0, BUF_LEN, Dir::FromDevice)).collect();
+        let reqs: Vec<_> = bufs
+            .iter()
+            .map(|b| (b, 0, BUF_LEN, Dir::FromDevice))
+            .collect();
         let iovas = mapper.map_batch(&reqs)?;
         for (i, &iova) in iovas.iter().enumerate() {
             ring.write(i as u16, desc::rx_read(iova));
@@ -336,7 +356,11 @@ impl RxQueue {
             raw_done: 0,
             next: 0,
             rdt,
-            stats: QueueStats { maps: 1 + u64::from(n), batches: 1, ..QueueStats::default() },
+            stats: QueueStats {
+                maps: 1 + u64::from(n),
+                batches: 1,
+                ..QueueStats::default()
+            },
             scratch: Vec::with_capacity(BUF_LEN),
         })
     }
@@ -407,13 +431,23 @@ impl RxQueue {
                 // SAFETY: the NIC wrote DD back for this slot (acquire fence above) and
                 // its buffer is unmapped, so the device no longer writes it; len <=
                 // BUF_LEN is inside the buffer; raw-pointer copy, no reference.
-                unsafe { ptr::copy_nonoverlapping(self.bufs[idx].as_ptr(), self.scratch.as_mut_ptr(), len) };
+                unsafe {
+                    ptr::copy_nonoverlapping(
+                        self.bufs[idx].as_ptr(),
+                        self.scratch.as_mut_ptr(),
+                        len,
+                    )
+                };
                 self.stats.packets += 1;
                 self.stats.bytes += len as u64;
                 good += 1;
                 f(
                     &self.scratch,
-                    RxMeta { queue: self.index, rss_hash: wb.rss_hash, rss_type: wb.rss_type },
+                    RxMeta {
+                        queue: self.index,
+                        rss_hash: wb.rss_hash,
+                        rss_type: wb.rss_type,
+                    },
                 );
             }
             // Clear the write-back so a slot is never taken twice, even if the refill
@@ -482,7 +516,8 @@ impl RxQueue {
             }
         }
         if self.ring.iova != 0 {
-            self.mapper.unmap(self.ring.iova, self.ring.mem.len(), Dir::Bidirectional)?;
+            self.mapper
+                .unmap(self.ring.iova, self.ring.mem.len(), Dir::Bidirectional)?;
             self.ring.iova = 0;
             self.stats.unmaps += 1;
         }

@@ -44,7 +44,14 @@ impl Regs {
 
     /// Polls `off` until `(value & mask) == want`, sleeping 1 ms between reads, for at
     /// most `ms` milliseconds; the error names `what` (the register and bit).
-    pub fn wait(&self, off: usize, mask: u32, want: u32, ms: u64, what: &'static str) -> Result<()> {
+    pub fn wait(
+        &self,
+        off: usize,
+        mask: u32,
+        want: u32,
+        ms: u64,
+        what: &'static str,
+    ) -> Result<()> {
         let start = std::time::Instant::now();
         loop {
             if self.read(off)? & mask == want {

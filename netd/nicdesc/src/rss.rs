@@ -15,9 +15,9 @@ pub const RETA_LEN: usize = 128;
 /// The key of Microsoft's RSS verification suite; the drivers program it, so its
 /// published test vectors check the hash here and the NIC's write-back checks QEMU's.
 pub const KEY: [u8; KEY_LEN] = [
-    0x6d, 0x5a, 0x56, 0xda, 0x25, 0x5b, 0x0e, 0xc2, 0x41, 0x67, 0x25, 0x3d, 0x43, 0xa3, 0x8f,
-    0xb0, 0xd0, 0xca, 0x2b, 0xcb, 0xae, 0x7b, 0x30, 0xb4, 0x77, 0xcb, 0x2d, 0xa3, 0x80, 0x30,
-    0xf2, 0x0c, 0x6a, 0x42, 0xb7, 0x3b, 0xbe, 0xac, 0x01, 0xfa,
+    0x6d, 0x5a, 0x56, 0xda, 0x25, 0x5b, 0x0e, 0xc2, 0x41, 0x67, 0x25, 0x3d, 0x43, 0xa3, 0x8f, 0xb0,
+    0xd0, 0xca, 0x2b, 0xcb, 0xae, 0x7b, 0x30, 0xb4, 0x77, 0xcb, 0x2d, 0xa3, 0x80, 0x30, 0xf2, 0x0c,
+    0x6a, 0x42, 0xb7, 0x3b, 0xbe, 0xac, 0x01, 0xfa,
 ];
 
 /// Toeplitz hash of `input` under `key` (`input` at most `KEY_LEN - 4` bytes).
@@ -57,13 +57,20 @@ pub fn reta(queues: u8) -> [u8; RETA_LEN] {
 /// The 32 RETA register values (entry 4k + b in bits 8b+7:8b of register k).
 pub fn reta_regs(table: &[u8; RETA_LEN]) -> [u32; RETA_LEN / 4] {
     std::array::from_fn(|k| {
-        u32::from_le_bytes([table[4 * k], table[4 * k + 1], table[4 * k + 2], table[4 * k + 3]])
+        u32::from_le_bytes([
+            table[4 * k],
+            table[4 * k + 1],
+            table[4 * k + 2],
+            table[4 * k + 3],
+        ])
     })
 }
 
 /// The 10 RSSRK register values (key byte 4n + b in bits 8b+7:8b of register n).
 pub fn key_regs(key: &[u8; KEY_LEN]) -> [u32; KEY_LEN / 4] {
-    std::array::from_fn(|n| u32::from_le_bytes([key[4 * n], key[4 * n + 1], key[4 * n + 2], key[4 * n + 3]]))
+    std::array::from_fn(|n| {
+        u32::from_le_bytes([key[4 * n], key[4 * n + 1], key[4 * n + 2], key[4 * n + 3]])
+    })
 }
 
 /// The queue a hash selects.
@@ -93,10 +100,33 @@ mod tests {
 
     // Microsoft's RSS verification suite, IPv4 rows ("Verifying the RSS Hash
     // Calculation"): destination:port, source:port, IPv4 hash, IPv4-with-ports hash.
-    const VECTORS: [([u8; 4], u16, [u8; 4], u16, u32, u32); 3] = [
-        ([161, 142, 100, 80], 1766, [66, 9, 149, 187], 2794, 0x323e_8fc2, 0x51cc_c178),
-        ([65, 69, 140, 83], 4739, [199, 92, 111, 2], 14230, 0xd718_262a, 0xc626_b0ea),
-        ([12, 22, 207, 184], 38024, [24, 19, 198, 95], 12898, 0xd2d0_a5de, 0x5c2b_394a),
+    /// (destination, port, source, port, IPv4 hash, IPv4-with-ports hash).
+    type Vector = ([u8; 4], u16, [u8; 4], u16, u32, u32);
+    const VECTORS: [Vector; 3] = [
+        (
+            [161, 142, 100, 80],
+            1766,
+            [66, 9, 149, 187],
+            2794,
+            0x323e_8fc2,
+            0x51cc_c178,
+        ),
+        (
+            [65, 69, 140, 83],
+            4739,
+            [199, 92, 111, 2],
+            14230,
+            0xd718_262a,
+            0xc626_b0ea,
+        ),
+        (
+            [12, 22, 207, 184],
+            38024,
+            [24, 19, 198, 95],
+            12898,
+            0xd2d0_a5de,
+            0x5c2b_394a,
+        ),
     ];
 
     #[test]
