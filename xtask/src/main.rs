@@ -31,12 +31,14 @@ usage: cargo xtask <command> [options]
                             fmt --check, clippy -D warnings, cargo test, then every guest test
                             (stops at the first failure unless --keep-going)
   demo [--strategy magazine|global|identity|va] [--flush percore|strict|deferred]
-       [--caching-mode] [--no-translation] [--packets N] [--size B]
-                            boot iommud + e1000d, stream frames A->B through the IOMMU,
+       [--caching-mode] [--no-translation] [--packets N] [--size B] [--nic e1000|igb [--queues N]]
+                            boot iommud + e1000d (or igbd with N queue pairs, RSS, one pinned
+                            worker per queue), stream frames A->B through the IOMMU,
                             print iommud's stats and a `demo: ...` summary line
-  netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...]
+  netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...] [--nic e1000|igb|all]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
-                            strategy and with translation off; writes target/netbench/
+                            strategy and with translation off, and igb rows (1 and 2 queue
+                            pairs); writes target/netbench/
   help                      this text
 
 guest tests (each also a command):";
