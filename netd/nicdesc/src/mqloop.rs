@@ -63,6 +63,13 @@ pub struct Tally {
     pub lost: u64,
     /// Seconds from the common start to this queue's last frame.
     pub elapsed_s: f64,
+    /// Buffer maps and unmaps this worker made during the loop (TX queue + RX queue),
+    /// all on its own CPU.
+    pub maps: u64,
+    /// See `maps`.
+    pub unmaps: u64,
+    /// Batched map/unmap calls it made (one `map_batch` or `unmap_batch` each).
+    pub batches: u64,
 }
 
 impl Tally {
@@ -103,7 +110,7 @@ impl Tally {
     /// `queue: q=0 cpu=0 sent=N received=N ... pps=...`
     pub fn line(&self) -> String {
         format!(
-            "queue: q={} cpu={} sent={} received={} corrupt={} lost={} duplicate={} misrouted={} rss_mismatch={} foreign={} pps={:.1} elapsed_s={:.3}",
+            "queue: q={} cpu={} sent={} received={} corrupt={} lost={} duplicate={} misrouted={} rss_mismatch={} foreign={} pps={:.1} elapsed_s={:.3} maps={} unmaps={} map_batches={}",
             self.queue,
             self.cpu,
             self.sent,
@@ -115,7 +122,10 @@ impl Tally {
             self.rss_mismatch,
             self.foreign,
             self.pps(),
-            self.elapsed_s
+            self.elapsed_s,
+            self.maps,
+            self.unmaps,
+            self.batches
         )
     }
 }
@@ -225,6 +235,7 @@ fn worker(
         .map(|_| Vec::with_capacity(frame::ETH_HDR + cfg.size))
         .collect();
     let window = u64::from(cfg.window.max(1));
+    let (tx0, rx0) = (tx.stats(), rx.stats());
     start_line.wait();
     let start = Instant::now();
     let (mut last_rx, mut last_progress) = (start, start);
@@ -261,6 +272,10 @@ fn worker(
     tx.flush(1000)?;
     t.elapsed_s = last_rx.duration_since(start).as_secs_f64();
     t.lost = cfg.packets.saturating_sub(t.received + t.corrupt);
+    let (tx1, rx1) = (tx.stats(), rx.stats());
+    t.maps = (tx1.maps - tx0.maps) + (rx1.maps - rx0.maps);
+    t.unmaps = (tx1.unmaps - tx0.unmaps) + (rx1.unmaps - rx0.unmaps);
+    t.batches = (tx1.batches - tx0.batches) + (rx1.batches - rx0.batches);
     if cfg.pin {
         // SAFETY: no preconditions.
         #[cfg(target_os = "linux")]
