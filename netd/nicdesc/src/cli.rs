@@ -24,6 +24,10 @@ use crate::queue::{QueueStats, RxQueue, SharedMapper, TxQueue};
 use crate::rss::RETA_LEN;
 use crate::{frame, Error, LibdmaMapper, PhysMapper, Result};
 
+/// How long `attach` retries while iommud still holds the function for a driver that
+/// has just exited.
+const ATTACH_RETRY: Duration = Duration::from_secs(3);
+
 /// What the shared command line needs of a multi-queue NIC.
 pub trait MqNic {
     /// The function's PCI address.
@@ -162,9 +166,23 @@ pub fn attach(
                 .parse::<linuxhw::pci::Bdf>()
                 .map_err(|e| format!("{bdf}: {e}"))?
                 .source_id();
+            // A previous driver of this function that just exited may still be being
+            // detached by iommud ("busy"): retry for a while.
             #[cfg(not(target_os = "redox"))]
-            let m = LibdmaMapper::connect(&o.socket, sid, o.strategy, o.flush)
-                .map_err(|e| format!("{bdf}: iommud at {}: {e}", o.socket.display()))?;
+            let m = {
+                let until = Instant::now() + ATTACH_RETRY;
+                loop {
+                    match LibdmaMapper::connect(&o.socket, sid, o.strategy, o.flush) {
+                        Ok(m) => break m,
+                        Err(err) if err.to_string().contains("busy") && Instant::now() < until => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(err) => {
+                            return Err(format!("{bdf}: iommud at {}: {err}", o.socket.display()))
+                        }
+                    }
+                }
+            };
             #[cfg(target_os = "redox")]
             let m = DmaDomain::open(sid, o.strategy, o.flush)
                 .map(LibdmaMapper::from_domain)
