@@ -1,7 +1,7 @@
 //! `igbd`: the 82576 driver's traffic jobs (see nicdesc's `cli` for the options).
 //!
 //! ```text
-//! igbd loop --tx 0000:00:01.0 --rx 0000:00:02.0 [--queues N] [--packets N] [--size B]
+//! igbd loop --tx 0000:00:01.0 --rx 0000:00:03.0 [--queues N] [--packets N] [--size B]
 //!           [--window W] [--mapper phys|libdma] [--strategy S] [--flush F]
 //!           [--socket PATH] [--no-pin] [--bad-iova ADDR] [--canary] [--then CMD]
 //! igbd info BDF
