@@ -291,7 +291,12 @@ fn ratio(v: Option<f64>) -> String {
 
 /// `cargo xtask demo`.
 pub fn run(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    // `--nic igb [--queues N]`: the multi-queue igb demo (see crate::igb).
+    let (args, nic) = crate::igb::split_nic_args(args)?;
+    let o = parse(&args)?;
+    if let Some(queues) = nic {
+        return crate::igb::demo(&crate::igb::IgbOpts { demo: o, queues });
+    }
     let name = format!(
         "demo-{}{}{}",
         o.strategy,

@@ -4,6 +4,7 @@ mod demo;
 mod fault;
 mod fuzz;
 mod guest;
+mod igb;
 mod netbench;
 mod pipeline;
 mod redox;
@@ -34,16 +35,18 @@ usage: cargo xtask <command> [options]
                             (nightly), redox-check, fuzz (60 s per target), then every guest test
                             (stops at the first failure unless --keep-going)
   demo [--strategy magazine|global|identity|va] [--flush percore|strict|deferred]
-       [--caching-mode] [--no-translation] [--packets N] [--size B]
-                            boot iommud + e1000d, stream frames A->B through the IOMMU,
+       [--caching-mode] [--no-translation] [--packets N] [--size B] [--nic e1000|igb [--queues N]]
+                            boot iommud + e1000d (or igbd with N queue pairs, RSS, one pinned
+                            worker per queue), stream frames A->B through the IOMMU,
                             print iommud's stats and a `demo: ...` summary line
   redox-check               build for x86_64-unknown-redox (installs the target if missing) every
                             crate that runs on Redox: libraries built, binaries type-checked
   fuzz [--seconds N]        the cargo fuzz targets (protocol decoder, session on the sim), N s
                             each (default 60) from fuzz/corpus; installs cargo-fuzz if missing
-  netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...]
+  netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...] [--nic e1000|igb|all]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
-                            strategy and with translation off; writes target/netbench/
+                            strategy and with translation off, and igb rows (1 and 2 queue
+                            pairs); writes target/netbench/
   help                      this text
 
 guest tests (each also a command):";

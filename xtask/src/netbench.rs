@@ -27,8 +27,8 @@ use crate::util::{workspace_root, Flags, Result};
 #[path = "../../dmabench/src/plot.rs"]
 mod plot;
 
-const USAGE: &str =
-    "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--only NAME[,NAME...]]";
+const USAGE: &str = "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] \
+[--only NAME[,NAME...]] [--nic e1000|igb|all]";
 
 /// Frame sizes measured (bytes, including the Ethernet header).
 pub const SIZES: [u64; 2] = [64, 1500];
@@ -69,6 +69,8 @@ struct Opts {
     rounds: u64,
     reps: u64,
     only: Vec<String>,
+    /// `e1000`, `igb` (the igb rows: 1 and 2 queue pairs) or `all`.
+    nic: String,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -77,6 +79,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         rounds: 1_000,
         reps: 3,
         only: Vec::new(),
+        nic: "all".into(),
     };
     let mut f = Flags::new(args, USAGE);
     while let Some(a) = f.next_flag() {
@@ -85,6 +88,12 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--rounds" => o.rounds = f.number(a, 1)?,
             "--reps" => o.reps = f.number(a, 1)?,
             "--only" => o.only = f.value(a)?.split(',').map(str::to_string).collect(),
+            "--nic" => {
+                o.nic = f.value(a)?;
+                if !["e1000", "igb", "all"].contains(&o.nic.as_str()) {
+                    return Err(format!("unknown --nic {:?}\n{USAGE}", o.nic));
+                }
+            }
             _ => return Err(f.unknown(a)),
         }
     }
@@ -283,6 +292,9 @@ pub fn run(args: &[String]) -> Result<()> {
     if chosen.is_empty() {
         return Err(format!("--only matches no configuration\n{USAGE}"));
     }
+    if o.nic == "igb" {
+        return igb_rows(&chosen, &o);
+    }
     println!(
         "xtask netbench: {} boots; per boot {} x {} frames of {:?} B, then {} ping-pong rounds",
         chosen.len(),
@@ -293,7 +305,7 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     let mut rows: Vec<(Config, Measured)> = Vec::new();
     let mut bad = Vec::new();
-    for c in chosen {
+    for c in chosen.clone() {
         // Boot and settling (~15 s), plus the loops at a pessimistic 500 frames/s.
         let secs = 120 + (o.reps * o.packets * 2 + o.rounds) / 500;
         let run = GuestRun::new(format!("netbench-{}", c.name), script(&c, &o))
@@ -353,10 +365,180 @@ pub fn run(args: &[String]) -> Result<()> {
         "wrote {0}/results.json, {0}/throughput-ratio.svg",
         dir.display()
     );
+    let igb = if o.nic == "all" {
+        igb_rows(&chosen, &o)
+    } else {
+        Ok(())
+    };
+    if bad.is_empty() {
+        igb
+    } else {
+        Err(format!("netbench: {}", bad.join("; ")))
+    }
+}
+
+// ---- igb rows: 1 and 2 queue pairs, translation off as its own boot first ----
+
+/// Queue pairs measured on igb.
+pub const IGB_QUEUES: [u16; 2] = [1, 2];
+/// igb loops move this many times `--packets` frames: a 4000-frame igb loop lasts
+/// only tens of milliseconds here, too short to time.
+pub const IGB_PACKET_FACTOR: u64 = 5;
+
+/// The guest job of one configuration's igb rows: iommud (translation off for
+/// `notrans`), then per repetition `igbd loop` for every queue count and frame size
+/// (`--packets` x [`IGB_PACKET_FACTOR`] frames per loop, split over the queues).
+/// iommud is started once per boot: restarting it on a unit it left enabled fails
+/// (GSTS.QIES does not clear), so translation off is a boot of its own, run first.
+fn igb_script(c: &Config, o: &Opts) -> String {
+    use crate::igb::{RX, TX};
+    let mut s = start_iommud(if c.translate { "" } else { "--no-translation" });
+    for rep in 0..o.reps {
+        let _ = writeln!(s, "echo \"igbbench-phase {} rep={rep}\"", c.name);
+        for q in IGB_QUEUES {
+            for size in SIZES {
+                let _ = writeln!(
+                    s,
+                    "igbd loop --tx {TX} --rx {RX} --mapper libdma --strategy {} --flush {} --queues {q} \
+--packets {} --size {size} || echo \"netbench: igb loop failed q={q} size={size}\"",
+                    c.strategy,
+                    c.flush,
+                    (o.packets * IGB_PACKET_FACTOR / u64::from(q)).max(1)
+                );
+            }
+        }
+    }
+    s.push_str(STOP_IOMMUD);
+    s.push_str("exit 0\n");
+    s
+}
+
+/// packets/s per (phase, queues, frame size), and frames lost or corrupt.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct IgbMeasured {
+    pub pps: BTreeMap<(String, u64, u64), Vec<f64>>,
+    pub lost: u64,
+    pub corrupt: u64,
+    pub failures: Vec<String>,
+}
+
+/// Parses an igb job: `igbbench-phase <name>` lines, then `loop:` lines.
+pub fn igb_measure<'a>(lines: impl Iterator<Item = &'a str>) -> IgbMeasured {
+    let mut m = IgbMeasured::default();
+    let mut phase = String::new();
+    for l in lines {
+        let t = l.trim();
+        if let Some(p) = t.strip_prefix("igbbench-phase ") {
+            phase = p.split_whitespace().next().unwrap_or("").to_string();
+        } else if let Some(f) = fields(t, "loop:") {
+            let q = num(&f, "queues").unwrap_or(0.0) as u64;
+            let size = num(&f, "size").unwrap_or(0.0) as u64;
+            if let Some(p) = num(&f, "pps") {
+                m.pps.entry((phase.clone(), q, size)).or_default().push(p);
+            }
+            m.lost += num(&f, "lost").unwrap_or(0.0) as u64;
+            m.corrupt += num(&f, "corrupt").unwrap_or(0.0) as u64;
+        } else if t.starts_with("netbench:") {
+            m.failures.push(t.to_string());
+        }
+    }
+    m
+}
+
+/// The igb rows of `cargo xtask netbench`: one boot per configuration; writes
+/// `target/netbench/igb-results.json`.
+fn igb_rows(chosen: &[Config], o: &Opts) -> Result<()> {
+    let mut configs: Vec<Config> = configs().into_iter().filter(|c| !c.translate).collect();
+    configs.extend(chosen.iter().filter(|c| c.translate).cloned());
+    println!(
+        "xtask netbench igb: {} boots (translation off first); per boot {} reps of {:?} queue pairs x {:?} B, {} frames per loop",
+        configs.len(),
+        o.reps,
+        IGB_QUEUES,
+        SIZES,
+        o.packets * IGB_PACKET_FACTOR
+    );
+    let mut json = String::from("[\n");
+    let mut bad = Vec::new();
+    let mut all = IgbMeasured::default();
+    for c in &configs {
+        let secs = 150 + (o.reps * o.packets * IGB_PACKET_FACTOR * 4) / 400;
+        let run = crate::igb::guest(
+            &format!("netbench-igb-{}", c.name),
+            igb_script(c, o),
+            false,
+            secs,
+        );
+        let out = guest::run(&run)?;
+        let m = igb_measure(out.job_lines());
+        all.pps.extend(m.pps.clone());
+        let med = |phase: &str, q: u16, size: u64| {
+            all.pps
+                .get(&(phase.to_string(), u64::from(q), size))
+                .and_then(|v| spread(v))
+        };
+        for size in SIZES {
+            let one = |q: u16| med(&c.name, q, size).map(|s| s.0);
+            for q in IGB_QUEUES {
+                let (v, b) = (med(&c.name, q, size), med("notrans", q, size));
+                let ratio = v.zip(b).map(|(v, b)| v.0 / b.0);
+                println!(
+                    "igb {:<17} q={q} {size:>4} B: {:>8} pps ({}), translation off {:>8}, ratio {}",
+                    c.name,
+                    v.map_or("-".into(), |v| format!("{:.0}", v.0)),
+                    v.map_or("-".into(), |v| format!("{:.0}-{:.0}", v.1, v.2)),
+                    b.map_or("-".into(), |b| format!("{:.0}", b.0)),
+                    json_num(ratio)
+                );
+                if json.len() > 2 {
+                    json.push_str(",\n");
+                }
+                let _ = write!(
+                    json,
+                    "  {{\"nic\": \"igb\", \"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \"queues\": {q}, \
+\"frame_bytes\": {size}, \"packets_per_loop\": {}, \"reps\": {}, \"pps\": {}, \"pps_min\": {}, \"pps_max\": {}, \
+\"notrans_pps\": {}, \"ratio_to_notrans\": {}}}",
+                    c.name,
+                    if c.translate { c.strategy } else { "noiommu" },
+                    if c.translate { c.flush } else { "none" },
+                    c.translate,
+                    o.packets * IGB_PACKET_FACTOR,
+                    o.reps,
+                    json_num(v.map(|v| v.0)),
+                    json_num(v.map(|v| v.1)),
+                    json_num(v.map(|v| v.2)),
+                    json_num(b.map(|b| b.0)),
+                    json_num(ratio)
+                );
+            }
+            println!(
+                "igb {:<17} {size:>4} B: 2-queue / 1-queue packets/s = {}",
+                c.name,
+                json_num(one(2).zip(one(1)).map(|(a, b)| a / b))
+            );
+        }
+        if !out.success() || m.lost != 0 || m.corrupt != 0 || !m.failures.is_empty() {
+            bad.push(format!(
+                "igb {}: exit {:?}, lost {}, corrupt {}, {:?} (log {})",
+                c.name,
+                out.exit_marker,
+                m.lost,
+                m.corrupt,
+                m.failures,
+                out.log_path.display()
+            ));
+        }
+    }
+    json.push_str("\n]\n");
+    let dir = workspace_root().join("target").join("netbench");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let p = dir.join("igb-results.json");
+    std::fs::write(&p, json).map_err(|e| format!("{}: {e}", p.display()))?;
+    println!("wrote {}", p.display());
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(format!("netbench: {}", bad.join("; ")))
+        Err(format!("netbench igb: {}", bad.join("; ")))
     }
 }
 
@@ -393,6 +575,32 @@ netbench: loop failed size=64
         assert_eq!(s.matches("--ping-pong").count(), 1);
         assert!(s.contains("--packets 7 --size 1500"));
         assert!(parse(&["--reps".into(), "0".into()]).is_err());
+    }
+
+    #[test]
+    fn igb_phases_and_queues() {
+        let text = "igbbench-phase notrans rep=0\n\
+loop: queues=1 sent=10 received=10 corrupt=0 lost=0 pps=100.0 size=64\n\
+loop: queues=2 sent=10 received=10 corrupt=0 lost=0 pps=180.0 size=64\n\
+igbbench-phase magazine-percore rep=0\n\
+loop: queues=2 sent=10 received=9 corrupt=0 lost=1 pps=170.0 size=64\n";
+        let m = igb_measure(text.lines());
+        assert_eq!(m.pps[&("notrans".to_string(), 1, 64)], vec![100.0]);
+        assert_eq!(m.pps[&("notrans".to_string(), 2, 64)], vec![180.0]);
+        assert_eq!(m.pps[&("magazine-percore".to_string(), 2, 64)], vec![170.0]);
+        assert_eq!(m.lost, 1);
+        let o = parse(&["--reps".into(), "2".into(), "--nic".into(), "igb".into()]).unwrap();
+        let s = igb_script(&configs()[1], &o);
+        assert_eq!(s.matches("--no-translation").count(), 0);
+        assert_eq!(
+            igb_script(&configs()[0], &o)
+                .matches("--no-translation")
+                .count(),
+            1
+        );
+        assert_eq!(s.matches("igbd loop").count(), 2 * 2 * 2);
+        assert!(s.contains("--queues 2 --packets 10000 --size 64"));
+        assert!(parse(&["--nic".into(), "ixgbe".into()]).is_err());
     }
 
     #[test]

@@ -70,6 +70,18 @@ fn units() -> Vec<Unit> {
             nightly_features: false,
         },
         Unit {
+            what: "nicdesc, igbd and ixgbed libraries (the advanced-descriptor core and drivers)",
+            args: &["-p", "nicdesc", "-p", "igbd", "-p", "ixgbed", "--lib"],
+            sub: "build",
+            nightly_features: false,
+        },
+        Unit {
+            what: "igbd and ixgbed binaries with their Redox entries",
+            args: &["-p", "igbd", "-p", "ixgbed", "--bins"],
+            sub: "check",
+            nightly_features: false,
+        },
+        Unit {
             what: "iommud core (without the sim platform)",
             args: &["-p", "iommud", "--lib", "--no-default-features"],
             sub: "build",

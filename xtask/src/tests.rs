@@ -72,6 +72,35 @@ refused; root e1000d still moves every frame; refusals counted",
 reported in iommud's faults; the canary is intact; later bursts succeed",
             run: crate::fault::run,
         },
+        GuestTest {
+            name: "guest-igb-magazine-q1",
+            about: "igb, 1 queue pair, magazine/percore: frames intact, < 2 round trips and \
+< 10 invalidations per 1000",
+            run: || crate::igb::test("magazine", "percore", 1, false, TEST_PACKETS),
+        },
+        GuestTest {
+            name: "guest-igb-magazine-q2",
+            about: "igb, 2 queue pairs (RSS, pinned workers), magazine/percore: both queues \
+carry their frames intact, < 2 round trips and < 10 invalidations per 1000",
+            run: || crate::igb::test("magazine", "percore", 2, false, TEST_PACKETS),
+        },
+        GuestTest {
+            name: "guest-igb-magazine-q2-cm",
+            about: "igb, 2 queue pairs, magazine/percore, VT-d caching mode on: frames intact",
+            run: || crate::igb::test("magazine", "percore", 2, true, TEST_PACKETS),
+        },
+        GuestTest {
+            name: "guest-igb-global-q2",
+            about: "igb, 2 queue pairs, global/strict (validated, a round trip per batch): \
+frames intact",
+            run: || crate::igb::test("global", "strict", 2, false, SLOW_TEST_PACKETS),
+        },
+        GuestTest {
+            name: "guest-igb-fault",
+            about: "igb, 2 queues: a TX read at an unmapped IOVA and an RX write over a canary \
+page are blocked and reported; canary intact; traffic after it intact; control without translation",
+            run: crate::igb::fault,
+        },
     ]
 }
 

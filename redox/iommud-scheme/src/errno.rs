@@ -2,8 +2,8 @@
 
 use iommu_abi::proto::ErrorCode;
 use syscall::error::{
-    Error, EACCES, EBUSY, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC, EOPNOTSUPP, EPERM, EPROTO,
-    ETIMEDOUT,
+    Error, EACCES, EBUSY, EDQUOT, EINVAL, EIO, ENODEV, ENOENT, ENOMEM, ENOSPC, EOPNOTSUPP, EPERM,
+    EPROTO, ETIMEDOUT,
 };
 
 /// The errno a scheme call answers for `code`. One table, so the Linux
@@ -21,6 +21,7 @@ pub fn errno(code: ErrorCode) -> i32 {
         ErrorCode::Unsupported => EOPNOTSUPP,
         ErrorCode::NotFound => ENOENT,
         ErrorCode::Hardware => EIO,
+        ErrorCode::QuotaExceeded => EDQUOT,
     }
 }
 

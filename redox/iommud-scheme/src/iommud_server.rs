@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use iommu_abi::proto::{ErrorCode, Request};
 use iommud::policy::Peer;
 use iommud::scheme::{parse, Node, SchemeTree};
 use iommud::session::{Session, State};
-use iommu_abi::proto::{ErrorCode, Request};
 
 use crate::server::{Answer, PathKind, Server};
 
@@ -35,9 +35,7 @@ impl Server for Arc<State> {
             | Node::DomainStats(_)
             | Node::DomainMappings(_)
             | Node::Faults
-            | Node::Quotas => {
-                PathKind::ReadOnly
-            }
+            | Node::Quotas => PathKind::ReadOnly,
         })
     }
 

@@ -17,9 +17,9 @@
 
 use std::collections::BTreeMap;
 
+use iommu_abi::proto::{Reply, Request, HEADER_LEN};
 use iommud::policy::Peer;
 use iommud::session::Share;
-use iommu_abi::proto::{Reply, Request, HEADER_LEN};
 use redox_scheme::scheme::SchemeSync;
 use redox_scheme::{CallerCtx, OpenResult};
 use syscall::error::{Error, Result, EBADF, EINVAL, EISDIR, ENOTDIR, EOVERFLOW};

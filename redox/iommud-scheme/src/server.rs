@@ -5,9 +5,9 @@
 //! real state. The path parsing and request handling stay in iommud (the same
 //! code the Linux socket server calls); this trait only names them.
 
+use iommu_abi::proto::{ErrorCode, Request};
 use iommud::policy::Peer;
 use iommud::session::Share;
-use iommu_abi::proto::{ErrorCode, Request};
 
 /// What a path opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use iommu_abi::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
 use iommud::platform::sim::{SimMmio, SimPlatform};
 use iommud::policy::Peer;
 use iommud::scheme::SchemeTree;
@@ -10,7 +11,6 @@ use iommud::session::State;
 use iommud::unit::{Iommu, UnitConfig};
 use iommud_scheme::client::{session_path, Channel, Endpoint};
 use iommud_scheme::scheme::{IommuScheme, ROOT_ID};
-use iommu_abi::proto::{ErrorCode, FlushPolicy, Request, Strategy, VERSION};
 use redox_scheme::scheme::SchemeSync;
 use redox_scheme::{CallerCtx, OpenResult, RequestKind};
 use syscall::error::{EACCES, EBADF, EINVAL, ENOENT, EPERM};

@@ -55,12 +55,19 @@ pub fn qemu_args(run: &GuestRun, assets: &Assets, initrd: &Path) -> Vec<String> 
         "intel-iommu,intremap=off,caching-mode={}",
         if run.caching_mode { "on" } else { "off" }
     ));
-    for id in ["a", "b"] {
+    for (id, slot) in [("a", 1), ("b", 3)] {
         a.push("-netdev".into());
         a.push(format!("hubport,hubid=0,id={id}"));
         a.push("-device".into());
+        // igb reserves its 8 SR-IOV VFs at devfn + 0x80 (stride 2): two igbs in adjacent
+        // slots collide, so the second goes to slot 3 (00:03.0); e1000s stay at 1 and 2.
+        let addr = if run.nic_model == "igb" {
+            format!(",addr={slot:#x}")
+        } else {
+            String::new()
+        };
         // No option ROM: the guest never boots from the network, and iPXE only slows TCG.
-        a.push(format!("{},netdev={id},romfile=", run.nic_model));
+        a.push(format!("{},netdev={id},romfile={addr}", run.nic_model));
     }
     a.extend(run.extra_qemu_args.iter().cloned());
     a

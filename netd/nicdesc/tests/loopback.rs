@@ -1,0 +1,251 @@
+//! The queues against a NIC played by the test: a TX queue and an RX queue over heap
+//! "DMA" memory (IOVA = CPU address) and a register file in a temporary file. The model
+//! reads the tails the queues write, takes TX descriptors between head and tail, copies
+//! each frame into the next RX buffer it owns and writes both write-backs, as the
+//! datasheets describe. Checks that every frame arrives intact, the tails and heads
+//! follow the ring protocol, every buffer the NIC touches is mapped at that moment, and
+//! every map is unmapped exactly once.
+
+use std::collections::BTreeMap;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use linuxhw::mmio::MmioRegion;
+use nicdesc::desc::{self, RxWb};
+use nicdesc::frame;
+use nicdesc::queue::{RxQueue, SharedMapper, TxQueue};
+use nicdesc::regs::{Doorbell, Regs};
+use nicdesc::{Dir, DmaBuf, DmaMapper};
+
+/// Heap memory, IOVA = address; tracks live mappings.
+#[derive(Default)]
+struct HeapMapper {
+    blocks: Mutex<Vec<Box<[u64]>>>,
+    live: Mutex<BTreeMap<u64, usize>>,
+    counts: Mutex<(u64, u64)>,
+}
+
+impl HeapMapper {
+    fn mapped(&self, iova: u64, len: usize) -> bool {
+        let live = self.live.lock().unwrap();
+        live.range(..=iova)
+            .next_back()
+            .is_some_and(|(&a, &l)| iova + len as u64 <= a + l as u64)
+    }
+}
+
+impl DmaMapper for HeapMapper {
+    fn alloc(&self, len: usize) -> e1000d::Result<DmaBuf> {
+        let mut b = vec![0u64; len.div_ceil(8)].into_boxed_slice();
+        let p = NonNull::new(b.as_mut_ptr().cast::<u8>()).expect("heap pointer");
+        self.blocks.lock().unwrap().push(b);
+        // SAFETY: the block lives in `blocks` (never freed before the mapper) and holds
+        // at least len bytes; "physical" = virtual address for this model.
+        Ok(unsafe { DmaBuf::new(p, p.as_ptr() as u64, len) })
+    }
+    fn map(&self, buf: &DmaBuf, offset: usize, len: usize, _dir: Dir) -> e1000d::Result<u64> {
+        buf.check_range(offset, len)?;
+        let iova = buf.phys() + offset as u64;
+        let prev = self.live.lock().unwrap().insert(iova, len);
+        assert!(prev.is_none(), "{iova:#x} mapped twice");
+        self.counts.lock().unwrap().0 += 1;
+        Ok(iova)
+    }
+    fn unmap(&self, iova: u64, len: usize, _dir: Dir) -> e1000d::Result<()> {
+        let l = self.live.lock().unwrap().remove(&iova);
+        assert_eq!(
+            l,
+            Some(len),
+            "unmap of {iova:#x} that is not mapped with that length"
+        );
+        self.counts.lock().unwrap().1 += 1;
+        Ok(())
+    }
+}
+
+const TDT: usize = 0x18;
+const RDT: usize = 0x28;
+
+/// The NIC, played by the test.
+struct Model {
+    regs: MmioRegion,
+    tx_base: u64,
+    rx_base: u64,
+    n: u16,
+    tdh: u16,
+    rdh: u16,
+}
+
+impl Model {
+    fn word(addr: u64, i: usize) -> *mut u64 {
+        (addr as *mut u64).wrapping_add(i)
+    }
+
+    /// Moves every posted TX frame into the next RX buffer; returns how many moved.
+    fn step(&mut self, m: &HeapMapper) -> usize {
+        let tdt = self.regs.read32(TDT).unwrap() as u16;
+        let rdt = self.regs.read32(RDT).unwrap() as u16;
+        let mut moved = 0;
+        while self.tdh != tdt {
+            if self.rdh == rdt {
+                break; // no RX buffer owned by the NIC: leave the frame queued
+            }
+            let td = Self::word(self.tx_base, 2 * usize::from(self.tdh));
+            // SAFETY: the TX ring has n descriptors and tdh < n; heap memory.
+            let (addr, w1) = unsafe { (td.read_volatile(), td.add(1).read_volatile()) };
+            assert_eq!(
+                w1 & (0xF << 20),
+                desc::DTYP_DATA,
+                "not an advanced data descriptor"
+            );
+            let len = (w1 & 0xFFFF) as usize;
+            assert_eq!((w1 >> desc::PAYLEN_SHIFT) as usize, len);
+            assert!(
+                m.mapped(addr, len),
+                "TX buffer {addr:#x}+{len} read while not mapped"
+            );
+            let rd = Self::word(self.rx_base, 2 * usize::from(self.rdh));
+            // SAFETY: as above for the RX ring.
+            let (buf, hdr) = unsafe { (rd.read_volatile(), rd.add(1).read_volatile()) };
+            assert_eq!(hdr, 0, "header buffer set");
+            assert!(
+                m.mapped(buf, 2048),
+                "RX buffer {buf:#x} written while not mapped"
+            );
+            // SAFETY: both buffers are heap blocks of at least len / 2048 bytes.
+            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf as *mut u8, len) };
+            let wb0 = (0xABCD_0123u64 << 32) | 0x7;
+            let wb1 = ((len as u64) << 32) | u64::from(desc::rxstat::DD | desc::rxstat::EOP);
+            // SAFETY: as above; write-back of both descriptors.
+            unsafe {
+                rd.write_volatile(wb0);
+                rd.add(1).write_volatile(wb1);
+                td.add(1).write_volatile(w1 | desc::TX_DD);
+            }
+            self.tdh = (self.tdh + 1) % self.n;
+            self.rdh = (self.rdh + 1) % self.n;
+            moved += 1;
+        }
+        moved
+    }
+}
+
+#[test]
+fn frames_cross_the_rings_intact_and_every_map_is_unmapped_once() {
+    let dir = std::env::temp_dir().join(format!("nicdesc-loopback-{}", std::process::id()));
+    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
+    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
+    let model_regs = MmioRegion::from_file(&dir, 4096).unwrap();
+    let heap = Arc::new(HeapMapper::default());
+    let mapper: SharedMapper = heap.clone();
+    let n = 16u16;
+    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
+    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
+    rx.arm().unwrap();
+    assert_eq!(model_regs.read32(RDT).unwrap(), u32::from(n - 1));
+    let mut model = Model {
+        regs: model_regs,
+        tx_base: tx.ring_iova(),
+        rx_base: rx.ring_iova(),
+        n,
+        tdh: 0,
+        rdh: 0,
+    };
+    assert!(heap.mapped(tx.ring_iova(), tx.ring_bytes() as usize));
+
+    let (a, b) = ([2u8; 6], [4u8; 6]);
+    let total = 200u64;
+    let (mut sent, mut got) = (0u64, Vec::new());
+    let mut f: Vec<Vec<u8>> = Vec::new();
+    while (got.len() as u64) < total {
+        // Batches of up to 7, never more than the ring holds.
+        f.clear();
+        for s in sent..(sent + 7).min(total) {
+            let mut v = Vec::new();
+            frame::build(
+                b,
+                a,
+                4000 + s as u16,
+                0,
+                s,
+                60 + (s as usize * 37) % 1400,
+                &mut v,
+            );
+            f.push(v);
+        }
+        let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+        let k = tx.send_batch(&refs).unwrap();
+        sent += k as u64;
+        assert!(tx.in_flight() < n, "one slot is always kept back");
+        model.step(&heap);
+        rx.recv_batch(64, |fr, meta| {
+            assert_eq!((meta.rss_hash, meta.rss_type), (0xABCD_0123, 7));
+            got.push(frame::check(fr).expect("intact frame"));
+        })
+        .unwrap();
+        tx.reap().unwrap();
+    }
+    tx.flush(100).unwrap();
+    let seqs: Vec<u64> = got.iter().map(|&(_, s, _)| s).collect();
+    assert_eq!(
+        seqs,
+        (0..total).collect::<Vec<_>>(),
+        "every frame once, in order"
+    );
+    let (ts, rs) = (tx.stats(), rx.stats());
+    assert_eq!((ts.packets, rs.packets), (total, total));
+    // TX: ring + one map per frame, each unmapped once.
+    assert_eq!(ts.maps, 1 + total);
+    assert_eq!(ts.unmaps, total);
+    tx.release().unwrap();
+    rx.release().unwrap();
+    assert!(
+        heap.live.lock().unwrap().is_empty(),
+        "mappings left after release"
+    );
+    let (maps, unmaps) = *heap.counts.lock().unwrap();
+    assert_eq!(maps, unmaps);
+    // RX: ring + n initial buffers + one re-map per received frame.
+    assert_eq!(maps, (1 + total) + (1 + u64::from(n) + total));
+    let _ = std::fs::remove_file(&dir);
+}
+
+#[test]
+fn an_rx_slot_holding_a_frame_is_never_overwritten_by_fault_injection() {
+    let dir = std::env::temp_dir().join(format!("nicdesc-inject-{}", std::process::id()));
+    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
+    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
+    let heap = Arc::new(HeapMapper::default());
+    let mapper: SharedMapper = heap.clone();
+    let mut tx = TxQueue::new(0, mapper.clone(), 8, Doorbell::new(regs.clone(), TDT)).unwrap();
+    let mut rx = RxQueue::new(0, mapper.clone(), 8, Doorbell::new(regs.clone(), RDT)).unwrap();
+    rx.arm().unwrap();
+    let mut model = Model {
+        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
+        tx_base: tx.ring_iova(),
+        rx_base: rx.ring_iova(),
+        n: 8,
+        tdh: 0,
+        rdh: 0,
+    };
+    let mut v = Vec::new();
+    frame::build([4; 6], [2; 6], 4000, 0, 1, 100, &mut v);
+    tx.send_batch(&[&v]).unwrap();
+    assert_eq!(model.step(&heap), 1);
+    // Slot 0 holds a received frame: posting an unmapped buffer there must be refused.
+    assert!(rx.post_unmapped(0xDEAD_0000).is_err());
+    assert_eq!(rx.recv_batch(64, |_, _| {}).unwrap(), 1);
+    // Now slot 1 is free: accepted; its own buffer is unmapped first and the
+    // descriptor points at the unmapped address.
+    let d1 = Model::word(model.rx_base, 2);
+    // SAFETY: slot 1 of the 8-descriptor RX ring, heap memory.
+    let own = unsafe { d1.read_volatile() };
+    assert!(heap.mapped(own, 2048));
+    rx.post_unmapped(0xDEAD_0000).unwrap();
+    assert!(!heap.mapped(own, 2048));
+    // SAFETY: as above.
+    let w = unsafe { [d1.read_volatile(), d1.add(1).read_volatile()] };
+    assert_eq!(w, [0xDEAD_0000, 0]);
+    assert!(!RxWb::decode(w).done());
+    let _ = std::fs::remove_file(&dir);
+}
