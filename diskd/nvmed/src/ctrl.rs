@@ -17,6 +17,17 @@ use crate::{Error, Result};
 /// PCI class code of an NVM Express controller (base 01h mass storage, sub 08h
 /// non-volatile memory, interface 02h NVMe).
 pub const CLASS_NVME: u32 = 0x01_08_02;
+/// Bytes of BAR 0 mapped (registers and the doorbells of 511 queue pairs at the
+/// smallest stride; QEMU's BAR is larger).
+pub const BAR0_LEN: usize = 0x2000;
+
+/// The class code (base, sub, interface: bytes 0x0b, 0x0a, 0x09) of a configuration
+/// header (PCI Local Bus 3.0 §6.2.1).
+pub fn class_of(config: &[u8]) -> Option<u32> {
+    let b = config.get(0x09..0x0c)?;
+    Some(u32::from(b[2]) << 16 | u32::from(b[1]) << 8 | u32::from(b[0]))
+}
+
 /// Admin queue entries.
 pub const ADMIN_ENTRIES: u16 = 32;
 /// I/O queue entries (queue depth up to 63 per queue).
@@ -346,5 +357,23 @@ impl<M: DmaMapper + Send + Sync + 'static> Nvme<M> {
     /// An unused buffer of `len` bytes from the mapper (for callers building I/O).
     pub fn alloc(&self, len: usize) -> Result<DmaBuf> {
         Ok(self.mapper.alloc(len)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_code_from_config_header() {
+        let mut cfg = [0u8; 0x40];
+        // QEMU nvme: revision 2 at 0x08, interface 02, subclass 08, base class 01.
+        cfg[0x08..0x0c].copy_from_slice(&[0x02, 0x02, 0x08, 0x01]);
+        assert_eq!(class_of(&cfg), Some(CLASS_NVME));
+        assert_eq!(class_of(&cfg), Some(0x01_08_02));
+        // An e1000 (network controller 02 00 00).
+        cfg[0x09..0x0c].copy_from_slice(&[0x00, 0x00, 0x02]);
+        assert_eq!(class_of(&cfg), Some(0x02_00_00));
+        assert_eq!(class_of(&cfg[..0x0b]), None);
     }
 }

@@ -159,8 +159,23 @@ fn short_bdf(bdf: &str) -> String {
     bdf.strip_prefix("0000:").unwrap_or(bdf).to_string()
 }
 
+#[cfg(target_os = "redox")]
+mod redox;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Started by pcid-spawner on Redox: drive the function it names.
+    #[cfg(target_os = "redox")]
+    if std::env::var_os(e1000d::pcid::PCID_CHANNEL_ENV).is_some() {
+        return match redox::run() {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("nvmed: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let o = match parse(&args) {
         Ok(o) => o,
         Err(e) => {
