@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo xtask demo --disk [--strategy S] [--flush F] [--caching-mode] [--no-translation]
-//! cargo xtask diskbench [--ios N] [--only NAME[,NAME...]]
+//! cargo xtask diskbench [--ios N] [--only NAME[,NAME...]] [--idle-sleep-us N]
 //! ```
 //! The demo fills 64 MiB of the disk with verified blocks and runs a short mixed
 //! workload (4 KiB random and 128 KiB sequential reads and writes, every block read
@@ -42,6 +42,8 @@ pub struct DiskOpts {
     pub no_translation: bool,
     /// `nvmed --job` specs.
     pub jobs: Vec<String>,
+    /// More `nvmed` options (e.g. `--idle-sleep-us 50`).
+    pub nvmed_extra: String,
 }
 
 impl Default for DiskOpts {
@@ -52,6 +54,7 @@ impl Default for DiskOpts {
             caching_mode: false,
             no_translation: false,
             jobs: vec!["randrw/4096/16/4000".into(), "seqrw/128k/4/400".into()],
+            nvmed_extra: String::new(),
         }
     }
 }
@@ -83,6 +86,9 @@ fn nvmed_cmd(o: &DiskOpts, cmd: &str, extra: &str) -> String {
     );
     for j in &o.jobs {
         let _ = write!(s, " --job {j}");
+    }
+    if !o.nvmed_extra.is_empty() {
+        let _ = write!(s, " {}", o.nvmed_extra);
     }
     if !extra.is_empty() {
         s.push(' ');
@@ -538,7 +544,8 @@ pub fn bench_jobs(ios: u64) -> Vec<String> {
     ]
 }
 
-const BENCH_USAGE: &str = "usage: cargo xtask diskbench [--ios N] [--only NAME[,NAME...]]";
+const BENCH_USAGE: &str =
+    "usage: cargo xtask diskbench [--ios N] [--only NAME[,NAME...]] [--idle-sleep-us N]";
 
 fn json_num(x: f64) -> String {
     if x.is_finite() {
@@ -626,10 +633,12 @@ fn ratio_chart(rows: &[(Config, Vec<JobResult>)]) -> plot::Chart {
 pub fn diskbench(args: &[String]) -> Result<()> {
     let mut ios = 20_000u64;
     let mut only: Vec<String> = Vec::new();
+    let mut extra = String::new();
     let mut f = Flags::new(args, BENCH_USAGE);
     while let Some(a) = f.next_flag() {
         match a {
             "--ios" => ios = f.number(a, 64)?,
+            "--idle-sleep-us" => extra = format!("--idle-sleep-us {}", f.number(a, 1)?),
             "--only" => only = f.value(a)?.split(',').map(str::to_string).collect(),
             _ => return Err(f.unknown(a)),
         }
@@ -656,6 +665,7 @@ pub fn diskbench(args: &[String]) -> Result<()> {
             caching_mode: false,
             no_translation: !c.translate,
             jobs: jobs_spec.clone(),
+            nvmed_extra: extra.clone(),
         };
         let name = format!("diskbench-{}", c.name);
         let disk = image(&name, true)?;

@@ -209,6 +209,8 @@ pub struct Worker<M: DmaMapper> {
     busy: Vec<bool>,
     rng: u64,
     cursor: u64,
+    /// Sleep this long after 64 empty polls in a row (None: spin, yielding the CPU).
+    pub idle_sleep: Option<Duration>,
 }
 
 // SAFETY: the data buffers are DMA memory owned by the mapper (alive through the queue's
@@ -240,6 +242,7 @@ impl<M: DmaMapper> Worker<M> {
             busy: vec![false; units as usize],
             rng: 0x9e37_79b9_7f4a_7c15 ^ (cpu as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
             cursor: 0,
+            idle_sleep: None,
         })
     }
 
@@ -282,6 +285,7 @@ impl<M: DmaMapper> Worker<M> {
         let (mut issued, mut done) = (0u64, 0u64);
         let mut last = Instant::now();
         let mut wrote = false;
+        let mut idle = 0u32;
         while done < ios {
             while issued < ios && !free.is_empty() {
                 let unit = if job.random {
@@ -351,6 +355,7 @@ impl<M: DmaMapper> Worker<M> {
             match self.q.poll()? {
                 Some(d) => {
                     last = Instant::now();
+                    idle = 0;
                     done += 1;
                     let bi = d.tag as usize;
                     let req = reqs
@@ -419,7 +424,16 @@ impl<M: DmaMapper> Worker<M> {
                             ms: STALL.as_millis() as u64,
                         });
                     }
-                    std::hint::spin_loop();
+                    idle += 1;
+                    if idle >= 64 {
+                        idle = 0;
+                        match self.idle_sleep {
+                            Some(t) => std::thread::sleep(t),
+                            None => std::thread::yield_now(),
+                        }
+                    } else {
+                        std::hint::spin_loop();
+                    }
                 }
             }
         }

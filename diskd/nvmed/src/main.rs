@@ -4,7 +4,7 @@
 //! nvmed info  [--bdf BDF] [--mapper phys|libdma] [--strategy S] [--flush F] [--socket PATH]
 //! nvmed bench [--bdf BDF] [--mapper phys|libdma] [--strategy S] [--flush F] [--socket PATH]
 //!             [--queues N] [--region-mb M] [--fill] [--fill-gen G] [--expect-gen G]
-//!             [--job NAME/BS/QD/IOS]... [--then SHELL-COMMAND]
+//!             [--job NAME/BS/QD/IOS]... [--idle-sleep-us N] [--then SHELL-COMMAND]
 //! nvmed fault [--bdf BDF] [--mapper libdma] ...
 //! ```
 //! `bench` resets the controller, creates one I/O queue pair per CPU (`--queues`,
@@ -16,7 +16,8 @@
 //! `bench: job=… iops=… mbps=… p50_us=… p99_us=… verified=N corrupt=0 misplaced=0 …` line
 //! per job, with `dma: maps=… unmaps=…` and, with libdma, the domain's
 //! `ipc_round_trips` and `invalidations` during the job. `--expect-gen G` says every
-//! block already holds generation G (written by an earlier boot). Exit status 1 if any
+//! block already holds generation G (written by an earlier boot). A worker that finds no
+//! completion 64 times in a row yields its CPU, or sleeps `--idle-sleep-us` µs. Exit status 1 if any
 //! block was corrupt, misplaced or stale, or any command failed.
 //!
 //! `fault` fills a canary page of DMA memory nobody maps, submits a READ whose PRP1 is
@@ -42,7 +43,7 @@ use nvmed::Nvme;
 const USAGE: &str = "usage: nvmed info|bench|fault [--bdf BDF] [--mapper phys|libdma] \
 [--strategy magazine|global|identity|va] [--flush percore|strict|deferred] [--socket PATH] \
 [--queues N] [--region-mb M] [--fill] [--fill-gen G] [--expect-gen G] [--job NAME/BS/QD/IOS]... \
-[--then CMD]";
+[--idle-sleep-us N] [--then CMD]";
 
 #[derive(Debug)]
 struct Opts {
@@ -59,6 +60,7 @@ struct Opts {
     expect_gen: u64,
     jobs: Vec<Job>,
     then: Option<String>,
+    idle_sleep_us: u64,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -85,6 +87,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         expect_gen: 0,
         jobs: Vec::new(),
         then: None,
+        idle_sleep_us: 0,
     };
     while let Some(a) = it.next() {
         let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -107,6 +110,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--expect-gen" => o.expect_gen = parse_u64(&val()?)?,
             "--job" => o.jobs.push(Job::parse(&val()?)?),
             "--then" => o.then = Some(val()?),
+            "--idle-sleep-us" => o.idle_sleep_us = parse_u64(&val()?)?,
             _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
         }
     }
@@ -261,10 +265,10 @@ fn run<M: DmaMapper + Send + Sync + 'static>(
         let q = IoQueue::new(qp, mapper.clone(), nvme.nsid, nvme.ns.block_size)
             .map_err(|e| e.to_string())?;
         let first = i as u64 * per_worker * (BLOCK as u64 / lba);
-        workers.push(
-            Worker::new(q, &mapper, i % cpus, first, per_worker, o.expect_gen)
-                .map_err(|e| e.to_string())?,
-        );
+        let mut w = Worker::new(q, &mapper, i % cpus, first, per_worker, o.expect_gen)
+            .map_err(|e| e.to_string())?;
+        w.idle_sleep = (o.idle_sleep_us > 0).then(|| Duration::from_micros(o.idle_sleep_us));
+        workers.push(w);
     }
     println!(
         "nvmed: {} I/O queue pairs of {} entries, workers pinned to CPUs 0..{}, region {} MiB",
