@@ -638,7 +638,7 @@ pub fn diskbench(args: &[String]) -> Result<()> {
     while let Some(a) = f.next_flag() {
         match a {
             "--ios" => ios = f.number(a, 64)?,
-            "--idle-sleep-us" => extra = format!("--idle-sleep-us {}", f.number(a, 1)?),
+            "--idle-sleep-us" => extra = format!("--idle-sleep-us {}", f.number(a, 0)?),
             "--only" => only = f.value(a)?.split(',').map(str::to_string).collect(),
             _ => return Err(f.unknown(a)),
         }

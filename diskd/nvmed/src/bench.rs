@@ -286,6 +286,7 @@ impl<M: DmaMapper> Worker<M> {
         let mut last = Instant::now();
         let mut wrote = false;
         let mut idle = 0u32;
+        let mut done_batch = Vec::with_capacity(qd);
         while done < ios {
             while issued < ios && !free.is_empty() {
                 let unit = if job.random {
@@ -352,88 +353,88 @@ impl<M: DmaMapper> Worker<M> {
                 reqs[bi] = Some(Req { op, unit, gen_base });
                 issued += 1;
             }
-            match self.q.poll()? {
-                Some(d) => {
-                    last = Instant::now();
-                    idle = 0;
-                    done += 1;
-                    let bi = d.tag as usize;
-                    let req = reqs
-                        .get_mut(bi)
-                        .and_then(Option::take)
-                        .ok_or_else(|| Error::Invalid(format!("completion for idle tag {bi}")))?;
-                    free.push(bi);
-                    for b in &mut self.busy[req.unit as usize..(req.unit + per) as usize] {
-                        *b = false;
-                    }
-                    sum.ios += 1;
-                    sum.lat_ns.push(d.ns);
-                    if !d.cqe.ok() {
-                        sum.errors += 1;
-                        if sum.first_error.is_none() {
-                            sum.first_error = Some(self.q.status_error(&d).to_string());
-                        }
-                        continue;
-                    }
-                    sum.bytes += job.bs as u64;
-                    match req.op {
-                        Op::Write if req.gen_base.is_some() => {
-                            for k in 0..per {
-                                let u = (req.unit + k) as usize;
-                                self.gens[u] = job.set_gen.unwrap_or(self.gens[u] + 1);
-                            }
-                        }
-                        Op::Read => {
-                            let buf = self.bufs[bi];
-                            for k in 0..per {
-                                let u = req.unit + k;
-                                // SAFETY: the command completed and its mapping is gone;
-                                // raw copy of 4096 bytes inside the 128 KiB buffer into a
-                                // private block, no reference into DMA memory.
-                                unsafe {
-                                    std::ptr::copy_nonoverlapping(
-                                        buf.as_ptr().add(k as usize * BLOCK),
-                                        blk.as_mut_ptr().cast::<u8>(),
-                                        BLOCK,
-                                    )
-                                };
-                                let gen = self.gens[u as usize];
-                                if gen == 0 {
-                                    sum.unwritten += 1;
-                                    continue;
-                                }
-                                match pattern::verify(&blk, self.lba_of(u), gen) {
-                                    Verdict::Verified => sum.verified += 1,
-                                    Verdict::Corrupt => sum.corrupt += 1,
-                                    Verdict::Misplaced => sum.misplaced += 1,
-                                    Verdict::Stale => sum.stale += 1,
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
+            done_batch.clear();
+            self.q.poll_batch(qd, &mut done_batch)?;
+            if done_batch.is_empty() {
+                if last.elapsed() > STALL {
+                    return Err(Error::Timeout {
+                        what: format!(
+                            "I/O completion queue {} phase tag ({} commands in flight)",
+                            self.q.qid(),
+                            self.q.in_flight()
+                        ),
+                        ms: STALL.as_millis() as u64,
+                    });
                 }
-                None => {
-                    if last.elapsed() > STALL {
-                        return Err(Error::Timeout {
-                            what: format!(
-                                "I/O completion queue {} phase tag ({} commands in flight)",
-                                self.q.qid(),
-                                self.q.in_flight()
-                            ),
-                            ms: STALL.as_millis() as u64,
-                        });
+                idle += 1;
+                if idle >= 64 {
+                    idle = 0;
+                    match self.idle_sleep {
+                        Some(t) => std::thread::sleep(t),
+                        None => std::thread::yield_now(),
                     }
-                    idle += 1;
-                    if idle >= 64 {
-                        idle = 0;
-                        match self.idle_sleep {
-                            Some(t) => std::thread::sleep(t),
-                            None => std::thread::yield_now(),
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            for d in done_batch.drain(..) {
+                last = Instant::now();
+                idle = 0;
+                done += 1;
+                let bi = d.tag as usize;
+                let req = reqs
+                    .get_mut(bi)
+                    .and_then(Option::take)
+                    .ok_or_else(|| Error::Invalid(format!("completion for idle tag {bi}")))?;
+                free.push(bi);
+                for b in &mut self.busy[req.unit as usize..(req.unit + per) as usize] {
+                    *b = false;
+                }
+                sum.ios += 1;
+                sum.lat_ns.push(d.ns);
+                if !d.cqe.ok() {
+                    sum.errors += 1;
+                    if sum.first_error.is_none() {
+                        sum.first_error = Some(self.q.status_error(&d).to_string());
+                    }
+                    continue;
+                }
+                sum.bytes += job.bs as u64;
+                match req.op {
+                    Op::Write if req.gen_base.is_some() => {
+                        for k in 0..per {
+                            let u = (req.unit + k) as usize;
+                            self.gens[u] = job.set_gen.unwrap_or(self.gens[u] + 1);
                         }
-                    } else {
-                        std::hint::spin_loop();
                     }
+                    Op::Read => {
+                        let buf = self.bufs[bi];
+                        for k in 0..per {
+                            let u = req.unit + k;
+                            // SAFETY: the command completed and its mapping is gone;
+                            // raw copy of 4096 bytes inside the 128 KiB buffer into a
+                            // private block, no reference into DMA memory.
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    buf.as_ptr().add(k as usize * BLOCK),
+                                    blk.as_mut_ptr().cast::<u8>(),
+                                    BLOCK,
+                                )
+                            };
+                            let gen = self.gens[u as usize];
+                            if gen == 0 {
+                                sum.unwritten += 1;
+                                continue;
+                            }
+                            match pattern::verify(&blk, self.lba_of(u), gen) {
+                                Verdict::Verified => sum.verified += 1,
+                                Verdict::Corrupt => sum.corrupt += 1,
+                                Verdict::Misplaced => sum.misplaced += 1,
+                                Verdict::Stale => sum.stale += 1,
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

@@ -255,6 +255,7 @@ impl<M: DmaMapper> IoQueue<M> {
         if !maps.is_empty() {
             // The list page was mapped ToDevice, the data `dir`: unmap with the data's
             // direction for both (libdma ignores it; identity needs only IOVA and length).
+            // Best effort on an error path: the command never reached the device.
             if self.mapper.unmap_batch(&maps, dir).is_ok() {
                 self.unmaps += maps.len() as u64;
             }
@@ -264,35 +265,57 @@ impl<M: DmaMapper> IoQueue<M> {
 
     /// Takes one completion, if any: unmaps its buffer and list page and frees its slot.
     pub fn poll(&mut self) -> Result<Option<Done>> {
-        let Some(cqe) = self.qp.poll() else {
-            return Ok(None);
-        };
-        let slot = self
-            .slots
-            .get(usize::from(cqe.cid))
-            .copied()
-            .ok_or_else(|| Error::Invalid(format!("completion for unknown CID {}", cqe.cid)))?;
-        let Slot::Busy {
-            op,
-            data,
-            list,
-            tag,
-            start,
-        } = slot
-        else {
-            return Err(Error::Invalid(format!(
-                "completion for idle CID {} on queue {}",
-                cqe.cid, self.qp.qid
-            )));
-        };
-        self.slots[usize::from(cqe.cid)] = Slot::Free;
-        self.release(cqe.cid, data, list, dir_of(op));
-        Ok(Some(Done {
-            tag,
-            op,
-            cqe,
-            ns: start.elapsed().as_nanos() as u64,
-        }))
+        let mut out = Vec::with_capacity(1);
+        self.poll_batch(1, &mut out)?;
+        Ok(out.pop())
+    }
+
+    /// Takes up to `max` completions posted so far into `out`, frees their slots and
+    /// unmaps all their buffers and list pages in one `unmap_batch` (one round trip for
+    /// the lot with a validated strategy). Returns how many were taken.
+    pub fn poll_batch(&mut self, max: usize, out: &mut Vec<Done>) -> Result<usize> {
+        let mut maps: Vec<(u64, usize)> = Vec::new();
+        let mut taken = 0;
+        let mut bad = None;
+        while taken < max {
+            let Some(cqe) = self.qp.poll() else { break };
+            let slot = self.slots.get(usize::from(cqe.cid)).copied();
+            let Some(Slot::Busy {
+                op,
+                data,
+                list,
+                tag,
+                start,
+            }) = slot
+            else {
+                bad = Some(format!(
+                    "completion for an idle or unknown CID {} on queue {}",
+                    cqe.cid, self.qp.qid
+                ));
+                continue;
+            };
+            self.slots[usize::from(cqe.cid)] = Slot::Free;
+            self.free.push(cqe.cid);
+            maps.extend(data);
+            maps.extend(list.map(|l| (l, PAGE as usize)));
+            out.push(Done {
+                tag,
+                op,
+                cqe,
+                ns: start.elapsed().as_nanos() as u64,
+            });
+            taken += 1;
+        }
+        if !maps.is_empty() {
+            // Directions differ (data FromDevice or ToDevice, list ToDevice); unmapping
+            // needs only IOVA and length (libdma and the identity mapper ignore it).
+            self.mapper.unmap_batch(&maps, Dir::FromDevice)?;
+            self.unmaps += maps.len() as u64;
+        }
+        match bad {
+            Some(msg) => Err(Error::Invalid(msg)),
+            None => Ok(taken),
+        }
     }
 
     /// Names a failed completion.

@@ -17,7 +17,9 @@
 //! per job, with `dma: maps=… unmaps=…` and, with libdma, the domain's
 //! `ipc_round_trips` and `invalidations` during the job. `--expect-gen G` says every
 //! block already holds generation G (written by an earlier boot). A worker that finds no
-//! completion 64 times in a row yields its CPU, or sleeps `--idle-sleep-us` µs. Exit status 1 if any
+//! completion 64 times in a row sleeps `--idle-sleep-us` µs (default 50; 0: it only
+//! yields its CPU). Under TCG a spinning vCPU takes host CPU from QEMU's device model:
+//! measured, 4 KiB random reads at QD32 went from 9.1 k to 30.2 k IOPS with the sleep. Exit status 1 if any
 //! block was corrupt, misplaced or stale, or any command failed.
 //!
 //! `fault` fills a canary page of DMA memory nobody maps, submits a READ whose PRP1 is
@@ -87,7 +89,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         expect_gen: 0,
         jobs: Vec::new(),
         then: None,
-        idle_sleep_us: 0,
+        idle_sleep_us: 50,
     };
     while let Some(a) = it.next() {
         let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
