@@ -261,19 +261,20 @@ pub fn check(o: &DiskOpts, out: &GuestOutput, js: &[JobResult], faults: usize) -
         bad.push(format!("{faults} DMA fault(s) recorded"));
     }
     if o.strategy == "magazine" && o.flush == "percore" && !o.no_translation && !o.caching_mode {
-        // Blocking round trips: < 2 per 1000 I/Os. Invalidations: iommud starts one
-        // per sealed batch of 128 unmapped IOVAs, and one whenever the oldest unflushed
-        // unmap is 10 ms old (`iommud/src/domain.rs`), so at this guest's I/O rates the
-        // count follows the run time: at most maps / 128 + secs / 10 ms (+ 4 at the
-        // edges of the job).
+        // Blocking round trips: < 2 per 1000 I/Os over the run (the first magazines of
+        // each size class come from the depot: a few round trips per run, whatever its
+        // length). Invalidations: iommud starts one per sealed batch of 128 unmapped
+        // IOVAs, and one whenever the oldest unflushed unmap is 10 ms old
+        // (`iommud/src/domain.rs`), so at this guest's I/O rates the count follows the
+        // run time: at most maps / 128 + secs / 10 ms (+ 4 at the edges of the job).
+        let ios: u64 = js.iter().map(|j| j.ios).sum();
+        match js.iter().map(|j| j.ipc_round_trips).sum::<Option<u64>>() {
+            Some(x) if (x as f64) * 1000.0 / (ios.max(1) as f64) < 2.0 => {}
+            other => bad.push(format!(
+                "ipc_round_trips {other:?} for {ios} I/Os (want < 2 per 1000)"
+            )),
+        }
         for j in js {
-            match j.ipc_round_trips {
-                Some(x) if (x as f64) * 1000.0 / (j.ios.max(1) as f64) < 2.0 => {}
-                other => bad.push(format!(
-                    "{}: ipc_round_trips {other:?} for {} I/Os (want < 2 per 1000)",
-                    j.job, j.ios
-                )),
-            }
             let bound = j.maps as f64 / 128.0 + j.secs / 0.010 + 4.0;
             match j.invalidations {
                 Some(x) if (x as f64) <= bound => {}
@@ -373,7 +374,7 @@ pub fn test(strategy: &str, flush: &str, cm: bool) -> Result<()> {
         flush: flush.into(),
         caching_mode: cm,
         jobs: if strategy == "magazine" {
-            vec!["randrw/4096/16/3000".into(), "seqrw/128k/4/300".into()]
+            vec!["randrw/4096/16/6000".into(), "seqrw/128k/4/600".into()]
         } else {
             vec!["randrw/4096/8/1000".into(), "seqrw/128k/4/100".into()]
         },
@@ -780,8 +781,9 @@ FAULTS-BEGIN\nfault bdf=00:03.0 iova=0x1000 access=write\nfault bdf=00:01.0 iova
             problems.iter().any(|p| p.contains("3 bad blocks")),
             "{problems:?}"
         );
-        // 3 round trips in 1000 I/Os are too many; 7 invalidations for 1000 maps in 0.5 s
-        // are within 1000 / 128 + 50 + 4; the 128 KiB job has no counts at all.
+        // The 128 KiB job has no counts at all: no round-trip total for the run, and
+        // no invalidation count for that job; 7 invalidations for 1000 maps in 0.5 s
+        // are within 1000 / 128 + 50 + 4.
         let has = |s: &str| problems.iter().any(|p| p.contains(s));
         assert!(
             has("randread/4096/32: ipc_round_trips Some(3)"),
@@ -789,7 +791,7 @@ FAULTS-BEGIN\nfault bdf=00:03.0 iova=0x1000 access=write\nfault bdf=00:01.0 iova
         );
         assert!(!has("randread/4096/32: invalidations"), "{problems:?}");
         assert!(has("seqwrite/131072/8: invalidations None"), "{problems:?}");
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
     }
 
     #[test]
