@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! cargo xtask demo --disk [--strategy S] [--flush F] [--caching-mode] [--no-translation]
-//! cargo xtask diskbench [--ios N] [--only NAME[,NAME...]] [--idle-sleep-us N]
+//! cargo xtask diskbench [--ios N] [--reps N] [--only NAME[,NAME...]] [--idle-sleep-us N]
 //! ```
 //! The demo fills 64 MiB of the disk with verified blocks and runs a short mixed
 //! workload (4 KiB random and 128 KiB sequential reads and writes, every block read
 //! checked), prints iommud's stats and ends with
 //! `disk: strategy=… ios=N verified=N corrupt=0 iops=… faults=0`.
 //! The guest tests `guest-disk-*` (see [`crate::tests`]) reuse it. `diskbench` boots one
-//! guest per configuration (translation off first) and writes
+//! guest per configuration (translation off first; `--reps N` repeats the whole round N
+//! times, interleaved, and keeps each job's median-IOPS repetition) and writes
 //! `target/diskbench/results.json` and `target/diskbench/iops-ratio.svg`.
 
 use std::collections::BTreeMap;
@@ -545,8 +546,8 @@ pub fn bench_jobs(ios: u64) -> Vec<String> {
     ]
 }
 
-const BENCH_USAGE: &str =
-    "usage: cargo xtask diskbench [--ios N] [--only NAME[,NAME...]] [--idle-sleep-us N]";
+const BENCH_USAGE: &str = "usage: cargo xtask diskbench [--ios N] [--reps N] \
+[--only NAME[,NAME...]] [--idle-sleep-us N]";
 
 fn json_num(x: f64) -> String {
     if x.is_finite() {
@@ -556,12 +557,52 @@ fn json_num(x: f64) -> String {
     }
 }
 
-fn to_json(rows: &[(Config, Vec<JobResult>)]) -> String {
+/// Per job, the IOPS of every repetition.
+fn iops_by_job(runs: &[Vec<JobResult>]) -> BTreeMap<String, Vec<f64>> {
+    let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for js in runs {
+        for j in js {
+            m.entry(j.job.clone()).or_default().push(j.iops);
+        }
+    }
+    m
+}
+
+/// Per job (in the first run's order), the repetition with the median IOPS (the lower
+/// of the two middle ones for an even count).
+pub fn median_runs(runs: &[Vec<JobResult>]) -> Vec<JobResult> {
+    let Some(first) = runs.first() else {
+        return Vec::new();
+    };
+    first
+        .iter()
+        .filter_map(|j0| {
+            let mut all: Vec<&JobResult> = runs
+                .iter()
+                .filter_map(|js| js.iter().find(|j| j.job == j0.job))
+                .collect();
+            all.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            all.get((all.len().max(1) - 1) / 2).map(|j| (*j).clone())
+        })
+        .collect()
+}
+
+fn to_json(rows: &[(Config, Vec<JobResult>)], spreads: &[BTreeMap<String, Vec<f64>>]) -> String {
     let base = rows.iter().find(|(c, _)| !c.translate).map(|(_, j)| j);
     let mut out = String::from("[\n");
     let mut first = true;
-    for (c, js) in rows {
+    for (ci, (c, js)) in rows.iter().enumerate() {
         for j in js {
+            let reps = spreads
+                .get(ci)
+                .and_then(|m| m.get(&j.job))
+                .map(|v| {
+                    v.iter()
+                        .map(|x| json_num(*x))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
             let b = base.and_then(|b| b.iter().find(|x| x.job == j.job));
             let ratio = b.map_or(f64::NAN, |b| j.iops / b.iops);
             if !first {
@@ -574,7 +615,7 @@ fn to_json(rows: &[(Config, Vec<JobResult>)]) -> String {
                 "  {{\"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \
 \"job\": \"{}\", \"ios\": {}, \"iops\": {}, \"mbps\": {}, \"p50_us\": {}, \"p99_us\": {}, \
 \"ratio_to_notrans\": {}, \"verified\": {}, \"bad_blocks\": {}, \"errors\": {}, \"maps\": {}, \
-\"ipc_round_trips\": {}, \"invalidations\": {}}}",
+\"ipc_round_trips\": {}, \"invalidations\": {}, \"iops_reps\": [{reps}]}}",
                 c.name,
                 if c.translate { c.strategy } else { "noiommu" },
                 if c.translate { c.flush } else { "none" },
@@ -633,12 +674,14 @@ fn ratio_chart(rows: &[(Config, Vec<JobResult>)]) -> plot::Chart {
 /// `cargo xtask diskbench`.
 pub fn diskbench(args: &[String]) -> Result<()> {
     let mut ios = 20_000u64;
+    let mut reps = 1u64;
     let mut only: Vec<String> = Vec::new();
     let mut extra = String::new();
     let mut f = Flags::new(args, BENCH_USAGE);
     while let Some(a) = f.next_flag() {
         match a {
             "--ios" => ios = f.number(a, 64)?,
+            "--reps" => reps = f.number(a, 1)?,
             "--idle-sleep-us" => extra = format!("--idle-sleep-us {}", f.number(a, 0)?),
             "--only" => only = f.value(a)?.split(',').map(str::to_string).collect(),
             _ => return Err(f.unknown(a)),
@@ -653,13 +696,14 @@ pub fn diskbench(args: &[String]) -> Result<()> {
     }
     let jobs_spec = bench_jobs(ios);
     println!(
-        "xtask diskbench: {} boots, jobs {:?} after a 64 MiB fill",
+        "xtask diskbench: {} boots ({} configurations x {reps}, interleaved), jobs {:?} after a 64 MiB fill",
+        chosen.len() as u64 * reps,
         chosen.len(),
         jobs_spec
     );
-    let mut rows = Vec::new();
+    let mut runs: Vec<Vec<Vec<JobResult>>> = vec![Vec::new(); chosen.len()];
     let mut bad = Vec::new();
-    for c in chosen {
+    for (ci, c) in (0..reps).flat_map(|_| chosen.iter().enumerate()) {
         let o = DiskOpts {
             strategy: c.strategy.into(),
             flush: c.flush.into(),
@@ -703,15 +747,21 @@ pub fn diskbench(args: &[String]) -> Result<()> {
         }
         let _ =
             std::fs::remove_file(workspace_root().join(format!("target/guest/disks/{name}.raw")));
-        rows.push((c, js));
+        runs[ci].push(js);
     }
+    let rows: Vec<(Config, Vec<JobResult>)> = chosen
+        .iter()
+        .cloned()
+        .zip(runs.iter().map(|r| median_runs(r)))
+        .collect();
+    let spreads: Vec<BTreeMap<String, Vec<f64>>> = runs.iter().map(|r| iops_by_job(r)).collect();
     let dir = workspace_root().join("target").join("diskbench");
     mkdirs(&dir)?;
     let write = |n: &str, text: String| {
         let p = dir.join(n);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
     };
-    write("results.json", to_json(&rows))?;
+    write("results.json", to_json(&rows, &spreads))?;
     write("iops-ratio.svg", plot::svg(&ratio_chart(&rows)))?;
     println!("wrote {0}/results.json, {0}/iops-ratio.svg", dir.display());
     if let Some((_, base)) = rows.iter().find(|(c, _)| !c.translate) {
@@ -719,7 +769,7 @@ pub fn diskbench(args: &[String]) -> Result<()> {
             for (c, js) in rows.iter().filter(|(c, _)| c.translate) {
                 if let Some(j) = js.iter().find(|j| j.job == "randread/4096/32") {
                     println!(
-                        "randread/4096/32 ratio to translation off: {:<17} {:.3}",
+                        "randread/4096/32 ratio to translation off (medians of {reps}): {:<17} {:.3}",
                         c.name,
                         j.iops / b.iops
                     );
@@ -801,6 +851,23 @@ FAULTS-BEGIN\nfault bdf=00:03.0 iova=0x1000 access=write\nfault bdf=00:01.0 iova
         js2[0].ipc_round_trips = Some(1);
         js2[1].ipc_round_trips = Some(0);
         assert!(!check(&d, &o, &js2, 0).iter().any(|p| p.contains("round")));
+    }
+
+    #[test]
+    fn median_of_repetitions() {
+        let j = |iops: f64| JobResult {
+            job: "randread/4096/32".into(),
+            iops,
+            ..JobResult::default()
+        };
+        let runs = vec![vec![j(30.0)], vec![j(10.0)], vec![j(20.0)]];
+        assert_eq!(median_runs(&runs)[0].iops, 20.0);
+        assert_eq!(median_runs(&runs[..2])[0].iops, 10.0);
+        assert_eq!(
+            iops_by_job(&runs)["randread/4096/32"],
+            vec![30.0, 10.0, 20.0]
+        );
+        assert!(median_runs(&[]).is_empty());
     }
 
     #[test]

@@ -40,7 +40,7 @@ usage: cargo xtask <command> [options]
   demo --disk [--strategy S] [--flush F] [--caching-mode] [--no-translation]
                             boot iommud + nvmed on QEMU's NVMe (raw image), fill 64 MiB with
                             verified blocks, run a mixed workload, print a `disk: ...` line
-  diskbench [--ios N] [--only NAME,...] [--idle-sleep-us N]
+  diskbench [--ios N] [--reps N] [--only NAME,...] [--idle-sleep-us N]
                             nvmed IOPS, MB/s, p50/p99 per strategy and with translation off;
                             writes target/diskbench/
   help                      this text
