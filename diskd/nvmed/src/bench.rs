@@ -325,10 +325,12 @@ impl<M: DmaMapper> Worker<M> {
                         let gen = job.set_gen.unwrap_or(self.gens[u] + 1);
                         pattern::fill(&mut blk, self.lba_of(unit + k), gen);
                         // SAFETY: buf holds 128 KiB ≥ bs = per × 4096; not mapped yet,
-                        // so the device cannot touch it; raw copy, no reference formed.
+                        // so the device cannot touch it; blk is 4096 bytes of u64 words
+                        // (little endian on x86, as on disk); raw copy, no reference
+                        // into DMA memory formed.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
-                                pattern::as_bytes(&blk).as_ptr(),
+                                blk.as_ptr().cast::<u8>(),
                                 buf.as_ptr().add(k as usize * BLOCK),
                                 BLOCK,
                             )

@@ -85,10 +85,9 @@ pub fn verify(b: &[u64; WORDS], lba: u64, gen: u64) -> Verdict {
     Verdict::Verified
 }
 
-/// A block's words as bytes (for copying to and from DMA memory).
-pub fn as_bytes(b: &[u64; WORDS]) -> &[u8] {
-    // SAFETY: [u64; 512] is 4096 initialised bytes with no padding; u8 has alignment 1.
-    unsafe { std::slice::from_raw_parts(b.as_ptr().cast::<u8>(), BLOCK) }
+/// A block's words as the bytes they are on disk (little endian).
+pub fn to_bytes(b: &[u64; WORDS]) -> Vec<u8> {
+    b.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
 /// A zeroed block.
@@ -117,7 +116,7 @@ mod tests {
     fn header_layout_and_verdicts() {
         let mut b = block();
         fill(&mut b, 0x1234, 7);
-        let bytes = as_bytes(&b);
+        let bytes = to_bytes(&b);
         assert_eq!(&bytes[0..8], b"NVMEDBLK");
         assert_eq!(&bytes[8..16], &0x1234u64.to_le_bytes());
         assert_eq!(&bytes[16..24], &7u64.to_le_bytes());
