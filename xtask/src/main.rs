@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask <command>`. Run `cargo xtask help` for the list.
 
 mod demo;
+mod disk;
 mod fault;
 mod fuzz;
 mod guest;
@@ -47,6 +48,12 @@ usage: cargo xtask <command> [options]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
                             strategy and with translation off, and igb rows (1 and 2 queue
                             pairs); writes target/netbench/
+  demo --disk [--strategy S] [--flush F] [--caching-mode] [--no-translation]
+                            boot iommud + nvmed on QEMU's NVMe (raw image), fill 64 MiB with
+                            verified blocks, run a mixed workload, print a `disk: ...` line
+  diskbench [--ios N] [--reps N] [--only NAME,...] [--idle-sleep-us N]
+                            nvmed IOPS, MB/s, p50/p99 per strategy and with translation off;
+                            writes target/diskbench/
   help                      this text
 
 guest tests (each also a command):";
@@ -178,7 +185,12 @@ fn dispatch(args: &[String]) -> Result<()> {
             }
             pipeline::test(host_only, keep_going)
         }
+        "demo" if rest.iter().any(|a| a == "--disk") => {
+            let rest: Vec<String> = rest.iter().filter(|a| *a != "--disk").cloned().collect();
+            disk::demo(&rest)
+        }
         "demo" => demo::run(rest),
+        "diskbench" => disk::diskbench(rest),
         "netbench" => netbench::run(rest),
         "redox-check" => redox::check(),
         "fuzz" => fuzz::command(rest),

@@ -25,7 +25,7 @@ use crate::util::{workspace_root, Flags, Result};
 
 #[allow(dead_code)]
 #[path = "../../dmabench/src/plot.rs"]
-mod plot;
+pub(crate) mod plot;
 
 const USAGE: &str = "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] \
 [--only NAME[,NAME...]] [--nic e1000|igb|all]";

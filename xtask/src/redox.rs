@@ -82,6 +82,12 @@ fn units() -> Vec<Unit> {
             nightly_features: false,
         },
         Unit {
+            what: "nvmed (library, and its binary with the Redox entry type-checked)",
+            args: &["-p", "nvmed", "--lib", "--bins"],
+            sub: "check",
+            nightly_features: false,
+        },
+        Unit {
             what: "iommud core (without the sim platform)",
             args: &["-p", "iommud", "--lib", "--no-default-features"],
             sub: "build",

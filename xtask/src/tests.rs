@@ -101,6 +101,34 @@ frames intact",
 page are blocked and reported; canary intact; traffic after it intact; control without translation",
             run: crate::igb::fault,
         },
+        GuestTest {
+            name: "guest-disk-magazine",
+            about: "nvmed on QEMU's NVMe, magazine/percore: every block verified, < 2 round \
+trips and < 10 invalidations per 1000 I/Os",
+            run: || crate::disk::test("magazine", "percore", false),
+        },
+        GuestTest {
+            name: "guest-disk-global",
+            about: "nvmed, global/strict (validated, a round trip per map and unmap): verified",
+            run: || crate::disk::test("global", "strict", false),
+        },
+        GuestTest {
+            name: "guest-disk-magazine-cm",
+            about: "nvmed, magazine/percore, VT-d caching mode on: every block verified",
+            run: || crate::disk::test("magazine", "percore", true),
+        },
+        GuestTest {
+            name: "guest-disk-fault",
+            about: "nvmed: READs to an unmapped IOVA are blocked (faults name 00:03.0), fail \
+with an error status, a canary page is intact, later I/O verifies",
+            run: crate::disk::test_fault,
+        },
+        GuestTest {
+            name: "guest-disk-boots",
+            about: "nvmed: 64 MiB written translating in one boot all verify in the next \
+with translation off",
+            run: crate::disk::test_across_boots,
+        },
     ]
 }
 

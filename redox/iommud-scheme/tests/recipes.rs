@@ -71,6 +71,7 @@ fn there_are_recipes_for_iommud_and_e1000d_and_every_toml_parses() {
     for want in [
         "iommud/recipe.toml",
         "e1000d/recipe.toml",
+        "nvmed/recipe.toml",
         "recipes/README.md",
     ] {
         assert!(files.iter().any(|p| p.ends_with(want)), "missing {want}");

@@ -74,6 +74,9 @@ pub struct GuestRun {
     pub echo: bool,
     /// Connect QEMU to the terminal's stdin (for `guest-shell`).
     pub interactive: bool,
+    /// A raw image attached as an NVMe controller (`-drive if=none` + `-device nvme`,
+    /// 00:03.0, after the NICs); the guest kernel's built-in nvme driver is kept off it.
+    pub nvme_disk: Option<PathBuf>,
 }
 
 impl GuestRun {
@@ -92,7 +95,14 @@ impl GuestRun {
             extra_qemu_args: Vec::new(),
             echo: true,
             interactive: false,
+            nvme_disk: None,
         }
+    }
+
+    /// Attaches the raw image `path` as an NVMe controller at 00:03.0.
+    pub fn nvme_disk(mut self, path: impl Into<PathBuf>) -> Self {
+        self.nvme_disk = Some(path.into());
+        self
     }
 
     /// Adds the binaries of cargo package `pkg` to `/bin`.

@@ -17,6 +17,11 @@ pub fn kernel_cmdline(run: &GuestRun) -> String {
     let mut s = format!(
         "console=ttyS0 intel_iommu=off intremap=off iomem=relaxed hugepagesz=2M hugepages={HUGEPAGES} panic=-1 quiet"
     );
+    if run.nvme_disk.is_some() {
+        // The cloud kernel has CONFIG_BLK_DEV_NVME=y: keep its driver from registering,
+        // so only nvmed touches the controller (nvmed also unbinds a bound driver).
+        s.push_str(" initcall_blacklist=nvme_init");
+    }
     if !run.extra_append.is_empty() {
         s.push(' ');
         s.push_str(&run.extra_append);
@@ -68,6 +73,16 @@ pub fn qemu_args(run: &GuestRun, assets: &Assets, initrd: &Path) -> Vec<String> 
         };
         // No option ROM: the guest never boots from the network, and iPXE only slows TCG.
         a.push(format!("{},netdev={id},romfile={addr}", run.nic_model));
+    }
+    if let Some(disk) = &run.nvme_disk {
+        // After the two NICs: 00:03.0 (devfn 0x18).
+        a.push("-drive".into());
+        a.push(format!(
+            "file={},if=none,id=nvm0,format=raw",
+            disk.display()
+        ));
+        a.push("-device".into());
+        a.push("nvme,drive=nvm0,serial=nvmed0".into());
     }
     a.extend(run.extra_qemu_args.iter().cloned());
     a
