@@ -119,12 +119,21 @@ fn send_then_recv(
         ) {
             return Err(e);
         }
-        return match s.recv(reply) {
+        let got = match s.recv(reply) {
+            Err(r) if r.kind() == io::ErrorKind::ConnectionReset => s.recv(reply),
+            r => r,
+        };
+        return match got {
             Ok((n, fds)) if n > 0 => Ok((n, fds.into_iter().map(Share::file).collect())),
             _ => Err(e),
         };
     }
-    let (n, fds) = s.recv(reply)?;
+    // A refusal arrives followed by the close; Linux reports the reset
+    // (our request was never read) before the queued reply, once.
+    let (n, fds) = match s.recv(reply) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => s.recv(reply).map_err(|_| e)?,
+        r => r?,
+    };
     Ok((n, fds.into_iter().map(Share::file).collect()))
 }
 
