@@ -12,7 +12,7 @@
 
 mod harness;
 mod peers;
-mod plot;
+use benchplot as plot;
 mod ptblowup;
 mod results;
 mod served;

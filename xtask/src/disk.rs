@@ -24,8 +24,7 @@ use crate::demo::{section, start_iommud, STOP_IOMMUD};
 use crate::guest::{self, GuestOutput, GuestRun};
 use crate::util::{mkdirs, workspace_root, Flags, Result};
 
-// The plot code netbench includes from dmabench (one copy of the module in the crate).
-use crate::netbench::plot;
+use benchplot as plot;
 
 /// The controller's address in the guest (after the two NICs).
 pub const NVME_BDF: &str = "0000:00:03.0";

@@ -24,8 +24,7 @@ use crate::guest::{self, GuestOutput, GuestRun};
 use crate::util::{workspace_root, Flags, Result};
 
 #[allow(dead_code)]
-#[path = "../../dmabench/src/plot.rs"]
-pub(crate) mod plot;
+pub(crate) use benchplot as plot;
 
 const USAGE: &str = "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] \
 [--only NAME[,NAME...]] [--nic e1000|igb|all]";

@@ -1,5 +1,7 @@
-//! A small SVG writer for grouped bar charts (the research's figures: one
+//! `benchplot`: a small SVG writer for grouped bar charts (the research's figures: one
 //! group per configuration, one bar per strategy, y = throughput).
+
+#![deny(missing_docs)]
 
 use std::fmt::Write as _;
 
