@@ -93,9 +93,18 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         then: None,
         idle_sleep_us: 50,
     };
-    while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(it);
+    let lex = |e: lexopt::Error| format!("{e}\n{}", USAGE);
+    while let Some(arg) = p.next().map_err(lex)? {
+        let name = match arg {
+            Long(n) => format!("--{n}"),
+            other => return Err(lex(other.unexpected())),
+        };
+        let mut val = || -> std::result::Result<String, String> {
+            p.value().and_then(|v| v.string()).map_err(lex)
+        };
+        match name.as_str() {
             "--bdf" => o.bdf = val()?,
             "--mapper" => o.mapper = val()?,
             "--strategy" => {
@@ -115,7 +124,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--job" => o.jobs.push(Job::parse(&val()?)?),
             "--then" => o.then = Some(val()?),
             "--idle-sleep-us" => o.idle_sleep_us = parse_u64(&val()?)?,
-            _ => return Err(format!("unknown option {a:?}\n{USAGE}")),
+            _ => return Err(format!("unknown option {name:?}\n{USAGE}")),
         }
     }
     if !["phys", "libdma"].contains(&o.mapper.as_str()) {

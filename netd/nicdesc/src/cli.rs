@@ -111,10 +111,18 @@ pub fn parse_loop(args: &[String], usage: &str) -> std::result::Result<LoopOpts,
         canary: false,
         then: None,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut val = || it.next().cloned().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_args(args);
+    let lex = |e: lexopt::Error| format!("{e}\n{}", usage);
+    while let Some(arg) = p.next().map_err(lex)? {
+        let name = match arg {
+            Long(n) => format!("--{n}"),
+            other => return Err(lex(other.unexpected())),
+        };
+        let mut val = || -> std::result::Result<String, String> {
+            p.value().and_then(|v| v.string()).map_err(lex)
+        };
+        match name.as_str() {
             "--tx" => o.tx = val()?,
             "--rx" => o.rx = val()?,
             "--queues" => {
@@ -140,7 +148,7 @@ pub fn parse_loop(args: &[String], usage: &str) -> std::result::Result<LoopOpts,
             "--bad-iova" => o.bad_iova = Some(parse_u64(&val()?)?),
             "--canary" => o.canary = true,
             "--then" => o.then = Some(val()?),
-            _ => return Err(format!("unknown option {a:?}\n{usage}")),
+            _ => return Err(format!("unknown option {name:?}\n{usage}")),
         }
     }
     if !(frame::MIN_SIZE..=frame::MAX_SIZE).contains(&o.size) {
