@@ -19,6 +19,7 @@
 #[cfg(all(feature = "sim", not(target_os = "redox")))]
 pub mod cli;
 pub mod domain;
+pub mod faults;
 pub mod hw;
 pub mod invq;
 pub mod pagetable;

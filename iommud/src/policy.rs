@@ -15,6 +15,8 @@
 //! admin_gids = [10]
 //! # Connections served at once, all clients together (the default).
 //! max_connections = 512
+//! # A device faulting faster than this (per second) is blocked (0: never).
+//! fault_block_per_second = 10000
 //!
 //! # Every device not matched below (these are the defaults).
 //! [default]
@@ -168,6 +170,8 @@ pub struct Policy {
     pub devices: Vec<(Match, DeviceRule)>,
     /// Connections the daemon serves at once (all identities).
     pub max_connections: u64,
+    /// DMA faults per second past which a device is blocked (0: never).
+    pub fault_block_per_second: u64,
     /// Quotas of identities without their own.
     pub quota: Limits,
     /// Quotas per uid.
@@ -182,6 +186,7 @@ impl Default for Policy {
             default: rule(Trust::Validated, None, None),
             devices: Vec::new(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            fault_block_per_second: crate::faults::DEFAULT_BLOCK_PER_SECOND,
             quota: Limits::default(),
             quota_per_uid: HashMap::new(),
         }
@@ -276,6 +281,7 @@ struct File {
     #[serde(default)]
     quota: FileQuota,
     max_connections: Option<u64>,
+    fault_block_per_second: Option<u64>,
 }
 
 impl FileRule {
@@ -352,6 +358,9 @@ impl Policy {
             default,
             devices,
             max_connections: f.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            fault_block_per_second: f
+                .fault_block_per_second
+                .unwrap_or(crate::faults::DEFAULT_BLOCK_PER_SECOND),
             quota,
             quota_per_uid,
         })

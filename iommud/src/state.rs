@@ -4,12 +4,13 @@
 //! clients) and the path tree it serves.
 
 use crate::domain::Domain;
+use crate::faults::{FaultBook, DEFAULT_BLOCK_PER_SECOND};
 use crate::platform::proof::Authority;
 use crate::policy::{Peer, Policy};
 use crate::quota::{Accounts, Quota};
 use crate::scheme::{parse, Node, SchemeTree};
 use crate::stats::{self, Text};
-use crate::unit::{fault_reason_text, log, Iommu};
+use crate::unit::{log, Iommu};
 use iommu_abi::proto::{ErrorCode, FlushPolicy, Strategy};
 use iommu_abi::Bdf;
 use std::collections::BTreeMap;
@@ -119,6 +120,8 @@ pub struct State {
     pub accounts: Accounts,
     /// Connections open now (against `policy.max_connections`).
     pub open_connections: AtomicU64,
+    /// Every device's DMA faults.
+    pub faults: Mutex<FaultBook>,
     /// Refusal counters.
     pub security: SecurityStats,
     /// Owner of each attached domain.
@@ -143,6 +146,7 @@ impl State {
             authority: Authority::Sysfs,
             accounts: Accounts::default(),
             open_connections: AtomicU64::new(0),
+            faults: Mutex::new(FaultBook::new(DEFAULT_BLOCK_PER_SECOND)),
             security: SecurityStats::default(),
             owners: Mutex::new(BTreeMap::new()),
             retired: Mutex::new(Totals::default()),
@@ -161,6 +165,7 @@ impl State {
     /// Installs the administrator's policy (and the quotas it sets).
     pub fn set_policy(&mut self, policy: Policy) {
         self.accounts = Accounts::new(policy.quota, policy.quota_per_uid.clone());
+        self.faults = Mutex::new(FaultBook::new(policy.fault_block_per_second));
         self.policy = policy;
     }
 
@@ -197,9 +202,27 @@ impl State {
     /// A failure (or a bug) in one domain never stops the ticker or the
     /// other domains: each domain's work runs on its own, panics caught.
     pub fn tick(&self) {
-        for f in self.unit.poll_faults() {
+        let faults = self.unit.poll_faults();
+        let now = self.unit.now_ms();
+        let outcome = {
+            let mut book = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+            let mut o = book.record(&faults, now);
+            o.log.extend(book.tick(now));
+            o
+        };
+        for f in &faults {
             if let Some(d) = self.domain(f.sid) {
                 stats::add(&d.stats.faults, 1);
+            }
+        }
+        for l in &outcome.log {
+            log::warn(l);
+        }
+        for sid in outcome.block {
+            if let Some(d) = self.domain(sid) {
+                if let Err(e) = d.block() {
+                    log::warn(&format!("{}: blocking failed: {e}", Bdf(sid)));
+                }
             }
         }
         for d in self.all_domains() {
@@ -330,22 +353,6 @@ impl State {
         }
         s
     }
-
-    fn render_faults(&self) -> String {
-        let mut s = String::new();
-        for f in self.unit.faults() {
-            s.push_str(&format!(
-                "fault bdf={} iova={:#x} access={} reason={:#x} ({}) at_ms={}\n",
-                Bdf(f.sid),
-                f.addr,
-                if f.is_read { "read" } else { "write" },
-                f.reason,
-                fault_reason_text(f.reason),
-                f.at_ms
-            ));
-        }
-        s
-    }
 }
 
 impl State {
@@ -418,7 +425,11 @@ impl SchemeTree for State {
                 }
                 d.render_mappings()
             }
-            Node::Faults => self.render_faults(),
+            Node::Faults => self
+                .faults
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .render(),
             Node::Quotas => self.render_quotas(caller),
             Node::Reclaim => format!(
                 "{}\n",

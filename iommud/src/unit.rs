@@ -4,8 +4,7 @@
 use crate::hw::{HwError, Mmio, PhysMem};
 use crate::invq::{set_gcmd, wait_for, InvQueue};
 use crate::stats::UnitStats;
-use iommu_abi::Bdf;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -79,14 +78,12 @@ pub struct Iommu {
     contexts: Mutex<HashMap<u8, u64>>,
     qi: Mutex<InvQueue>,
     dids: Mutex<Vec<bool>>,
-    faults: Mutex<VecDeque<FaultEntry>>,
+    /// An all-zero table frame for quarantined devices (allocated once).
+    quarantine: Mutex<Option<u64>>,
     started: Instant,
     /// Unit-wide counters.
     pub stats: UnitStats,
 }
-
-/// Faults kept for the `faults` path.
-const FAULT_LOG: usize = 256;
 
 impl Iommu {
     /// Brings the unit up: root table, global invalidation, queued
@@ -167,7 +164,7 @@ impl Iommu {
             contexts: Mutex::new(HashMap::new()),
             qi: Mutex::new(qi),
             dids: Mutex::new(dids),
-            faults: Mutex::new(VecDeque::new()),
+            quarantine: Mutex::new(None),
             started: Instant::now(),
             stats: UnitStats::default(),
         };
@@ -291,6 +288,30 @@ impl Iommu {
     /// Points `sid`'s context entry at a second-level table (or pass-through
     /// when translation is off) and invalidates the context cache for it.
     pub fn set_context(&self, sid: u16, did: u16, slptptr: u64) -> Result<(), HwError> {
+        self.write_context(sid, did, slptptr, false)
+    }
+
+    /// Quarantines `sid`: its context entry points at a table with no
+    /// present entry and has Fault Processing Disable set (VT-d 3.x §9.3,
+    /// FPD bit 1), so every DMA of the device is blocked and none is
+    /// recorded — a device that faults without end cannot fill the fault
+    /// records that every other device's faults need.
+    pub fn quarantine_context(&self, sid: u16, did: u16) -> Result<(), HwError> {
+        let empty = {
+            let mut q = self.quarantine.lock().unwrap_or_else(|p| p.into_inner());
+            match *q {
+                Some(f) => f,
+                None => {
+                    let f = self.mem.alloc_frame()?;
+                    *q = Some(f);
+                    f
+                }
+            }
+        };
+        self.write_context(sid, did, empty, true)
+    }
+
+    fn write_context(&self, sid: u16, did: u16, slptptr: u64, fpd: bool) -> Result<(), HwError> {
         let bus = root_index(sid);
         let ctp = {
             let mut ctx = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
@@ -307,7 +328,7 @@ impl Iommu {
         };
         let aw = AddressWidth::from_levels(self.levels)
             .ok_or_else(|| HwError::Unsupported(format!("{} levels", self.levels)))?;
-        let ce = ContextEntry::translated(slptptr, aw, did);
+        let ce = ContextEntry::translated(slptptr, aw, did).with_fpd(fpd);
         self.write_entry128(
             ctp + (context_index(sid) * 16) as u64,
             ce.lo(),
@@ -376,35 +397,13 @@ impl Iommu {
             self.stats.faults_lost.fetch_add(1, Relaxed);
             self.mmio.write32(regs::FSTS, Fsts::PFO.bits());
         }
-        if !out.is_empty() {
-            self.stats.faults.fetch_add(out.len() as u64, Relaxed);
-            let mut log = self.faults.lock().unwrap_or_else(|p| p.into_inner());
-            for f in &out {
-                log::warn(&format!(
-                    "DMA fault: {} {} iova {:#x}: reason {:#x} ({})",
-                    Bdf(f.sid),
-                    if f.is_read { "read" } else { "write" },
-                    f.addr,
-                    f.reason,
-                    fault_reason_text(f.reason)
-                ));
-                if log.len() == FAULT_LOG {
-                    log.pop_front();
-                }
-                log.push_back(f.clone());
-            }
-        }
+        self.stats.faults.fetch_add(out.len() as u64, Relaxed);
         out
     }
 
-    /// The recorded faults, oldest first.
-    pub fn faults(&self) -> Vec<FaultEntry> {
-        self.faults
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+    /// Milliseconds since the unit was brought up (the faults' clock).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// The bound used for hardware waits.

@@ -106,6 +106,15 @@ if [ ! -S /run/iommud.sock ]; then echo "iommud did not start"; cat /tmp/iommud.
     )
 }
 
+/// The recorded faults in iommud's `faults` output (one `fault ...` line
+/// each; the `device ...` lines are per-device summaries).
+pub fn fault_lines(out: &GuestOutput) -> Vec<&str> {
+    section(out, "FAULTS")
+        .into_iter()
+        .filter(|l| l.starts_with("fault "))
+        .collect()
+}
+
 /// Shell lines that print the faults, stop iommud and show its log (prefixed).
 pub const STOP_IOMMUD: &str = r#"echo FAULTS-BEGIN
 iommuctl cat /scheme/iommu/faults
@@ -226,7 +235,7 @@ pub fn run_demo(o: &DemoOpts, name: &str) -> Result<DemoResult> {
             .get("pps")
             .and_then(|v| v.parse().ok())
             .unwrap_or(f64::NAN),
-        faults: section(&out, "FAULTS").len(),
+        faults: fault_lines(&out).len(),
         ipc_per_packet: per("ipc_round_trips"),
         invalidations_per_packet: per("invalidations"),
         out,

@@ -206,7 +206,7 @@ pub fn jobs(out: &GuestOutput) -> Vec<JobResult> {
 
 /// iommud's fault lines naming the controller.
 pub fn nvme_faults(out: &GuestOutput) -> Vec<String> {
-    section(out, "FAULTS")
+    crate::demo::fault_lines(out)
         .into_iter()
         .filter(|l| l.contains("bdf=00:03.0"))
         .map(str::to_string)
@@ -320,7 +320,7 @@ fn run_checked(o: &DiskOpts, name: &str, print_stats: bool) -> Result<()> {
             per_1000(j.invalidations, j.ios)
         );
     }
-    let faults = section(&out, "FAULTS").len();
+    let faults = crate::demo::fault_lines(&out).len();
     println!("log: {}", out.log_path.display());
     let bad = check(o, &out, &js, faults);
     println!("{}", summary(o, &js, faults));
@@ -730,7 +730,7 @@ pub fn diskbench(args: &[String]) -> Result<()> {
                 per_1000(j.invalidations, j.ios)
             );
         }
-        let faults = section(&out, "FAULTS").len();
+        let faults = crate::demo::fault_lines(&out).len();
         if !out.success() || js.len() != jobs_spec.len() || faults != 0 {
             bad.push(format!(
                 "{}: exit {:?}, {} of {} jobs, {faults} faults (log {})",

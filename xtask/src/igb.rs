@@ -155,7 +155,7 @@ pub fn parse(out: GuestOutput, name: &str) -> Result<IgbResult> {
             .get("pps")
             .and_then(|v| v.parse().ok())
             .unwrap_or(f64::NAN),
-        faults: section(&out, "FAULTS").len(),
+        faults: crate::demo::fault_lines(&out).len(),
         per_queue: queues
             .iter()
             .map(|q| get(q, "received").unwrap_or(0))

@@ -233,6 +233,8 @@ pub struct Domain {
     /// Server-side counters.
     pub stats: DomainStats,
     dead: AtomicBool,
+    /// Blocked for faulting too fast (context entry cleared).
+    blocked: AtomicBool,
     /// The owner's account (quotas), and what this domain charged to it.
     account: Arc<Account>,
     charged: [AtomicU64; 3],
@@ -315,6 +317,7 @@ impl Domain {
             unmaps_seen: Mutex::default(),
             stats: DomainStats::default(),
             dead: AtomicBool::new(false),
+            blocked: AtomicBool::new(false),
             account,
             charged: Default::default(),
         };
@@ -529,6 +532,26 @@ impl Domain {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Blocks the device (it faulted faster than the administrator allows):
+    /// its context entry is quarantined (an empty table, faults not
+    /// recorded) and invalidated, so none of its DMA reaches memory and its
+    /// faults no longer crowd out other devices'; the domain stays attached,
+    /// its tables intact, until its client detaches.
+    pub fn block(&self) -> Result<(), DomainError> {
+        if self.is_blocked() || self.is_dead() || !self.unit.translating() {
+            return Ok(());
+        }
+        self.unit.quarantine_context(self.sid, self.did)?;
+        // Set once the quarantine is in place (and invalidated).
+        self.blocked.store(true, SeqCst);
+        Ok(())
+    }
+
+    /// True once blocked for faulting too fast.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked.load(SeqCst)
     }
 
     /// True once torn down.

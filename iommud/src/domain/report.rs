@@ -81,6 +81,7 @@ impl Domain {
             .kv("parked", parked)
             .kv("pool_bytes", pools)
             .kv("faults", stats::get(&s.faults))
+            .kv("blocked", u8::from(self.is_blocked()))
             .kv("errors", stats::get(&s.errors))
             .kv("rejected", stats::get(&s.rejected));
         t.0

@@ -267,13 +267,18 @@ impl SimMachine {
             Ok(leaf) if leaf.perms & need != 0 => return Ok(leaf.page | (iova & 0xFFF)),
             // §7.1.3 / Appendix A: an entry lacking the needed permission
             // (including a not-present one) gives reason 5 (write) / 6 (read).
+            // §7.2.1: FPD in the context entry suppresses the recording of
+            // every fault of requests translated through it, leaf-level ones
+            // included. (The model reads FPD from the context entry in
+            // memory; after the invalidation iommud always issues, the
+            // cached entry and the table agree.)
             Ok(_) => Fault {
                 reason: if write {
                     fault_reason::WRITE
                 } else {
                     fault_reason::READ
                 },
-                fpd: false,
+                fpd: self.read_context(sid).is_ok_and(|ce| ce.fpd()),
             },
             Err(f) => f,
         };
