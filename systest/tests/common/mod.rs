@@ -15,13 +15,44 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(name: &str, extra: &[&str]) -> Daemon {
-        Self::start_with(name, extra, false)
+        Self::start_with(name, extra, false, None)
+    }
+
+    /// A logged daemon whose descriptor limit (RLIMIT_NOFILE) is `nofile`.
+    pub fn start_limited(name: &str, extra: &[&str], nofile: u64) -> Daemon {
+        Self::start_with(name, extra, true, Some(nofile))
+    }
+
+    /// The daemon's open descriptors and resident memory (KiB), from /proc.
+    pub fn fds_and_rss(&self) -> (usize, u64) {
+        let pid = self.child.id();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        (fds, rss)
+    }
+
+    /// CPU time (user + system, in clock ticks) the daemon used so far.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
     }
 
     /// Like [`Daemon::start`], with the daemon's stderr kept in
     /// [`Daemon::log`] instead of the test's.
     pub fn start_logged(name: &str, extra: &[&str]) -> Daemon {
-        Self::start_with(name, extra, true)
+        Self::start_with(name, extra, true, None)
     }
 
     /// What the daemon wrote to stderr (a logged daemon).
@@ -29,7 +60,7 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("iommud.log")).unwrap_or_default()
     }
 
-    fn start_with(name: &str, extra: &[&str], logged: bool) -> Daemon {
+    fn start_with(name: &str, extra: &[&str], logged: bool, nofile: Option<u64>) -> Daemon {
         let dir = std::env::temp_dir().join(format!("iommud-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("iommud.sock");
@@ -43,7 +74,25 @@ impl Daemon {
             policy.push("--config".to_string());
             policy.push(cfg.display().to_string());
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_systest-iommud"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_systest-iommud"));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec, setrlimit only changes this
+            // child's own limit; it allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["--platform", "sim", "--socket"])
             .arg(&socket)
             .args(&policy)

@@ -1,0 +1,153 @@
+//! Connections cannot exhaust iommud: out of descriptors it backs off
+//! instead of spinning and logs at most once a second, recovers when
+//! clients go, and a thousand connect / attach / drop cycles (plus clients
+//! killed mid-session) leave its descriptors and memory where they were.
+
+mod common;
+
+use common::{proof, Daemon, RawClient};
+use libdma::{FlushPolicy, Strategy};
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+const ENV: &str = "IOMMUD_CONN_CYCLE";
+
+#[test]
+fn out_of_descriptors_the_daemon_backs_off_and_recovers() {
+    // 48 descriptors: the daemon's own (memfds, the socket, the log) and a
+    // few for clients; 200 connections ask for far more.
+    let d = Daemon::start_limited("nofile", &[], 48);
+    let mut socks = Vec::new();
+    for _ in 0..200 {
+        match libdma::transport::SeqPacket::connect(d.socket()) {
+            Ok(s) => socks.push(s),
+            Err(_) => break, // the listen backlog is full too
+        }
+    }
+    assert!(socks.len() > 60, "only {} connections made", socks.len());
+    // Over a second of this, the daemon must not spin on accept.
+    let (t0, c0) = (Instant::now(), d.cpu_ticks());
+    std::thread::sleep(Duration::from_millis(1500));
+    let ticks = d.cpu_ticks() - c0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let cpu = ticks as f64 / hz as f64 / t0.elapsed().as_secs_f64();
+    println!(
+        "iommud CPU while out of descriptors: {:.1}% of one CPU",
+        cpu * 100.0
+    );
+    assert!(cpu < 0.2, "iommud used {:.0}% of a CPU", cpu * 100.0);
+    let log = d.log();
+    let warnings = log.matches("accept:").count();
+    assert!(warnings >= 1, "the exhaustion is logged:\n{log}");
+    assert!(warnings <= 4, "{warnings} accept warnings in 1.5 s:\n{log}");
+    // The clients go; a legitimate one gets in and is served.
+    drop(socks);
+    let t = Instant::now();
+    loop {
+        match libdma::Control::connect(d.socket()).and_then(|c| c.read("stats")) {
+            Ok(s) => {
+                assert!(s.contains("platform sim"), "{s}");
+                break;
+            }
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_secs(10), "{e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_thousand_connect_attach_drop_cycles_leak_nothing() {
+    if let Ok(socket) = std::env::var(ENV) {
+        // A client process: attach, map, and wait to be killed.
+        let dom = libdma::DmaDomain::connect(
+            std::path::Path::new(&socket),
+            0x10,
+            Strategy::Magazine,
+            FlushPolicy::PerCore,
+        )
+        .unwrap();
+        let b = dom.alloc(4096).unwrap();
+        let _iova = dom.map(b.phys, 4096, libdma::Dir::ToDevice).unwrap();
+        println!("READY");
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    let d = Daemon::start("cycles", &[]);
+    let cycle = |k: u64| {
+        let mut c = RawClient::connect(d.socket());
+        c.attach(
+            0x08,
+            Strategy::Global,
+            FlushPolicy::Strict,
+            Some(proof(&d, 0x08).as_fd()),
+        )
+        .unwrap();
+        let (phys, _m) = c.pool(4096);
+        c.map(phys, 4096, libdma::Dir::ToDevice).unwrap();
+        if k % 2 == 0 {
+            c.post(&iommu_abi::proto::Request::FlushHint);
+        }
+        // Dropped with its mapping live: iommud tears the domain down.
+    };
+    let settle = |d: &Daemon| {
+        let t = Instant::now();
+        while d.ctl().read("domains").unwrap().contains("00:01.0") {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        d.fds_and_rss()
+    };
+    for k in 0..100 {
+        cycle(k);
+    }
+    let (fd0, rss0) = settle(&d);
+    for k in 0..1000 {
+        cycle(k);
+    }
+    // And clients killed in the middle of a session.
+    for _ in 0..20 {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "a_thousand_connect_attach_drop_cycles_leak_nothing",
+                "--nocapture",
+            ])
+            .env(ENV, d.socket())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let ready = std::io::BufReader::new(out)
+            .lines()
+            .any(|l| l.is_ok_and(|l| l.contains("READY")));
+        assert!(ready, "the client attached");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let t = Instant::now();
+        while d.ctl().read("domains").unwrap().contains("00:02.0") {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "killed client's domain stays"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let (fd1, rss1) = settle(&d);
+    println!("iommud after 100 cycles: {fd0} fds, {rss0} KiB; after 1000 more and 20 kills: {fd1} fds, {rss1} KiB");
+    assert_eq!(fd1, fd0, "descriptors leaked");
+    assert!(rss1 <= rss0 + 2048, "RSS grew from {rss0} to {rss1} KiB");
+    let q = d.ctl().read("quotas").unwrap();
+    for line in q.lines() {
+        for quota in ["pool_bytes", "pt_pages", "mappings", "domains"] {
+            assert!(
+                line.contains(&format!("{quota} 0/")),
+                "{quota} not given back: {line}"
+            );
+        }
+    }
+}
