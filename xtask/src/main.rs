@@ -3,6 +3,7 @@
 mod demo;
 mod fault;
 mod guest;
+mod linuxpeer;
 mod netbench;
 mod pipeline;
 mod smoke;

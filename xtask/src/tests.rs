@@ -66,6 +66,12 @@ pub fn guest_tests() -> Vec<GuestTest> {
 reported in iommud's faults; the canary is intact; later bursts succeed",
             run: crate::fault::run,
         },
+        GuestTest {
+            name: "guest-linux-peer",
+            about: "stock Debian kernel owning the VT-d unit (netbench's Linux peer): each of \
+off/strict/lazy/passthrough reported by the kernel; pktgen frames A->B all counted on B",
+            run: crate::linuxpeer::test,
+        },
     ]
 }
 
