@@ -37,6 +37,8 @@ usage: cargo xtask <command> [options]
   netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
                             strategy and with translation off; writes target/netbench/
+                            plus Linux's own intel-iommu (off/strict/lazy/passthrough,
+                            pktgen; --linux-packets N; --only linux)
   help                      this text
 
 guest tests (each also a command):";

@@ -2,7 +2,8 @@
 //! guest, per IOVA strategy and flush policy and with translation off.
 //!
 //! ```text
-//! cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--only NAME[,NAME...]]
+//! cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--linux-packets N]
+//!                      [--only NAME[,NAME...]]
 //! ```
 //! One guest boot per configuration (`notrans`, then `<strategy>-<flush>` for every
 //! strategy and flush policy): iommud on the emulated VT-d unit (`--no-translation` for
@@ -14,6 +15,13 @@
 //! any frame was lost or corrupt. Defaults: 4000 frames, 3 reps, 1000 rounds: about
 //! 6 minutes on 2 vCPUs under TCG, most of it in the strict rows (a blocking round trip
 //! to iommud per map and unmap, 0.25-1.5 ms each in the guest).
+//!
+//! Linux peer rows (`crate::linuxpeer`): four more boots, of a stock Debian kernel whose own
+//! intel-iommu driver runs `off`, `strict`, `lazy` or `passthrough`, spread between the
+//! iommud boots; each sends `--linux-packets` (default 50 000) pktgen frames per size and
+//! rep. `--only linux` runs just those four, `--only linux-strict` one of them. Every
+//! ratio is per rep, against the same system's translation-off boot's same rep (iommud:
+//! `notrans`; Linux: `linux-off`), then median, min and max over the reps.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -79,7 +87,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         rounds: 1_000,
         reps: 3,
         only: Vec::new(),
-        linux_packets: 20_000,
+        linux_packets: 50_000,
     };
     let mut f = Flags::new(args, USAGE);
     while let Some(a) = f.next_flag() {
