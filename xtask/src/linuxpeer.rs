@@ -317,13 +317,16 @@ impl Reported {
 
     /// One line for the results: the mode and the facts behind it.
     pub fn describe(&self) -> String {
-        format!(
-            "{} (group {}, domain {}, policy {})",
-            self.mode(),
-            self.group_b.as_deref().unwrap_or("none"),
-            self.domain.as_deref().unwrap_or("?"),
-            self.policy.as_deref().unwrap_or("?")
-        )
+        let group = self.group_b.as_deref().unwrap_or("none");
+        let policy = self.policy.as_deref().unwrap_or("?");
+        match self.mode().as_str() {
+            "off" => "off (DMAR: IOMMU disabled; no IOMMU group)".into(),
+            "passthrough" => {
+                format!("passthrough (group type {group}, default domain Passthrough)")
+            }
+            m @ ("strict" | "lazy") => format!("{m} (group type {group}, policy {policy} mode)"),
+            m => m.to_string(),
+        }
     }
 }
 
@@ -780,6 +783,10 @@ linuxpeer-pg: Result: OK: 100000(c99000+d1000) usec, 1000 (1500byte,0frags)
     fn parses_mode_and_runs() {
         let m = measure(STRICT_LOG.lines());
         assert_eq!(m.reported.mode(), "strict");
+        assert_eq!(
+            m.reported.describe(),
+            "strict (group type DMA, policy strict mode)"
+        );
         assert_eq!(m.samples.len(), 2);
         assert_eq!(
             m.samples[0],
