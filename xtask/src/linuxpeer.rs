@@ -257,6 +257,9 @@ run() {{
   pg "count $2"; pg "pkt_size $1"; pg "delay 0"; pg "clone_skb 0"; pg "dst_mac $MACB"; pg "dst 10.99.0.2"
   r0=$(cat /sys/class/net/$B/statistics/rx_packets); m0=$(cat /sys/class/net/$B/statistics/rx_missed_errors)
   echo start > $PG/pgctrl
+  # The write normally returns when the run ends, but can return early; wait for the
+  # result line (at most 10 min).
+  for i in $(seq 6000); do grep -q "Result: OK" $PG/$A && break; sleep 0.1; done
   sleep {SETTLE_SECS}
   r1=$(cat /sys/class/net/$B/statistics/rx_packets); m1=$(cat /sys/class/net/$B/statistics/rx_missed_errors)
   echo "linuxpeer-run: size=$1 count=$2 rx_before=$r0 rx_after=$r1 missed_before=$m0 missed_after=$m1"
@@ -378,6 +381,16 @@ impl LinuxMeasured {
     /// B's delivered rate of each rep, per frame size.
     pub fn delivered_pps(&self) -> BTreeMap<u64, Vec<f64>> {
         self.per_size(Sample::delivered_pps)
+    }
+
+    /// packets/s of every rep of `size` in run order, `None` where a run gave no result
+    /// (so that rep *i* pairs with rep *i* of the baseline).
+    pub fn pps_by_rep(&self, size: u64) -> Vec<Option<f64>> {
+        self.samples
+            .iter()
+            .filter(|s| s.size == size)
+            .map(Sample::pps)
+            .collect()
     }
 
     fn per_size(&self, f: fn(&Sample) -> Option<f64>) -> BTreeMap<u64, Vec<f64>> {
@@ -682,18 +695,24 @@ impl PeerBench {
     }
 
     /// packets/s per rep of `linux-off` (the Linux baseline) for `size`.
-    fn base(&self, size: u64) -> Vec<f64> {
+    fn base(&self, size: u64) -> Vec<Option<f64>> {
         self.rows
             .iter()
             .find(|(md, _)| md.expect == "off")
-            .and_then(|(_, m)| m.pps().get(&size).cloned())
+            .map(|(_, m)| m.pps_by_rep(size))
             .unwrap_or_default()
     }
 
-    /// Median, min and max over reps of this row's ratio to `linux-off` in the same rep.
+    /// Median, min and max over reps of this row's ratio to `linux-off` in the same rep
+    /// (a rep missing on either side is left out).
     pub fn ratio(&self, m: &LinuxMeasured, size: u64) -> Option<(f64, f64, f64)> {
-        let mine = m.pps().get(&size).cloned().unwrap_or_default();
-        crate::netbench::spread(&crate::netbench::rep_ratios(&mine, &self.base(size)))
+        let (mine, base): (Vec<f64>, Vec<f64>) = m
+            .pps_by_rep(size)
+            .into_iter()
+            .zip(self.base(size))
+            .filter_map(|(a, b)| a.zip(b))
+            .unzip();
+        crate::netbench::spread(&crate::netbench::rep_ratios(&mine, &base))
     }
 
     /// Plot series: (legend, median ratio per size).
@@ -877,6 +896,10 @@ linuxpeer-klog: iommu: DMA domain TLB invalidation policy: {policy} mode \n"
         let mut b = PeerBench::new(&["linux".into()], 0, &[64], 1000, 2);
         b.rows = vec![(MODES[1], strict.clone()), (MODES[0], off)];
         assert_eq!(b.ratio(&strict, 64), Some((0.625, 0.5, 0.75)));
+        // Rep 1 of strict gave no result: rep 2 still pairs with rep 2 of linux-off.
+        let mut gap = strict.clone();
+        gap.samples[0].usec = 0;
+        assert_eq!(b.ratio(&gap, 64), Some((0.75, 0.75, 0.75)));
         assert_eq!(
             b.series()[0],
             ("Linux strict".to_string(), vec![Some(0.625)])
