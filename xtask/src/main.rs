@@ -6,6 +6,7 @@ mod fault;
 mod fuzz;
 mod guest;
 mod igb;
+mod linuxpeer;
 mod netbench;
 mod pipeline;
 mod redox;
@@ -46,8 +47,9 @@ usage: cargo xtask <command> [options]
                             each (default 60) from fuzz/corpus; installs cargo-fuzz if missing
   netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...] [--nic e1000|igb|all]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
-                            strategy and with translation off, and igb rows (1 and 2 queue
-                            pairs); writes target/netbench/
+                            strategy and with translation off, igb rows (1 and 2 queue
+                            pairs), and Linux's own intel-iommu (off/strict/lazy/passthrough,
+                            pktgen; --linux-packets N; --only linux); writes target/netbench/
   demo --disk [--strategy S] [--flush F] [--caching-mode] [--no-translation]
                             boot iommud + nvmed on QEMU's NVMe (raw image), fill 64 MiB with
                             verified blocks, run a mixed workload, print a `disk: ...` line

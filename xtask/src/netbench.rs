@@ -2,7 +2,8 @@
 //! guest, per IOVA strategy and flush policy and with translation off.
 //!
 //! ```text
-//! cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--only NAME[,NAME...]]
+//! cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--linux-packets N]
+//!                      [--only NAME[,NAME...]]
 //! ```
 //! One guest boot per configuration (`notrans`, then `<strategy>-<flush>` for every
 //! strategy and flush policy): iommud on the emulated VT-d unit (`--no-translation` for
@@ -14,6 +15,13 @@
 //! any frame was lost or corrupt. Defaults: 4000 frames, 3 reps, 1000 rounds: about
 //! 6 minutes on 2 vCPUs under TCG, most of it in the strict rows (a blocking round trip
 //! to iommud per map and unmap, 0.25-1.5 ms each in the guest).
+//!
+//! Linux peer rows (`crate::linuxpeer`): four more boots, of a stock Debian kernel whose own
+//! intel-iommu driver runs `off`, `strict`, `lazy` or `passthrough`, spread between the
+//! iommud boots; each sends `--linux-packets` (default 50 000) pktgen frames per size and
+//! rep. `--only linux` runs just those four, `--only linux-strict` one of them. Every
+//! ratio is per rep, against the same system's translation-off boot's same rep (iommud:
+//! `notrans`; Linux: `linux-off`), then median, min and max over the reps.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -27,7 +35,7 @@ use crate::util::{workspace_root, Flags, Result};
 pub(crate) use benchplot as plot;
 
 const USAGE: &str = "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] \
-[--only NAME[,NAME...]] [--nic e1000|igb|all]";
+[--linux-packets N] [--only NAME[,NAME...]] [--nic e1000|igb|all]  (NAME: a configuration, `linux` or linux-MODE)";
 
 /// Frame sizes measured (bytes, including the Ethernet header).
 pub const SIZES: [u64; 2] = [64, 1500];
@@ -70,6 +78,8 @@ struct Opts {
     only: Vec<String>,
     /// `e1000`, `igb` (the igb rows: 1 and 2 queue pairs) or `all`.
     nic: String,
+    /// pktgen frames per size and rep in the Linux peer's boots.
+    linux_packets: u64,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -79,6 +89,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         reps: 3,
         only: Vec::new(),
         nic: "all".into(),
+        linux_packets: 50_000,
     };
     let mut f = Flags::new(args, USAGE);
     while let Some(a) = f.next_flag() {
@@ -86,6 +97,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--packets" => o.packets = f.number(a, 1)?,
             "--rounds" => o.rounds = f.number(a, 1)?,
             "--reps" => o.reps = f.number(a, 1)?,
+            "--linux-packets" => o.linux_packets = f.number(a, 1)?,
             "--only" => o.only = f.value(a)?.split(',').map(str::to_string).collect(),
             "--nic" => {
                 o.nic = f.value(a)?;
@@ -140,8 +152,18 @@ fn num(m: &BTreeMap<String, String>, k: &str) -> Option<f64> {
     m.get(k)?.parse().ok()
 }
 
+/// Per-rep ratios `x[i] / base[i]` (a configuration against its system's translation-off
+/// run of the same rep).
+pub fn rep_ratios(x: &[f64], base: &[f64]) -> Vec<f64> {
+    x.iter()
+        .zip(base)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(a, b)| a / b)
+        .collect()
+}
+
 /// Median, min, max.
-fn spread(v: &[f64]) -> Option<(f64, f64, f64)> {
+pub fn spread(v: &[f64]) -> Option<(f64, f64, f64)> {
     if v.is_empty() {
         return None;
     }
@@ -209,24 +231,23 @@ fn json_num(v: Option<f64>) -> String {
 }
 
 /// `results.json`: one object per configuration and frame size.
-fn to_json(rows: &[(Config, Measured)], o: &Opts) -> String {
+fn to_json(rows: &[(Config, Measured)], o: &Opts, extra: &[String]) -> String {
     let base = rows.iter().find(|(c, _)| !c.translate).map(|(_, m)| m);
     let mut out = String::from("[\n");
     let mut first = true;
     for (c, m) in rows {
         for size in SIZES {
             let s = m.pps.get(&size).and_then(|v| spread(v));
-            let b = base.and_then(|b| b.pps.get(&size)).and_then(|v| spread(v));
-            let ratio = s.zip(b).map(|(s, b)| s.0 / b.0);
+            let ratio = base.and_then(|b| rep_ratio(m, b, size));
             if !first {
                 out.push_str(",\n");
             }
             first = false;
             let _ = write!(
                 out,
-                "  {{\"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \
+                "  {{\"system\": \"iommud\", \"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \
 \"frame_bytes\": {size}, \"packets_per_rep\": {}, \"reps\": {}, \"pps\": {}, \"pps_min\": {}, \
-\"pps_max\": {}, \"ratio_to_notrans\": {}, \"pingpong_rounds\": {}, \"rtt_p50_us\": {}, \
+\"pps_max\": {}, \"ratio_to_notrans\": {}, \"ratio_min\": {}, \"ratio_max\": {}, \"pingpong_rounds\": {}, \"rtt_p50_us\": {}, \
 \"rtt_p99_us\": {}, \"sent\": {}, \"received\": {}, \"lost\": {}, \"corrupt\": {}}}",
                 c.name,
                 if c.translate { c.strategy } else { "noiommu" },
@@ -237,7 +258,9 @@ fn to_json(rows: &[(Config, Measured)], o: &Opts) -> String {
                 json_num(s.map(|s| s.0)),
                 json_num(s.map(|s| s.1)),
                 json_num(s.map(|s| s.2)),
-                json_num(ratio),
+                json_num(ratio.map(|r| r.0)),
+                json_num(ratio.map(|r| r.1)),
+                json_num(ratio.map(|r| r.2)),
                 o.rounds,
                 json_num(m.p50_us),
                 json_num(m.p99_us),
@@ -248,15 +271,26 @@ fn to_json(rows: &[(Config, Measured)], o: &Opts) -> String {
             );
         }
     }
+    for e in extra {
+        out.push_str(if first { "  " } else { ",\n  " });
+        first = false;
+        out.push_str(e);
+    }
     out.push_str("\n]\n");
     out
 }
 
-fn ratio_chart(rows: &[(Config, Measured)]) -> plot::Chart {
+/// Median, min and max over reps of `m`'s packets/s over `base`'s in the same rep.
+fn rep_ratio(m: &Measured, base: &Measured, size: u64) -> Option<(f64, f64, f64)> {
+    let x = m.pps.get(&size)?;
+    spread(&rep_ratios(x, base.pps.get(&size)?))
+}
+
+fn ratio_chart(rows: &[(Config, Measured)], peer: &[(String, Vec<Option<f64>>)]) -> plot::Chart {
     let base = rows.iter().find(|(c, _)| !c.translate).map(|(_, m)| m);
-    let med = |m: &Measured, size: u64| m.pps.get(&size).and_then(|v| spread(v)).map(|s| s.0);
-    plot::Chart {
-        title: "e1000 loop in the QEMU guest (TCG): packets/s relative to translation off".into(),
+    let mut chart = plot::Chart {
+        title: "e1000 in the QEMU guest (TCG): packets/s relative to each system's translation off"
+            .into(),
         x_label: "frame size (bytes)".into(),
         y_label: "throughput / throughput with translation off (ratio)".into(),
         groups: SIZES.iter().map(|s| s.to_string()).collect(),
@@ -270,15 +304,19 @@ fn ratio_chart(rows: &[(Config, Measured)]) -> plot::Chart {
                 },
                 values: SIZES
                     .iter()
-                    .map(|&size| {
-                        let b = base.and_then(|b| med(b, size))?;
-                        med(m, size).map(|v| v / b)
-                    })
+                    .map(|&size| base.and_then(|b| rep_ratio(m, b, size)).map(|r| r.0))
                     .collect(),
             })
             .collect(),
         scale: plot::Scale::Linear,
-    }
+    };
+    chart
+        .series
+        .extend(peer.iter().map(|(name, values)| plot::Series {
+            name: name.clone(),
+            values: values.clone(),
+        }));
+    chart
 }
 
 /// `cargo xtask netbench`.
@@ -288,7 +326,9 @@ pub fn run(args: &[String]) -> Result<()> {
         .into_iter()
         .filter(|c| o.only.is_empty() || o.only.contains(&c.name))
         .collect();
-    if chosen.is_empty() {
+    let mut peer =
+        crate::linuxpeer::PeerBench::new(&o.only, chosen.len(), &SIZES, o.linux_packets, o.reps);
+    if chosen.is_empty() && peer.is_empty() {
         return Err(format!("--only matches no configuration\n{USAGE}"));
     }
     if o.nic == "igb" {
@@ -302,11 +342,20 @@ pub fn run(args: &[String]) -> Result<()> {
         SIZES,
         o.rounds
     );
+    println!(
+        "xtask netbench: {} Linux peer boots; per boot {} x {} pktgen frames of {:?} B",
+        peer.boots(),
+        o.reps,
+        o.linux_packets,
+        SIZES
+    );
     let mut rows: Vec<(Config, Measured)> = Vec::new();
     let mut bad = Vec::new();
-    for c in chosen.clone() {
-        // Boot and settling (~15 s), plus the loops at a pessimistic 500 frames/s.
-        let secs = 120 + (o.reps * o.packets * 2 + o.rounds) / 500;
+    for (i, c) in chosen.iter().cloned().enumerate() {
+        peer.run_due(i, &mut bad)?;
+        // Boot and settling (~15 s), plus the loops at a pessimistic 200 frames/s (the
+        // validated rows ran at 250-400 frames/s with other guests on the same 2 cores).
+        let secs = 120 + (o.reps * o.packets * 2 + o.rounds) / 200;
         let run = GuestRun::new(format!("netbench-{}", c.name), script(&c, &o))
             .package("iommud")
             .package("e1000d")
@@ -352,14 +401,18 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         rows.push((c, m));
     }
+    peer.run_due(usize::MAX, &mut bad)?;
     let dir = workspace_root().join("target").join("netbench");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let write = |name: &str, text: String| {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
     };
-    write("results.json", to_json(&rows, &o))?;
-    write("throughput-ratio.svg", plot::svg(&ratio_chart(&rows)))?;
+    write("results.json", to_json(&rows, &o, &peer.json()))?;
+    write(
+        "throughput-ratio.svg",
+        plot::svg(&ratio_chart(&rows, &peer.series())),
+    )?;
     println!(
         "wrote {0}/results.json, {0}/throughput-ratio.svg",
         dir.display()
@@ -613,11 +666,11 @@ loop: queues=2 sent=10 received=9 corrupt=0 lost=1 pps=170.0 size=64\n";
             (cs[0].clone(), mk(1000.0, 400.0)),
             (cs[3].clone(), mk(900.0, 400.0)),
         ];
-        let ch = ratio_chart(&rows);
+        let ch = ratio_chart(&rows, &[]);
         assert_eq!(ch.series[0].values, vec![Some(1.0), Some(1.0)]);
         assert_eq!(ch.series[1].values, vec![Some(0.9), Some(1.0)]);
         let o = parse(&[]).unwrap();
-        let j = to_json(&rows, &o);
+        let j = to_json(&rows, &o, &[]);
         assert!(j.contains("\"ratio_to_notrans\": 0.900"), "{j}");
         assert!(j.contains("\"strategy\": \"noiommu\""));
     }

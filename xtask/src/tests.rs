@@ -129,6 +129,12 @@ with an error status, a canary page is intact, later I/O verifies",
 with translation off",
             run: crate::disk::test_across_boots,
         },
+        GuestTest {
+            name: "guest-linux-peer",
+            about: "stock Debian kernel owning the VT-d unit (netbench's Linux peer): each of \
+off/strict/lazy/passthrough reported by the kernel; pktgen frames A->B all counted on B",
+            run: crate::linuxpeer::test,
+        },
     ]
 }
 

@@ -23,14 +23,17 @@ impl Daemon {
         Self::start_with(name, extra, true, Some(nofile))
     }
 
-    /// The daemon's open descriptors and resident memory (KiB), from /proc.
+    /// The daemon's open descriptors and resident anonymous memory (KiB,
+    /// `RssAnon`: its heap and stacks; the sim's physical memory is a shared
+    /// file whose pages count as `RssShmem` as the allocator touches them),
+    /// from /proc.
     pub fn fds_and_rss(&self) -> (usize, u64) {
         let pid = self.child.id();
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let rss = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix("RssAnon:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
         (fds, rss)

@@ -50,12 +50,12 @@ pub fn ensure() -> Result<Assets> {
 
 /// apt-get, with `apt-get update` run at most once per xtask invocation.
 #[derive(Default)]
-struct Apt {
+pub(crate) struct Apt {
     updated: bool,
 }
 
 impl Apt {
-    fn update(&mut self) -> Result<()> {
+    pub(crate) fn update(&mut self) -> Result<()> {
         if !self.updated {
             eprintln!("xtask deps: apt-get update");
             output(Command::new("apt-get").args(["-q", "update"]))?;
@@ -83,7 +83,7 @@ impl Apt {
     }
 
     /// `apt-get download <pkg>` into `dir`; returns the `.deb`.
-    fn download(&mut self, pkg: &str, dir: &Path) -> Result<PathBuf> {
+    pub(crate) fn download(&mut self, pkg: &str, dir: &Path) -> Result<PathBuf> {
         eprintln!("xtask deps: apt-get download {pkg}");
         let attempt = || {
             output(
@@ -172,7 +172,12 @@ fn enable_backports() -> Result<()> {
 }
 
 /// Downloads `pkg` into the cache and unpacks it into `cache/<unpack>` unless done before.
-fn fetch_unpacked(apt: &mut Apt, cache: &Path, pkg: &str, unpack: &str) -> Result<PathBuf> {
+pub(crate) fn fetch_unpacked(
+    apt: &mut Apt,
+    cache: &Path,
+    pkg: &str,
+    unpack: &str,
+) -> Result<PathBuf> {
     let deb = match find_deb(cache, pkg) {
         Some(d) => d,
         None => apt.download(pkg, cache)?,
@@ -199,7 +204,7 @@ fn ensure_busybox(apt: &mut Apt, cache: &Path) -> Result<PathBuf> {
     }
 }
 
-fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
+pub(crate) fn find_vmlinuz(root: &Path) -> Option<PathBuf> {
     fs::read_dir(root.join("boot"))
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -68,6 +68,9 @@ pub struct GuestRun {
     pub nic_model: String,
     /// Appended to the kernel command line.
     pub extra_append: String,
+    /// Replaces the default kernel command line (`extra_append` is still appended): for a
+    /// guest kernel that must own the VT-d unit itself (the Linux peer in netbench).
+    pub kernel_cmdline: Option<String>,
     /// Appended to QEMU's arguments.
     pub extra_qemu_args: Vec<String>,
     /// Stream the console to stdout while it runs (it is always logged).
@@ -92,6 +95,7 @@ impl GuestRun {
             timeout: Duration::from_secs(120),
             nic_model: "e1000".into(),
             extra_append: String::new(),
+            kernel_cmdline: None,
             extra_qemu_args: Vec::new(),
             echo: true,
             interactive: false,

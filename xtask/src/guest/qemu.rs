@@ -14,9 +14,11 @@ use crate::util::{describe, guest_dir, mkdirs, Result};
 
 /// The kernel command line: keep the guest kernel off the VT-d unit so userspace owns it.
 pub fn kernel_cmdline(run: &GuestRun) -> String {
-    let mut s = format!(
+    let mut s = run.kernel_cmdline.clone().unwrap_or_else(|| {
+        format!(
         "console=ttyS0 intel_iommu=off intremap=off iomem=relaxed hugepagesz=2M hugepages={HUGEPAGES} panic=-1 quiet"
-    );
+    )
+    });
     if run.nvme_disk.is_some() {
         // The cloud kernel has CONFIG_BLK_DEV_NVME=y: keep its driver from registering,
         // so only nvmed touches the controller (nvmed also unbinds a bound driver).
