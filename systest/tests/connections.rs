@@ -95,7 +95,7 @@ fn a_thousand_connect_attach_drop_cycles_leak_nothing() {
         };
         let (phys, _m) = c.pool(4096);
         c.map(phys, 4096, libdma::Dir::ToDevice).unwrap();
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             c.post(&iommu_abi::proto::Request::FlushHint);
         }
         // Dropped with its mapping live: iommud tears the domain down.
