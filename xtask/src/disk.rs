@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use crate::demo::{section, start_iommud, STOP_IOMMUD};
 use crate::guest::{self, GuestOutput, GuestRun};
-use crate::util::{mkdirs, workspace_root, Flags, Result};
+use crate::util::{json_num, mkdirs, workspace_root, write_json, Flags, Result};
 
 use benchplot as plot;
 
@@ -548,14 +548,6 @@ pub fn bench_jobs(ios: u64) -> Vec<String> {
 const BENCH_USAGE: &str = "usage: cargo xtask diskbench [--ios N] [--reps N] \
 [--only NAME[,NAME...]] [--idle-sleep-us N]";
 
-fn json_num(x: f64) -> String {
-    if x.is_finite() {
-        format!("{x:.3}")
-    } else {
-        "null".into()
-    }
-}
-
 /// Per job, the IOPS of every repetition.
 fn iops_by_job(runs: &[Vec<JobResult>]) -> BTreeMap<String, Vec<f64>> {
     let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -586,56 +578,43 @@ pub fn median_runs(runs: &[Vec<JobResult>]) -> Vec<JobResult> {
         .collect()
 }
 
-fn to_json(rows: &[(Config, Vec<JobResult>)], spreads: &[BTreeMap<String, Vec<f64>>]) -> String {
+fn to_json(
+    rows: &[(Config, Vec<JobResult>)],
+    spreads: &[BTreeMap<String, Vec<f64>>],
+) -> Vec<serde_json::Value> {
     let base = rows.iter().find(|(c, _)| !c.translate).map(|(_, j)| j);
-    let mut out = String::from("[\n");
-    let mut first = true;
+    let mut out = Vec::new();
     for (ci, (c, js)) in rows.iter().enumerate() {
         for j in js {
-            let reps = spreads
+            let reps: Vec<serde_json::Value> = spreads
                 .get(ci)
                 .and_then(|m| m.get(&j.job))
-                .map(|v| {
-                    v.iter()
-                        .map(|x| json_num(*x))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                })
+                .map(|v| v.iter().map(|x| json_num(Some(*x))).collect())
                 .unwrap_or_default();
             let b = base.and_then(|b| b.iter().find(|x| x.job == j.job));
-            let ratio = b.map_or(f64::NAN, |b| j.iops / b.iops);
-            if !first {
-                out.push_str(",\n");
-            }
-            first = false;
-            let opt = |v: Option<u64>| v.map_or("null".into(), |x| x.to_string());
-            let _ = write!(
-                out,
-                "  {{\"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \
-\"job\": \"{}\", \"ios\": {}, \"iops\": {}, \"mbps\": {}, \"p50_us\": {}, \"p99_us\": {}, \
-\"ratio_to_notrans\": {}, \"verified\": {}, \"bad_blocks\": {}, \"errors\": {}, \"maps\": {}, \
-\"ipc_round_trips\": {}, \"invalidations\": {}, \"iops_reps\": [{reps}]}}",
-                c.name,
-                if c.translate { c.strategy } else { "noiommu" },
-                if c.translate { c.flush } else { "none" },
-                c.translate,
-                j.job,
-                j.ios,
-                json_num(j.iops),
-                json_num(j.mbps),
-                json_num(j.p50_us),
-                json_num(j.p99_us),
-                json_num(ratio),
-                j.verified,
-                j.bad_blocks,
-                j.errors,
-                j.maps,
-                opt(j.ipc_round_trips),
-                opt(j.invalidations)
-            );
+            let ratio = b.map(|b| j.iops / b.iops);
+            out.push(serde_json::json!({
+                "config": c.name,
+                "strategy": if c.translate { c.strategy } else { "noiommu" },
+                "flush": if c.translate { c.flush } else { "none" },
+                "translation": c.translate,
+                "job": j.job,
+                "ios": j.ios,
+                "iops": json_num(Some(j.iops)),
+                "mbps": json_num(Some(j.mbps)),
+                "p50_us": json_num(Some(j.p50_us)),
+                "p99_us": json_num(Some(j.p99_us)),
+                "ratio_to_notrans": json_num(ratio),
+                "verified": j.verified,
+                "bad_blocks": j.bad_blocks,
+                "errors": j.errors,
+                "maps": j.maps,
+                "ipc_round_trips": j.ipc_round_trips,
+                "invalidations": j.invalidations,
+                "iops_reps": reps,
+            }));
         }
     }
-    out.push_str("\n]\n");
     out
 }
 
@@ -760,7 +739,7 @@ pub fn diskbench(args: &[String]) -> Result<()> {
         let p = dir.join(n);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
     };
-    write("results.json", to_json(&rows, &spreads))?;
+    write_json(&dir.join("results.json"), to_json(&rows, &spreads))?;
     write("iops-ratio.svg", plot::svg(&ratio_chart(&rows)))?;
     println!("wrote {0}/results.json, {0}/iops-ratio.svg", dir.display());
     if let Some((_, base)) = rows.iter().find(|(c, _)| !c.translate) {

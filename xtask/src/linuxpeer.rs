@@ -732,11 +732,8 @@ impl PeerBench {
     }
 
     /// `results.json` objects, one per mode and frame size.
-    pub fn json(&self) -> Vec<String> {
-        let num = |v: Option<f64>| match v {
-            Some(x) if x.is_finite() => format!("{x:.3}"),
-            _ => "null".into(),
-        };
+    pub fn json(&self) -> Vec<serde_json::Value> {
+        use crate::util::json_num as num;
         let mut v = Vec::new();
         for (mode, m) in &self.rows {
             let pps = m.pps();
@@ -751,27 +748,28 @@ impl PeerBench {
                 let (sent, received, missed) = runs.fold((0, 0, 0), |(a, b, c), x| {
                     (a + x.sent, b + x.received.min(x.sent), c + x.missed)
                 });
-                v.push(format!(
-                    "{{\"system\": \"linux\", \"config\": \"{}\", \"kernel_args\": \"{}\", \"mode_asked\": \"{}\", \
-\"kernel_reported\": \"{}\", \"translation\": {}, \"frame_bytes\": {size}, \"packets_per_rep\": {}, \
-\"reps\": {}, \"pps\": {}, \"pps_min\": {}, \"pps_max\": {}, \"ratio_to_notrans\": {}, \"ratio_min\": {}, \
-\"ratio_max\": {}, \"delivered_pps\": {}, \"sent\": {sent}, \"received\": {received}, \"lost\": {}, \"missed_on_b\": {missed}}}",
-                    mode.name,
-                    mode.args,
-                    mode.expect,
-                    m.reported.describe(),
-                    mode.expect != "off" && mode.expect != "passthrough",
-                    self.packets,
-                    pps.get(&size).map_or(0, Vec::len),
-                    num(s.map(|s| s.0)),
-                    num(s.map(|s| s.1)),
-                    num(s.map(|s| s.2)),
-                    num(r.map(|r| r.0)),
-                    num(r.map(|r| r.1)),
-                    num(r.map(|r| r.2)),
-                    num(tx.map(|t| t.0)),
-                    sent - received
-                ));
+                v.push(serde_json::json!({
+                    "system": "linux",
+                    "config": mode.name,
+                    "kernel_args": mode.args,
+                    "mode_asked": mode.expect,
+                    "kernel_reported": m.reported.describe(),
+                    "translation": mode.expect != "off" && mode.expect != "passthrough",
+                    "frame_bytes": size,
+                    "packets_per_rep": self.packets,
+                    "reps": pps.get(&size).map_or(0, Vec::len),
+                    "pps": num(s.map(|s| s.0)),
+                    "pps_min": num(s.map(|s| s.1)),
+                    "pps_max": num(s.map(|s| s.2)),
+                    "ratio_to_notrans": num(r.map(|r| r.0)),
+                    "ratio_min": num(r.map(|r| r.1)),
+                    "ratio_max": num(r.map(|r| r.2)),
+                    "delivered_pps": num(tx.map(|t| t.0)),
+                    "sent": sent,
+                    "received": received,
+                    "lost": sent - received,
+                    "missed_on_b": missed,
+                }));
             }
         }
         v
@@ -905,12 +903,10 @@ linuxpeer-klog: iommu: DMA domain TLB invalidation policy: {policy} mode \n"
             ("Linux strict".to_string(), vec![Some(0.625)])
         );
         let j = b.json();
-        assert!(
-            j[0].contains("\"ratio_to_notrans\": 0.625, \"ratio_min\": 0.500"),
-            "{}",
-            j[0]
-        );
-        assert!(j[0].contains("\"kernel_args\": \"intel_iommu=on iommu.strict=1\""));
+        assert_eq!(j[0]["ratio_to_notrans"], 0.625, "{}", j[0]);
+        assert_eq!(j[0]["ratio_min"], 0.5, "{}", j[0]);
+        assert_eq!(j[0]["kernel_args"], "intel_iommu=on iommu.strict=1");
+        assert_eq!(j[0]["system"], "linux");
     }
 
     #[test]

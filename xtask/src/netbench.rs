@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use crate::demo::{start_iommud, STOP_IOMMUD};
 use crate::guest::{self, GuestOutput, GuestRun};
-use crate::util::{workspace_root, Flags, Result};
+use crate::util::{json_num, workspace_root, write_json, Flags, Result};
 
 #[allow(dead_code)]
 pub(crate) use benchplot as plot;
@@ -223,61 +223,52 @@ pub fn measure<'a>(lines: impl Iterator<Item = &'a str>) -> Measured {
     m
 }
 
-fn json_num(v: Option<f64>) -> String {
-    match v {
-        Some(x) if x.is_finite() => format!("{x:.3}"),
-        _ => "null".into(),
-    }
-}
-
-/// `results.json`: one object per configuration and frame size.
-fn to_json(rows: &[(Config, Measured)], o: &Opts, extra: &[String]) -> String {
+/// `results.json`: one object per configuration and frame size, then `extra` (the
+/// Linux peer's rows).
+fn to_json(
+    rows: &[(Config, Measured)],
+    o: &Opts,
+    extra: Vec<serde_json::Value>,
+) -> Vec<serde_json::Value> {
     let base = rows.iter().find(|(c, _)| !c.translate).map(|(_, m)| m);
-    let mut out = String::from("[\n");
-    let mut first = true;
+    let mut out = Vec::new();
     for (c, m) in rows {
         for size in SIZES {
             let s = m.pps.get(&size).and_then(|v| spread(v));
             let ratio = base.and_then(|b| rep_ratio(m, b, size));
-            if !first {
-                out.push_str(",\n");
-            }
-            first = false;
-            let _ = write!(
-                out,
-                "  {{\"system\": \"iommud\", \"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \
-\"frame_bytes\": {size}, \"packets_per_rep\": {}, \"reps\": {}, \"pps\": {}, \"pps_min\": {}, \
-\"pps_max\": {}, \"ratio_to_notrans\": {}, \"ratio_min\": {}, \"ratio_max\": {}, \"pingpong_rounds\": {}, \"rtt_p50_us\": {}, \
-\"rtt_p99_us\": {}, \"sent\": {}, \"received\": {}, \"lost\": {}, \"corrupt\": {}}}",
-                c.name,
-                if c.translate { c.strategy } else { "noiommu" },
-                if c.translate { c.flush } else { "none" },
-                c.translate,
-                o.packets,
-                m.pps.get(&size).map_or(0, Vec::len),
-                json_num(s.map(|s| s.0)),
-                json_num(s.map(|s| s.1)),
-                json_num(s.map(|s| s.2)),
-                json_num(ratio.map(|r| r.0)),
-                json_num(ratio.map(|r| r.1)),
-                json_num(ratio.map(|r| r.2)),
-                o.rounds,
-                json_num(m.p50_us),
-                json_num(m.p99_us),
-                m.sent,
-                m.received,
-                m.lost,
-                m.corrupt
-            );
+            out.push(serde_json::json!({
+                "system": "iommud",
+                "config": c.name,
+                "strategy": if c.translate { c.strategy } else { "noiommu" },
+                "flush": if c.translate { c.flush } else { "none" },
+                "translation": c.translate,
+                "frame_bytes": size,
+                "packets_per_rep": o.packets,
+                "reps": m.pps.get(&size).map_or(0, Vec::len),
+                "pps": json_num(s.map(|s| s.0)),
+                "pps_min": json_num(s.map(|s| s.1)),
+                "pps_max": json_num(s.map(|s| s.2)),
+                "ratio_to_notrans": json_num(ratio.map(|r| r.0)),
+                "ratio_min": json_num(ratio.map(|r| r.1)),
+                "ratio_max": json_num(ratio.map(|r| r.2)),
+                "pingpong_rounds": o.rounds,
+                "rtt_p50_us": json_num(m.p50_us),
+                "rtt_p99_us": json_num(m.p99_us),
+                "sent": m.sent,
+                "received": m.received,
+                "lost": m.lost,
+                "corrupt": m.corrupt,
+            }));
         }
     }
-    for e in extra {
-        out.push_str(if first { "  " } else { ",\n  " });
-        first = false;
-        out.push_str(e);
-    }
-    out.push_str("\n]\n");
+    out.extend(extra);
     out
+}
+
+/// A figure for the console: 3 decimals, `-` when missing.
+fn shown(v: Option<f64>) -> String {
+    v.filter(|x| x.is_finite())
+        .map_or("-".into(), |x| format!("{x:.3}"))
 }
 
 /// Median, min and max over reps of `m`'s packets/s over `base`'s in the same rep.
@@ -376,8 +367,8 @@ pub fn run(args: &[String]) -> Result<()> {
             c.name,
             med(64),
             med(1500),
-            json_num(m.p50_us),
-            json_num(m.p99_us),
+            shown(m.p50_us),
+            shown(m.p99_us),
             m.lost,
             m.corrupt,
             out.duration.as_secs_f64(),
@@ -408,7 +399,7 @@ pub fn run(args: &[String]) -> Result<()> {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
     };
-    write("results.json", to_json(&rows, &o, &peer.json()))?;
+    write_json(&dir.join("results.json"), to_json(&rows, &o, peer.json()))?;
     write(
         "throughput-ratio.svg",
         plot::svg(&ratio_chart(&rows, &peer.series())),
@@ -510,7 +501,7 @@ fn igb_rows(chosen: &[Config], o: &Opts) -> Result<()> {
         SIZES,
         o.packets * IGB_PACKET_FACTOR
     );
-    let mut json = String::from("[\n");
+    let mut json = Vec::new();
     let mut bad = Vec::new();
     let mut all = IgbMeasured::default();
     for c in &configs {
@@ -540,33 +531,29 @@ fn igb_rows(chosen: &[Config], o: &Opts) -> Result<()> {
                     v.map_or("-".into(), |v| format!("{:.0}", v.0)),
                     v.map_or("-".into(), |v| format!("{:.0}-{:.0}", v.1, v.2)),
                     b.map_or("-".into(), |b| format!("{:.0}", b.0)),
-                    json_num(ratio)
+                    shown(ratio)
                 );
-                if json.len() > 2 {
-                    json.push_str(",\n");
-                }
-                let _ = write!(
-                    json,
-                    "  {{\"nic\": \"igb\", \"config\": \"{}\", \"strategy\": \"{}\", \"flush\": \"{}\", \"translation\": {}, \"queues\": {q}, \
-\"frame_bytes\": {size}, \"packets_per_loop\": {}, \"reps\": {}, \"pps\": {}, \"pps_min\": {}, \"pps_max\": {}, \
-\"notrans_pps\": {}, \"ratio_to_notrans\": {}}}",
-                    c.name,
-                    if c.translate { c.strategy } else { "noiommu" },
-                    if c.translate { c.flush } else { "none" },
-                    c.translate,
-                    o.packets * IGB_PACKET_FACTOR,
-                    o.reps,
-                    json_num(v.map(|v| v.0)),
-                    json_num(v.map(|v| v.1)),
-                    json_num(v.map(|v| v.2)),
-                    json_num(b.map(|b| b.0)),
-                    json_num(ratio)
-                );
+                json.push(serde_json::json!({
+                    "nic": "igb",
+                    "config": c.name,
+                    "strategy": if c.translate { c.strategy } else { "noiommu" },
+                    "flush": if c.translate { c.flush } else { "none" },
+                    "translation": c.translate,
+                    "queues": q,
+                    "frame_bytes": size,
+                    "packets_per_loop": o.packets * IGB_PACKET_FACTOR,
+                    "reps": o.reps,
+                    "pps": json_num(v.map(|v| v.0)),
+                    "pps_min": json_num(v.map(|v| v.1)),
+                    "pps_max": json_num(v.map(|v| v.2)),
+                    "notrans_pps": json_num(b.map(|b| b.0)),
+                    "ratio_to_notrans": json_num(ratio),
+                }));
             }
             println!(
                 "igb {:<17} {size:>4} B: 2-queue / 1-queue packets/s = {}",
                 c.name,
-                json_num(one(2).zip(one(1)).map(|(a, b)| a / b))
+                shown(one(2).zip(one(1)).map(|(a, b)| a / b))
             );
         }
         if !out.success() || m.lost != 0 || m.corrupt != 0 || !m.failures.is_empty() {
@@ -581,11 +568,10 @@ fn igb_rows(chosen: &[Config], o: &Opts) -> Result<()> {
             ));
         }
     }
-    json.push_str("\n]\n");
     let dir = workspace_root().join("target").join("netbench");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let p = dir.join("igb-results.json");
-    std::fs::write(&p, json).map_err(|e| format!("{}: {e}", p.display()))?;
+    write_json(&p, json)?;
     println!("wrote {}", p.display());
     if bad.is_empty() {
         Ok(())
@@ -670,8 +656,10 @@ loop: queues=2 sent=10 received=9 corrupt=0 lost=1 pps=170.0 size=64\n";
         assert_eq!(ch.series[0].values, vec![Some(1.0), Some(1.0)]);
         assert_eq!(ch.series[1].values, vec![Some(0.9), Some(1.0)]);
         let o = parse(&[]).unwrap();
-        let j = to_json(&rows, &o, &[]);
-        assert!(j.contains("\"ratio_to_notrans\": 0.900"), "{j}");
-        assert!(j.contains("\"strategy\": \"noiommu\""));
+        let j = to_json(&rows, &o, Vec::new());
+        // Rows: notrans 64 B, notrans 1500 B, then the second configuration.
+        assert_eq!(j[2]["ratio_to_notrans"], 0.9, "{}", j[2]);
+        assert_eq!(j[0]["strategy"], "noiommu");
+        assert_eq!(j[0]["system"], "iommud");
     }
 }

@@ -122,3 +122,20 @@ impl<'a> Flags<'a> {
         }
     }
 }
+
+/// A number for the results files: rounded to 3 decimals; `null` when
+/// missing or not finite.
+pub fn json_num(v: Option<f64>) -> serde_json::Value {
+    v.filter(|x| x.is_finite())
+        .map_or(serde_json::Value::Null, |x| {
+            serde_json::json!((x * 1000.0).round() / 1000.0)
+        })
+}
+
+/// Writes `rows` as `path` (a JSON array, one object per row), the one way
+/// every benchmark writes its `results.json`.
+pub fn write_json(path: &Path, rows: Vec<serde_json::Value>) -> Result<()> {
+    let text = serde_json::to_string_pretty(&serde_json::Value::Array(rows))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
