@@ -1,6 +1,6 @@
 //! nvmed on Redox, started by pcid-spawner (see `recipes/nvmed`).
 //!
-//! Never compiled (no Redox toolchain here). Like e1000d's entry: from the pcid channel
+//! Type-checked for x86_64-unknown-redox by `cargo xtask redox-check`; never run. Like e1000d's entry: from the pcid channel
 //! in `PCID_CLIENT_CHANNEL` it learns its function, reads the configuration header next
 //! to it in the pci scheme, checks the class code, maps BAR 0 through
 //! `/scheme/memory/physical@uc`, attaches to its iommud domain through the `iommu`
@@ -12,10 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use e1000d::pcid::{self, PCID_CHANNEL_ENV};
+use e1000d::pcid;
 use e1000d::LibdmaMapper;
-use libdma::{DmaDomain, FlushPolicy, Strategy};
-use linuxhw::mmio::MmioRegion;
 use nvmed::bench::{self, Job, Worker};
 use nvmed::ctrl::{class_of, BAR0_LEN, CLASS_NVME};
 use nvmed::io::IoQueue;
@@ -24,24 +22,18 @@ use nvmed::Nvme;
 
 /// Brings the function pcid-spawner gave us up under its iommud domain.
 pub fn run() -> Result<bool, String> {
-    let env = std::env::var(PCID_CHANNEL_ENV).ok();
-    let fd = pcid::pcid_channel(env.as_deref())?;
-    let mut buf = [0u8; 256];
-    let n = libredox::call::fpath(fd, &mut buf)
-        .map_err(|e| format!("fpath of the pcid channel: {e}"))?;
-    let path = String::from_utf8_lossy(&buf[..n]).into_owned();
-    let sid = pcid::bdf_of_pci_path(&path).ok_or(format!("no PCI address in {path:?}"))?;
-    let bdf = libdma::Bdf(sid).to_string();
-    let cfg_path = pcid::config_path(&path).ok_or(format!("{path:?} is not a channel"))?;
-    let config = std::fs::read(&cfg_path).map_err(|e| format!("{cfg_path}: {e}"))?;
-    if class_of(&config) != Some(CLASS_NVME) {
-        return Err(format!("{bdf}: class {:x?} is not NVMe", class_of(&config)));
-    }
-    let bar = pcid::bar0(&config).ok_or(format!("{bdf}: BAR 0 is not memory"))?;
-    let regs = MmioRegion::map_phys_via(pcid::PHYS_UNCACHED, bar, BAR0_LEN)
-        .map_err(|e| format!("{bdf}: BAR 0 at {bar:#x}: {e}"))?;
-    let domain = DmaDomain::open(sid, Strategy::Magazine, FlushPolicy::PerCore)
-        .map_err(|e| format!("{bdf}: iommu scheme: {e}"))?;
+    let pcid::Function {
+        sid,
+        bdf,
+        regs,
+        domain,
+    } = pcid::open_function(
+        |c| match class_of(c) {
+            Some(CLASS_NVME) => Ok(()),
+            other => Err(format!("class {other:x?} is not NVMe")),
+        },
+        BAR0_LEN,
+    )?;
     let mapper = Arc::new(LibdmaMapper::from_domain(domain));
     let mut nvme = Nvme::with_bar(bdf.clone(), sid, Bar::new(regs), mapper.clone(), 1)
         .map_err(|e| format!("{bdf}: {e}"))?;

@@ -82,6 +82,66 @@ pub fn bar0(config: &[u8]) -> Option<u64> {
     }
 }
 
+/// What pcid-spawner handed this driver, brought up to where a driver's own
+/// code starts: the function, its BAR 0 mapped uncached, its iommud domain.
+#[cfg(target_os = "redox")]
+pub struct Function {
+    /// Source id (bus << 8 | devfn).
+    pub sid: u16,
+    /// `bb:dd.f`.
+    pub bdf: String,
+    /// BAR 0, mapped through the physical-memory scheme.
+    pub regs: linuxhw::mmio::MmioRegion,
+    /// The function's domain on the `iommu` scheme (magazine, percore).
+    pub domain: libdma::DmaDomain,
+}
+
+/// The one bring-up every Redox driver entry shares: the function from
+/// `fpath` on the pcid channel, its configuration header from the pci scheme
+/// (which `check` must accept: the driver's ids or class), `bar0_len` bytes of
+/// BAR 0 through `/scheme/memory/physical@uc`, the domain through the
+/// `iommu` scheme.
+#[cfg(target_os = "redox")]
+pub fn open_function(
+    check: impl Fn(&[u8]) -> Result<(), String>,
+    bar0_len: usize,
+) -> Result<Function, String> {
+    let env = std::env::var(PCID_CHANNEL_ENV).ok();
+    let fd = pcid_channel(env.as_deref())?;
+    let mut buf = [0u8; 256];
+    let n = libredox::call::fpath(fd, &mut buf)
+        .map_err(|e| format!("fpath of the pcid channel: {e}"))?;
+    let path = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let sid = bdf_of_pci_path(&path).ok_or(format!("no PCI address in {path:?}"))?;
+    let bdf = libdma::Bdf(sid).to_string();
+    let cfg_path = config_path(&path).ok_or(format!("{path:?} is not a channel"))?;
+    let config = std::fs::read(&cfg_path).map_err(|e| format!("{cfg_path}: {e}"))?;
+    check(&config).map_err(|e| format!("{bdf}: {e}"))?;
+    let bar = bar0(&config).ok_or(format!("{bdf}: BAR 0 is not memory"))?;
+    let regs = linuxhw::mmio::MmioRegion::map_phys_via(PHYS_UNCACHED, bar, bar0_len)
+        .map_err(|e| format!("{bdf}: BAR 0 at {bar:#x}: {e}"))?;
+    let domain = libdma::DmaDomain::open(
+        sid,
+        libdma::Strategy::Magazine,
+        libdma::FlushPolicy::PerCore,
+    )
+    .map_err(|e| format!("{bdf}: iommu scheme: {e}"))?;
+    Ok(Function {
+        sid,
+        bdf,
+        regs,
+        domain,
+    })
+}
+
+/// A `check` for [`open_function`]: the header's vendor:device is `want`.
+pub fn expect_ids(config: &[u8], want: (u16, u16), what: &str) -> Result<(), String> {
+    match ids(config) {
+        Some(got) if got == want => Ok(()),
+        other => Err(format!("not {what} ({other:x?})")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +184,9 @@ mod tests {
         cfg[0..4].copy_from_slice(&0x100e_8086u32.to_le_bytes());
         cfg[0x10..0x14].copy_from_slice(&0xfebc_0000u32.to_le_bytes());
         assert_eq!(ids(&cfg), Some((0x8086, 0x100e)));
+        assert!(expect_ids(&cfg, (0x8086, 0x100e), "an 82540EM").is_ok());
+        let e = expect_ids(&cfg, (0x8086, 0x10c9), "an 82576").unwrap_err();
+        assert!(e.contains("not an 82576"), "{e}");
         assert_eq!(bar0(&cfg), Some(0xfebc_0000));
         // 64-bit memory BAR (type 2 = bits 2:1 = 0b10 → low nibble 0x4).
         cfg[0x10..0x14].copy_from_slice(&0xc000_0004u32.to_le_bytes());

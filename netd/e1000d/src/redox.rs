@@ -13,35 +13,23 @@
 
 use std::time::Duration;
 
-use e1000d::pcid::{self, PCID_CHANNEL_ENV};
+use e1000d::pcid;
 use e1000d::{DmaMapper, LibdmaMapper, DEVICE, E1000, VENDOR};
-use libdma::{DmaDomain, FlushPolicy, Strategy};
-use linuxhw::mmio::MmioRegion;
 
 /// Bytes of BAR 0 on the 82540EM (128 KiB of registers).
 const BAR0_LEN: usize = 0x2_0000;
 
 /// Brings the function pcid-spawner gave us up under its iommud domain.
 pub fn run() -> Result<bool, String> {
-    let env = std::env::var(PCID_CHANNEL_ENV).ok();
-    let fd = pcid::pcid_channel(env.as_deref())?;
-    let mut buf = [0u8; 256];
-    let n = libredox::call::fpath(fd, &mut buf)
-        .map_err(|e| format!("fpath of the pcid channel: {e}"))?;
-    let path = String::from_utf8_lossy(&buf[..n]).into_owned();
-    let sid = pcid::bdf_of_pci_path(&path).ok_or(format!("no PCI address in {path:?}"))?;
-    let bdf = libdma::Bdf(sid).to_string();
-    let cfg_path = pcid::config_path(&path).ok_or(format!("{path:?} is not a channel"))?;
-    let config = std::fs::read(&cfg_path).map_err(|e| format!("{cfg_path}: {e}"))?;
-    match pcid::ids(&config) {
-        Some((VENDOR, DEVICE)) => {}
-        other => return Err(format!("{bdf}: not an 82540EM ({other:x?})")),
-    }
-    let bar = pcid::bar0(&config).ok_or(format!("{bdf}: BAR 0 is not memory"))?;
-    let regs = MmioRegion::map_phys_via(pcid::PHYS_UNCACHED, bar, BAR0_LEN)
-        .map_err(|e| format!("{bdf}: BAR 0 at {bar:#x}: {e}"))?;
-    let domain = DmaDomain::open(sid, Strategy::Magazine, FlushPolicy::PerCore)
-        .map_err(|e| format!("{bdf}: iommu scheme: {e}"))?;
+    let pcid::Function {
+        sid,
+        bdf,
+        regs,
+        domain,
+    } = pcid::open_function(
+        |c| pcid::expect_ids(c, (VENDOR, DEVICE), "an 82540EM"),
+        BAR0_LEN,
+    )?;
     let mapper: Box<dyn DmaMapper> = Box::new(LibdmaMapper::from_domain(domain));
     let nic = E1000::with_bar(bdf.clone(), sid, regs, mapper).map_err(|e| format!("{bdf}: {e}"))?;
     let m = nic.mac();
