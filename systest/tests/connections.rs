@@ -72,7 +72,7 @@ fn a_thousand_connect_attach_drop_cycles_leak_nothing() {
         std::thread::sleep(Duration::from_secs(60));
         return;
     }
-    let d = Daemon::start("cycles", &[]);
+    let d = Daemon::start_logged("cycles", &[]);
     let cycle = |k: u64| {
         // The previous cycle's domain may still be being torn down (busy).
         let t = Instant::now();
