@@ -15,12 +15,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(name: &str, extra: &[&str]) -> Daemon {
-        Self::start_with(name, extra, false, None)
+        Self::start_with(name, extra, false, None, &[])
     }
 
     /// A logged daemon whose descriptor limit (RLIMIT_NOFILE) is `nofile`.
     pub fn start_limited(name: &str, extra: &[&str], nofile: u64) -> Daemon {
-        Self::start_with(name, extra, true, Some(nofile))
+        Self::start_with(name, extra, true, Some(nofile), &[])
     }
 
     /// The daemon's open descriptors and resident anonymous memory (KiB,
@@ -55,7 +55,14 @@ impl Daemon {
     /// Like [`Daemon::start`], with the daemon's stderr kept in
     /// [`Daemon::log`] instead of the test's.
     pub fn start_logged(name: &str, extra: &[&str]) -> Daemon {
-        Self::start_with(name, extra, true, None)
+        Self::start_with(name, extra, true, None, &[])
+    }
+
+    /// A logged daemon whose heap is one malloc arena (`MALLOC_ARENA_MAX=1`):
+    /// its memory then measures what iommud keeps, not how many per-thread
+    /// arenas glibc happened to open under load.
+    pub fn start_one_arena(name: &str) -> Daemon {
+        Self::start_with(name, &[], true, None, &[("MALLOC_ARENA_MAX", "1")])
     }
 
     /// What the daemon wrote to stderr (a logged daemon).
@@ -63,7 +70,13 @@ impl Daemon {
         std::fs::read_to_string(self.dir.join("iommud.log")).unwrap_or_default()
     }
 
-    fn start_with(name: &str, extra: &[&str], logged: bool, nofile: Option<u64>) -> Daemon {
+    fn start_with(
+        name: &str,
+        extra: &[&str],
+        logged: bool,
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = std::env::temp_dir().join(format!("iommud-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("iommud.sock");
@@ -78,6 +91,7 @@ impl Daemon {
             policy.push(cfg.display().to_string());
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_systest-iommud"));
+        cmd.envs(env.iter().copied());
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: between fork and exec, setrlimit only changes this
