@@ -116,9 +116,14 @@ impl FaultBook {
         self.devices.get(&sid).is_some_and(|d| d.blocked)
     }
 
-    /// Forgets `sid` (its domain was attached anew).
-    pub fn forget(&mut self, sid: u16) {
-        self.devices.remove(&sid);
+    /// A new domain of `sid` was attached (with a fresh context entry): it
+    /// is no longer blocked and its rate starts over; its faults so far stay
+    /// in the record.
+    pub fn reattached(&mut self, sid: u16) {
+        if let Some(d) = self.devices.get_mut(&sid) {
+            d.blocked = false;
+            d.in_second = 0;
+        }
     }
 
     /// The `faults` path: per device, its first faults and its latest, then
@@ -219,6 +224,13 @@ mod tests {
         // More faults later do not block again.
         assert!(b.record(&storm, 2000).block.is_empty());
         assert_eq!(b.total(0x08), 300);
+        // A new domain of the device: unblocked, its history kept, and a new
+        // storm blocks it again.
+        b.reattached(0x08);
+        assert!(!b.blocked(0x08));
+        assert_eq!(b.total(0x08), 300);
+        assert!(b.render().contains("device bdf=00:01.0 faults=300 blocked=no"));
+        assert_eq!(b.record(&storm, 5000).block, vec![0x08]);
     }
 
     #[test]

@@ -352,11 +352,11 @@ impl Session {
                 Ok(d) => {
                     doms.insert(sid, d.clone());
                     st.set_owner(sid, self.peer);
-                    // A new domain starts with a clean fault record.
+                    // A new domain starts unblocked (its history stays).
                     st.faults
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .forget(sid);
+                        .reattached(sid);
                     d
                 }
                 Err(e) => return e.into(),
