@@ -229,7 +229,9 @@ mod tests {
         b.reattached(0x08);
         assert!(!b.blocked(0x08));
         assert_eq!(b.total(0x08), 300);
-        assert!(b.render().contains("device bdf=00:01.0 faults=300 blocked=no"));
+        assert!(b
+            .render()
+            .contains("device bdf=00:01.0 faults=300 blocked=no"));
         assert_eq!(b.record(&storm, 5000).block, vec![0x08]);
     }
 
