@@ -57,6 +57,13 @@ fn other_identity_works(socket: &std::path::Path) {
         let iova = dom.map(b.phys, 8192, Dir::ToDevice).unwrap();
         dom.unmap(iova, 8192).unwrap();
     }
+    // Its own quotas are its to read; root's are not.
+    let q = dom.read_path("quotas").unwrap();
+    assert!(q.lines().any(|l| l.starts_with("uid 65534 ")), "{q}");
+    assert!(
+        !q.contains("uid 0 "),
+        "another identity's quotas shown: {q}"
+    );
     dom.shutdown().unwrap();
 }
 
