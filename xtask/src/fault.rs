@@ -41,7 +41,8 @@ echo \"E1000D-EXIT $rc2\"
     s
 }
 
-fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+/// The value of `key=value` in a line of space-separated fields.
+pub fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
@@ -101,8 +102,22 @@ fn check(out: &GuestOutput) -> Vec<String> {
             addr.map_or("?".into(), |a| format!("{a:#x}"))
         ),
     );
-    let faults = section(out, "FAULTS");
-    for f in &faults {
+    expect_blocked_faults(out, ("00:01.0", BAD_IOVA), "00:02.0", addr, &mut expect);
+    bad
+}
+
+/// The checks every fault test makes of iommud's `faults`: it lists the TX
+/// device's read at its unmapped IOVA (`tx`: BDF and IOVA), and the RX
+/// device's write over the canary page at `canary` (its page address).
+pub fn expect_blocked_faults(
+    out: &GuestOutput,
+    tx: (&str, u64),
+    rx: &str,
+    canary: Option<u64>,
+    expect: &mut impl FnMut(bool, String),
+) {
+    let faults = crate::demo::fault_lines(out);
+    for f in section(out, "FAULTS") {
         println!("       {f}");
     }
     let has = |bdf: &str, iova: u64, access: &str| {
@@ -112,21 +127,18 @@ fn check(out: &GuestOutput) -> Vec<String> {
                 && kv(f, "access") == Some(access)
         })
     };
+    let (tx_bdf, bad_iova) = tx;
     expect(
-        has("00:01.0", BAD_IOVA, "read"),
-        format!("faults lists bdf=00:01.0 iova={BAD_IOVA:#x} access=read"),
+        has(tx_bdf, bad_iova, "read"),
+        format!("faults lists bdf={tx_bdf} iova={bad_iova:#x} access=read"),
     );
-    match addr {
+    match canary {
         Some(a) => expect(
-            has("00:02.0", a & !0xfff, "write"),
-            format!(
-                "faults lists bdf=00:02.0 iova={:#x} access=write",
-                a & !0xfff
-            ),
+            has(rx, a & !0xfff, "write"),
+            format!("faults lists bdf={rx} iova={:#x} access=write", a & !0xfff),
         ),
         None => expect(false, "canary address reported".into()),
     }
-    bad
 }
 
 /// The control boot: without translation the NIC's write lands on the canary.

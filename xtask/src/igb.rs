@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::demo::{domain_sum, section, start_iommud, DemoOpts, STOP_IOMMUD};
+use crate::fault::kv;
 use crate::guest::{self, parse_hex, GuestOutput, GuestRun};
 use crate::util::Result;
 
@@ -369,11 +370,6 @@ pub fn test(strategy: &str, flush: &str, queues: u16, cm: bool, packets: u64) ->
 /// The unmapped IOVA of the fault test's TX descriptor.
 const BAD_IOVA: u64 = 0x90_0000;
 
-fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-}
-
 /// `cargo xtask guest-igb-fault`: on igb with 2 queues, a TX descriptor at an unmapped
 /// IOVA and an RX descriptor pointing at a canary page nobody mapped are blocked and
 /// listed in iommud's faults, the canary is intact, and the traffic after it is intact;
@@ -431,31 +427,7 @@ pub fn fault() -> Result<()> {
         changed == Some(0),
         format!("canary unchanged (changed_bytes={changed:?})"),
     );
-    let faults = section(&out, "FAULTS");
-    for f in &faults {
-        println!("       {f}");
-    }
-    let has = |bdf: &str, iova: u64, access: &str| {
-        faults.iter().any(|f| {
-            kv(f, "bdf") == Some(bdf)
-                && kv(f, "iova").and_then(parse_hex) == Some(iova)
-                && kv(f, "access") == Some(access)
-        })
-    };
-    expect(
-        has("00:01.0", BAD_IOVA, "read"),
-        format!("faults lists bdf=00:01.0 iova={BAD_IOVA:#x} access=read"),
-    );
-    match addr {
-        Some(a) => expect(
-            has("00:03.0", a & !0xfff, "write"),
-            format!(
-                "faults lists bdf=00:03.0 iova={:#x} access=write",
-                a & !0xfff
-            ),
-        ),
-        None => expect(false, "canary address reported".into()),
-    }
+    crate::fault::expect_blocked_faults(&out, ("00:01.0", BAD_IOVA), "00:03.0", addr, &mut expect);
     // Control: without translation the NIC's write lands on the canary.
     let mut c = start_iommud("--no-translation");
     c.push_str(&format!(
