@@ -46,7 +46,9 @@ impl Domain {
                 format!("length {len:#x} not in 1..={MAX_MAP_LEN:#x}"),
             ));
         }
-        let translating = self.unit.translating() && self.policy().0 != Strategy::NoIommu;
+        // A domain's strategy is `noiommu` exactly when the unit does not
+        // translate (set_policy keeps it so), so no lock is needed to know.
+        let translating = self.unit.translating();
         if translating {
             self.check_tables()?;
             self.charge(Quota::Mappings, 1)?;
