@@ -414,6 +414,11 @@ fn fault<M: DmaMapper + Send + Sync>(
                     d.cqe.dnr()
                 );
                 statuses.push(d.cqe.ok());
+                // QEMU's VT-d drops ("compresses") a device's new fault while an
+                // earlier one of the same device is still in the fault record:
+                // give iommud (2 ms ticker) time to take the record before the
+                // next blocked command, so each one is recorded.
+                std::thread::sleep(Duration::from_millis(50));
                 break;
             }
             if start.elapsed() > Duration::from_secs(10) {
