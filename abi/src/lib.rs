@@ -58,6 +58,7 @@ pub mod bdf;
 pub mod classes;
 pub mod proof;
 pub mod proto;
+pub mod ring;
 pub mod session;
 pub mod shared;
 pub mod shm;

@@ -227,8 +227,9 @@ pub struct EpochPage {
     pub strategy: AtomicU32,
     /// The domain's flush policy (`proto::FlushPolicy` wire value).
     pub flush: AtomicU32,
-    /// Padding (zero).
-    pub _reserved: AtomicU32,
+    /// Nonzero while the service thread serving this domain's rings sleeps:
+    /// a client that submits must then ring the doorbell (`crate::ring`).
+    pub ring_idle: AtomicU32,
     /// [`monotonic_ns`] at initialisation; unmap times are relative to it.
     pub clock_base: AtomicU64,
     /// Time-stamp counter at initialisation (with `tsc_mult`).

@@ -130,7 +130,8 @@ fn run(reclaim: bool, pairs: u64) -> io::Result<Run> {
     .map_err(|e| err("domain", e))?;
     let pool = dom
         .alloc_pool(POOL_PAGES * PAGE)
-        .map_err(|e| err("pool", e))?;
+        .map_err(|e| err("pool", e))?
+        .0;
     let stride = RANGE / pairs.max(1) * 2;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut cursor = HEAP_BASE;

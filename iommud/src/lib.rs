@@ -32,6 +32,7 @@ pub mod scheme;
 // `redox/iommud-scheme` serves the same sessions.
 #[cfg(not(target_os = "redox"))]
 pub mod server;
+pub mod service;
 pub mod session;
 pub mod state;
 pub mod stats;

@@ -38,6 +38,7 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
                 }
             })?
     };
+    crate::service::Service::start(&state)?;
     let mut accept_errors = RateLimited::default();
     while !state.stop.load(SeqCst) {
         match listener.accept_timeout(Duration::from_millis(50)) {
@@ -67,6 +68,7 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
         }
     }
     let _ = ticker.join();
+    state.service.stop();
     let _ = std::fs::remove_file(path);
     // Block every device before this process (and its memory) goes: each
     // context entry cleared and invalidated, then the domain's memory freed.

@@ -10,7 +10,7 @@ use crate::stats;
 use crate::unit::log;
 use iommu_abi::proto::{
     AttachReply, ErrorCode, FlushPolicy, PoolReply, Request, Strategy, FLAG_CACHING_MODE,
-    FLAG_COHERENT, FLAG_TRANSLATING, VERSION,
+    FLAG_COHERENT, FLAG_TRANSLATING, FLAG_VALIDATED, VERSION,
 };
 use iommu_abi::Bdf;
 use std::os::fd::OwnedFd;
@@ -162,16 +162,38 @@ impl Session {
             Request::AllocPool { bytes } => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => match d.alloc_pool(bytes) {
-                    Ok(r) => Response {
+                    Ok((r, region, reg)) => Response {
                         result: Ok(PoolReply {
                             phys: r.phys,
                             fd_offset: r.fd_offset,
                             len: r.len,
+                            region,
+                            iova: reg.iova,
                         }
                         .encode()),
                         payload: Vec::new(),
                         shares: vec![Share { fd: r.fd }],
                     },
+                    Err(e) => e.into(),
+                },
+            },
+            Request::SetupRings { rings } => match self.need_domain() {
+                Err(r) => r,
+                Ok(d) => match d.setup_rings(rings) {
+                    Ok(r) => {
+                        let shares = vec![
+                            Share { fd: r.share() },
+                            Share {
+                                fd: r.doorbell.clone(),
+                            },
+                        ];
+                        st.service.add(d.clone());
+                        Response {
+                            result: Ok([rings, iommu_abi::ring::RING_BYTES as u64, 0, 0, 0]),
+                            payload: Vec::new(),
+                            shares,
+                        }
+                    }
                     Err(e) => e.into(),
                 },
             },
@@ -322,11 +344,9 @@ impl Session {
             ));
             return Response::err(ErrorCode::PermissionDenied, e);
         }
-        let trust = if effective == Strategy::Magazine {
-            Trust::Delegated
-        } else {
-            rule.trust
-        };
+        // The administrator's trust, whatever the strategy: a validated
+        // magazine domain keeps its magazines in iommud (the ring path).
+        let trust = rule.trust;
         let d = {
             let mut doms = st.domains.lock().unwrap_or_else(|p| p.into_inner());
             if doms.contains_key(&sid) {
@@ -373,7 +393,11 @@ impl Session {
             d.trust.name()
         ));
         let u = &st.unit;
-        let flags = (if u.caching_mode() {
+        let flags = (if d.trust == Trust::Validated {
+            FLAG_VALIDATED
+        } else {
+            0
+        }) | (if u.caching_mode() {
             FLAG_CACHING_MODE
         } else {
             0

@@ -124,6 +124,8 @@ pub struct State {
     pub faults: Mutex<FaultBook>,
     /// Refusal counters.
     pub security: SecurityStats,
+    /// The service threads that serve clients' rings.
+    pub service: crate::service::Service,
     /// Owner of each attached domain.
     owners: Mutex<BTreeMap<u16, Peer>>,
     /// Counters of domains already detached (so unit-wide stats are
@@ -148,6 +150,7 @@ impl State {
             open_connections: AtomicU64::new(0),
             faults: Mutex::new(FaultBook::new(DEFAULT_BLOCK_PER_SECOND)),
             security: SecurityStats::default(),
+            service: crate::service::Service::new(1, crate::service::DEFAULT_SPIN),
             owners: Mutex::new(BTreeMap::new()),
             retired: Mutex::new(Totals::default()),
             started: Instant::now(),

@@ -67,6 +67,19 @@ pub struct DomainStats {
     pub rejected: AtomicU64,
     /// Requests refused because the owner's quota was used up.
     pub quota_refusals: AtomicU64,
+    /// Ring entries served (maps and unmaps through the rings).
+    pub ring_entries: AtomicU64,
+    /// Passes over the rings that found work.
+    pub ring_passes: AtomicU64,
+    /// Times the service thread went to sleep on this domain's doorbell.
+    pub ring_sleeps: AtomicU64,
+    /// Doorbells rung by the client (eventfd wake-ups seen).
+    pub ring_doorbells: AtomicU64,
+    /// Strict ring unmaps invalidated, and the invalidations that covered them.
+    pub ring_strict_unmaps: AtomicU64,
+    /// Invalidations issued for strict ring batches (page-selective with
+    /// address masks, or domain-selective when that is cheaper).
+    pub ring_strict_invals: AtomicU64,
 }
 
 /// Builder of `key value` text.

@@ -64,7 +64,7 @@ fn rig(strategy: Strategy, flush: FlushPolicy, reclaim: bool) -> Rig {
         iommud::quota::Accounts::default().of(0),
     )
     .unwrap();
-    let pool = dom.alloc_pool(POOL).unwrap();
+    let pool = dom.alloc_pool(POOL).unwrap().0;
     Rig { machine, dom, pool }
 }
 

@@ -10,7 +10,7 @@ pub mod client;
 pub mod magazine;
 #[cfg(not(target_os = "redox"))]
 pub use iommu_abi::transport;
-pub use iommu_abi::{proof, proto, shared, shm, Bdf};
+pub use iommu_abi::{proof, proto, ring, shared, shm, Bdf};
 
 pub use client::{Control, DmaBuffer, DmaDomain, Error, DEFAULT_SOCKET};
 pub use proto::{Dir, FlushPolicy, Strategy};

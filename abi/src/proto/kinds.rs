@@ -80,8 +80,14 @@ named_enum! {
         /// IOVA = the client's virtual address of the buffer (the research's
         /// "kmalloc" design): page tables follow the client's address space.
         Va = 4 => "va",
+        /// The reference of userspace frameworks (DPDK-style): each DMA pool
+        /// is mapped once, validated, when it is allocated; a map returns the
+        /// pool's IOVA plus the offset and an unmap does nothing. Device and
+        /// driver are confined to the driver's pools, with no per-buffer
+        /// protection.
+        Static = 5 => "static",
     }
-    order: [NoIommu, Global, Magazine, Identity, Va]
+    order: [NoIommu, Global, Magazine, Identity, Va, Static]
 }
 
 named_enum! {
@@ -105,10 +111,11 @@ mod tests {
     #[test]
     fn wire_values_and_names_by_hand() {
         assert_eq!(Strategy::from_u64(2), Some(Strategy::Magazine));
-        assert_eq!(Strategy::from_u64(5), None);
+        assert_eq!(Strategy::from_u64(5), Some(Strategy::Static));
+        assert_eq!(Strategy::from_u64(6), None);
         assert_eq!(Strategy::parse(" va\n"), Some(Strategy::Va));
         assert_eq!(Strategy::NoIommu.name(), "noiommu");
-        assert_eq!(Strategy::ALL.len(), 5);
+        assert_eq!(Strategy::ALL.len(), 6);
         assert_eq!(FlushPolicy::from_u64(2), Some(FlushPolicy::PerCore));
         assert_eq!(FlushPolicy::from_u64(0), None);
         assert_eq!(

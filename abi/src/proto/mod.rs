@@ -69,6 +69,8 @@ pub enum Op {
     MapBatch = 14,
     /// Unmap up to [`MAX_BATCH`] mappings in one request.
     UnmapBatch = 15,
+    /// Create the client's submission and completion rings (`crate::ring`).
+    SetupRings = 16,
 }
 
 impl Op {
@@ -89,6 +91,7 @@ impl Op {
             13 => Op::Shutdown,
             14 => Op::MapBatch,
             15 => Op::UnmapBatch,
+            16 => Op::SetupRings,
             _ => return None,
         })
     }
@@ -205,7 +208,9 @@ mod replies;
 mod request;
 
 pub use kinds::{Dir, FlushPolicy, Strategy};
-pub use replies::{AttachReply, PoolReply, FLAG_CACHING_MODE, FLAG_COHERENT, FLAG_TRANSLATING};
+pub use replies::{
+    AttachReply, PoolReply, FLAG_CACHING_MODE, FLAG_COHERENT, FLAG_TRANSLATING, FLAG_VALIDATED,
+};
 pub use request::{MapEntry, Request, MAP_RECORD, MAX_BATCH, UNMAP_RECORD};
 
 /// A decoded message header with its arguments and payload.
@@ -473,7 +478,8 @@ mod tests {
                 (1, "global"),
                 (2, "magazine"),
                 (3, "identity"),
-                (4, "va")
+                (4, "va"),
+                (5, "static")
             ]
         );
         let f: Vec<(u64, &str)> = FlushPolicy::ALL
@@ -489,7 +495,7 @@ mod tests {
             assert_eq!(FlushPolicy::parse(&format!("{}\n", f.name())), Some(f));
             assert_eq!(FlushPolicy::from_u64(f as u64), Some(f));
         }
-        assert_eq!(S::from_u64(5), None);
+        assert_eq!(S::from_u64(6), None);
         assert_eq!(FlushPolicy::from_u64(0), None);
     }
 

@@ -9,6 +9,10 @@ pub const FLAG_CACHING_MODE: u64 = 1 << 0;
 pub const FLAG_COHERENT: u64 = 1 << 1;
 /// Attach reply flag: DMA remapping is on (off: IOVA = physical address).
 pub const FLAG_TRANSLATING: u64 = 1 << 2;
+/// Attach reply flag: validated trust: iommud checks every map and writes
+/// every entry (for the magazine strategy it keeps the magazines itself and
+/// serves maps through the rings, `crate::ring`).
+pub const FLAG_VALIDATED: u64 = 1 << 3;
 
 /// The reply to `Attach`. Shares, in order: the published page (map it
 /// read-only), the client page, and, for a delegated domain, the leaf-table
@@ -54,7 +58,13 @@ impl AttachReply {
 }
 
 /// The reply to `AllocPool`: the memory is `len` bytes of the share from
-/// `fd_offset`, physically contiguous from `phys`.
+/// `fd_offset`, physically contiguous from `phys`; it is registered region
+/// `region` (ring map entries name it), and with the `static` strategy it is
+/// mapped whole at `iova` (0 otherwise).
+///
+/// ```text
+/// args[0] phys   args[1] fd_offset   args[2] len   args[3] region   args[4] iova
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolReply {
     /// Physical address of the first byte.
@@ -63,12 +73,22 @@ pub struct PoolReply {
     pub fd_offset: u64,
     /// Bytes.
     pub len: u64,
+    /// Registered region index (allocation order within the domain).
+    pub region: u32,
+    /// The static strategy's IOVA of the first byte (0: not mapped whole).
+    pub iova: u64,
 }
 
 impl PoolReply {
     /// The argument words.
     pub fn encode(&self) -> [u64; 5] {
-        [self.phys, self.fd_offset, self.len, 0, 0]
+        [
+            self.phys,
+            self.fd_offset,
+            self.len,
+            u64::from(self.region),
+            self.iova,
+        ]
     }
 
     /// From the argument words; `None` for an empty or misaligned pool.
@@ -77,6 +97,8 @@ impl PoolReply {
             phys: a[0],
             fd_offset: a[1],
             len: a[2],
+            region: u32::try_from(a[3]).ok()?,
+            iova: a[4],
         })
     }
 }
@@ -111,10 +133,16 @@ mod tests {
             phys: 0x4000_0000,
             fd_offset: 0x20_0000,
             len: 1 << 20,
+            region: 2,
+            iova: 0x4020_0000,
         };
-        assert_eq!(p.encode(), [0x4000_0000, 0x20_0000, 1 << 20, 0, 0]);
+        assert_eq!(
+            p.encode(),
+            [0x4000_0000, 0x20_0000, 1 << 20, 2, 0x4020_0000]
+        );
         assert_eq!(PoolReply::decode(p.encode()), Some(p));
         assert_eq!(PoolReply::decode([1, 0, 0, 0, 0]), None);
         assert_eq!(PoolReply::decode([1, 0x800, 4096, 0, 0]), None);
+        assert_eq!(PoolReply::decode([1, 0, 4096, 1 << 32, 0]), None);
     }
 }

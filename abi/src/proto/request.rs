@@ -92,6 +92,14 @@ pub enum Request {
         /// `(iova, len)` pairs (1..=[`MAX_BATCH`]).
         entries: Vec<(u64, u64)>,
     },
+    /// args: [rings]. Creates the client's submission and completion rings
+    /// (1..=`ring::MAX_RINGS`, see `crate::ring`). Reply args: [rings,
+    /// ring bytes]; shares: the ring memfd (client-writable) and the doorbell
+    /// eventfd.
+    SetupRings {
+        /// How many rings (one per CPU slot the client uses).
+        rings: u64,
+    },
 }
 
 /// Most entries one batch request carries (64 × 32 bytes = 2 KiB of payload).
@@ -154,6 +162,7 @@ impl Request {
             Request::Shutdown => Op::Shutdown,
             Request::MapBatch { .. } => Op::MapBatch,
             Request::UnmapBatch { .. } => Op::UnmapBatch,
+            Request::SetupRings { .. } => Op::SetupRings,
         }
     }
 
@@ -178,6 +187,7 @@ impl Request {
                 args[2] = *flush as u64;
             }
             Request::AllocPool { bytes } => args[0] = *bytes,
+            Request::SetupRings { rings } => args[0] = *rings,
             Request::Map { phys, len, dir, va } => {
                 args[0] = *phys;
                 args[1] = *len;
@@ -263,6 +273,7 @@ impl Request {
                     .ok_or(ProtoError::BadField("unknown flush policy"))?,
             })?,
             Op::AllocPool => no_payload(Request::AllocPool { bytes: a[0] })?,
+            Op::SetupRings => no_payload(Request::SetupRings { rings: a[0] })?,
             Op::Map => no_payload(Request::Map {
                 phys: a[0],
                 len: a[1],

@@ -46,6 +46,9 @@ impl Domain {
                 format!("length {len:#x} not in 1..={MAX_MAP_LEN:#x}"),
             ));
         }
+        if self.strategy_now() == Strategy::Static {
+            return self.static_iova(phys, len);
+        }
         // A domain's strategy is `noiommu` exactly when the unit does not
         // translate (set_policy keeps it so), so no lock is needed to know.
         let translating = self.unit.translating();
@@ -160,6 +163,9 @@ impl Domain {
                 format!("iova {iova:#x} length {len:#x}"),
             ));
         }
+        if self.strategy_now() == Strategy::Static {
+            return self.static_unmap(iova, len);
+        }
         let mut i = self.lock();
         if i.strategy == Strategy::NoIommu || !self.unit.translating() {
             stats::add(&self.stats.unmaps, 1);
@@ -234,6 +240,52 @@ impl Domain {
             }
             FlushPolicy::Deferred => {}
         }
+        Ok(())
+    }
+}
+
+impl Domain {
+    /// The strategy as iommud last published it (its own write; no lock).
+    pub(super) fn strategy_now(&self) -> Strategy {
+        Strategy::from_u64(u64::from(self.page().strategy.load(SeqCst))).unwrap_or(Strategy::Global)
+    }
+
+    /// The static strategy's map: the pool holding `[phys, phys+len)` is
+    /// mapped whole, so its IOVA plus the offset is the answer.
+    pub(super) fn static_iova(&self, phys: u64, len: u64) -> Result<u64, DomainError> {
+        let regs = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let r = regs
+            .iter()
+            .find(|r| phys >= r.phys && phys.checked_add(len).is_some_and(|e| e <= r.phys + r.len))
+            .ok_or_else(|| {
+                reply(
+                    ErrorCode::NotOwner,
+                    format!("{phys:#x}+{len:#x} is not in this client's DMA memory"),
+                )
+            })?;
+        stats::add(&self.stats.maps, 1);
+        Ok(if r.iova == 0 {
+            phys
+        } else {
+            r.iova + (phys - r.phys)
+        })
+    }
+
+    /// The static strategy's unmap: nothing changes, but the range must be
+    /// one a map could have returned.
+    pub(super) fn static_unmap(&self, iova: u64, len: u64) -> Result<(), DomainError> {
+        let regs = self.regions.read().unwrap_or_else(|p| p.into_inner());
+        let ok = regs.iter().any(|r| {
+            let base = if r.iova == 0 { r.phys } else { r.iova };
+            iova >= base && iova.checked_add(len).is_some_and(|e| e <= base + r.len)
+        });
+        if !ok {
+            return Err(reply(
+                ErrorCode::NotOwner,
+                format!("iova {iova:#x} length {len:#x} is not in a mapped pool"),
+            ));
+        }
+        stats::add(&self.stats.unmaps, 1);
         Ok(())
     }
 }

@@ -17,6 +17,13 @@ impl Domain {
                 format!("returned {returned} (max {EXCHANGE_SLOTS}) want {want} (max {MAG_SIZE})"),
             ));
         }
+        if self.trust != Trust::Delegated {
+            stats::add(&self.stats.rejected, 1);
+            return Err(reply(
+                ErrorCode::PermissionDenied,
+                "validated trust: iommud keeps this domain's magazines (use the rings)",
+            ));
+        }
         let mut i = self.lock();
         if i.strategy != Strategy::Magazine {
             return Err(reply(

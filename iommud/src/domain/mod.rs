@@ -68,8 +68,11 @@ mod depot;
 mod epochs;
 mod refcounted;
 mod report;
+mod rings;
 #[cfg(all(test, feature = "sim"))]
 mod tests;
+
+pub use rings::Rings;
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
 pub const IOVA_BASE: u64 = iommu_abi::shared::MAGAZINE_IOVA_BASE;
@@ -238,6 +241,25 @@ pub struct Domain {
     /// The owner's account (quotas), and what this domain charged to it.
     account: Arc<Account>,
     charged: [AtomicU64; 3],
+    /// Registered regions (the pools, in allocation order): what ring map
+    /// entries name, readable without the allocator lock.
+    regions: std::sync::RwLock<Vec<Registered>>,
+    /// The client's rings, once set up.
+    rings: std::sync::OnceLock<Rings>,
+    /// Serialises writers of `server_unmaps` (the allocator lock's holder
+    /// and ring passes).
+    record_lock: Mutex<()>,
+}
+
+/// A registered region: a pool, and where the `static` strategy mapped it.
+#[derive(Debug, Clone, Copy)]
+pub struct Registered {
+    /// Physical address of the first byte.
+    pub phys: u64,
+    /// Bytes.
+    pub len: u64,
+    /// The static strategy's IOVA of the first byte (0: not mapped whole).
+    pub iova: u64,
 }
 
 impl Domain {
@@ -266,13 +288,16 @@ impl Domain {
             // Every delegated translating domain gets an arena, so it can
             // switch to the magazine strategy while its client stays attached;
             // a validated domain never has client-writable tables.
-            let arena =
-                if trust == Trust::Delegated && strategy != Strategy::NoIommu && unit.translating()
-                {
-                    Some(mem.alloc_region(ARENA_BYTES, ARENA_BYTES)?)
-                } else {
-                    None
-                };
+            // A validated magazine domain has one too, written by iommud only
+            // (never shared).
+            let arena = if (trust == Trust::Delegated || strategy == Strategy::Magazine)
+                && strategy != Strategy::NoIommu
+                && unit.translating()
+            {
+                Some(mem.alloc_region(ARENA_BYTES, ARENA_BYTES)?)
+            } else {
+                None
+            };
             let published = mem.alloc_shared(PUBLISHED_LEN, false)?;
             let client = mem.alloc_shared(CLIENT_LEN, true)?;
             Ok((pt, arena, published, client))
@@ -320,6 +345,9 @@ impl Domain {
             blocked: AtomicBool::new(false),
             account,
             charged: Default::default(),
+            regions: Default::default(),
+            rings: Default::default(),
+            record_lock: Mutex::new(()),
         };
         d.page().init();
         d.publish(strategy, flush);
@@ -401,8 +429,11 @@ impl Domain {
         &**self.unit.mem()
     }
 
-    /// Allocates DMA memory for the client (≤ one region; call again for more).
-    pub fn alloc_pool(&self, bytes: u64) -> Result<Region, DomainError> {
+    /// Allocates DMA memory for the client (≤ one region; call again for
+    /// more) and registers it: ring map entries name it by its index. With
+    /// the `static` strategy the whole pool is mapped now (validated: it is
+    /// the client's own memory), and its IOVA is returned with it.
+    pub fn alloc_pool(&self, bytes: u64) -> Result<(Region, u32, Registered), DomainError> {
         if bytes == 0 || bytes > 64 << 20 {
             return Err(reply(
                 ErrorCode::Invalid,
@@ -411,16 +442,76 @@ impl Domain {
         }
         let rounded = bytes.next_multiple_of(PAGE);
         self.charge(Quota::PoolBytes, rounded)?;
-        match self.mem().alloc_region(rounded, PAGE) {
-            Ok(r) => {
-                self.lock().pools.push(r.clone());
-                Ok(r)
-            }
+        let r = match self.mem().alloc_region(rounded, PAGE) {
+            Ok(r) => r,
             Err(e) => {
                 self.uncharge(Quota::PoolBytes, rounded);
-                Err(e.into())
+                return Err(e.into());
+            }
+        };
+        let mut i = self.lock();
+        let iova = if i.strategy == Strategy::Static && self.unit.translating() {
+            match self.map_static(&mut i, &r) {
+                Ok(v) => v,
+                Err(e) => {
+                    drop(i);
+                    self.mem().free_region(&r);
+                    self.uncharge(Quota::PoolBytes, rounded);
+                    return Err(e);
+                }
+            }
+        } else {
+            0
+        };
+        i.pools.push(r.clone());
+        let reg = Registered {
+            phys: r.phys,
+            len: r.len,
+            iova,
+        };
+        // Registered under the allocator lock, so regions and pools agree.
+        let mut regs = self.regions.write().unwrap_or_else(|p| p.into_inner());
+        regs.push(reg);
+        let index = u32::try_from(regs.len() - 1)
+            .map_err(|_| reply(ErrorCode::NoSpace, "too many regions"))?;
+        drop(regs);
+        drop(i);
+        if iova != 0 {
+            self.sync_tables(self.lock_uncounted().pt.counts().live);
+            if self.unit.caching_mode() {
+                // §6.1: with CAP.CM, non-present → present changes are invalidated too.
+                self.flush()?;
             }
         }
+        Ok((r, index, reg))
+    }
+
+    /// The static strategy: maps a whole pool once at an allocated IOVA range.
+    fn map_static(&self, i: &mut Inner, r: &Region) -> Result<u64, DomainError> {
+        self.check_tables()?;
+        self.charge(Quota::Mappings, 1)?;
+        let pages = r.len.div_ceil(PAGE);
+        let bytes = pages * PAGE;
+        let Some(iova) = i.iova.alloc(bytes, bytes.next_power_of_two().min(2 << 20)) else {
+            self.uncharge(Quota::Mappings, 1);
+            return Err(reply(ErrorCode::NoSpace, "IOVA space exhausted"));
+        };
+        if let Err(e) = i.pt.map(self.mem(), iova, r.phys, pages, true, true) {
+            i.iova.free(iova, bytes);
+            self.uncharge(Quota::Mappings, 1);
+            return Err(e.into());
+        }
+        stats::add(&self.stats.maps, 1);
+        Ok(iova)
+    }
+
+    /// The registered region `index` (a copy: regions are never changed once registered).
+    pub fn region(&self, index: u32) -> Option<Registered> {
+        self.regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(index as usize)
+            .copied()
     }
 
     /// Charges `n` of `q` to the owner's account (pool bytes, mappings),
@@ -505,6 +596,12 @@ impl Domain {
                 "noiommu is translation off for the whole unit (iommud --no-translation)",
             ));
         }
+        if (s == Strategy::Static) != (i.strategy == Strategy::Static) {
+            return Err(reply(
+                ErrorCode::Unsupported,
+                "static maps each pool whole when it is allocated: choose it at attach",
+            ));
+        }
         if s == Strategy::Magazine && i.arena.is_none() {
             return Err(reply(ErrorCode::Unsupported, "this domain has no arena"));
         }
@@ -567,6 +664,8 @@ impl Domain {
             return;
         }
         self.page().dead.store(1, SeqCst);
+        // No ring pass writes an entry from here on.
+        self.quiesce_rings();
         if self.unit.translating() {
             if let Err(e) = self.unit.clear_context(self.sid, self.did) {
                 crate::unit::log::warn(&format!(

@@ -152,7 +152,10 @@ impl Domain {
         let tag = self.epoch();
         // iommud's own unmaps have a record of their own (written under the
         // domain lock, its only writer).
-        self.server_unmaps.note_unmap(self.page());
+        {
+            let _r = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
+            self.server_unmaps.note_unmap(self.page());
+        }
         for (v, e) in cleared {
             i.dirty.insert(
                 v,

@@ -83,7 +83,17 @@ impl Domain {
             .kv("faults", stats::get(&s.faults))
             .kv("blocked", u8::from(self.is_blocked()))
             .kv("errors", stats::get(&s.errors))
-            .kv("rejected", stats::get(&s.rejected));
+            .kv("rejected", stats::get(&s.rejected))
+            .kv("rings", self.rings().map_or(0, |r| r.count()))
+            .kv("ring_entries", stats::get(&s.ring_entries))
+            .kv("ring_passes", stats::get(&s.ring_passes))
+            .kv("ring_sleeps", stats::get(&s.ring_sleeps))
+            .kv("ring_doorbells", stats::get(&s.ring_doorbells))
+            .kv("ring_strict_unmaps", stats::get(&s.ring_strict_unmaps))
+            .kv(
+                "ring_strict_invalidations",
+                stats::get(&s.ring_strict_invals),
+            );
         t.0
     }
 

@@ -38,7 +38,7 @@ fn rig(strategy: Strategy, flush: FlushPolicy) -> (Arc<SimMachine>, Arc<Domain>,
         Trust::Validated
     };
     let dom = Domain::new(unit, SID, strategy, flush, trust, true, test_account()).unwrap();
-    let pool = dom.alloc_pool(8 * PAGE).unwrap();
+    let pool = dom.alloc_pool(8 * PAGE).unwrap().0;
     (machine, dom, pool)
 }
 

@@ -58,6 +58,28 @@ pub fn create(len: usize, client_writable: bool) -> Result<SharedMem, HwError> {
     })
 }
 
+/// A doorbell: a non-blocking eventfd (the client writes 8 bytes to ring
+/// it; a service thread polls it while it sleeps).
+#[cfg(target_os = "linux")]
+pub fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain FFI call; the fd is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by eventfd and nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Rings are Linux-only for now (Redox would use its event scheme).
+#[cfg(not(target_os = "linux"))]
+pub fn eventfd() -> std::io::Result<std::os::fd::OwnedFd> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "rings need an eventfd (Linux)",
+    ))
+}
+
 /// Redox shares memory through its own backend (the memory scheme), which
 /// overrides [`crate::hw::PhysMem::alloc_shared`].
 #[cfg(not(target_os = "linux"))]

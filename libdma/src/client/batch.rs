@@ -19,7 +19,14 @@ impl DmaDomain {
         };
         match self.strategy() {
             Strategy::NoIommu => return Ok(bufs.iter().map(|b| b.0).collect()),
-            Strategy::Magazine => {
+            Strategy::Static => {
+                return bufs
+                    .iter()
+                    .map(|&(phys, len, _)| self.static_map(phys, len))
+                    .collect()
+            }
+            _ if self.rings.is_some() => return self.ring_map(bufs),
+            Strategy::Magazine if self.arena.is_some() => {
                 for &(phys, len, dir) in bufs {
                     match self.map_one(phys, len, dir, false) {
                         Ok(iova) => out.push(iova),
@@ -91,8 +98,9 @@ impl DmaDomain {
     /// iommud [`MAX_BATCH`] at a time.
     pub fn unmap_batch(&self, maps: &[(u64, usize)]) -> Result<()> {
         match self.strategy() {
-            Strategy::NoIommu => Ok(()),
-            Strategy::Magazine => maps
+            Strategy::NoIommu | Strategy::Static => Ok(()),
+            _ if self.rings.is_some() => self.ring_unmap(maps),
+            Strategy::Magazine if self.arena.is_some() => maps
                 .iter()
                 .try_for_each(|&(iova, len)| self.unmap(iova, len)),
             _ => {

@@ -79,6 +79,14 @@ impl DmaDomain {
         if self.page().dead.load(Relaxed) != 0 {
             return Err(Error::Dead);
         }
+        match self.strategy() {
+            Strategy::NoIommu => return Ok(phys),
+            Strategy::Static => return self.static_map(phys, len),
+            _ if self.rings.is_some() => {
+                return self.ring_map(&[(phys, len, dir)])?.pop().ok_or(Error::Dead);
+            }
+            _ => {}
+        }
         let off = phys % PAGE;
         let pages = (off + len as u64).div_ceil(PAGE);
         match (self.strategy(), size_class(pages), &self.arena) {
@@ -158,6 +166,11 @@ impl DmaDomain {
     pub fn unmap(&self, iova: u64, len: usize) -> Result<()> {
         if len == 0 {
             return Err(Error::Invalid("zero-length unmap".into()));
+        }
+        match self.strategy() {
+            Strategy::NoIommu | Strategy::Static => return Ok(()),
+            _ if self.rings.is_some() => return self.ring_unmap(&[(iova, len)]),
+            _ => {}
         }
         let off = iova % PAGE;
         let pages = (off + len as u64).div_ceil(PAGE);

@@ -15,7 +15,8 @@ use crate::carrier::{Share, Transport};
 use crate::magazine::{class_pages, size_class, Backend, Clean, CpuCache, FlushQueue};
 use crate::proto::{
     AttachReply, Dir, ErrorCode, FlushPolicy, MapEntry, PoolReply, ProtoError, Reply, Request,
-    Strategy, FLAG_CACHING_MODE, FLAG_COHERENT, FLAG_TRANSLATING, MAX_BATCH, MAX_MESSAGE, VERSION,
+    Strategy, FLAG_CACHING_MODE, FLAG_COHERENT, FLAG_TRANSLATING, FLAG_VALIDATED, MAX_BATCH,
+    MAX_MESSAGE, VERSION,
 };
 use crate::shared::{
     bump, view, ClientPage, EpochPage, CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS,
@@ -65,6 +66,7 @@ mod buffer;
 mod conn;
 mod fastpath;
 mod remote;
+mod ring;
 #[cfg(all(test, not(target_os = "redox")))]
 mod tests;
 
@@ -72,6 +74,7 @@ pub use buffer::DmaBuffer;
 use conn::Conn;
 pub use conn::Control;
 use remote::Remote;
+use ring::{ClientRings, RegionInfo};
 
 struct Pool {
     map: Mapping,
@@ -105,8 +108,10 @@ impl Slot {
 pub struct ClientStats {
     /// Blocking round trips made (attach and pool allocation included).
     pub round_trips: AtomicU64,
-    /// One-way flush hints sent.
+    /// One-way flush hints sent (and ring doorbells rung).
     pub wakeups: AtomicU64,
+    /// Ring entries iommud refused that nobody waited for (unmaps).
+    pub ring_errors: AtomicU64,
 }
 
 /// A snapshot of [`ClientStats`].
@@ -114,8 +119,10 @@ pub struct ClientStats {
 pub struct ClientCounts {
     /// Blocking round trips.
     pub round_trips: u64,
-    /// One-way wake-ups.
+    /// One-way wake-ups (flush hints and ring doorbells).
     pub wakeups: u64,
+    /// Ring entries refused that nobody waited for.
+    pub ring_errors: u64,
 }
 
 /// A driver's handle on its device's protection domain.
@@ -130,6 +137,10 @@ pub struct DmaDomain {
     shared: Mapping,
     arena: Option<Mapping>,
     pools: Mutex<Vec<Pool>>,
+    /// The registered regions (pools), for ring entries and `static`.
+    regions: std::sync::RwLock<Vec<RegionInfo>>,
+    /// Validated trust: the submission and completion rings.
+    rings: Option<ClientRings>,
     free_bufs: Mutex<Vec<(usize, DmaBuffer)>>,
     cpus: Vec<Slot>,
     /// The deferred policy's domain-wide queue (see `magazine::FlushQueue`).
@@ -211,7 +222,11 @@ impl DmaDomain {
         // magazine strategy later without another fd); a validated one none.
         let arena = match (fds.pop(), a.arena) {
             (Some(fd), Some((_, offset, len))) => Some(fd.map(offset, len as usize)?),
-            (None, None) if strategy == Strategy::Magazine && a.flags & FLAG_TRANSLATING != 0 => {
+            (None, None)
+                if strategy == Strategy::Magazine
+                    && a.flags & FLAG_TRANSLATING != 0
+                    && a.flags & FLAG_VALIDATED == 0 =>
+            {
                 return Err(Error::Invalid("magazine attach without an arena".into()))
             }
             (None, None) => None,
@@ -225,6 +240,16 @@ impl DmaDomain {
             .map(|n| n.get())
             .unwrap_or(1)
             .clamp(1, MAX_CPUS);
+        // Validated trust: every map and unmap is a request; the rings carry
+        // them with no system call. Without rings (a platform without them)
+        // the socket carries them, one round trip per request or batch.
+        let mut setup_trips = 2; // hello + attach
+        let rings = if a.flags & FLAG_VALIDATED != 0 && a.flags & FLAG_TRANSLATING != 0 {
+            setup_trips += 1;
+            ClientRings::setup(&mut conn, ncpu).ok()
+        } else {
+            None
+        };
         let d = DmaDomain {
             conn: Mutex::new(conn),
             bdf,
@@ -233,13 +258,15 @@ impl DmaDomain {
             shared,
             arena,
             pools: Mutex::new(Vec::new()),
+            regions: Default::default(),
+            rings,
             free_bufs: Mutex::new(Vec::new()),
             cpus: (0..ncpu).map(|_| Slot::default()).collect(),
             flush_queue: Mutex::new(FlushQueue::default()),
             stats: ClientStats::default(),
             closed: AtomicBool::new(false),
         };
-        d.stats.round_trips.fetch_add(2, Relaxed); // hello + attach
+        d.stats.round_trips.fetch_add(setup_trips, Relaxed);
         Ok(d)
     }
 
@@ -268,6 +295,16 @@ impl DmaDomain {
             let off = phys.checked_sub(p.phys)?;
             (off < p.map.len() as u64).then(|| p.map.as_ptr() as u64 + off)
         })
+    }
+
+    /// True when iommud validates every map (validated trust).
+    pub fn validated(&self) -> bool {
+        self.flags & FLAG_VALIDATED != 0
+    }
+
+    /// True when maps and unmaps travel through the rings.
+    pub fn uses_rings(&self) -> bool {
+        self.rings.is_some()
     }
 
     /// True when the unit is in caching mode.
@@ -304,6 +341,7 @@ impl DmaDomain {
         ClientCounts {
             round_trips: self.stats.round_trips.load(Relaxed),
             wakeups: self.stats.wakeups.load(Relaxed),
+            ring_errors: self.stats.ring_errors.load(Relaxed),
         }
     }
 
@@ -343,6 +381,15 @@ impl DmaDomain {
                 phys: a.phys,
                 next: 0,
             });
+            self.regions
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(RegionInfo {
+                    phys: a.phys,
+                    len: a.len,
+                    index: a.region,
+                    iova: a.iova,
+                });
         }
         let p = pools.last_mut().ok_or(Error::Dead)?;
         if p.next + rounded > p.map.len() {
@@ -374,6 +421,7 @@ impl DmaDomain {
     /// Waits for every unmapped IOVA's invalidation and returns all cached
     /// IOVAs to iommud's depot; returns how many.
     pub fn drain(&self) -> Result<usize> {
+        self.ring_drain()?;
         let closed = {
             let mut q = self.flush_queue.lock().unwrap_or_else(|p| p.into_inner());
             let tag = q.tag();

@@ -83,6 +83,8 @@ impl Fake {
                     phys: POOL_PHYS,
                     fd_offset: 0,
                     len: *bytes,
+                    region: 0,
+                    iova: 0,
                 };
                 (Ok(r.encode()), vec![Share::file(fd)])
             }

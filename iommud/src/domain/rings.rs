@@ -1,0 +1,670 @@
+//! The ring path (docs/ARCHITECTURE.md, "Rings and service threads"): a
+//! client's submission rings, served by iommud's service threads with no
+//! system call on either side in steady state.
+//!
+//! **Validated magazines.** In a validated magazine domain iommud keeps the
+//! per-CPU magazines itself: each ring has its own caches of clean IOVAs per
+//! size class, refilled a magazine at a time from the depot (the only time
+//! the allocator lock is taken), and iommud writes the leaf entries into the
+//! domain's arena, which is never shared. A live-map table (one byte per
+//! IOVA page: the length of the mapping that starts there) makes an unmap's
+//! validation one compare-and-swap: an IOVA that was not mapped, or is
+//! unmapped twice or with another length, is refused.
+//!
+//! **Batches.** A pass takes up to [`PASS_BUDGET`] entries of a ring and
+//! completes them together. With `strict`, the entries an unmap batch
+//! cleared are invalidated once, before any of their completions is posted:
+//! page-selective with an address mask for each naturally aligned run (the
+//! invalidation hint set, since only leaves changed: the arena's leaf tables
+//! stay), or domain-selective when the runs are too many. Each ring's IOVAs
+//! come from magazines carved from contiguous ranges, so a ring's batch
+//! usually falls in one or two masked runs. With `percore` and `deferred`,
+//! cleared IOVAs are batched per ring and size class, tagged with iommud's
+//! epoch when a batch is sealed, and reused once an invalidation covers the
+//! tag (the epoch protocol of `iommu_abi::shared`, run entirely by iommud).
+//!
+//! **Static.** A map returns the pool's IOVA plus the offset.
+//!
+//! Every other strategy (global, identity, va, and magazine maps larger than
+//! a size class) goes through the same request handling as the socket path.
+
+use super::*;
+use iommu_abi::ring::{ring_at, Cqe, RingShm, SqOp, Sqe, CQE_WORDS, RING_BYTES, RING_ENTRIES};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+
+/// Entries one pass takes from one ring (fairness between rings and domains).
+pub const PASS_BUDGET: u32 = 64;
+/// Separate masked invalidations one strict batch may issue before one
+/// domain-selective invalidation is cheaper.
+const MAX_MASKED: usize = 4;
+/// Largest address mask joined from separate runs: 2^9 pages, one leaf table.
+const MAX_RUN_PAGES: u64 = 512;
+/// Clean IOVAs a ring keeps per class before giving a magazine back.
+const KEEP_CLEAN: usize = 2 * MAG_SIZE;
+/// Sealed batches a ring lets wait before it flushes the domain itself.
+const MAX_WAITING: usize = 4;
+
+/// A client's rings and iommud's private state for each.
+pub struct Rings {
+    shm: SharedMem,
+    /// The doorbell the client writes when the service thread sleeps.
+    pub doorbell: Arc<OwnedFd>,
+    servers: Vec<Mutex<RingServer>>,
+    /// Validated magazine: for each IOVA page of the span, the page count of
+    /// the live ring mapping starting there (0: none).
+    live: Box<[AtomicU8]>,
+    /// The arena's physical address (validated magazine), fixed for the
+    /// domain's life.
+    arena: Option<u64>,
+}
+
+/// iommud's own state of one ring: never in client-writable memory.
+#[derive(Default)]
+struct RingServer {
+    sq_head: u32,
+    cq_tail: u32,
+    clean: [Vec<u64>; SIZE_CLASSES],
+    open: [Vec<u64>; SIZE_CLASSES],
+    /// Sealed batches: (tag, class, IOVAs).
+    dirty: VecDeque<(u64, usize, Vec<u64>)>,
+}
+
+/// What one pass over a ring gathered for its end.
+#[derive(Default)]
+struct Pass {
+    results: Vec<(u64, Result<u64, ErrorCode>)>,
+    /// Strict unmaps: (IOVA, pages, class), reusable once invalidated.
+    strict: Vec<(u64, u64, usize)>,
+    /// Maps to invalidate before completing (caching mode).
+    fresh: Vec<(u64, u64)>,
+    /// A sealed batch waits (ask for a flush).
+    want: u64,
+}
+
+impl Rings {
+    fn ring(&self, k: usize) -> &RingShm {
+        // SAFETY: `shm` maps `servers.len() * RING_BYTES` bytes (checked at
+        // creation), page-aligned, alive as long as `self`.
+        unsafe { ring_at(self.shm.map.as_ptr(), k) }
+    }
+
+    /// The ring memfd to hand the client.
+    pub fn share(&self) -> Arc<OwnedFd> {
+        self.shm.fd.clone()
+    }
+
+    /// How many rings.
+    pub fn count(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// True if some ring has entries iommud has not taken (the client's
+    /// tail, hostile, only decides whether to look).
+    pub fn pending(&self) -> bool {
+        (0..self.count()).any(|k| {
+            let head = self.ring(k).sq_head.0.load(Relaxed);
+            self.ring(k).sq_tail.0.load(Acquire) != head
+        })
+    }
+}
+
+/// The smallest naturally aligned power-of-two run of pages holding
+/// `[start, end)` (byte addresses): (base, pages).
+fn aligned_cover(start: u64, end: u64) -> (u64, u64) {
+    let mut pages = 1u64;
+    loop {
+        let span = pages * PAGE;
+        let base = start & !(span - 1);
+        if base + span >= end || pages >= 1 << 18 {
+            return (base, pages);
+        }
+        pages *= 2;
+    }
+}
+
+/// Groups cleared ranges `(iova, pages)` into naturally aligned runs, joining
+/// neighbours while the joined run stays within [`MAX_RUN_PAGES`].
+pub(crate) fn cover_runs(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (iova, pages) in ranges {
+        let end = iova + pages * PAGE;
+        if let Some(last) = runs.last_mut() {
+            let joined = aligned_cover(last.0.min(iova), (last.0 + last.1 * PAGE).max(end));
+            if joined.1 <= MAX_RUN_PAGES {
+                *last = joined;
+                continue;
+            }
+        }
+        runs.push(aligned_cover(iova, end));
+    }
+    runs
+}
+
+impl Domain {
+    /// Creates the client's rings (once per domain).
+    pub fn setup_rings(&self, count: u64) -> Result<&Rings, DomainError> {
+        if count == 0 || count as usize > iommu_abi::ring::MAX_RINGS {
+            return Err(reply(
+                ErrorCode::Invalid,
+                format!("{count} rings (1..={})", iommu_abi::ring::MAX_RINGS),
+            ));
+        }
+        if self.rings.get().is_some() {
+            return Err(reply(ErrorCode::Busy, "this domain already has rings"));
+        }
+        let n = count as usize;
+        let shm = self.mem().alloc_shared(n * RING_BYTES, true)?;
+        if shm.map.len() < n * RING_BYTES {
+            return Err(reply(ErrorCode::NoMemory, "ring memory too small"));
+        }
+        let doorbell = crate::platform::shm::eventfd()
+            .map_err(|e| reply(ErrorCode::Unsupported, format!("doorbell: {e}")))?;
+        let (arena, validated_magazine) = {
+            let i = self.lock();
+            (
+                i.arena.as_ref().map(|a| a.phys),
+                i.strategy == Strategy::Magazine && self.trust == Trust::Validated,
+            )
+        };
+        let live_len = if validated_magazine {
+            (IOVA_SPAN / PAGE) as usize
+        } else {
+            0
+        };
+        let rings = Rings {
+            shm,
+            doorbell: Arc::new(doorbell),
+            servers: (0..n).map(|_| Mutex::default()).collect(),
+            live: (0..live_len).map(|_| AtomicU8::new(0)).collect(),
+            arena: arena.filter(|_| validated_magazine),
+        };
+        self.rings
+            .set(rings)
+            .map_err(|_| reply(ErrorCode::Busy, "this domain already has rings"))?;
+        self.rings
+            .get()
+            .ok_or_else(|| reply(ErrorCode::Hardware, "rings vanished"))
+    }
+
+    /// The client's rings, if set up.
+    pub fn rings(&self) -> Option<&Rings> {
+        self.rings.get()
+    }
+
+    /// Tells the client whether the service thread sleeps (`crate::ring`).
+    pub fn set_ring_idle(&self, idle: bool) {
+        self.page().ring_idle.store(u32::from(idle), SeqCst);
+        if idle {
+            stats::add(&self.stats.ring_sleeps, 1);
+        }
+    }
+
+    /// One pass over every ring: returns the entries served. A ring another
+    /// service thread is serving is skipped.
+    pub fn serve_rings(&self) -> u32 {
+        let Some(rings) = self.rings.get() else {
+            return 0;
+        };
+        let mut served = 0;
+        for k in 0..rings.count() {
+            let Ok(mut st) = rings.servers[k].try_lock() else {
+                continue;
+            };
+            if self.is_dead() {
+                return served;
+            }
+            served += self.serve_ring(rings, k, &mut st);
+        }
+        served
+    }
+
+    fn serve_ring(&self, rings: &Rings, k: usize, st: &mut RingServer) -> u32 {
+        let shm = rings.ring(k);
+        // The client's indices are hostile: bounded here, never trusted.
+        let tail = shm.sq_tail.0.load(Acquire);
+        let avail = tail.wrapping_sub(st.sq_head).min(RING_ENTRIES);
+        if avail == 0 {
+            return 0;
+        }
+        let used = st.cq_tail.wrapping_sub(shm.cq_head.0.load(Acquire));
+        let free = RING_ENTRIES.saturating_sub(used);
+        let n = avail.min(free).min(PASS_BUDGET);
+        if n == 0 {
+            return 0;
+        }
+        let strategy = self.strategy_now();
+        let flush = FlushPolicy::from_u64(u64::from(self.page().flush.load(SeqCst)))
+            .unwrap_or(FlushPolicy::Strict);
+        let mut pass = Pass {
+            results: Vec::with_capacity(n as usize),
+            ..Pass::default()
+        };
+        for j in 0..n {
+            let slot = &shm.sq[(st.sq_head.wrapping_add(j) % RING_ENTRIES) as usize];
+            // One private copy of the entry, then decisions only on the copy.
+            let w: [u64; iommu_abi::ring::SQE_WORDS] =
+                std::array::from_fn(|x| slot[x].load(Relaxed));
+            let r = match Sqe::decode(&w) {
+                Ok(sqe) => self.ring_op(rings, st, &mut pass, strategy, flush, sqe.op),
+                Err(e) => {
+                    stats::add(&self.stats.rejected, 1);
+                    Err(reply(ErrorCode::Invalid, e.to_string()))
+                }
+            };
+            let r = r.map_err(|e| {
+                stats::add(&self.stats.errors, 1);
+                e.code()
+            });
+            pass.results.push((w[4], r));
+        }
+        self.finish_pass(rings, st, &mut pass, flush);
+        for (user, result) in pass.results {
+            let c = Cqe { user, result }.encode();
+            let slot = &shm.cq[(st.cq_tail % RING_ENTRIES) as usize];
+            for (x, v) in c.iter().enumerate().take(CQE_WORDS) {
+                slot[x].store(*v, Relaxed);
+            }
+            st.cq_tail = st.cq_tail.wrapping_add(1);
+        }
+        st.sq_head = st.sq_head.wrapping_add(n);
+        shm.sq_head.0.store(st.sq_head, Release);
+        shm.cq_tail.0.store(st.cq_tail, Release);
+        stats::add(&self.stats.ring_entries, u64::from(n));
+        stats::add(&self.stats.ring_passes, 1);
+        n
+    }
+
+    /// One entry. Errors become the entry's completion.
+    fn ring_op(
+        &self,
+        rings: &Rings,
+        st: &mut RingServer,
+        pass: &mut Pass,
+        strategy: Strategy,
+        flush: FlushPolicy,
+        op: SqOp,
+    ) -> Result<u64, DomainError> {
+        match op {
+            SqOp::Map {
+                region,
+                offset,
+                len,
+                dir,
+                va,
+            } => {
+                let r = self.region(region).ok_or_else(|| {
+                    reply(
+                        ErrorCode::NotOwner,
+                        format!("no registered region {region}"),
+                    )
+                })?;
+                if len == 0
+                    || len > MAX_MAP_LEN
+                    || offset.checked_add(len).is_none_or(|e| e > r.len)
+                {
+                    return Err(reply(
+                        ErrorCode::NotOwner,
+                        format!(
+                            "region {region}: offset {offset:#x} length {len:#x} out of bounds"
+                        ),
+                    ));
+                }
+                let phys = r.phys + offset;
+                match strategy {
+                    Strategy::Static if r.iova != 0 => {
+                        stats::add(&self.stats.maps, 1);
+                        Ok(r.iova + offset)
+                    }
+                    Strategy::Magazine => {
+                        match (rings.arena, size_class((phys % PAGE + len).div_ceil(PAGE))) {
+                            (Some(arena), Some(class)) => {
+                                self.ring_map(rings, arena, st, pass, class, phys, len, dir)
+                            }
+                            _ => self.map(phys, len, dir, va),
+                        }
+                    }
+                    _ => self.map(phys, len, dir, va),
+                }
+            }
+            SqOp::Unmap { iova, len } => {
+                if let (Strategy::Magazine, Some(arena)) = (strategy, rings.arena) {
+                    if let Some(done) = self.ring_unmap(rings, arena, st, pass, flush, iova, len)? {
+                        return Ok(done);
+                    }
+                }
+                self.unmap(iova, len).map(|()| 0)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ring_map(
+        &self,
+        rings: &Rings,
+        arena: u64,
+        st: &mut RingServer,
+        pass: &mut Pass,
+        class: usize,
+        phys: u64,
+        len: u64,
+        dir: Dir,
+    ) -> Result<u64, DomainError> {
+        let off = phys % PAGE;
+        let pages = (off + len).div_ceil(PAGE);
+        let iova = match st.clean[class].pop() {
+            Some(v) => v,
+            None => {
+                self.ring_refill(st, class)?;
+                st.clean[class]
+                    .pop()
+                    .ok_or_else(|| reply(ErrorCode::NoSpace, "IOVA space exhausted"))?
+            }
+        };
+        let first = arena + ((iova - IOVA_BASE) >> 12) * 8;
+        let base = phys - off;
+        let mut written = Ok(());
+        for p in 0..pages {
+            // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
+            let e = vtd::entry::SlPte::new(base + p * PAGE, dir.read(), dir.write()).0;
+            written = self.mem().write_u64(first + 8 * p, e);
+            if written.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = written {
+            for p in 0..pages {
+                let _ = self.mem().write_u64(first + 8 * p, 0);
+            }
+            st.clean[class].push(iova);
+            return Err(e.into());
+        }
+        if !self.unit.coherent() {
+            self.mem().flush(first, pages * 8);
+        }
+        if let Some(slot) = rings.live.get(((iova - IOVA_BASE) / PAGE) as usize) {
+            slot.store(pages as u8, Release);
+        }
+        if self.unit.caching_mode() {
+            pass.fresh.push((iova, pages));
+        }
+        stats::add(&self.stats.maps, 1);
+        Ok(iova + off)
+    }
+
+    /// A validated magazine unmap; `None` when the IOVA is not a live ring
+    /// mapping (then the socket path's bookkeeping decides).
+    #[allow(clippy::too_many_arguments)]
+    fn ring_unmap(
+        &self,
+        rings: &Rings,
+        arena: u64,
+        st: &mut RingServer,
+        pass: &mut Pass,
+        flush: FlushPolicy,
+        iova: u64,
+        len: u64,
+    ) -> Result<Option<u64>, DomainError> {
+        if len == 0 || len > MAX_MAP_LEN || !(IOVA_BASE..IOVA_BASE + IOVA_SPAN).contains(&iova) {
+            return Ok(None);
+        }
+        let off = iova % PAGE;
+        let base = iova - off;
+        let pages = (off + len).div_ceil(PAGE);
+        let Some(class) = size_class(pages) else {
+            return Ok(None);
+        };
+        let Some(slot) = rings.live.get(((base - IOVA_BASE) / PAGE) as usize) else {
+            return Ok(None);
+        };
+        // The one check that matters: this exact mapping is live, and only
+        // one unmap can take it.
+        if slot
+            .compare_exchange(pages as u8, 0, SeqCst, SeqCst)
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let first = arena + ((base - IOVA_BASE) >> 12) * 8;
+        for p in 0..pages {
+            self.mem().write_u64(first + 8 * p, 0)?;
+        }
+        if !self.unit.coherent() {
+            self.mem().flush(first, pages * 8);
+        }
+        stats::add(&self.stats.unmaps, 1);
+        match flush {
+            FlushPolicy::Strict => pass.strict.push((base, pages, class)),
+            FlushPolicy::PerCore | FlushPolicy::Deferred => {
+                {
+                    let _r = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
+                    self.server_unmaps.note_unmap(self.page());
+                }
+                st.open[class].push(base);
+                if st.open[class].len() >= MAG_SIZE {
+                    pass.want = pass.want.max(self.seal(st, class));
+                }
+            }
+        }
+        Ok(Some(0))
+    }
+
+    /// Seals a ring's open batch of `class`: tagged with iommud's epoch read
+    /// after its clears (`iommu_abi::shared`).
+    fn seal(&self, st: &mut RingServer, class: usize) -> u64 {
+        std::sync::atomic::fence(SeqCst);
+        let tag = self.epoch();
+        let batch = std::mem::take(&mut st.open[class]);
+        if !batch.is_empty() {
+            st.dirty.push_back((tag, class, batch));
+        }
+        tag
+    }
+
+    /// Moves sealed batches an invalidation has covered to the clean caches.
+    fn recycle(&self, st: &mut RingServer) {
+        let done = self.completed();
+        let mut k = 0;
+        while k < st.dirty.len() {
+            if st.dirty[k].0 <= done {
+                if let Some((_, class, v)) = st.dirty.remove(k) {
+                    st.clean[class].extend(v);
+                }
+            } else {
+                k += 1;
+            }
+        }
+    }
+
+    /// Refills a ring's clean cache of `class`: recycled batches first, then
+    /// a magazine from the depot (the allocator lock, rarely), and as a last
+    /// resort an invalidation that makes the ring's own batches clean.
+    fn ring_refill(&self, st: &mut RingServer, class: usize) -> Result<(), DomainError> {
+        self.recycle(st);
+        if !st.clean[class].is_empty() {
+            return Ok(());
+        }
+        match self.depot_take(class) {
+            Ok(v) if !v.is_empty() => {
+                st.clean[class] = v;
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) if e.code() != ErrorCode::NoSpace => return Err(e),
+            Err(_) => {}
+        }
+        if !st.open[class].is_empty() {
+            self.seal(st, class);
+        }
+        if !st.dirty.is_empty() {
+            self.flush()?;
+            self.recycle(st);
+        }
+        Ok(())
+    }
+
+    /// The end of a pass: the strict batch's one invalidation, the caching
+    /// mode's invalidation of fresh entries, and flush requests.
+    fn finish_pass(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
+        let _ = rings;
+        let mut ranges: Vec<(u64, u64)> = pass.strict.iter().map(|&(v, p, _)| (v, p)).collect();
+        ranges.extend(pass.fresh.iter().copied());
+        if !ranges.is_empty() {
+            let runs = cover_runs(ranges);
+            let descs: Vec<vtd::desc::Descriptor> = if runs.len() > MAX_MASKED {
+                vec![self.unit.iotlb_domain(self.did)]
+            } else {
+                // IH: only leaf entries changed; the arena's tables stay.
+                runs.iter()
+                    .map(|&(v, p)| self.unit.iotlb_range(self.did, v, p, true))
+                    .collect()
+            };
+            for d in &descs {
+                match d.decode() {
+                    vtd::desc::Decoded::Iotlb {
+                        g: vtd::regs::Granularity::Selective,
+                        ..
+                    } => stats::add(&self.stats.inval_page, 1),
+                    _ => stats::add(&self.stats.inval_domain, 1),
+                }
+            }
+            if !pass.strict.is_empty() {
+                stats::add(&self.stats.ring_strict_unmaps, pass.strict.len() as u64);
+                stats::add(&self.stats.ring_strict_invals, descs.len() as u64);
+            }
+            if let Err(e) = self.unit.invalidate(&descs) {
+                // Not invalidated: the IOVAs must never be reused, and every
+                // entry of the pass reports the failure.
+                crate::unit::log::warn(&format!(
+                    "{}: ring batch invalidation failed: {e}",
+                    Bdf(self.sid)
+                ));
+                let code = DomainError::from(e).code();
+                for r in pass.results.iter_mut() {
+                    r.1 = Err(code);
+                }
+                pass.strict.clear();
+            }
+        }
+        for (iova, _, class) in std::mem::take(&mut pass.strict) {
+            st.clean[class].push(iova);
+        }
+        // Keep the caches bounded: a full magazine goes back to the depot.
+        for class in 0..SIZE_CLASSES {
+            if st.clean[class].len() > KEEP_CLEAN {
+                let at = st.clean[class].len() - MAG_SIZE;
+                let back = st.clean[class].split_off(at);
+                self.depot_give(class, back);
+            }
+        }
+        if pass.want != 0 && flush != FlushPolicy::Strict {
+            if st.dirty.len() >= MAX_WAITING {
+                // The epoch timer is behind: flush here rather than let the
+                // ring run dry.
+                if let Err(e) = self.flush() {
+                    crate::unit::log::warn(&format!("{}: ring flush failed: {e}", Bdf(self.sid)));
+                }
+                self.recycle(st);
+            } else {
+                self.server_wanted.fetch_max(pass.want, SeqCst);
+            }
+        }
+    }
+
+    /// Takes a magazine of `class` for a ring: from the depot, else from the
+    /// allocator (leaf tables installed). The IOVAs count as delegated to
+    /// the ring (so the domain is not idle while a ring holds them) and
+    /// against the owner's mappings quota.
+    fn depot_take(&self, class: usize) -> Result<Vec<u64>, DomainError> {
+        let pages = class_pages(class);
+        self.charge(Quota::Mappings, MAG_SIZE as u64)?;
+        let mut i = self.lock();
+        let mut out = Vec::new();
+        if let Some(m) = i.depot[class].pop() {
+            out = m;
+            stats::add(&self.stats.depot_hits, 1);
+        } else {
+            for _ in 0..MAG_SIZE {
+                let Some(iova) = i.iova.alloc(pages * PAGE, pages * PAGE) else {
+                    break;
+                };
+                if let Err(e) = self.ensure_leaves(&mut i, iova, pages * PAGE) {
+                    i.iova.free(iova, pages * PAGE);
+                    for v in out {
+                        i.iova.free(v, pages * PAGE);
+                    }
+                    drop(i);
+                    self.uncharge(Quota::Mappings, MAG_SIZE as u64);
+                    return Err(e);
+                }
+                out.push(iova);
+            }
+        }
+        for &iova in &out {
+            i.delegated.insert(iova, class);
+        }
+        drop(i);
+        stats::add(&self.stats.depot_exchanges, 1);
+        self.uncharge(Quota::Mappings, (MAG_SIZE - out.len().min(MAG_SIZE)) as u64);
+        // Handed out in descending order, so popping gives ascending IOVAs:
+        // consecutive maps of a ring land next to each other.
+        out.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(out)
+    }
+
+    /// Gives a ring's clean IOVAs back to the depot.
+    fn depot_give(&self, class: usize, iovas: Vec<u64>) {
+        let n = iovas.len() as u64;
+        let mut i = self.lock();
+        for v in &iovas {
+            i.delegated.remove(v);
+        }
+        if i.depot[class].len() < DEPOT_MAX {
+            i.depot[class].push(iovas);
+        } else {
+            for v in iovas {
+                i.iova.free(v, class_pages(class) * PAGE);
+            }
+        }
+        drop(i);
+        self.uncharge(Quota::Mappings, n);
+    }
+
+    /// Waits for every ring pass in progress to end and stops new ones
+    /// (teardown: no entry is written after the memory goes).
+    pub(super) fn quiesce_rings(&self) {
+        if let Some(r) = self.rings.get() {
+            for s in &r.servers {
+                let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+                let (sq_head, cq_tail) = (st.sq_head, st.cq_tail);
+                *st = RingServer {
+                    sq_head,
+                    cq_tail,
+                    ..RingServer::default()
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod cover_tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_aligned_powers_of_two_by_hand() {
+        // One page at 0x4000_3000: itself.
+        assert_eq!(cover_runs(vec![(0x4000_3000, 1)]), vec![(0x4000_3000, 1)]);
+        // Two pages from 0x4000_3000 straddle an 8 KiB boundary: 4 pages from 0x4000_0000.
+        assert_eq!(cover_runs(vec![(0x4000_3000, 2)]), vec![(0x4000_0000, 4)]);
+        // 32 neighbouring single pages: one 32-page run.
+        let v: Vec<(u64, u64)> = (0..32).map(|k| (0x4010_0000 + k * PAGE, 1)).collect();
+        assert_eq!(cover_runs(v), vec![(0x4010_0000, 32)]);
+        // Two pages 4 MiB apart: joining would need 1024+ pages, so two runs.
+        assert_eq!(
+            cover_runs(vec![(0x4040_0000, 1), (0x4000_0000, 1)]),
+            vec![(0x4000_0000, 1), (0x4040_0000, 1)]
+        );
+    }
+}

@@ -1,0 +1,203 @@
+//! Service threads: serve the rings of active domains with adaptive polling
+//! (docs/ARCHITECTURE.md, "Rings and service threads").
+//!
+//! A service thread passes over the rings of the domains it serves while
+//! entries keep arriving, and keeps looking for [`Service::spin`] after the
+//! last one (yielding the CPU between looks, so a client on the same CPU
+//! still runs). Then it tells each of its domains' clients that it sleeps
+//! (`ring_idle` in the published page), looks once more, and sleeps in
+//! `poll` on the domains' doorbells and its own wake-up descriptor. A
+//! client rings its doorbell only when it saw `ring_idle`, so in steady
+//! state neither side makes a system call.
+
+use crate::domain::Domain;
+use crate::state::State;
+use crate::unit::log;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a service thread keeps looking after the last entry, by default.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+/// Longest sleep without a doorbell (to notice a stop).
+const SLEEP_MS: i32 = 1000;
+
+/// One service thread's share of the domains.
+struct Worker {
+    domains: Mutex<Vec<Arc<Domain>>>,
+    generation: AtomicU64,
+    wake: Option<OwnedFd>,
+}
+
+/// The service threads.
+pub struct Service {
+    workers: Vec<Arc<Worker>>,
+    /// How long to keep polling after the last entry.
+    pub spin: Duration,
+    stopping: AtomicBool,
+    started: AtomicBool,
+}
+
+impl Service {
+    /// `threads` service threads (at least 1), polling `spin` after the last entry.
+    pub fn new(threads: usize, spin: Duration) -> Service {
+        Service {
+            workers: (0..threads.max(1))
+                .map(|_| {
+                    Arc::new(Worker {
+                        domains: Mutex::default(),
+                        generation: AtomicU64::new(0),
+                        wake: crate::platform::shm::eventfd().ok(),
+                    })
+                })
+                .collect(),
+            spin,
+            stopping: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts the threads (once).
+    pub fn start(state: &Arc<State>) -> std::io::Result<()> {
+        if state.service.started.swap(true, SeqCst) {
+            return Ok(());
+        }
+        for (k, w) in state.service.workers.iter().enumerate() {
+            let (st, w) = (state.clone(), w.clone());
+            std::thread::Builder::new()
+                .name(format!("iommud-svc{k}"))
+                .spawn(move || run(&st, &w))?;
+        }
+        Ok(())
+    }
+
+    /// Serves `d`'s rings from now on (on the least loaded thread).
+    pub fn add(&self, d: Arc<Domain>) {
+        let Some(w) = self.workers.iter().min_by_key(|w| {
+            w.domains
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|d| !d.is_dead())
+                .count()
+        }) else {
+            return;
+        };
+        w.domains.lock().unwrap_or_else(|p| p.into_inner()).push(d);
+        w.generation.fetch_add(1, SeqCst);
+        ring(w.wake.as_ref());
+    }
+
+    /// Makes every thread return.
+    pub fn stop(&self) {
+        self.stopping.store(true, SeqCst);
+        for w in &self.workers {
+            ring(w.wake.as_ref());
+        }
+    }
+}
+
+fn ring(fd: Option<&OwnedFd>) {
+    if let Some(fd) = fd {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an fd we own.
+        let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+fn drain(fd: i32) {
+    let mut b = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live buffer; the fd is non-blocking.
+    let _ = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) };
+}
+
+fn run(state: &Arc<State>, w: &Worker) {
+    let svc = &state.service;
+    let mut doms: Vec<Arc<Domain>> = Vec::new();
+    let mut seen = u64::MAX;
+    let mut last_work = Instant::now();
+    while !svc.stopping.load(SeqCst) && !state.stop.load(SeqCst) {
+        let g = w.generation.load(SeqCst);
+        if g != seen {
+            seen = g;
+            let mut list = w.domains.lock().unwrap_or_else(|p| p.into_inner());
+            list.retain(|d| !d.is_dead());
+            doms = list.clone();
+        }
+        let mut work = 0u32;
+        let mut dead = false;
+        for d in &doms {
+            dead |= d.is_dead();
+            // A bug reached through one client's ring must not stop the others.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.serve_rings())) {
+                Ok(n) => work += n,
+                Err(_) => {
+                    crate::stats::add(&state.security.internal_errors, 1);
+                    log::warn("a ring pass hit an internal error (panic caught)");
+                }
+            }
+        }
+        if dead {
+            // Drop torn-down domains (their memory goes with the last Arc).
+            w.generation.fetch_add(1, SeqCst);
+        }
+        if work > 0 {
+            last_work = Instant::now();
+            continue;
+        }
+        if last_work.elapsed() < svc.spin {
+            std::thread::yield_now();
+            continue;
+        }
+        // Sleep: say so, then look once more (a client that submitted
+        // before seeing `ring_idle` is found here; one after rings).
+        for d in &doms {
+            d.set_ring_idle(true);
+        }
+        std::sync::atomic::fence(SeqCst);
+        let pending = doms.iter().any(|d| d.rings().is_some_and(|r| r.pending()));
+        if !pending {
+            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(doms.len() + 1);
+            if let Some(f) = &w.wake {
+                fds.push(libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            for d in &doms {
+                if let Some(r) = d.rings() {
+                    fds.push(libc::pollfd {
+                        fd: r.doorbell.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            let timeout = if w.wake.is_some() { SLEEP_MS } else { 10 };
+            // SAFETY: `fds` is a live array of `fds.len()` pollfds.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n > 0 {
+                let wake_fd = w.wake.as_ref().map(|f| f.as_raw_fd());
+                for p in &fds {
+                    if p.revents != 0 {
+                        drain(p.fd);
+                        if Some(p.fd) != wake_fd {
+                            if let Some(d) = doms
+                                .iter()
+                                .find(|d| d.rings().is_some_and(|r| r.doorbell.as_raw_fd() == p.fd))
+                            {
+                                crate::stats::add(&d.stats.ring_doorbells, 1);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for d in &doms {
+            d.set_ring_idle(false);
+        }
+        last_work = Instant::now();
+    }
+}

@@ -1,0 +1,321 @@
+//! The ring path of a validated domain (see `iommu_abi::ring` and
+//! docs/ARCHITECTURE.md, "Rings and service threads"): maps and unmaps are
+//! entries in this CPU slot's submission ring, served by an iommud service
+//! thread; no system call in steady state.
+//!
+//! A map waits for its completion (it needs the IOVA). An unmap waits only
+//! with `strict` (its completion means the invalidation covering it has
+//! completed); with `percore` and `deferred` it returns once submitted, and
+//! its completion is consumed later (a refused unmap is then counted in
+//! [`ClientCounts::ring_errors`](super::ClientCounts)).
+
+use super::*;
+use crate::ring::{
+    ring_at, Cqe, RingShm, SqOp, Sqe, CQE_WORDS, MAX_RINGS, RING_BYTES, RING_ENTRIES,
+};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
+use std::time::{Duration, Instant};
+
+/// How long a waiter spins before it yields the CPU between looks.
+const SPIN_LOOKS: u32 = 2000;
+/// How long a waiter waits for iommud before it gives up.
+const WAIT_LIMIT: Duration = Duration::from_secs(10);
+/// Entries submitted at once (at most half a ring, so reaping keeps up).
+const CHUNK: usize = (RING_ENTRIES / 2) as usize;
+
+/// This client's side of one ring.
+#[derive(Default)]
+struct RingClient {
+    /// Entries submitted.
+    tail: u32,
+    /// Completions consumed.
+    head: u32,
+}
+
+#[derive(Default)]
+#[repr(align(128))]
+struct RingSlot(spin::mutex::SpinMutex<RingClient>);
+
+/// The client's rings.
+pub(super) struct ClientRings {
+    map: Mapping,
+    doorbell: OwnedFd,
+    slots: Vec<RingSlot>,
+}
+
+/// A registered region as the client knows it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RegionInfo {
+    pub(super) phys: u64,
+    pub(super) len: u64,
+    pub(super) index: u32,
+    /// The static strategy's IOVA of the first byte (0: not mapped whole).
+    pub(super) iova: u64,
+}
+
+impl ClientRings {
+    /// Asks iommud for `count` rings.
+    pub(super) fn setup(conn: &mut Conn, count: usize) -> Result<ClientRings> {
+        let count = count.clamp(1, MAX_RINGS);
+        let (r, mut fds) = conn.call(&Request::SetupRings {
+            rings: count as u64,
+        })?;
+        let a = r.result.map_err(|code| Error::Server {
+            code,
+            msg: String::from_utf8_lossy(&r.payload).into_owned(),
+        })?;
+        if a[0] != count as u64 || a[1] != RING_BYTES as u64 || fds.len() != 2 {
+            return Err(Error::Invalid("SetupRings reply does not match".into()));
+        }
+        let doorbell = fds
+            .pop()
+            .and_then(|s| s.into_fd())
+            .ok_or_else(|| Error::Invalid("SetupRings carried no doorbell".into()))?;
+        let map = fds
+            .pop()
+            .ok_or_else(|| Error::Invalid("SetupRings carried no rings".into()))?
+            .map(0, count * RING_BYTES)?;
+        Ok(ClientRings {
+            map,
+            doorbell,
+            slots: (0..count).map(|_| RingSlot::default()).collect(),
+        })
+    }
+
+    fn ring(&self, k: usize) -> &RingShm {
+        // SAFETY: `map` covers `slots.len() * RING_BYTES` bytes of the ring
+        // memfd, page-aligned, alive as long as `self`; k < slots.len().
+        unsafe { ring_at(self.map.as_ptr(), k) }
+    }
+
+    fn ring_doorbell(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to an eventfd we hold.
+        let _ = unsafe { libc::write(self.doorbell.as_raw_fd(), one.as_ptr().cast(), 8) };
+    }
+}
+
+impl DmaDomain {
+    /// The registered region holding `[phys, phys+len)`.
+    fn region_of(&self, phys: u64, len: u64) -> Result<RegionInfo> {
+        self.regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|r| phys >= r.phys && phys.checked_add(len).is_some_and(|e| e <= r.phys + r.len))
+            .copied()
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{phys:#x}+{len:#x} is not in this domain's pools (rings map registered memory)"
+                ))
+            })
+    }
+
+    /// The static strategy's map: the pool's IOVA plus the offset, no IPC.
+    pub(super) fn static_map(&self, phys: u64, len: usize) -> Result<u64> {
+        let r = self.region_of(phys, len as u64)?;
+        if r.iova == 0 {
+            return Err(Error::Invalid(format!(
+                "region {} was not mapped whole by iommud",
+                r.index
+            )));
+        }
+        Ok(r.iova + (phys - r.phys))
+    }
+
+    /// Maps buffers `(phys, len, dir)` through the rings; all or nothing.
+    pub(super) fn ring_map(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<u64>> {
+        let strategy = self.strategy();
+        let mut ops = Vec::with_capacity(bufs.len());
+        for &(phys, len, dir) in bufs {
+            if len == 0 {
+                return Err(Error::Invalid("zero-length map".into()));
+            }
+            let r = self.region_of(phys, len as u64)?;
+            ops.push(SqOp::Map {
+                region: r.index,
+                offset: phys - r.phys,
+                len: len as u64,
+                dir,
+                va: self.va_hint(strategy, phys)?,
+            });
+        }
+        let results = self.submit(&ops, true)?;
+        let mut out = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for (k, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(iova) => out.push((k, iova)),
+                Err(code) => {
+                    first_err.get_or_insert((k, code));
+                }
+            }
+        }
+        if let Some((k, code)) = first_err {
+            // All or nothing: give back what did map.
+            let undo: Vec<SqOp> = out
+                .iter()
+                .map(|&(j, iova)| SqOp::Unmap {
+                    iova,
+                    len: bufs[j].1 as u64,
+                })
+                .collect();
+            if !undo.is_empty() {
+                let _ = self.submit(&undo, self.flush_policy() == FlushPolicy::Strict);
+            }
+            return Err(Error::Server {
+                code,
+                msg: format!("ring map entry {k} refused"),
+            });
+        }
+        Ok(out.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// Unmaps `(iova, len)` pairs through the rings. With `strict` this
+    /// returns once one invalidation covering all of them has completed.
+    pub(super) fn ring_unmap(&self, maps: &[(u64, usize)]) -> Result<()> {
+        let ops: Vec<SqOp> = maps
+            .iter()
+            .map(|&(iova, len)| SqOp::Unmap {
+                iova,
+                len: len as u64,
+            })
+            .collect();
+        let strict = self.flush_policy() == FlushPolicy::Strict;
+        let results = self.submit(&ops, strict)?;
+        if let Some((k, Err(code))) = results.iter().enumerate().find(|(_, r)| r.is_err()) {
+            return Err(Error::Server {
+                code: *code,
+                msg: format!("ring unmap entry {k} refused"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Submits `ops` on this CPU slot's ring; with `wait`, returns each
+    /// entry's result (else an empty list once all are submitted).
+    fn submit(&self, ops: &[SqOp], wait: bool) -> Result<Vec<std::result::Result<u64, ErrorCode>>> {
+        let rings = self.rings.as_ref().ok_or(Error::Dead)?;
+        let k = self.slot() % rings.slots.len();
+        let ring = rings.ring(k);
+        let mut c = loop {
+            if let Some(g) = rings.slots[k].0.try_lock() {
+                break g;
+            }
+            std::thread::yield_now();
+        };
+        let mut out = Vec::with_capacity(if wait { ops.len() } else { 0 });
+        for chunk in ops.chunks(CHUNK) {
+            let n = chunk.len() as u32;
+            // Room for the chunk and its completions: consume older ones first.
+            while c.tail.wrapping_sub(c.head) + n > RING_ENTRIES {
+                let target = c.tail.wrapping_sub(RING_ENTRIES - n);
+                self.reap(rings, ring, &mut c, target, None)?;
+            }
+            let first = c.tail;
+            for (j, op) in chunk.iter().enumerate() {
+                let seq = first.wrapping_add(j as u32);
+                let w = Sqe {
+                    op: *op,
+                    user: u64::from(seq),
+                }
+                .encode();
+                let slot = &ring.sq[(seq % RING_ENTRIES) as usize];
+                for (x, v) in w.iter().enumerate() {
+                    slot[x].store(*v, Relaxed);
+                }
+            }
+            c.tail = first.wrapping_add(n);
+            ring.sq_tail.0.store(c.tail, Release);
+            // Dekker with the service thread: our tail before its `ring_idle`.
+            std::sync::atomic::fence(SeqCst);
+            if self.page().ring_idle.load(SeqCst) != 0 {
+                self.stats.wakeups.fetch_add(1, Relaxed);
+                rings.ring_doorbell();
+            }
+            if wait {
+                let target = c.tail;
+                self.reap(rings, ring, &mut c, target, Some((first, &mut out)))?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits until every entry submitted on every ring has completed.
+    pub(super) fn ring_drain(&self) -> Result<()> {
+        let Some(rings) = self.rings.as_ref() else {
+            return Ok(());
+        };
+        for k in 0..rings.slots.len() {
+            let mut c = loop {
+                if let Some(g) = rings.slots[k].0.try_lock() {
+                    break g;
+                }
+                std::thread::yield_now();
+            };
+            let target = c.tail;
+            self.reap(rings, rings.ring(k), &mut c, target, None)?;
+        }
+        Ok(())
+    }
+
+    /// Consumes completions until `head` reaches `target`; those of
+    /// `collect.0..` go to `collect.1`, older ones (unmaps nobody waited
+    /// for) only count their errors.
+    fn reap(
+        &self,
+        rings: &ClientRings,
+        ring: &RingShm,
+        c: &mut RingClient,
+        target: u32,
+        mut collect: Option<(u32, &mut Vec<std::result::Result<u64, ErrorCode>>)>,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let mut looks = 0u32;
+        while c.head != target {
+            let avail = ring.cq_tail.0.load(Acquire);
+            if avail == c.head {
+                looks = looks.saturating_add(1);
+                if looks < SPIN_LOOKS {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                    if looks.is_multiple_of(1024) {
+                        if self.page().dead.load(Relaxed) != 0 {
+                            return Err(Error::Dead);
+                        }
+                        if self.page().ring_idle.load(SeqCst) != 0 {
+                            rings.ring_doorbell();
+                        }
+                        if start.elapsed() > WAIT_LIMIT {
+                            return Err(Error::Io(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "iommud did not serve the ring",
+                            )));
+                        }
+                    }
+                }
+                continue;
+            }
+            while c.head != avail && c.head != target {
+                let slot = &ring.cq[(c.head % RING_ENTRIES) as usize];
+                let w: [u64; CQE_WORDS] = std::array::from_fn(|x| slot[x].load(Relaxed));
+                let cqe = Cqe::decode(&w);
+                match &mut collect {
+                    Some((first, out)) if c.head.wrapping_sub(*first) < RING_ENTRIES => {
+                        out.push(cqe.result)
+                    }
+                    _ => {
+                        if cqe.result.is_err() {
+                            self.stats.ring_errors.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+                c.head = c.head.wrapping_add(1);
+            }
+            ring.cq_head.0.store(c.head, Release);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,349 @@
+//! The ring path of validated trust (docs/ARCHITECTURE.md, "Rings and
+//! service threads"): validated magazines, `static`, and the other validated
+//! strategies over submission/completion rings, with bytes moved through
+//! the IOMMU and checked; strict batches invalidated once per batch; and a
+//! hostile client writing anything into its rings.
+
+mod common;
+
+use common::{daemon_with_policy, kv, RawClient};
+use iommu_abi::ring::{ring_at, Cqe, SqOp, Sqe, CQE_WORDS, RING_BYTES, RING_ENTRIES};
+use iommu_abi::Bdf;
+use libdma::proto::{ErrorCode, Request};
+use libdma::{Control, Dir, DmaDomain, FlushPolicy, Strategy};
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VALIDATED: &str = "[default]\ntrust = \"validated\"\n";
+const BATCH: usize = 32;
+const ROUNDS: usize = 200;
+
+fn machine(socket: &std::path::Path) -> vtd::sim::SimMachine {
+    let (m, s, _) = Control::connect(socket).unwrap().sim_info().unwrap();
+    vtd::sim::SimMachine::open(m.as_fd(), s.as_fd()).unwrap()
+}
+
+/// Maps batches of 32 buffers, has the device write and read each through
+/// the IOMMU, unmaps the batch; returns the domain's stats.
+fn exercise(d: &common::Daemon, bdf: u16, s: Strategy, f: FlushPolicy, threads: usize) -> String {
+    let dom = Arc::new(DmaDomain::connect(d.socket(), bdf, s, f).unwrap());
+    assert!(dom.validated(), "validated policy");
+    assert!(dom.uses_rings(), "{}: rings", s.name());
+    let dev = Arc::new(machine(d.socket()));
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let (dom, dev) = (dom.clone(), dev.clone());
+            std::thread::spawn(move || {
+                let bufs: Vec<_> = (0..BATCH).map(|_| dom.alloc(2048).unwrap()).collect();
+                let mut back = [0u8; 64];
+                for round in 0..ROUNDS {
+                    let req: Vec<(u64, usize, Dir)> = bufs
+                        .iter()
+                        .map(|b| (b.phys, 2048, Dir::Bidirectional))
+                        .collect();
+                    let iovas = dom.map_batch(&req).unwrap();
+                    assert_eq!(iovas.len(), BATCH);
+                    for (k, (&iova, b)) in iovas.iter().zip(&bufs).enumerate() {
+                        let pattern: Vec<u8> = (0..64)
+                            .map(|x| {
+                                (x as u8)
+                                    ^ (k as u8)
+                                    ^ (round as u8).wrapping_mul(7)
+                                    ^ (t as u8) << 7
+                            })
+                            .collect();
+                        common::device_round_trip(&dev, bdf, iova + 64, b, 64, &pattern);
+                        dev.dma_read(bdf, iova, &mut back).unwrap();
+                    }
+                    let maps: Vec<(u64, usize)> = iovas.iter().map(|&v| (v, 2048)).collect();
+                    dom.unmap_batch(&maps).unwrap();
+                    if s != Strategy::Static && f == FlushPolicy::Strict {
+                        // Strict: the unmap returned, so no device access may pass.
+                        assert!(
+                            dev.dma_read(bdf, iovas[0], &mut back).is_err(),
+                            "{}: read through an unmapped IOVA",
+                            s.name()
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    // Every entry submitted has completed (unmaps nobody waited for too).
+    dom.drain().unwrap();
+    let c = dom.counts();
+    let stats = dom
+        .read_path(&format!("domains/{}/stats", Bdf(bdf)))
+        .unwrap();
+    // Setup only: hello, attach, rings, pools, and this read.
+    assert!(
+        c.round_trips <= 10,
+        "{}: {} blocking round trips",
+        s.name(),
+        c.round_trips
+    );
+    assert_eq!(c.ring_errors, 0);
+    Arc::try_unwrap(dom).ok().unwrap().shutdown().unwrap();
+    stats
+}
+
+#[test]
+fn validated_strategies_move_verified_bytes_through_the_rings() {
+    let d = daemon_with_policy("rings", VALIDATED, &[]);
+    let mut bdf = 8u16;
+    for (s, f) in [
+        (Strategy::Magazine, FlushPolicy::Strict),
+        (Strategy::Magazine, FlushPolicy::PerCore),
+        (Strategy::Magazine, FlushPolicy::Deferred),
+        (Strategy::Static, FlushPolicy::Strict),
+        (Strategy::Global, FlushPolicy::PerCore),
+        (Strategy::Identity, FlushPolicy::Strict),
+    ] {
+        bdf += 8;
+        let stats = exercise(&d, bdf, s, f, 2);
+        let entries = kv(&stats, "ring_entries");
+        println!(
+            "{} {}: ring_entries={entries} strict_unmaps={} strict_invalidations={} doorbells={} ipc_round_trips={}",
+            s.name(),
+            f.name(),
+            kv(&stats, "ring_strict_unmaps"),
+            kv(&stats, "ring_strict_invalidations"),
+            kv(&stats, "ring_doorbells"),
+            kv(&stats, "ipc_round_trips"),
+        );
+        if s == Strategy::Static {
+            // Static maps never reach iommud after the pools.
+            assert_eq!(entries, 0, "{stats}");
+        } else {
+            assert_eq!(entries, (2 * ROUNDS * BATCH * 2) as u64, "{stats}");
+        }
+        if s == Strategy::Magazine && f == FlushPolicy::Strict {
+            let unmaps = kv(&stats, "ring_strict_unmaps");
+            let invals = kv(&stats, "ring_strict_invalidations");
+            assert_eq!(unmaps, (2 * ROUNDS * BATCH) as u64);
+            // One pass covers a batch of 32 with one or two masked runs.
+            assert!(
+                invals * 8 <= unmaps,
+                "{invals} invalidations for {unmaps} unmaps"
+            );
+        }
+    }
+    assert_eq!(d.machine().counters().stale_hits, 0);
+}
+
+#[test]
+fn validated_strategies_work_in_caching_mode() {
+    let d = daemon_with_policy("rings-cm", VALIDATED, &["--caching-mode"]);
+    for (k, f) in [FlushPolicy::Strict, FlushPolicy::PerCore]
+        .into_iter()
+        .enumerate()
+    {
+        exercise(&d, 0x40 + k as u16 * 8, Strategy::Magazine, f, 1);
+    }
+    exercise(&d, 0x58, Strategy::Static, FlushPolicy::Strict, 1);
+    assert_eq!(d.machine().counters().stale_hits, 0);
+}
+
+#[test]
+fn static_confines_the_device_to_its_pools() {
+    let d = daemon_with_policy("static", VALIDATED, &[]);
+    let bdf = 0x20;
+    let dom = DmaDomain::connect(d.socket(), bdf, Strategy::Static, FlushPolicy::Strict).unwrap();
+    let dev = machine(d.socket());
+    let b = dom.alloc(4096).unwrap();
+    let iova = dom.map(b.phys, 4096, Dir::ToDevice).unwrap();
+    let iova2 = dom.map(b.phys + 100, 10, Dir::ToDevice).unwrap();
+    assert_eq!(iova2, iova + 100, "the pool's IOVA plus the offset");
+    dom.unmap(iova, 4096).unwrap();
+    // No per-buffer protection: the pool stays mapped after the unmap ...
+    b.write(0, &[0x5a; 8]).unwrap();
+    let mut back = [0u8; 8];
+    dev.dma_read(bdf, iova, &mut back).unwrap();
+    assert_eq!(back, [0x5a; 8]);
+    // ... but nothing outside the client's pools is reachable.
+    let pool_end = iova - (b.phys % (2 << 20)) + (2 << 20);
+    assert!(dev.dma_read(bdf, pool_end + (4 << 20), &mut back).is_err());
+    assert!(dev.dma_read(bdf, 0x1000, &mut back).is_err());
+}
+
+/// A client speaking the ring protocol by hand.
+struct RawRings {
+    map: libdma::shm::Mapping,
+    tail: u32,
+    head: u32,
+}
+
+impl RawRings {
+    fn setup(c: &mut RawClient, n: u64) -> RawRings {
+        let (r, fds) = c.call_fds(&Request::SetupRings { rings: n }, &[]);
+        let (a, _) = r.unwrap();
+        assert_eq!(a[1], RING_BYTES as u64);
+        assert_eq!(fds.len(), 2, "ring memfd and doorbell");
+        let map = libdma::shm::Mapping::new(fds[0].as_fd(), 0, n as usize * RING_BYTES).unwrap();
+        RawRings {
+            map,
+            tail: 0,
+            head: 0,
+        }
+    }
+
+    fn ring(&self) -> &iommu_abi::ring::RingShm {
+        // SAFETY: the mapping covers at least one ring and outlives the borrow.
+        unsafe { ring_at(self.map.as_ptr(), 0) }
+    }
+
+    fn put_words(&mut self, w: [u64; 8]) {
+        let slot = &self.ring().sq[(self.tail % RING_ENTRIES) as usize];
+        for (x, v) in w.iter().enumerate() {
+            slot[x].store(*v, Relaxed);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        self.ring().sq_tail.0.store(self.tail, Release);
+    }
+
+    fn put(&mut self, op: SqOp, user: u64) {
+        self.put_words(Sqe { op, user }.encode());
+    }
+
+    /// Waits for the next completion (the service thread is polled; the
+    /// doorbell is not needed while it spins, and its 1 s sleep bound
+    /// catches the rest).
+    fn next(&mut self) -> Cqe {
+        let t = Instant::now();
+        while self.ring().cq_tail.0.load(Acquire) == self.head {
+            assert!(t.elapsed() < Duration::from_secs(5), "no completion");
+            std::thread::yield_now();
+        }
+        let slot = &self.ring().cq[(self.head % RING_ENTRIES) as usize];
+        let w: [u64; CQE_WORDS] = std::array::from_fn(|x| slot[x].load(Relaxed));
+        self.head = self.head.wrapping_add(1);
+        self.ring().cq_head.0.store(self.head, Release);
+        Cqe::decode(&w)
+    }
+}
+
+#[test]
+fn hostile_ring_entries_are_refused_and_iommud_survives() {
+    let d = daemon_with_policy("rings-hostile", VALIDATED, &[]);
+    let bdf = 0x28;
+    let mut c = RawClient::connect(d.socket());
+    let proof = common::proof(&d, bdf);
+    c.attach(
+        bdf,
+        Strategy::Magazine,
+        FlushPolicy::PerCore,
+        Some(proof.as_fd()),
+    )
+    .unwrap();
+    // Validated trust: no arena, so no page-table entry is client-writable.
+    assert_eq!(c.attach_fds, 2, "published page and client page only");
+    let (phys, _cpu) = c.pool(1 << 20);
+    let _ = phys;
+    let mut r = RawRings::setup(&mut c, 1);
+    let map = |offset, len| SqOp::Map {
+        region: 0,
+        offset,
+        len,
+        dir: Dir::FromDevice,
+        va: 0,
+    };
+    r.put(map(0, 4096), 1);
+    let good = r.next();
+    assert_eq!(good.user, 1);
+    let iova = good.result.unwrap();
+    assert!(iova >= libdma::shared::MAGAZINE_IOVA_BASE);
+    let cases: Vec<(SqOp, ErrorCode)> = vec![
+        // Beyond the region, a region that does not exist, offset overflow.
+        (map((1 << 20) - 4096, 8192), ErrorCode::NotOwner),
+        (
+            SqOp::Map {
+                region: 7,
+                offset: 0,
+                len: 64,
+                dir: Dir::ToDevice,
+                va: 0,
+            },
+            ErrorCode::NotOwner,
+        ),
+        (map(u64::MAX - 10, 64), ErrorCode::NotOwner),
+        (map(0, 0), ErrorCode::NotOwner),
+        // Never mapped, wrong length, then the real unmap, then a second one.
+        (
+            SqOp::Unmap {
+                iova: iova + (64 << 12),
+                len: 4096,
+            },
+            ErrorCode::NotOwner,
+        ),
+        (
+            SqOp::Unmap {
+                iova,
+                len: 3 * 4096,
+            },
+            ErrorCode::NotOwner,
+        ),
+    ];
+    for (k, (op, want)) in cases.iter().enumerate() {
+        r.put(*op, 100 + k as u64);
+        let got = r.next();
+        assert_eq!(got.user, 100 + k as u64);
+        assert_eq!(got.result, Err(*want), "case {k}: {op:?}");
+    }
+    r.put(SqOp::Unmap { iova, len: 4096 }, 200);
+    assert_eq!(r.next().result, Ok(0));
+    r.put(SqOp::Unmap { iova, len: 4096 }, 201);
+    assert_eq!(r.next().result, Err(ErrorCode::NotOwner), "double unmap");
+    // Garbage words: unknown op and direction.
+    r.put_words([0xee, 0, 0, 0, 300, 0, 0, 0]);
+    assert_eq!(r.next().result, Err(ErrorCode::Invalid));
+    r.put_words([1 | 9 << 8, 0, 64, 0, 301, 0, 0, 0]);
+    assert_eq!(r.next().result, Err(ErrorCode::Invalid));
+    // A tail far ahead: iommud takes at most one ring's worth, answers
+    // each (the entries are leftovers and zeros: refused or mapped), and
+    // never writes a completion the client has not freed.
+    r.ring()
+        .sq_tail
+        .0
+        .store(r.tail.wrapping_add(1_000_000), Release);
+    std::thread::sleep(Duration::from_millis(300));
+    let written = r.ring().cq_tail.0.load(Acquire).wrapping_sub(r.head);
+    assert!(written <= RING_ENTRIES, "{written} completions");
+    // A nonsense cq_head stalls only this ring.
+    r.ring()
+        .cq_head
+        .0
+        .store(r.head.wrapping_add(5_000_000), Release);
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = Control::connect(d.socket())
+        .unwrap()
+        .read("/scheme/iommu/stats")
+        .unwrap();
+    assert_eq!(kv(&stats, "domains"), 1);
+    // Another client is served normally.
+    let other = exercise(&d, 0x30, Strategy::Magazine, FlushPolicy::Strict, 1);
+    assert_eq!(kv(&other, "ring_entries"), (2 * ROUNDS * BATCH) as u64);
+    // The hostile domain's rejects were counted.
+    let mine = c
+        .call(&Request::ReadPath {
+            path: format!("domains/{}/stats", Bdf(bdf)),
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&mine.1).into_owned();
+    assert!(kv(&text, "rejected") >= 2, "{text}");
+    // The exchange of delegated magazines is refused in validated trust.
+    assert_eq!(
+        c.call(&Request::Exchange {
+            pages: 1,
+            returned: 0,
+            want: 8
+        })
+        .unwrap_err()
+        .0,
+        ErrorCode::PermissionDenied
+    );
+}
