@@ -113,6 +113,15 @@ pub trait Backend: Send + Sync {
     fn strategy(&self) -> &str;
     /// The `flush` column.
     fn flush(&self) -> &str;
+    /// The `trust` column: `delegated`, `validated`, or `none` (peers and
+    /// translation off).
+    fn trust(&self) -> &str {
+        "none"
+    }
+    /// The `batch` column: maps (and unmaps) per request.
+    fn batch(&self) -> usize {
+        1
+    }
     /// Parent side, once per row before any client starts: start a daemon
     /// the clients connect to, with its socket under `dir`. Default: none.
     fn daemon(&self, _dir: &Path) -> io::Result<Option<Daemon>> {
@@ -135,6 +144,10 @@ pub struct Row {
     pub processes: usize,
     /// Pages per mapping.
     pub pages: u64,
+    /// The backend's trust mode.
+    pub trust: String,
+    /// Maps (and unmaps) per request.
+    pub batch: usize,
 }
 
 impl Row {
@@ -557,6 +570,8 @@ mod tests {
             threads: 1,
             processes: 1,
             pages: 1,
+            trust: "none".into(),
+            batch: 1,
         };
         let r = summarise(row, &runs).unwrap();
         assert_eq!((r.ns.median, r.ns.min, r.ns.max), (20.0, 10.0, 30.0));

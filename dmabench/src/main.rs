@@ -63,6 +63,8 @@ fn rows(all: &[Box<dyn Backend>], filter: Option<&str>) -> Vec<Row> {
                         threads,
                         processes,
                         pages,
+                        trust: b.trust().into(),
+                        batch: b.batch(),
                     };
                     if terms.is_empty() || terms.iter().any(|t| r.label().contains(t)) {
                         out.push(r);

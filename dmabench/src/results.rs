@@ -21,6 +21,10 @@ pub struct JsonRow {
     pub processes: usize,
     /// Pages per mapping.
     pub pages: u64,
+    /// Trust mode: `delegated`, `validated`, or `none` (peers, translation off).
+    pub trust: String,
+    /// Maps (and unmaps) per request.
+    pub batch: usize,
     /// Median over runs of per-thread nanoseconds per map+unmap pair.
     pub ns_per_pair: f64,
     /// Smallest run's ns per pair.
@@ -51,6 +55,8 @@ impl From<&RowResult> for JsonRow {
             threads: r.row.threads,
             processes: r.row.processes,
             pages: r.row.pages,
+            trust: r.row.trust.clone(),
+            batch: r.row.batch,
             ns_per_pair: r.ns.median,
             ns_min: r.ns.min,
             ns_max: r.ns.max,
@@ -144,6 +150,8 @@ mod tests {
             "threads",
             "processes",
             "pages",
+            "trust",
+            "batch",
             "ns_per_pair",
             "ipc_per_1k",
             "wakeups_per_1k",

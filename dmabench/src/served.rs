@@ -54,6 +54,10 @@ pub struct Served {
     strategy_label: String,
     flush_label: String,
     daemon_args: Vec<String>,
+    /// The administrator's trust for the row's devices.
+    trust: &'static str,
+    /// Maps (and unmaps) per request: 1, or a batch through the rings.
+    batch: usize,
     /// iommud's refusal, once the probe has seen one (skip later rows).
     refused: Mutex<Option<String>>,
 }
@@ -71,10 +75,29 @@ impl Served {
             strategy_label,
             flush_label,
             daemon_args: vec!["--coherent".into()],
+            trust: if strategy == Strategy::NoIommu {
+                "none"
+            } else {
+                "delegated"
+            },
+            batch: 1,
             refused: Mutex::new(None),
         }
     }
+
+    /// The same strategy in validated trust, `batch` maps per request (the
+    /// ring path: iommud checks every map and writes every entry).
+    fn validated(strategy: Strategy, flush: FlushPolicy, batch: usize) -> Served {
+        let mut b = Served::new(strategy, flush);
+        b.strategy_label = format!("{}-val{batch}", strategy.name());
+        b.trust = "validated";
+        b.batch = batch;
+        b
+    }
 }
+
+/// Validated rows batch this many maps per request (an RX refill).
+pub const VALIDATED_BATCH: usize = 32;
 
 /// Every strategy × flush policy libdma knows, in its own order.
 pub fn backends() -> Vec<Box<dyn Backend>> {
@@ -88,6 +111,24 @@ pub fn backends() -> Vec<Box<dyn Backend>> {
             out.push(Box::new(Served::new(s, f)));
         }
     }
+    // Validated trust through the rings, in batches of 32 and one at a time:
+    // what confining a compromised driver costs on top of `magazine`, and
+    // `static` (pools mapped once) as the floor of per-buffer protection.
+    for f in FlushPolicy::ALL {
+        out.push(Box::new(Served::validated(
+            Strategy::Magazine,
+            f,
+            VALIDATED_BATCH,
+        )));
+    }
+    for f in [FlushPolicy::Strict, FlushPolicy::PerCore] {
+        out.push(Box::new(Served::validated(Strategy::Magazine, f, 1)));
+    }
+    out.push(Box::new(Served::validated(
+        Strategy::Global,
+        FlushPolicy::Strict,
+        VALIDATED_BATCH,
+    )));
     // The research's design once more on a unit with ECAP.C = 0 (QEMU's),
     // where every entry write is followed by a cache-line write-back: the
     // cost of the write-back is the difference to `magazine / percore`.
@@ -187,6 +228,14 @@ impl Backend for Served {
         &self.flush_label
     }
 
+    fn trust(&self) -> &str {
+        self.trust
+    }
+
+    fn batch(&self) -> usize {
+        self.batch
+    }
+
     fn daemon(&self, dir: &Path) -> io::Result<Option<Daemon>> {
         if let Some(why) = self
             .refused
@@ -203,9 +252,15 @@ impl Backend for Served {
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::File::create(&log_path)?;
         // The benchmark is the administrator here: it grants every device
-        // delegated trust so the magazine rows can run beside the others.
-        let policy = dir.join("iommud-bench.toml");
-        std::fs::write(&policy, "[default]\ntrust = \"delegated\"\n")?;
+        // the row's trust (delegated, so the magazine rows run beside the
+        // others, or validated for the ring rows).
+        let policy = dir.join(format!("iommud-bench-{name}.toml"));
+        let trust = if self.trust == "validated" {
+            "validated"
+        } else {
+            "delegated"
+        };
+        std::fs::write(&policy, format!("[default]\ntrust = \"{trust}\"\n"))?;
         let child = Command::new(&exe)
             .args(["--platform", "sim", "--socket"])
             .arg(&socket)
@@ -259,6 +314,7 @@ impl Backend for Served {
         let bdf = bdf_of(env.process);
         let dom = DmaDomain::connect(socket, bdf, self.strategy, self.flush).map_err(lib_err)?;
         let c = ServedClient {
+            batch: self.batch,
             dom: Some(Arc::new(dom)),
             stats_path: format!("domains/{}/stats", libdma::Bdf(bdf)),
             reads: AtomicU64::new(0),
@@ -290,6 +346,7 @@ fn kv(text: &str, key: &str) -> io::Result<u64> {
 }
 
 struct ServedClient {
+    batch: usize,
     /// `None` only while dropping.
     dom: Option<Arc<DmaDomain>>,
     stats_path: String,
@@ -314,7 +371,12 @@ impl Client for ServedClient {
     fn thread(&self, _index: usize) -> io::Result<Box<dyn PairRunner>> {
         let dom = self.dom().clone();
         let buf = dom.alloc((MAX_PAGES * PAGE) as usize).map_err(lib_err)?;
-        Ok(Box::new(ServedRunner { dom, buf }))
+        Ok(Box::new(ServedRunner {
+            dom,
+            buf,
+            batch: self.batch,
+            done: 0,
+        }))
     }
 
     fn pt_pages(&self) -> u64 {
@@ -356,11 +418,34 @@ impl Drop for ServedClient {
 struct ServedRunner {
     dom: Arc<DmaDomain>,
     buf: DmaBuffer,
+    /// Pairs per batch (1: one map, one unmap).
+    batch: usize,
+    /// Pairs of the current batch already counted.
+    done: usize,
 }
 
 impl PairRunner for ServedRunner {
     fn pair(&mut self, pages: u64) {
         let len = (pages * PAGE) as usize;
+        if self.batch > 1 {
+            // A batch: `batch` maps of the buffer in one request, then their
+            // unmaps in one; the work is done on the batch's first pair, so
+            // the time per pair is the batch's over `batch`.
+            if self.done == 0 {
+                let bufs = vec![(self.buf.phys, len, Dir::Bidirectional); self.batch];
+                let iovas = self
+                    .dom
+                    .map_batch(&bufs)
+                    .unwrap_or_else(|e| panic!("dmabench: libdma map_batch of {pages} pages: {e}"));
+                black_box(&iovas);
+                let maps: Vec<(u64, usize)> = iovas.iter().map(|&v| (v, len)).collect();
+                self.dom
+                    .unmap_batch(&maps)
+                    .unwrap_or_else(|e| panic!("dmabench: libdma unmap_batch: {e}"));
+            }
+            self.done = (self.done + 1) % self.batch;
+            return;
+        }
         let iova = self
             .dom
             .map(self.buf.phys, len, Dir::Bidirectional)
@@ -392,7 +477,7 @@ mod tests {
     #[test]
     fn every_strategy_and_policy_has_a_backend() {
         let b = backends();
-        let n = (Strategy::ALL.len() - 1) * FlushPolicy::ALL.len() + 2;
+        let n = (Strategy::ALL.len() - 1) * FlushPolicy::ALL.len() + 2 + 3 + 2 + 1;
         assert_eq!(b.len(), n);
         assert_eq!((b[0].strategy(), b[0].flush()), ("libdma-noiommu", "none"));
     }

@@ -5,9 +5,13 @@
 //! Trust is the administrator's choice, never the driver's: a delegated
 //! leaf entry can name any physical address, so a driver that could choose
 //! delegated trust could make its device read and write all of memory. The
-//! default for every device is therefore `validated`; `delegated` (the
-//! `magazine` strategy, where the driver writes its own leaf entries) must
-//! be granted per device in the configuration file:
+//! default for every device is therefore `validated`, where iommud checks
+//! every map and writes every entry (for the `magazine` strategy it keeps
+//! the magazines itself and serves maps through the rings); `delegated`
+//! (the driver writes the leaf entries of the IOVAs it holds) must be
+//! granted per device in the configuration file. `static` (each pool mapped
+//! whole once: no per-buffer protection) is never a default; list it to
+//! allow it:
 //!
 //! ```toml
 //! # Who may stop iommud, write the path tree, read any domain's mappings:
@@ -21,7 +25,7 @@
 //! # Every device not matched below (these are the defaults).
 //! [default]
 //! trust = "validated"
-//! strategies = ["global", "identity", "va"]
+//! strategies = ["global", "magazine", "identity", "va"]
 //! flush = ["strict", "percore", "deferred"]
 //!
 //! # A device, by PCI address or by vendor:device id (first match wins).
@@ -42,8 +46,8 @@
 //! connections = 256
 //! ```
 //!
-//! A missing `strategies` or `flush` list means every one the trust mode
-//! allows. Unknown keys are errors, so a typo cannot silently widen access.
+//! A missing `strategies` list means every strategy but `static`; a missing
+//! `flush` list every flush policy. Unknown keys are errors, so a typo cannot silently widen access.
 
 use crate::quota::{Limits, Quota};
 use iommu_abi::proto::{FlushPolicy, Strategy};
@@ -94,13 +98,6 @@ impl Trust {
             Trust::Delegated => "delegated",
         }
     }
-
-    /// Whether `s` runs in this trust mode: every strategy does. In
-    /// validated trust iommud writes every entry, the magazine strategy's
-    /// included (it keeps that domain's magazines itself).
-    pub fn allows(self, _s: Strategy) -> bool {
-        true
-    }
 }
 
 /// What one device's driver may have.
@@ -118,14 +115,6 @@ impl DeviceRule {
     /// Checks a request for strategy `s` with flush policy `f`; the error
     /// says what the policy allows.
     pub fn check(&self, s: Strategy, f: FlushPolicy) -> Result<(), String> {
-        if !self.trust.allows(s) {
-            return Err(format!(
-                "strategy {} needs delegated trust; the administrator's policy gives this \
-                 device {} trust",
-                s.name(),
-                self.trust.name()
-            ));
-        }
         if s != Strategy::NoIommu && !self.strategies.contains(&s) {
             return Err(format!(
                 "strategy {} is not allowed for this device (allowed: {})",
@@ -200,7 +189,7 @@ fn rule(trust: Trust, s: Option<Vec<Strategy>>, f: Option<Vec<FlushPolicy>>) -> 
         strategies: s.unwrap_or_else(|| {
             Strategy::ALL
                 .into_iter()
-                .filter(|s| *s != Strategy::NoIommu && trust.allows(*s))
+                .filter(|s| !matches!(s, Strategy::NoIommu | Strategy::Static))
                 .collect()
         }),
         flush: f.unwrap_or_else(|| FlushPolicy::ALL.to_vec()),
@@ -300,9 +289,6 @@ impl FileRule {
             ),
             None => None,
         };
-        if let Some(s) = strategies.iter().flatten().find(|s| !trust.allows(**s)) {
-            return Err(format!("strategy {} needs trust = \"delegated\"", s.name()));
-        }
         let flush = match &self.flush {
             Some(v) => Some(
                 v.iter()
@@ -419,15 +405,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_is_validated_and_refuses_magazine() {
+    fn the_default_is_validated_without_static() {
         let p = Policy::default();
         let r = p.rule_for(0x08, None);
         assert_eq!(r.trust, Trust::Validated);
         assert_eq!(
             r.strategies,
-            vec![Strategy::Global, Strategy::Identity, Strategy::Va]
+            vec![
+                Strategy::Global,
+                Strategy::Magazine,
+                Strategy::Identity,
+                Strategy::Va
+            ]
         );
-        assert!(r.check(Strategy::Magazine, FlushPolicy::PerCore).is_err());
+        // A validated magazine: iommud keeps the magazines.
+        assert!(r.check(Strategy::Magazine, FlushPolicy::PerCore).is_ok());
+        assert!(r.check(Strategy::Static, FlushPolicy::PerCore).is_err());
         assert!(r.check(Strategy::Global, FlushPolicy::Strict).is_ok());
         assert!(p.is_admin(&Peer::ROOT));
         assert!(!p.is_admin(&Peer {
@@ -467,7 +460,7 @@ trust = "validated"
         assert_eq!(a.trust, Trust::Delegated);
         assert_eq!(a.strategies, vec![Strategy::Magazine]);
         assert_eq!(a.flush, vec![FlushPolicy::PerCore]);
-        // Matched by id: every strategy delegated trust allows, flush inherited.
+        // Matched by id: every strategy but static, flush inherited.
         let b = p.rule_for(0x10, Some((0x8086, 0x100e)));
         assert_eq!(b.trust, Trust::Delegated);
         assert_eq!(
@@ -490,10 +483,6 @@ trust = "validated"
         for (text, want) in [
             ("admin_gid = [1]", "unknown field"),
             ("[default]\ntrust = \"root\"", "unknown variant"),
-            (
-                "[default]\nstrategies = [\"magazine\"]",
-                "needs trust = \"delegated\"",
-            ),
             ("[[device]]\nmatch = \"zz\"", "neither a PCI address"),
             (
                 "[[device]]\nmatch = \"00:01.0\"\nflush = [\"sometimes\"]",

@@ -26,6 +26,8 @@ pub struct DemoOpts {
     pub no_translation: bool,
     pub packets: u64,
     pub size: u64,
+    /// The NICs' trust in the guest policy: `delegated` or `validated`.
+    pub trust: String,
 }
 
 impl Default for DemoOpts {
@@ -37,18 +39,22 @@ impl Default for DemoOpts {
             no_translation: false,
             packets: 20_000,
             size: 1500,
+            trust: "delegated".into(),
         }
     }
 }
 
 /// Strategies iommud offers (libdma::proto::Strategy names, noiommu aside:
 /// that is `--no-translation`).
-pub const STRATEGIES: [&str; 4] = ["magazine", "global", "identity", "va"];
+pub const STRATEGIES: [&str; 5] = ["magazine", "global", "identity", "va", "static"];
+/// Trust modes the demo's policy can give the NICs.
+pub const TRUSTS: [&str; 2] = ["delegated", "validated"];
 /// Flush policies (libdma::proto::FlushPolicy names).
 pub const FLUSHES: [&str; 3] = ["percore", "strict", "deferred"];
 
-const USAGE: &str = "usage: cargo xtask demo [--strategy magazine|global|identity|va] \
-[--flush percore|strict|deferred] [--caching-mode] [--no-translation] [--packets N] [--size BYTES]";
+const USAGE: &str = "usage: cargo xtask demo [--strategy magazine|global|identity|va|static] \
+[--flush percore|strict|deferred] [--trust delegated|validated] [--caching-mode] [--no-translation] \
+[--packets N] [--size BYTES]";
 
 /// Parses the demo's command line.
 pub fn parse(args: &[String]) -> Result<DemoOpts> {
@@ -66,6 +72,12 @@ pub fn parse(args: &[String]) -> Result<DemoOpts> {
                 o.flush = f.value(a)?;
                 if !FLUSHES.contains(&o.flush.as_str()) {
                     return Err(format!("unknown flush policy {:?}\n{USAGE}", o.flush));
+                }
+            }
+            "--trust" => {
+                o.trust = f.value(a)?;
+                if !TRUSTS.contains(&o.trust.as_str()) {
+                    return Err(format!("unknown trust {:?}\n{USAGE}", o.trust));
                 }
             }
             "--caching-mode" => o.caching_mode = true,
@@ -93,12 +105,34 @@ match = "1b36:0010"   # QEMU NVMe
 trust = "delegated"
 "#;
 
+/// [`GUEST_POLICY`] with the e1000 NICs given `trust` instead (and every
+/// strategy, `static` included, allowed for them).
+pub fn guest_policy(trust: &str) -> String {
+    if trust == "delegated" {
+        return GUEST_POLICY.to_string();
+    }
+    GUEST_POLICY.replacen(
+        "match = \"8086:100e\"   # e1000\ntrust = \"delegated\"",
+        &format!(
+            "match = \"8086:100e\"   # e1000\ntrust = \"{trust}\"\n\
+             strategies = [\"magazine\", \"global\", \"identity\", \"va\", \"static\"]"
+        ),
+        1,
+    )
+}
+
 /// Shell lines that start iommud (extra arguments `args`) with
 /// [`GUEST_POLICY`] and wait for its socket.
 pub fn start_iommud(args: &str) -> String {
+    start_iommud_trust(args, "delegated")
+}
+
+/// [`start_iommud`] with the e1000 NICs in `trust` (see [`guest_policy`]).
+pub fn start_iommud_trust(args: &str, trust: &str) -> String {
+    let policy = guest_policy(trust);
     format!(
         r#"cat > /run/iommud.toml <<'POLICY-EOF'
-{GUEST_POLICY}POLICY-EOF
+{policy}POLICY-EOF
 iommud --platform linux --socket /run/iommud.sock --config /run/iommud.toml {args} > /tmp/iommud.log 2>&1 &
 i=0; while [ ! -S /run/iommud.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -S /run/iommud.sock ]; then echo "iommud did not start"; cat /tmp/iommud.log; exit 3; fi
@@ -125,11 +159,14 @@ sed 's/^/iommud-log: /' /tmp/iommud.log
 
 /// The guest job of a demo run.
 pub fn script(o: &DemoOpts) -> String {
-    let mut s = start_iommud(if o.no_translation {
-        "--no-translation"
-    } else {
-        ""
-    });
+    let mut s = start_iommud_trust(
+        if o.no_translation {
+            "--no-translation"
+        } else {
+            ""
+        },
+        &o.trust,
+    );
     s.push_str(&format!(
         "e1000d loop --mapper libdma --strategy {} --flush {} --packets {} --size {} \
 --then 'echo STATS-BEGIN; iommuctl cat /scheme/iommu/stats; echo STATS-END'\nrc=$?\necho \"E1000D-EXIT $rc\"\n",
@@ -347,15 +384,22 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// A guest test: the demo with `strategy`, caching mode `cm`, `packets` frames.
 pub fn test(strategy: &str, flush: &str, cm: bool, packets: u64) -> Result<()> {
+    test_trust(strategy, flush, cm, packets, "delegated")
+}
+
+/// [`test`] with the NICs in `trust` (validated: the ring path).
+pub fn test_trust(strategy: &str, flush: &str, cm: bool, packets: u64, trust: &str) -> Result<()> {
     let o = DemoOpts {
         strategy: strategy.into(),
         flush: flush.into(),
         caching_mode: cm,
         packets,
+        trust: trust.into(),
         ..DemoOpts::default()
     };
     let name = format!(
-        "test-demo-{strategy}{}{}",
+        "test-demo-{strategy}{}{}{}",
+        if trust == "validated" { "-val" } else { "" },
         if flush == "percore" {
             String::new()
         } else {

@@ -33,6 +33,22 @@ pub fn guest_tests() -> Vec<GuestTest> {
             run: || crate::demo::test("magazine", "percore", true, TEST_PACKETS),
         },
         GuestTest {
+            name: "guest-demo-validated-strict",
+            about: "demo, validated magazine (iommud keeps the magazines, rings), strict: \
+                    5000 frames intact, IPC and invalidations < 0.1/packet",
+            run: || crate::demo::test_trust("magazine", "strict", false, TEST_PACKETS, "validated"),
+        },
+        GuestTest {
+            name: "guest-demo-validated-cm",
+            about: "demo, validated magazine, percore, VT-d caching mode on: 5000 frames intact",
+            run: || crate::demo::test_trust("magazine", "percore", true, TEST_PACKETS, "validated"),
+        },
+        GuestTest {
+            name: "guest-demo-static",
+            about: "demo, static strategy (pools mapped once, validated): 5000 frames intact",
+            run: || crate::demo::test_trust("static", "percore", false, TEST_PACKETS, "validated"),
+        },
+        GuestTest {
             name: "guest-demo-global",
             about: "demo, global strategy (a round trip per map/unmap): 5000 frames intact",
             run: || crate::demo::test("global", "strict", false, TEST_PACKETS),

@@ -656,8 +656,11 @@ mod cover_tests {
     fn runs_are_aligned_powers_of_two_by_hand() {
         // One page at 0x4000_3000: itself.
         assert_eq!(cover_runs(vec![(0x4000_3000, 1)]), vec![(0x4000_3000, 1)]);
-        // Two pages from 0x4000_3000 straddle an 8 KiB boundary: 4 pages from 0x4000_0000.
-        assert_eq!(cover_runs(vec![(0x4000_3000, 2)]), vec![(0x4000_0000, 4)]);
+        // Two pages from 0x4000_3000 straddle the 16 KiB boundary at 0x4000_4000:
+        // 8 pages from 0x4000_0000.
+        assert_eq!(cover_runs(vec![(0x4000_3000, 2)]), vec![(0x4000_0000, 8)]);
+        // Two pages from 0x4000_2000 are a naturally aligned 8 KiB run.
+        assert_eq!(cover_runs(vec![(0x4000_2000, 2)]), vec![(0x4000_2000, 2)]);
         // 32 neighbouring single pages: one 32-page run.
         let v: Vec<(u64, u64)> = (0..32).map(|k| (0x4010_0000 + k * PAGE, 1)).collect();
         assert_eq!(cover_runs(v), vec![(0x4010_0000, 32)]);

@@ -414,30 +414,96 @@ impl<M: DmaMapper> E1000<M> {
         self.post_tx(iova, len, TxSlot::Raw)
     }
 
-    /// Reaps TX descriptors the NIC has finished (DD set): unmaps their buffers.
-    /// Returns how many were reaped.
+    /// Reaps TX descriptors the NIC has finished (DD set): unmaps their buffers,
+    /// all of them in one batch (one ring submission, or one round trip, where the
+    /// mapper can do that; with `strict`, one invalidation). Returns how many were
+    /// reaped.
     pub fn reap_tx(&mut self) -> Result<usize> {
-        let mut done = 0;
-        while !ring::is_empty(self.tx_clean, self.tx_tail) {
-            let i = self.tx_clean;
+        let mut done = Vec::new();
+        let mut i = self.tx_clean;
+        while !ring::is_empty(i, self.tx_tail) {
             let d = TxDesc::from_words(self.tx.read(i));
             if d.sta & tx_sta::DD == 0 {
                 break;
             }
-            fence(Ordering::Acquire);
             if d.sta & (tx_sta::EC | tx_sta::LC) != 0 {
                 self.stats.tx_errors += 1;
             }
-            let idx = usize::from(i);
-            if let TxSlot::Mapped { iova, len } = self.tx_slots[idx] {
-                self.mapper.unmap(iova, len, Dir::ToDevice)?;
-                self.stats.unmaps += 1;
-            }
-            self.tx_slots[idx] = TxSlot::Free;
-            self.tx_clean = ring::next(i, self.tx.n);
-            done += 1;
+            done.push(i);
+            i = ring::next(i, self.tx.n);
         }
-        Ok(done)
+        if done.is_empty() {
+            return Ok(0);
+        }
+        fence(Ordering::Acquire);
+        let unmaps: Vec<(u64, usize)> = done
+            .iter()
+            .filter_map(|&i| match self.tx_slots[usize::from(i)] {
+                TxSlot::Mapped { iova, len } => Some((iova, len)),
+                _ => None,
+            })
+            .collect();
+        if !unmaps.is_empty() {
+            self.mapper.unmap_batch(&unmaps, Dir::ToDevice)?;
+            self.stats.unmaps += unmaps.len() as u64;
+        }
+        for &i in &done {
+            self.tx_slots[usize::from(i)] = TxSlot::Free;
+        }
+        self.tx_clean = i;
+        Ok(done.len())
+    }
+
+    /// Sends several frames like [`send`](Self::send), with one map request for all of
+    /// them (one ring submission, or one round trip, where the mapper can do that) and
+    /// one tail write. Sends as many as the ring has room for (at least one, else
+    /// `RingFull`) and returns how many.
+    pub fn send_batch(&mut self, frames: &[&[u8]]) -> Result<usize> {
+        for f in frames {
+            if f.len() > MAX_FRAME {
+                return Err(Error::FrameTooLong {
+                    len: f.len(),
+                    max: MAX_FRAME,
+                });
+            }
+            if f.is_empty() {
+                return Err(Error::Device("refusing to send an empty frame".into()));
+            }
+        }
+        self.reap_tx()?;
+        let room = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight());
+        let n = frames.len().min(room);
+        if n == 0 {
+            self.stats.tx_ring_full += 1;
+            return Err(Error::RingFull {
+                slots: usize::from(self.tx.n - 1),
+            });
+        }
+        let mut slot = self.tx_tail;
+        let mut reqs = Vec::with_capacity(n);
+        for f in &frames[..n] {
+            let buf = &self.tx_bufs[usize::from(slot)];
+            // SAFETY: buf is valid for BUF_LEN >= f.len() bytes; the slot is free (the
+            // ring had room for it), so the device does not read it now.
+            unsafe { ptr::copy_nonoverlapping(f.as_ptr(), buf.as_ptr(), f.len()) };
+            reqs.push((buf, 0, f.len(), Dir::ToDevice));
+            slot = ring::next(slot, self.tx.n);
+        }
+        let iovas = self.mapper.map_batch(&reqs)?;
+        self.stats.maps += n as u64;
+        for (f, &iova) in frames[..n].iter().zip(&iovas) {
+            let i = self.tx_tail;
+            self.tx
+                .write(i, TxDesc::frame(iova, f.len() as u16).to_words());
+            self.tx_slots[usize::from(i)] = TxSlot::Mapped { iova, len: f.len() };
+            self.tx_tail = ring::next(i, self.tx.n);
+            self.stats.tx_packets += 1;
+            self.stats.tx_bytes += f.len() as u64;
+        }
+        // Descriptors and buffer contents must be visible before the tail moves.
+        fence(Ordering::SeqCst);
+        self.regs.write32(regs::TDT, u32::from(self.tx_tail))?;
+        Ok(n)
     }
 
     /// TX descriptors handed to the NIC and not yet reaped.
