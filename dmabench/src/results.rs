@@ -121,6 +121,8 @@ mod tests {
                 threads: 2,
                 processes: 1,
                 pages: 4,
+                trust: "none".into(),
+                batch: 1,
             },
             ns: Spread {
                 median: 2.0,
@@ -162,6 +164,10 @@ mod tests {
             assert!(o.contains_key(k), "missing {k}");
         }
         assert_eq!(o["strategy"], "vm-allocator");
+        assert_eq!(
+            (o["trust"].as_str(), o["batch"].as_u64()),
+            (Some("none"), Some(1))
+        );
         assert_eq!(o["threads"], 2);
         assert_eq!(o["ns_per_pair"], 2.0);
         assert_eq!(o["locks_per_1k"], 2000.0);
