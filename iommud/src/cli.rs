@@ -4,8 +4,11 @@
 //! ```text
 //! iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation]
 //!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
-//!        [--timeout-ms N]
+//!        [--timeout-ms N] [--service-threads N] [--ring-spin-us N]
 //! ```
+//! `--service-threads` (default 1) threads serve the clients' rings, each
+//! polling `--ring-spin-us` (default 200) after the last entry before it
+//! sleeps on the doorbells (docs/ARCHITECTURE.md, "Rings and service threads").
 //! `--config` names the administrator's policy (TOML, see `crate::policy`);
 //! without it every device gets validated trust and only root administers.
 //! On `sim`, device ownership is proven with the files iommud creates in
@@ -35,11 +38,13 @@ struct Args {
     sim_mem_mb: usize,
     timeout_ms: u64,
     config: Option<PathBuf>,
+    service_threads: usize,
+    ring_spin_us: u64,
 }
 
 const USAGE: &str = "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] \
 [--no-translation] [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] \
-[--sim-mem-mb N] [--timeout-ms N]";
+[--sim-mem-mb N] [--timeout-ms N] [--service-threads N] [--ring-spin-us N]";
 
 fn parse_args() -> Result<Args, String> {
     use lexopt::prelude::*;
@@ -54,6 +59,8 @@ fn parse_args() -> Result<Args, String> {
         sim_mem_mb: 256,
         timeout_ms: 1000,
         config: None,
+        service_threads: 1,
+        ring_spin_us: crate::service::DEFAULT_SPIN.as_micros() as u64,
     };
     let e = |e: lexopt::Error| format!("{e} (try --help)");
     let mut p = lexopt::Parser::from_env();
@@ -71,6 +78,13 @@ fn parse_args() -> Result<Args, String> {
             }
             Long("sim-mem-mb") => a.sim_mem_mb = p.value().map_err(e)?.parse().map_err(e)?,
             Long("timeout-ms") => a.timeout_ms = p.value().map_err(e)?.parse().map_err(e)?,
+            Long("service-threads") => {
+                a.service_threads = p.value().map_err(e)?.parse().map_err(e)?;
+                if !(1..=16).contains(&a.service_threads) {
+                    return Err("--service-threads must be 1..=16".into());
+                }
+            }
+            Long("ring-spin-us") => a.ring_spin_us = p.value().map_err(e)?.parse().map_err(e)?,
             Short('h') | Long("help") => return Err(USAGE.into()),
             _ => return Err(e(arg.unexpected())),
         }
@@ -149,6 +163,10 @@ fn run(a: Args) -> Result<(), String> {
         Authority::Sysfs
     };
     state.sim_fds = sim_fds;
+    state.service = crate::service::Service::new(
+        a.service_threads,
+        Duration::from_micros(a.ring_spin_us.min(1_000_000)),
+    );
     crate::unit::log::info(&policy.describe());
     state.set_policy(policy);
     let state = Arc::new(state);

@@ -28,6 +28,8 @@ pub struct DemoOpts {
     pub size: u64,
     /// The NICs' trust in the guest policy: `delegated` or `validated`.
     pub trust: String,
+    /// More iommud arguments (e.g. `--ring-spin-us 1000`).
+    pub iommud_args: String,
 }
 
 impl Default for DemoOpts {
@@ -40,6 +42,7 @@ impl Default for DemoOpts {
             packets: 20_000,
             size: 1500,
             trust: "delegated".into(),
+            iommud_args: String::new(),
         }
     }
 }
@@ -54,7 +57,7 @@ pub const FLUSHES: [&str; 3] = ["percore", "strict", "deferred"];
 
 const USAGE: &str = "usage: cargo xtask demo [--strategy magazine|global|identity|va|static] \
 [--flush percore|strict|deferred] [--trust delegated|validated] [--caching-mode] [--no-translation] \
-[--packets N] [--size BYTES]";
+[--packets N] [--size BYTES] [--iommud-args ARGS]";
 
 /// Parses the demo's command line.
 pub fn parse(args: &[String]) -> Result<DemoOpts> {
@@ -80,6 +83,7 @@ pub fn parse(args: &[String]) -> Result<DemoOpts> {
                     return Err(format!("unknown trust {:?}\n{USAGE}", o.trust));
                 }
             }
+            "--iommud-args" => o.iommud_args = f.value(a)?,
             "--caching-mode" => o.caching_mode = true,
             "--no-translation" => o.no_translation = true,
             "--packets" => o.packets = f.number(a, 1)?,
@@ -159,14 +163,16 @@ sed 's/^/iommud-log: /' /tmp/iommud.log
 
 /// The guest job of a demo run.
 pub fn script(o: &DemoOpts) -> String {
-    let mut s = start_iommud_trust(
+    let args = format!(
+        "{}{}",
         if o.no_translation {
-            "--no-translation"
+            "--no-translation "
         } else {
             ""
         },
-        &o.trust,
+        o.iommud_args
     );
+    let mut s = start_iommud_trust(args.trim(), &o.trust);
     s.push_str(&format!(
         "e1000d loop --mapper libdma --strategy {} --flush {} --packets {} --size {} \
 --then 'echo STATS-BEGIN; iommuctl cat /scheme/iommu/stats; echo STATS-END'\nrc=$?\necho \"E1000D-EXIT $rc\"\n",
