@@ -113,23 +113,58 @@ fn opting_out_of_validated_trust_is_refused() {
     let healthy = Healthy::start(&d);
     let p = proof(&d, A);
     let mut c = RawClient::connect(d.socket());
-    // The driver asks for delegated trust (magazine): refused, saying why.
-    let msg = denied(c.attach(A, Strategy::Magazine, FlushPolicy::PerCore, Some(p.as_fd())));
-    assert!(msg.contains("needs delegated trust"), "{msg}");
-    assert_eq!(unit_stat(&d, "refused_policy"), 1);
-    // What the policy allows works, and brings no client-writable table.
-    c.attach(A, Strategy::Global, FlushPolicy::Strict, Some(p.as_fd()))
+    // The driver asks for the magazine strategy on a validated device: it
+    // gets a validated magazine (iommud keeps the magazines and writes every
+    // entry), with no client-writable table and no delegated IOVAs.
+    c.attach(A, Strategy::Magazine, FlushPolicy::PerCore, Some(p.as_fd()))
         .unwrap();
     assert_eq!(c.attach_fds, 2, "published page and client page, no arena");
     let stats = d.ctl().read("domains/00:01.0/stats").unwrap();
     assert!(stats.contains("trust validated"), "{stats}");
-    // Not even the administrator can switch a validated domain to magazine.
+    assert!(stats.contains("strategy magazine"), "{stats}");
+    let e = c
+        .call(&Request::Exchange {
+            pages: 1,
+            returned: 0,
+            want: 16,
+        })
+        .unwrap_err();
+    assert_eq!(e.0, ErrorCode::PermissionDenied, "{}", e.1);
+    c.call(&Request::Detach).unwrap();
+    // What the policy allows works, and brings no client-writable table.
+    c.attach(A, Strategy::Global, FlushPolicy::Strict, Some(p.as_fd()))
+        .unwrap();
+    assert_eq!(c.attach_fds, 2, "published page and client page, no arena");
+    // Not even the administrator can give a validated domain an arena by
+    // switching it to magazine.
     let e = d
         .ctl()
         .write("domains/00:01.0/strategy", "magazine")
         .unwrap_err();
-    assert!(e.to_string().contains("permission denied"), "{e}");
-    assert_eq!(unit_stat(&d, "refused_policy"), 2);
+    assert!(e.to_string().contains("unsupported"), "{e}");
+    // A strategy outside the rule is refused, saying why.
+    let d1 = common::daemon_with_policy(
+        "optout-strategy",
+        "[default]\nstrategies = [\"global\"]\n",
+        &[],
+    );
+    let mut c1 = RawClient::connect(d1.socket());
+    let msg = denied(c1.attach(
+        A,
+        Strategy::Magazine,
+        FlushPolicy::PerCore,
+        Some(proof(&d1, A).as_fd()),
+    ));
+    assert!(msg.contains("strategy magazine is not allowed"), "{msg}");
+    assert_eq!(unit_stat(&d1, "refused_policy"), 1);
+    // `static` (no per-buffer protection) only when the configuration lists it.
+    let msg = denied(c1.attach(
+        A,
+        Strategy::Static,
+        FlushPolicy::PerCore,
+        Some(proof(&d1, A).as_fd()),
+    ));
+    assert!(msg.contains("strategy static is not allowed"), "{msg}");
     // A flush policy outside the rule is refused too.
     let d2 = common::daemon_with_policy("optout-flush", "[default]\nflush = [\"strict\"]\n", &[]);
     let mut c2 = RawClient::connect(d2.socket());
