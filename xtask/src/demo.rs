@@ -49,7 +49,7 @@ impl Default for DemoOpts {
 
 /// Strategies iommud offers (libdma::proto::Strategy names, noiommu aside:
 /// that is `--no-translation`).
-pub const STRATEGIES: [&str; 5] = ["magazine", "global", "identity", "va", "static"];
+pub const STRATEGIES: [&str; 4] = ["magazine", "global", "identity", "va"];
 /// Trust modes the demo's policy can give the NICs.
 pub const TRUSTS: [&str; 2] = ["delegated", "validated"];
 /// Flush policies (libdma::proto::FlushPolicy names).
@@ -67,7 +67,8 @@ pub fn parse(args: &[String]) -> Result<DemoOpts> {
         match a {
             "--strategy" => {
                 o.strategy = f.value(a)?;
-                if !STRATEGIES.contains(&o.strategy.as_str()) {
+                // `static` (pools mapped once) too: with `--trust validated`.
+                if !STRATEGIES.contains(&o.strategy.as_str()) && o.strategy != "static" {
                     return Err(format!("unknown strategy {:?}\n{USAGE}", o.strategy));
                 }
             }
