@@ -12,6 +12,8 @@ mod pipeline;
 mod redox;
 mod security;
 mod smoke;
+mod soak;
+mod storm;
 mod tests;
 mod util;
 
@@ -41,6 +43,10 @@ usage: cargo xtask <command> [options]
                             boot iommud + e1000d (or igbd with N queue pairs, RSS, one pinned
                             worker per queue), stream frames A->B through the IOMMU,
                             print iommud's stats and a `demo: ...` summary line
+  demo --duration D [--report-every D] [demo options]
+                            soak: the demo's traffic for D (e.g. 10m), every D' (default 60s)
+                            throughput, iommud RSS, fds, live table pages, IOVAs held; fails
+                            on a lost/corrupt frame or a figure that grows without bound
   redox-check               build for x86_64-unknown-redox (installs the target if missing) every
                             crate that runs on Redox: libraries built, binaries type-checked
   fuzz [--seconds N]        the cargo fuzz targets (protocol decoder, session on the sim), N s

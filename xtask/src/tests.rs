@@ -89,6 +89,12 @@ reported in iommud's faults; the canary is intact; later bursts succeed",
             run: crate::fault::run,
         },
         GuestTest {
+            name: "guest-storm",
+            about: "a third e1000 faults thousands of times (blocked by iommud) while A->B moves \
+20 000 verified frames; A's single fault is still listed; iommud < 5% CPU after the storm",
+            run: crate::storm::run,
+        },
+        GuestTest {
             name: "guest-igb-magazine-q1",
             about: "igb, 1 queue pair, magazine/percore: frames intact, < 2 round trips and \
 < 10 invalidations per 1000",

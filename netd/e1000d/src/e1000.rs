@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use linuxhw::mmio::MmioRegion;
 
+use crate::cost::{self, Cost};
 use crate::desc::{rx_err, rx_sta, tx_sta, RxDesc, TxDesc, DESC_LEN};
 use crate::dma::{Dir, DmaBuf, DmaMapper};
 use crate::regs::{self, ctrl, eerd, rah, rctl, stat, status, tctl, tipg};
@@ -138,6 +139,8 @@ pub struct E1000<M: DmaMapper> {
     rx_next: u16,
     stats: Stats,
     scratch: Vec<u8>,
+    /// Time spent in the per-packet paths (see [`cost`]).
+    cost: Cost,
 }
 
 impl<M: DmaMapper> E1000<M> {
@@ -207,6 +210,7 @@ impl<M: DmaMapper> E1000<M> {
                 ..Stats::default()
             },
             scratch: Vec::with_capacity(BUF_LEN),
+            cost: Cost::default(),
         };
         nic.mac = nic.read_mac()?;
         nic.setup_rx()?;
@@ -362,7 +366,7 @@ impl<M: DmaMapper> E1000<M> {
     }
 
     fn check_tx_room(&mut self) -> Result<()> {
-        self.reap_tx()?;
+        self.reap_tx_untimed()?;
         if ring::is_full(self.tx_clean, self.tx_tail, self.tx.n) {
             self.stats.tx_ring_full += 1;
             return Err(Error::RingFull {
@@ -385,13 +389,18 @@ impl<M: DmaMapper> E1000<M> {
         if frame.is_empty() {
             return Err(Error::Device("refusing to send an empty frame".into()));
         }
+        let t0 = cost::now();
         self.check_tx_room()?;
         let i = usize::from(self.tx_tail);
         let buf = self.tx_bufs[i];
         // SAFETY: buf is valid for BUF_LEN >= frame.len() bytes; slot i is Free (between
         // clean and tail is the device's; tail is not), so the device does not read it now.
         unsafe { ptr::copy_nonoverlapping(frame.as_ptr(), buf.as_ptr(), frame.len()) };
+        let tm = cost::now();
         let iova = self.mapper.map(&buf, 0, frame.len(), Dir::ToDevice)?;
+        self.cost.map_ticks += cost::now().wrapping_sub(tm);
+        self.cost.map_calls += 1;
+        self.cost.map_entries += 1;
         self.stats.maps += 1;
         self.post_tx(
             iova,
@@ -403,6 +412,7 @@ impl<M: DmaMapper> E1000<M> {
         )?;
         self.stats.tx_packets += 1;
         self.stats.tx_bytes += frame.len() as u64;
+        self.cost.driver_ticks += cost::now().wrapping_sub(t0);
         Ok(())
     }
 
@@ -414,11 +424,68 @@ impl<M: DmaMapper> E1000<M> {
         self.post_tx(iova, len, TxSlot::Raw)
     }
 
+    /// Fault storm: keeps the TX ring full of descriptors at `iova`, `iova + 4 KiB`, ...
+    /// (256 pages, cycling), none of them mapped, until `count` descriptors were consumed
+    /// by the NIC or `bound` has passed. Progress is read from TDH rather than from DD:
+    /// once iommud blocks the device it cannot write its descriptors back either.
+    /// Returns (posted, consumed); waits (at most 1 s) for the last ones to be consumed.
+    pub fn storm_tx(&mut self, iova: u64, count: u64, bound: Duration) -> Result<(u64, u64)> {
+        self.flush_tx(Duration::from_secs(1))?;
+        let n = self.tx.n;
+        let start = Instant::now();
+        let (mut posted, mut consumed) = (0u64, 0u64);
+        let mut drain_until: Option<Instant> = None;
+        loop {
+            let head = (self.regs.read32(regs::TDH)? % u32::from(n)) as u16;
+            while self.tx_clean != head && !ring::is_empty(self.tx_clean, self.tx_tail) {
+                self.tx_slots[usize::from(self.tx_clean)] = TxSlot::Free;
+                self.tx_clean = ring::next(self.tx_clean, n);
+                consumed += 1;
+            }
+            let stop = consumed >= count || start.elapsed() > bound;
+            if stop {
+                let until = *drain_until.get_or_insert(Instant::now() + Duration::from_secs(1));
+                if ring::is_empty(self.tx_clean, self.tx_tail) || Instant::now() > until {
+                    return Ok((posted, consumed));
+                }
+                std::thread::yield_now();
+                continue;
+            }
+            let mut new = 0;
+            while posted < count && !ring::is_full(self.tx_clean, self.tx_tail, n) {
+                let i = self.tx_tail;
+                self.tx.write(
+                    i,
+                    TxDesc::frame(iova + (posted % 256) * 4096, 64).to_words(),
+                );
+                self.tx_slots[usize::from(i)] = TxSlot::Raw;
+                self.tx_tail = ring::next(i, n);
+                posted += 1;
+                new += 1;
+            }
+            if new > 0 {
+                fence(Ordering::SeqCst);
+                self.regs.write32(regs::TDT, u32::from(self.tx_tail))?;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
     /// Reaps TX descriptors the NIC has finished (DD set): unmaps their buffers,
     /// all of them in one batch (one ring submission, or one round trip, where the
     /// mapper can do that; with `strict`, one invalidation). Returns how many were
     /// reaped.
     pub fn reap_tx(&mut self) -> Result<usize> {
+        let t0 = cost::now();
+        let r = self.reap_tx_untimed();
+        self.cost.driver_ticks += cost::now().wrapping_sub(t0);
+        r
+    }
+
+    /// [`reap_tx`](Self::reap_tx) without the driver-time stamp (for callers that
+    /// take their own).
+    fn reap_tx_untimed(&mut self) -> Result<usize> {
         let mut done = Vec::new();
         let mut i = self.tx_clean;
         while !ring::is_empty(i, self.tx_tail) {
@@ -444,7 +511,11 @@ impl<M: DmaMapper> E1000<M> {
             })
             .collect();
         if !unmaps.is_empty() {
+            let tu = cost::now();
             self.mapper.unmap_batch(&unmaps, Dir::ToDevice)?;
+            self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
+            self.cost.unmap_calls += 1;
+            self.cost.unmap_entries += unmaps.len() as u64;
             self.stats.unmaps += unmaps.len() as u64;
         }
         for &i in &done {
@@ -470,7 +541,14 @@ impl<M: DmaMapper> E1000<M> {
                 return Err(Error::Device("refusing to send an empty frame".into()));
             }
         }
-        self.reap_tx()?;
+        let t0 = cost::now();
+        let r = self.send_batch_untimed(frames);
+        self.cost.driver_ticks += cost::now().wrapping_sub(t0);
+        r
+    }
+
+    fn send_batch_untimed(&mut self, frames: &[&[u8]]) -> Result<usize> {
+        self.reap_tx_untimed()?;
         let room = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight());
         let n = frames.len().min(room);
         if n == 0 {
@@ -489,7 +567,11 @@ impl<M: DmaMapper> E1000<M> {
             reqs.push((buf, 0, f.len(), Dir::ToDevice));
             slot = ring::next(slot, self.tx.n);
         }
+        let tm = cost::now();
         let iovas = self.mapper.map_batch(&reqs)?;
+        self.cost.map_ticks += cost::now().wrapping_sub(tm);
+        self.cost.map_calls += 1;
+        self.cost.map_entries += n as u64;
         self.stats.maps += n as u64;
         for (f, &iova) in frames[..n].iter().zip(&iovas) {
             let i = self.tx_tail;
@@ -546,7 +628,14 @@ impl<M: DmaMapper> E1000<M> {
     /// handed back; the slots found done in one call are unmapped together, mapped again
     /// together (one round trip per batch where the mapper can do that) and handed back
     /// with one tail update. Returns the number of good frames.
-    pub fn recv_batch(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> Result<usize> {
+    pub fn recv_batch(&mut self, max: usize, f: impl FnMut(&[u8])) -> Result<usize> {
+        let t0 = cost::now();
+        let r = self.recv_batch_untimed(max, f);
+        self.cost.driver_ticks += cost::now().wrapping_sub(t0);
+        r
+    }
+
+    fn recv_batch_untimed(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> Result<usize> {
         let n = self.rx.n;
         // The slots to process, in ring order from rx_next: done by the NIC, or left
         // without a buffer by a refill that failed (software owns those).
@@ -582,7 +671,11 @@ impl<M: DmaMapper> E1000<M> {
             }
         }
         if !unmaps.is_empty() {
+            let tu = cost::now();
             self.mapper.unmap_batch(&unmaps, Dir::FromDevice)?;
+            self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
+            self.cost.unmap_calls += 1;
+            self.cost.unmap_entries += unmaps.len() as u64;
             self.stats.unmaps += unmaps.len() as u64;
         }
         let mut good = 0;
@@ -614,7 +707,9 @@ impl<M: DmaMapper> E1000<M> {
                     self.stats.rx_packets += 1;
                     self.stats.rx_bytes += len as u64;
                     good += 1;
+                    let tc = cost::now();
                     f(&self.scratch);
+                    self.cost.callback_ticks += cost::now().wrapping_sub(tc);
                 }
             }
             // Clear the written-back status so this slot is never processed twice, even
@@ -626,7 +721,11 @@ impl<M: DmaMapper> E1000<M> {
             .iter()
             .map(|&s| (&self.rx_bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))
             .collect();
+        let tm = cost::now();
         let iovas = self.mapper.map_batch(&reqs)?;
+        self.cost.map_ticks += cost::now().wrapping_sub(tm);
+        self.cost.map_calls += 1;
+        self.cost.map_entries += iovas.len() as u64;
         for (&s, &iova) in slots.iter().zip(&iovas) {
             self.rx_iova[usize::from(s)] = Some(iova);
             self.rx.write(s, RxDesc::empty(iova).to_words());
@@ -654,6 +753,16 @@ impl<M: DmaMapper> E1000<M> {
         self.rx.write(i, RxDesc::empty(addr).to_words());
         fence(Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Time spent in the per-packet paths since the last [`reset_cost`](Self::reset_cost).
+    pub fn cost(&self) -> Cost {
+        self.cost
+    }
+
+    /// Starts the [`cost`](Self::cost) accounting over (e.g. after ring setup and settling).
+    pub fn reset_cost(&mut self) {
+        self.cost = Cost::default();
     }
 
     /// RX descriptors posted by [`post_rx_unmapped`](Self::post_rx_unmapped) that the NIC

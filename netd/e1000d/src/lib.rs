@@ -3,6 +3,7 @@
 //! [`DmaMapper`] (identity here, an IOMMU domain through libdma in the real setup).
 #![deny(missing_docs)]
 
+pub mod cost;
 pub mod desc;
 pub mod dma;
 mod e1000;

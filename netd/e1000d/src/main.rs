@@ -4,7 +4,9 @@
 //! e1000d loop --tx 0000:00:01.0 --rx 0000:00:02.0 [--packets N] [--size BYTES]
 //!             [--window W] [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR]
 //!             [--strategy global|magazine] [--flush strict|percore] [--socket PATH]
-//!             [--canary] [--then SHELL-COMMAND]
+//!             [--canary] [--then SHELL-COMMAND] [--bad-iova-at N]
+//!             [--duration SECS [--report-every SECS] [--report-cmd SHELL-COMMAND]]
+//! e1000d storm --nic BDF [--iova ADDR] [--descriptors N] [--seconds S] [loop's mapper options]
 //! e1000d info BDF
 //! ```
 //! `loop` sends N sequence-numbered, checksummed frames from the TX NIC to the RX NIC
@@ -27,6 +29,22 @@
 //! pattern, points the RX NIC's next descriptor at its physical address used as an IOVA,
 //! sends a frame, and prints `canary: addr=<hex> bdf=<bdf> changed_bytes=N`: with the
 //! IOMMU translating, N must be 0 (the write is blocked and shows up in iommud's faults).
+//!
+//! `--bad-iova-at N` posts the `--bad-iova` descriptor in the middle of the burst, after
+//! N frames were sent, instead of before it.
+//!
+//! Each burst also prints where its time went, per frame received:
+//! `cost_ns: map=.. unmap=.. ring=.. other=.. total=.. batch=..` (see `src/cost.rs`;
+//! `batch` is buffers per map or unmap call).
+//!
+//! `--duration SECS` (soak): repeats bursts of `--packets` frames for SECS seconds on the
+//! same two domains and, every `--report-every` seconds (default 60) and at the end,
+//! prints `soak: t_s=.. frames=.. pps=.. lost=.. corrupt=..` (the frames and rate of that
+//! period) and runs `--report-cmd`.
+//!
+//! `storm` keeps one NIC's TX ring full of descriptors at unmapped IOVAs (256 pages from
+//! `--iova`, default 0x900000) until `--descriptors` (default: no limit) were consumed or
+//! `--seconds` (default 10) passed, and prints `storm: bdf=.. posted=N consumed=N ..`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,7 +62,10 @@ type Nic = E1000<Box<dyn DmaMapper>>;
 const USAGE: &str =
     "usage: e1000d loop --tx BDF --rx BDF [--packets N] [--size BYTES] [--window W] \
 [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
-[--flush strict|percore] [--socket PATH] [--canary] [--then CMD]\n       e1000d info BDF";
+[--flush strict|percore] [--socket PATH] [--canary] [--then CMD] [--bad-iova-at N] \
+[--duration SECS [--report-every SECS] [--report-cmd CMD]]\n       \
+e1000d storm --nic BDF [--iova ADDR] [--descriptors N] [--seconds S] [--mapper ..] [--strategy ..]\n       \
+e1000d info BDF";
 
 /// No frame arrived for this long: everything in flight is written off as lost.
 const STALL: Duration = Duration::from_secs(2);
@@ -70,6 +91,10 @@ struct LoopOpts {
     socket: PathBuf,
     canary: bool,
     then: Option<String>,
+    bad_iova_at: Option<u64>,
+    duration: Option<Duration>,
+    report_every: Duration,
+    report_cmd: Option<String>,
 }
 
 fn parse_u64(s: &str) -> Result<u64, String> {
@@ -103,6 +128,10 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
         socket: PathBuf::from(libdma::DEFAULT_SOCKET),
         canary: false,
         then: None,
+        bad_iova_at: None,
+        duration: None,
+        report_every: Duration::from_secs(60),
+        report_cmd: None,
     };
     use lexopt::prelude::*;
     let mut p = lexopt::Parser::from_args(args);
@@ -132,6 +161,14 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
             Long("socket") => o.socket = PathBuf::from(val(&mut p)?),
             Long("canary") => o.canary = true,
             Long("then") => o.then = Some(val(&mut p)?),
+            Long("bad-iova-at") => o.bad_iova_at = Some(parse_u64(&val(&mut p)?)?),
+            Long("duration") => {
+                o.duration = Some(Duration::from_secs(parse_u64(&val(&mut p)?)?.max(1)))
+            }
+            Long("report-every") => {
+                o.report_every = Duration::from_secs(parse_u64(&val(&mut p)?)?.max(1))
+            }
+            Long("report-cmd") => o.report_cmd = Some(val(&mut p)?),
             _ => return Err(e(arg.unexpected())),
         }
     }
@@ -387,7 +424,7 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     if o.ping_pong {
         settle(&mut b, &mut a)?;
     }
-    if let Some(iova) = o.bad_iova {
+    if let (Some(iova), None) = (o.bad_iova, o.bad_iova_at) {
         inject_bad_iova(&mut a, &mut b, iova)?;
         // Let iommud record (and clear) the fault before the next one: the unit keeps
         // one record and drops a second fault until it is cleared.
@@ -400,10 +437,14 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     } else {
         0
     };
+    // Calibrate the cost clock before any timed loop.
+    e1000d::cost::ticks_per_ns();
     let ok = if o.ping_pong {
         ping_pong(o, &mut a, &mut b)?
+    } else if let Some(d) = o.duration {
+        soak(o, d, &mut a, &mut b)?
     } else {
-        burst(o, &mut a, &mut b)?
+        burst(o, &mut a, &mut b, true)?.ok()
     };
     for (nic, d) in [(&a, &da), (&b, &db)] {
         if let Some(d) = d {
@@ -420,7 +461,71 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     Ok(ok && canary_changed == 0)
 }
 
-fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
+/// What one burst moved.
+struct Burst {
+    received: u64,
+    lost: u64,
+    corrupt: u64,
+}
+
+impl Burst {
+    fn ok(&self) -> bool {
+        self.lost == 0 && self.corrupt == 0
+    }
+}
+
+/// Soak: bursts back to back for `d`, a report every `o.report_every` and at the end.
+fn soak(o: &LoopOpts, d: Duration, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
+    let start = Instant::now();
+    let (mut frames, mut lost, mut corrupt, mut bursts) = (0u64, 0u64, 0u64, 0u64);
+    let (mut period_frames, mut period_start) = (0u64, Duration::ZERO);
+    let mut next_report = o.report_every;
+    loop {
+        let r = burst(o, a, b, false)?;
+        bursts += 1;
+        frames += r.received;
+        period_frames += r.received;
+        lost += r.lost;
+        corrupt += r.corrupt;
+        let now = start.elapsed();
+        let done = now >= d;
+        if now >= next_report || done {
+            let secs = (now - period_start).as_secs_f64().max(1e-9);
+            println!(
+                "soak: t_s={:.1} bursts={bursts} frames={period_frames} pps={:.1} lost={lost} \
+corrupt={corrupt} total_frames={frames}",
+                now.as_secs_f64(),
+                period_frames as f64 / secs
+            );
+            if let Some(cmd) = &o.report_cmd {
+                match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
+                    Ok(st) if st.success() => {}
+                    Ok(st) => println!("e1000d: --report-cmd {cmd:?}: {st}"),
+                    Err(err) => println!("e1000d: --report-cmd {cmd:?}: {err}"),
+                }
+            }
+            period_frames = 0;
+            period_start = start.elapsed();
+            while next_report <= now {
+                next_report += o.report_every;
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    print_stats("tx", a)?;
+    print_stats("rx", b)?;
+    println!(
+        "soak-end: seconds={:.1} bursts={bursts} frames={frames} lost={lost} corrupt={corrupt}",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(lost == 0 && corrupt == 0)
+}
+
+/// One burst of `o.packets` frames; `report`: print the NICs' stats, the `loop:` and the
+/// `cost_ns:` lines.
+fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, String> {
     let n = usize::try_from(o.packets).map_err(|_| "--packets too large".to_string())?;
     let mut seen = vec![false; n];
     let mut t = Tally::default();
@@ -433,11 +538,26 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
     let mut last_rx = start;
     let mut first_rx: Option<Instant> = None;
     let mut max_gap = Duration::ZERO;
+    let mut bad_pending = o.bad_iova.zip(o.bad_iova_at);
+    a.reset_cost();
+    b.reset_cost();
     loop {
         let accounted = t.received + t.corrupt + t.duplicate + written_off;
         let in_flight = sent.saturating_sub(accounted);
         if sent == o.packets && in_flight == 0 {
             break;
+        }
+        if let Some((iova, at)) = bad_pending.filter(|(_, at)| sent >= *at) {
+            match a.send_unmapped(iova, 64) {
+                Ok(()) => {
+                    bad_pending = None;
+                    println!(
+                        "bad-iova: TX descriptor at iova {iova:#x} posted after {sent} frames (asked: {at})"
+                    );
+                }
+                Err(Error::RingFull { .. }) => {}
+                Err(err) => return Err(format!("{}: bad-iova: {err}", a.bdf())),
+            }
         }
         // Up to a window of frames at once: one map request, one tail write.
         let room = o.window.saturating_sub(in_flight).min(o.packets - sent);
@@ -471,10 +591,34 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
             last_progress = now;
         }
     }
+    let loop_ns = start.elapsed().as_nanos() as f64;
+    let cost = a.cost().plus(&b.cost());
     a.flush_tx(Duration::from_secs(1)).map_err(e)?;
     let elapsed = last_rx.duration_since(start).as_secs_f64().max(1e-9);
     let lost = o.packets.saturating_sub(t.received + t.corrupt);
     let pps = t.received as f64 / elapsed;
+    let result = Burst {
+        received: t.received,
+        lost,
+        corrupt: t.corrupt,
+    };
+    if !report {
+        return Ok(result);
+    }
+    let c = cost.per_packet(loop_ns, t.received, e1000d::cost::ticks_per_ns());
+    println!(
+        "cost_ns: map={:.0} unmap={:.0} ring={:.0} other={:.0} total={:.0} batch={:.2} \
+map_calls={} unmap_calls={} size={}",
+        c.map,
+        c.unmap,
+        c.ring,
+        c.other,
+        c.total,
+        cost.batch(),
+        cost.map_calls,
+        cost.unmap_calls,
+        o.size
+    );
     print_stats("tx", a)?;
     print_stats("rx", b)?;
     println!(
@@ -490,7 +634,7 @@ size={} window={} mapper={} elapsed_s={elapsed:.3} first_rx_ms={:.3} max_gap_ms=
         first_rx.map_or(f64::NAN, |f| f.duration_since(start).as_secs_f64() * 1e3),
         max_gap.as_secs_f64() * 1e3
     );
-    Ok(lost == 0 && t.corrupt == 0)
+    Ok(result)
 }
 
 /// Waits (bounded) for one frame on `nic`.
@@ -570,6 +714,66 @@ fn ping_pong(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
     Ok(lost == 0 && corrupt == 0)
 }
 
+/// `e1000d storm`: its own options, the mapper options go to [`parse_loop`].
+struct StormOpts {
+    nic: String,
+    iova: u64,
+    descriptors: u64,
+    seconds: u64,
+    lo: LoopOpts,
+}
+
+fn parse_storm(args: &[String]) -> Result<StormOpts, String> {
+    let (mut nic, mut iova, mut descriptors, mut seconds) = (None, 0x90_0000u64, u64::MAX, 10u64);
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut v = || {
+            it.next()
+                .cloned()
+                .ok_or(format!("{a} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--nic" => nic = Some(v()?),
+            "--iova" => iova = parse_u64(&v()?)?,
+            "--descriptors" => descriptors = parse_u64(&v()?)?,
+            "--seconds" => seconds = parse_u64(&v()?)?,
+            _ => rest.push(a.clone()),
+        }
+    }
+    Ok(StormOpts {
+        nic: nic.ok_or(format!("storm needs --nic BDF\n{USAGE}"))?,
+        iova,
+        descriptors,
+        seconds,
+        lo: parse_loop(&rest)?,
+    })
+}
+
+fn run_storm(s: &StormOpts) -> Result<bool, String> {
+    let (mut nic, dom) = open(&s.nic, &s.lo)?;
+    println!(
+        "storm: start bdf={} iova={:#x} seconds={}",
+        nic.bdf(),
+        s.iova,
+        s.seconds
+    );
+    let start = Instant::now();
+    let (posted, consumed) = nic
+        .storm_tx(s.iova, s.descriptors, Duration::from_secs(s.seconds))
+        .map_err(e)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "storm: bdf={} posted={posted} consumed={consumed} elapsed_s={secs:.3} per_s={:.0}",
+        nic.bdf(),
+        consumed as f64 / secs.max(1e-9)
+    );
+    if let Some(d) = dom {
+        print_domain(nic.bdf(), &d);
+    }
+    Ok(consumed > 0)
+}
+
 fn info(bdf: &str) -> Result<bool, String> {
     let o = parse_loop(&[])?;
     let (mut nic, _) = open(bdf, &o)?;
@@ -588,6 +792,7 @@ fn main() -> ExitCode {
         #[cfg(target_os = "redox")]
         _ if std::env::var_os(e1000d::pcid::PCID_CHANNEL_ENV).is_some() => redox::run(),
         Some("loop") => parse_loop(&args[1..]).and_then(|o| run_loop(&o)),
+        Some("storm") => parse_storm(&args[1..]).and_then(|o| run_storm(&o)),
         Some("info") => match args.get(1) {
             Some(bdf) => info(bdf),
             None => Err(USAGE.to_string()),
@@ -646,5 +851,27 @@ mod tests {
         assert!(parse_loop(&args("--size 17")).is_err());
         assert!(parse_loop(&args("--packets")).is_err());
         assert!(parse_loop(&args("--bogus")).is_err());
+        let o = parse_loop(&args(
+            "--bad-iova 0xa00000 --bad-iova-at 500 --duration 600",
+        ))
+        .expect("valid soak options");
+        assert_eq!(o.bad_iova_at, Some(500));
+        assert_eq!(o.duration, Some(Duration::from_secs(600)));
+        assert_eq!(o.report_every, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn storm_options() {
+        let s = parse_storm(&args(
+            "--nic 0000:00:04.0 --mapper libdma --seconds 3 --iova 0x100000",
+        ))
+        .expect("valid");
+        assert_eq!(
+            (s.nic.as_str(), s.iova, s.seconds, s.descriptors),
+            ("0000:00:04.0", 0x10_0000, 3, u64::MAX)
+        );
+        assert_eq!(s.lo.mapper, "libdma");
+        assert!(parse_storm(&args("--seconds 3")).is_err());
+        assert!(parse_storm(&args("--nic x --seconds")).is_err());
     }
 }

@@ -75,6 +75,9 @@ pub struct GuestRun {
     pub extra_qemu_args: Vec<String>,
     /// Stream the console to stdout while it runs (it is always logged).
     pub echo: bool,
+    /// Without `echo`: console lines starting with one of these are still streamed
+    /// (a long run's progress lines, e.g. the soak's reports).
+    pub echo_prefixes: Vec<String>,
     /// Connect QEMU to the terminal's stdin (for `guest-shell`).
     pub interactive: bool,
     /// A raw image attached as an NVMe controller (`-drive if=none` + `-device nvme`,
@@ -98,6 +101,7 @@ impl GuestRun {
             kernel_cmdline: None,
             extra_qemu_args: Vec::new(),
             echo: true,
+            echo_prefixes: Vec::new(),
             interactive: false,
             nvme_disk: None,
         }

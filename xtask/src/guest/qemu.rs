@@ -121,12 +121,13 @@ pub fn boot(run: &GuestRun, assets: &Assets, initrd: &Path) -> Result<GuestOutpu
     // Interactive runs hand the terminal to QEMU and log only QEMU's stderr.
     let out_thread = child.stdout.take().map(|stdout| {
         let (log, console, echo) = (log.clone(), console.clone(), run.echo);
-        thread::spawn(move || pump(stdout, "", log, Some(console), echo))
+        let prefixes = run.echo_prefixes.clone();
+        thread::spawn(move || pump(stdout, "", log, Some(console), echo, prefixes))
     });
     let err_thread = {
         let log = log.clone();
         let stderr = child.stderr.take().expect("piped stderr");
-        thread::spawn(move || pump(stderr, "[qemu] ", log, None, true))
+        thread::spawn(move || pump(stderr, "[qemu] ", log, None, true, Vec::new()))
     };
 
     let deadline = start + run.timeout;
@@ -179,6 +180,7 @@ fn pump(
     log: Arc<Mutex<File>>,
     collect: Option<Arc<Mutex<String>>>,
     echo: bool,
+    echo_prefixes: Vec<String>,
 ) {
     let mut r = BufReader::new(src);
     let mut buf = Vec::new();
@@ -191,7 +193,11 @@ fn pump(
         let text = String::from_utf8_lossy(&buf);
         let line = strip_escapes(text.trim_end_matches(['\n', '\r']));
         writeln!(log.lock().unwrap(), "{prefix}{line}").ok();
-        if echo {
+        if echo
+            || echo_prefixes
+                .iter()
+                .any(|p| line.trim_start().starts_with(p.as_str()))
+        {
             println!("{prefix}{line}");
         }
         if let Some(c) = &collect {
