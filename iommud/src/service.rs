@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 /// How long a service thread keeps looking after the last entry, by default.
 pub const DEFAULT_SPIN: Duration = Duration::from_micros(200);
+/// How long after the last entry a service thread looks without yielding
+/// (short: the client may be waiting on this very CPU).
+const HOT: Duration = Duration::from_micros(3);
 /// Longest sleep without a doorbell (to notice a stop).
 const SLEEP_MS: i32 = 1000;
 
@@ -146,8 +149,18 @@ fn run(state: &Arc<State>, w: &Worker) {
             last_work = Instant::now();
             continue;
         }
-        if last_work.elapsed() < svc.spin {
-            std::thread::yield_now();
+        let idle = last_work.elapsed();
+        if idle < svc.spin {
+            // Right after work the next entry is likely microseconds away:
+            // look without giving the CPU up; later, yield between looks so a
+            // client on this CPU runs.
+            if idle < HOT {
+                for _ in 0..64 {
+                    std::hint::spin_loop();
+                }
+            } else {
+                std::thread::yield_now();
+            }
             continue;
         }
         // Sleep: say so, then look once more (a client that submitted

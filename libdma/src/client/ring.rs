@@ -17,8 +17,9 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
 use std::time::{Duration, Instant};
 
-/// How long a waiter spins before it yields the CPU between looks.
-const SPIN_LOOKS: u32 = 2000;
+/// Looks a waiter spins before it yields the CPU between looks (a few
+/// microseconds: iommud's service thread may be waiting for this very CPU).
+const SPIN_LOOKS: u32 = 100;
 /// How long a waiter waits for iommud before it gives up.
 const WAIT_LIMIT: Duration = Duration::from_secs(10);
 /// Entries submitted at once (at most half a ring, so reaping keeps up).
