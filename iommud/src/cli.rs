@@ -4,11 +4,13 @@
 //! ```text
 //! iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation]
 //!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
-//!        [--timeout-ms N] [--service-threads N] [--ring-spin-us N]
+//!        [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST]
 //! ```
 //! `--service-threads` (default 1) threads serve the clients' rings, each
-//! polling `--ring-spin-us` (default 200) after the last entry before it
-//! sleeps on the doorbells (docs/ARCHITECTURE.md, "Rings and service threads").
+//! polling `--ring-spin-us` (default 2000) after the last entry before it
+//! sleeps on the doorbells, pinned to the CPUs of `--service-cpus` (e.g. `1`
+//! or `2,3`; default: not pinned) (docs/ARCHITECTURE.md, "Rings and service
+//! threads").
 //! `--config` names the administrator's policy (TOML, see `crate::policy`);
 //! without it every device gets validated trust and only root administers.
 //! On `sim`, device ownership is proven with the files iommud creates in
@@ -40,11 +42,12 @@ struct Args {
     config: Option<PathBuf>,
     service_threads: usize,
     ring_spin_us: u64,
+    service_cpus: Vec<usize>,
 }
 
 const USAGE: &str = "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] \
 [--no-translation] [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] \
-[--sim-mem-mb N] [--timeout-ms N] [--service-threads N] [--ring-spin-us N]";
+[--sim-mem-mb N] [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST]";
 
 fn parse_args() -> Result<Args, String> {
     use lexopt::prelude::*;
@@ -61,6 +64,7 @@ fn parse_args() -> Result<Args, String> {
         config: None,
         service_threads: 1,
         ring_spin_us: crate::service::DEFAULT_SPIN.as_micros() as u64,
+        service_cpus: Vec::new(),
     };
     let e = |e: lexopt::Error| format!("{e} (try --help)");
     let mut p = lexopt::Parser::from_env();
@@ -85,6 +89,14 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             Long("ring-spin-us") => a.ring_spin_us = p.value().map_err(e)?.parse().map_err(e)?,
+            Long("service-cpus") => {
+                let v = p.value().map_err(e)?.string().map_err(e)?;
+                a.service_cpus = v
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| format!("--service-cpus {v:?}: a comma-separated list of CPUs"))?;
+            }
             Short('h') | Long("help") => return Err(USAGE.into()),
             _ => return Err(e(arg.unexpected())),
         }
@@ -167,6 +179,7 @@ fn run(a: Args) -> Result<(), String> {
         a.service_threads,
         Duration::from_micros(a.ring_spin_us.min(1_000_000)),
     );
+    state.service.cpus = a.service_cpus;
     crate::unit::log::info(&policy.describe());
     state.set_policy(policy);
     let state = Arc::new(state);

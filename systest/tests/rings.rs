@@ -347,3 +347,31 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
         ErrorCode::PermissionDenied
     );
 }
+
+#[test]
+fn a_sleeping_service_thread_is_woken_by_the_doorbell() {
+    let d = daemon_with_policy("rings-doorbell", VALIDATED, &[]);
+    let bdf = 0x38;
+    let dom = DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::Strict).unwrap();
+    let b = dom.alloc(4096).unwrap();
+    let mut worst = Duration::ZERO;
+    for _ in 0..50 {
+        // Long enough for the service thread to give up spinning and sleep.
+        std::thread::sleep(Duration::from_millis(5));
+        let t = Instant::now();
+        let iova = dom.map(b.phys, 4096, Dir::ToDevice).unwrap();
+        dom.unmap(iova, 4096).unwrap();
+        worst = worst.max(t.elapsed());
+    }
+    let stats = dom
+        .read_path(&format!("domains/{}/stats", Bdf(bdf)))
+        .unwrap();
+    println!(
+        "worst map+unmap after a sleep: {worst:?}; doorbells {} sleeps {}",
+        kv(&stats, "ring_doorbells"),
+        kv(&stats, "ring_sleeps")
+    );
+    assert!(kv(&stats, "ring_doorbells") >= 50, "{stats}");
+    // A lost wake-up would leave the entry until the thread's 1 s poll timeout.
+    assert!(worst < Duration::from_millis(900), "worst {worst:?}");
+}

@@ -159,7 +159,7 @@ fn script(c: &Config, o: &Opts) -> String {
         },
     );
     let base = format!(
-        "e1000d loop --mapper libdma --strategy {} --flush {}",
+        "taskset -c 0 e1000d loop --mapper libdma --strategy {} --flush {}",
         c.strategy, c.flush
     );
     for size in SIZES {
