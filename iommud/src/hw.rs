@@ -92,6 +92,15 @@ pub trait PhysMem: Send + Sync {
     fn read_u64(&self, phys: u64) -> Result<u64, HwError>;
     /// Writes a u64 (volatile) at a physical address iommud owns.
     fn write_u64(&self, phys: u64, v: u64) -> Result<(), HwError>;
+    /// Writes consecutive u64s (volatile) from `phys` (a run of table
+    /// entries). The default writes them one by one; platforms override it
+    /// to find the memory once.
+    fn write_u64s(&self, phys: u64, vals: &[u64]) -> Result<(), HwError> {
+        for (k, v) in vals.iter().enumerate() {
+            self.write_u64(phys + 8 * k as u64, *v)?;
+        }
+        Ok(())
+    }
     /// Reads a u32 (volatile), e.g. an invalidation-wait status word.
     fn read_u32(&self, phys: u64) -> Result<u32, HwError>;
     /// Writes back CPU cache lines of `[phys, phys+len)` (needed when ECAP.C = 0).

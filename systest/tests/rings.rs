@@ -16,7 +16,8 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const VALIDATED: &str = "[default]\ntrust = \"validated\"\n";
+const VALIDATED: &str = "[default]\ntrust = \"validated\"\n\
+strategies = [\"magazine\", \"global\", \"identity\", \"va\", \"static\"]\n";
 const BATCH: usize = 32;
 const ROUNDS: usize = 200;
 

@@ -78,7 +78,16 @@ struct Pass {
     strict: Vec<(u64, u64, usize)>,
     /// Maps to invalidate before completing (caching mode).
     fresh: Vec<(u64, u64)>,
-    /// A sealed batch waits (ask for a flush).
+    /// Validated magazine maps, their entries written at the end of the
+    /// pass (runs of neighbours at once): (result index, IOVA, class, the
+    /// entries' values).
+    maps: Vec<(usize, u64, usize, Vec<u64>)>,
+    /// Validated magazine unmaps, cleared at the end of the pass: (IOVA,
+    /// pages, class).
+    unmaps: Vec<(u64, u64, usize)>,
+    /// Registered regions, read once per pass.
+    regions: Vec<Registered>,
+    /// A sealed batch waits for this tag (ask for a flush).
     want: u64,
 }
 
@@ -239,25 +248,37 @@ impl Domain {
             .unwrap_or(FlushPolicy::Strict);
         let mut pass = Pass {
             results: Vec::with_capacity(n as usize),
+            regions: self
+                .regions
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             ..Pass::default()
         };
+        let (mut rejected, mut errors) = (0, 0);
         for j in 0..n {
             let slot = &shm.sq[(st.sq_head.wrapping_add(j) % RING_ENTRIES) as usize];
             // One private copy of the entry, then decisions only on the copy.
             let w: [u64; iommu_abi::ring::SQE_WORDS] =
                 std::array::from_fn(|x| slot[x].load(Relaxed));
             let r = match Sqe::decode(&w) {
-                Ok(sqe) => self.ring_op(rings, st, &mut pass, strategy, flush, sqe.op),
+                Ok(sqe) => self.ring_op(rings, st, &mut pass, strategy, sqe.op),
                 Err(e) => {
-                    stats::add(&self.stats.rejected, 1);
+                    rejected += 1;
                     Err(reply(ErrorCode::Invalid, e.to_string()))
                 }
             };
             let r = r.map_err(|e| {
-                stats::add(&self.stats.errors, 1);
+                errors += 1;
                 e.code()
             });
             pass.results.push((w[4], r));
+        }
+        if rejected > 0 {
+            stats::add(&self.stats.rejected, rejected);
+        }
+        if errors > 0 {
+            stats::add(&self.stats.errors, errors);
         }
         self.finish_pass(rings, st, &mut pass, flush);
         for (user, result) in pass.results {
@@ -283,7 +304,6 @@ impl Domain {
         st: &mut RingServer,
         pass: &mut Pass,
         strategy: Strategy,
-        flush: FlushPolicy,
         op: SqOp,
     ) -> Result<u64, DomainError> {
         match op {
@@ -294,7 +314,7 @@ impl Domain {
                 dir,
                 va,
             } => {
-                let r = self.region(region).ok_or_else(|| {
+                let r = *pass.regions.get(region as usize).ok_or_else(|| {
                     reply(
                         ErrorCode::NotOwner,
                         format!("no registered region {region}"),
@@ -313,14 +333,11 @@ impl Domain {
                 }
                 let phys = r.phys + offset;
                 match strategy {
-                    Strategy::Static if r.iova != 0 => {
-                        stats::add(&self.stats.maps, 1);
-                        Ok(r.iova + offset)
-                    }
+                    Strategy::Static if r.iova != 0 => Ok(r.iova + offset),
                     Strategy::Magazine => {
                         match (rings.arena, size_class((phys % PAGE + len).div_ceil(PAGE))) {
-                            (Some(arena), Some(class)) => {
-                                self.ring_map(rings, arena, st, pass, class, phys, len, dir)
+                            (Some(_), Some(class)) => {
+                                self.ring_map(st, pass, class, phys, len, dir)
                             }
                             _ => self.map(phys, len, dir, va),
                         }
@@ -329,8 +346,8 @@ impl Domain {
                 }
             }
             SqOp::Unmap { iova, len } => {
-                if let (Strategy::Magazine, Some(arena)) = (strategy, rings.arena) {
-                    if let Some(done) = self.ring_unmap(rings, arena, st, pass, flush, iova, len)? {
+                if let (Strategy::Magazine, Some(_)) = (strategy, rings.arena) {
+                    if let Some(done) = self.ring_unmap(rings, pass, iova, len)? {
                         return Ok(done);
                     }
                 }
@@ -339,11 +356,8 @@ impl Domain {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn ring_map(
         &self,
-        rings: &Rings,
-        arena: u64,
         st: &mut RingServer,
         pass: &mut Pass,
         class: usize,
@@ -362,47 +376,22 @@ impl Domain {
                     .ok_or_else(|| reply(ErrorCode::NoSpace, "IOVA space exhausted"))?
             }
         };
-        let first = arena + ((iova - IOVA_BASE) >> 12) * 8;
         let base = phys - off;
-        let mut written = Ok(());
-        for p in 0..pages {
-            // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
-            let e = vtd::entry::SlPte::new(base + p * PAGE, dir.read(), dir.write()).0;
-            written = self.mem().write_u64(first + 8 * p, e);
-            if written.is_err() {
-                break;
-            }
-        }
-        if let Err(e) = written {
-            for p in 0..pages {
-                let _ = self.mem().write_u64(first + 8 * p, 0);
-            }
-            st.clean[class].push(iova);
-            return Err(e.into());
-        }
-        if !self.unit.coherent() {
-            self.mem().flush(first, pages * 8);
-        }
-        if let Some(slot) = rings.live.get(((iova - IOVA_BASE) / PAGE) as usize) {
-            slot.store(pages as u8, Release);
-        }
-        if self.unit.caching_mode() {
-            pass.fresh.push((iova, pages));
-        }
-        stats::add(&self.stats.maps, 1);
+        // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
+        let entries = (0..pages)
+            .map(|p| vtd::entry::SlPte::new(base + p * PAGE, dir.read(), dir.write()).0)
+            .collect();
+        // Written, and made live, at the end of the pass (before any completion).
+        pass.maps.push((pass.results.len(), iova, class, entries));
         Ok(iova + off)
     }
 
     /// A validated magazine unmap; `None` when the IOVA is not a live ring
     /// mapping (then the socket path's bookkeeping decides).
-    #[allow(clippy::too_many_arguments)]
     fn ring_unmap(
         &self,
         rings: &Rings,
-        arena: u64,
-        st: &mut RingServer,
         pass: &mut Pass,
-        flush: FlushPolicy,
         iova: u64,
         len: u64,
     ) -> Result<Option<u64>, DomainError> {
@@ -426,27 +415,8 @@ impl Domain {
         {
             return Ok(None);
         }
-        let first = arena + ((base - IOVA_BASE) >> 12) * 8;
-        for p in 0..pages {
-            self.mem().write_u64(first + 8 * p, 0)?;
-        }
-        if !self.unit.coherent() {
-            self.mem().flush(first, pages * 8);
-        }
-        stats::add(&self.stats.unmaps, 1);
-        match flush {
-            FlushPolicy::Strict => pass.strict.push((base, pages, class)),
-            FlushPolicy::PerCore | FlushPolicy::Deferred => {
-                {
-                    let _r = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
-                    self.server_unmaps.note_unmap(self.page());
-                }
-                st.open[class].push(base);
-                if st.open[class].len() >= MAG_SIZE {
-                    pass.want = pass.want.max(self.seal(st, class));
-                }
-            }
-        }
+        // Cleared at the end of the pass, before its invalidation or tag.
+        pass.unmaps.push((base, pages, class));
         Ok(Some(0))
     }
 
@@ -507,7 +477,7 @@ impl Domain {
     /// The end of a pass: the strict batch's one invalidation, the caching
     /// mode's invalidation of fresh entries, and flush requests.
     fn finish_pass(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
-        let _ = rings;
+        self.write_pass(rings, st, pass, flush);
         let mut ranges: Vec<(u64, u64)> = pass.strict.iter().map(|&(v, p, _)| (v, p)).collect();
         ranges.extend(pass.fresh.iter().copied());
         if !ranges.is_empty() {
@@ -558,7 +528,7 @@ impl Domain {
                 self.depot_give(class, back);
             }
         }
-        if pass.want != 0 && flush != FlushPolicy::Strict {
+        if pass.want != 0 {
             if st.dirty.len() >= MAX_WAITING {
                 // The epoch timer is behind: flush here rather than let the
                 // ring run dry.
@@ -569,6 +539,104 @@ impl Domain {
             } else {
                 self.server_wanted.fetch_max(pass.want, SeqCst);
             }
+        }
+    }
+
+    /// The pass's entry writes, a run of neighbouring entries at a time: the
+    /// unmaps' clears (then their strict batch or their epoch tags), and the
+    /// maps' entries (then they become live and their completions may go).
+    fn write_pass(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
+        let Some(arena) = rings.arena else {
+            return;
+        };
+        let pte = |iova: u64| arena + ((iova - IOVA_BASE) >> 12) * 8;
+        // Clears: runs of neighbouring entries, one write call each.
+        let mut clears: Vec<(u64, u64)> =
+            pass.unmaps.iter().map(|&(v, p, _)| (pte(v), p)).collect();
+        clears.sort_unstable();
+        let mut failed = false;
+        let mut k = 0;
+        while k < clears.len() {
+            let (start, mut n) = clears[k];
+            k += 1;
+            while k < clears.len() && clears[k].0 == start + 8 * n {
+                n += clears[k].1;
+                k += 1;
+            }
+            failed |= self.mem().write_u64s(start, &vec![0; n as usize]).is_err();
+            if !self.unit.coherent() {
+                self.mem().flush(start, n * 8);
+            }
+        }
+        if failed {
+            // Cannot happen for arena memory; if it did, nothing is reused.
+            crate::unit::log::warn(&format!("{}: clearing ring entries failed", Bdf(self.sid)));
+            pass.unmaps.clear();
+        }
+        let unmaps = std::mem::take(&mut pass.unmaps);
+        if !unmaps.is_empty() {
+            stats::add(&self.stats.unmaps, unmaps.len() as u64);
+        }
+        match flush {
+            FlushPolicy::Strict => pass.strict.extend(unmaps),
+            FlushPolicy::PerCore | FlushPolicy::Deferred if !unmaps.is_empty() => {
+                {
+                    let _r = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
+                    for _ in &unmaps {
+                        self.server_unmaps.note_unmap(self.page());
+                    }
+                }
+                let mut full = Vec::new();
+                for (v, _, class) in unmaps {
+                    st.open[class].push(v);
+                    if st.open[class].len() >= MAG_SIZE {
+                        full.push(class);
+                    }
+                }
+                // Sealed after the clears above (seal fences, then reads the epoch).
+                for class in full {
+                    pass.want = pass.want.max(self.seal(st, class));
+                }
+            }
+            _ => {}
+        }
+        // Maps: entries written in runs, then live (an unmap of the same pass
+        // found them not live and was refused), then completed.
+        let mut maps = std::mem::take(&mut pass.maps);
+        maps.sort_unstable_by_key(|m| m.1);
+        let mut k = 0;
+        while k < maps.len() {
+            let mut run: Vec<u64> = maps[k].3.clone();
+            let start = maps[k].1;
+            let mut j = k + 1;
+            while j < maps.len() && maps[j].1 == start + run.len() as u64 * PAGE {
+                run.extend_from_slice(&maps[j].3);
+                j += 1;
+            }
+            let ok = self.mem().write_u64s(pte(start), &run).is_ok();
+            if ok && !self.unit.coherent() {
+                self.mem().flush(pte(start), run.len() as u64 * 8);
+            }
+            for (at, iova, class, entries) in &maps[k..j] {
+                if ok {
+                    if let Some(slot) = rings.live.get(((iova - IOVA_BASE) / PAGE) as usize) {
+                        slot.store(entries.len() as u8, Release);
+                    }
+                    if self.unit.caching_mode() {
+                        pass.fresh.push((*iova, entries.len() as u64));
+                    }
+                } else {
+                    let _ = self.mem().write_u64s(pte(*iova), &vec![0; entries.len()]);
+                    st.clean[*class].push(*iova);
+                    if let Some(r) = pass.results.get_mut(*at) {
+                        r.1 = Err(ErrorCode::Hardware);
+                    }
+                }
+            }
+            k = j;
+        }
+        if !maps.is_empty() {
+            stats::add(&self.stats.maps, maps.len() as u64);
         }
     }
 

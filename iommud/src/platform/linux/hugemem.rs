@@ -353,6 +353,29 @@ impl PhysMem for HugeMem {
         }
     }
 
+    fn write_u64s(&self, phys: u64, vals: &[u64]) -> Result<(), HwError> {
+        let g = self.read();
+        match g.find(phys, vals.len() * 8) {
+            Some((c, d)) if phys.is_multiple_of(8) => {
+                for (k, v) in vals.iter().enumerate() {
+                    // SAFETY: the whole run lies in one chunk (find checked
+                    // `vals.len() * 8` bytes from `phys`), 8-aligned; no Rust
+                    // reference into the memory exists.
+                    unsafe { c.ptr(d + 8 * k).cast::<u64>().write_volatile(*v) };
+                }
+                Ok(())
+            }
+            // A run across two chunks (or a bad address): one by one.
+            _ => {
+                drop(g);
+                for (k, v) in vals.iter().enumerate() {
+                    self.write_u64(phys + 8 * k as u64, *v)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
     fn read_u32(&self, phys: u64) -> Result<u32, HwError> {
         let g = self.read();
         match g.find(phys, 4) {
