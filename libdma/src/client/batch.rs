@@ -113,4 +113,18 @@ impl DmaDomain {
             }
         }
     }
+
+    /// [`DmaDomain::unmap_batch`] that returns once the unmaps are submitted,
+    /// whatever the flush policy (on the rings; elsewhere it is
+    /// `unmap_batch`): for buffers whose next use is by the same device in the
+    /// same direction, such as TX buffers, where a translation that outlives
+    /// the unmap could only let the device read what the driver gives it next.
+    /// A refused entry is counted in [`ClientCounts::ring_errors`].
+    pub fn unmap_batch_nowait(&self, maps: &[(u64, usize)]) -> Result<()> {
+        match self.strategy() {
+            Strategy::NoIommu | Strategy::Static => Ok(()),
+            _ if self.rings.is_some() => self.ring_unmap_nowait(maps),
+            _ => self.unmap_batch(maps),
+        }
+    }
 }

@@ -194,6 +194,18 @@ impl DmaDomain {
         Ok(())
     }
 
+    /// Submits unmaps without waiting for them, whatever the flush policy.
+    pub(super) fn ring_unmap_nowait(&self, maps: &[(u64, usize)]) -> Result<()> {
+        let ops: Vec<SqOp> = maps
+            .iter()
+            .map(|&(iova, len)| SqOp::Unmap {
+                iova,
+                len: len as u64,
+            })
+            .collect();
+        self.submit(&ops, false).map(|_| ())
+    }
+
     /// Submits `ops` on this CPU slot's ring; with `wait`, returns each
     /// entry's result (else an empty list once all are submitted).
     fn submit(&self, ops: &[SqOp], wait: bool) -> Result<Vec<std::result::Result<u64, ErrorCode>>> {

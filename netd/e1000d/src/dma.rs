@@ -113,6 +113,13 @@ pub trait DmaMapper {
         maps.iter()
             .try_for_each(|&(iova, len)| self.unmap(iova, len, dir))
     }
+    /// [`unmap_batch`](Self::unmap_batch) for buffers whose next use is by the
+    /// same device in the same direction (TX buffers): the mapper may return
+    /// before the unmaps are invalidated, since a stale translation could only
+    /// let the device read what the driver is about to hand it anyway.
+    fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
+        self.unmap_batch(maps, dir)
+    }
 }
 
 impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
@@ -130,6 +137,9 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
     }
     fn unmap_batch(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
         (**self).unmap_batch(maps, dir)
+    }
+    fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
+        (**self).unmap_batch_nowait(maps, dir)
     }
 }
 

@@ -512,7 +512,8 @@ impl<M: DmaMapper> E1000<M> {
             .collect();
         if !unmaps.is_empty() {
             let tu = cost::now();
-            self.mapper.unmap_batch(&unmaps, Dir::ToDevice)?;
+            // TX buffers: their next use is this device reading them again.
+            self.mapper.unmap_batch_nowait(&unmaps, Dir::ToDevice)?;
             self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
             self.cost.unmap_calls += 1;
             self.cost.unmap_entries += unmaps.len() as u64;

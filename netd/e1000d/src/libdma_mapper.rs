@@ -105,4 +105,13 @@ impl DmaMapper for LibdmaMapper {
     fn unmap_batch(&self, maps: &[(u64, usize)], _dir: Dir) -> Result<()> {
         self.domain.unmap_batch(maps).map_err(|e| err("unmap", e))
     }
+
+    fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
+        if dir != Dir::ToDevice {
+            return self.unmap_batch(maps, dir);
+        }
+        self.domain
+            .unmap_batch_nowait(maps)
+            .map_err(|e| err("unmap", e))
+    }
 }
