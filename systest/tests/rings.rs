@@ -376,3 +376,52 @@ fn a_sleeping_service_thread_is_woken_by_the_doorbell() {
     // A lost wake-up would leave the entry until the thread's 1 s poll timeout.
     assert!(worst < Duration::from_millis(900), "worst {worst:?}");
 }
+
+#[test]
+fn submitted_maps_are_collected_in_any_order() {
+    let d = daemon_with_policy("rings-tickets", VALIDATED, &[]);
+    let bdf = 0x40;
+    let dom =
+        DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let dev = machine(d.socket());
+    let bufs: Vec<_> = (0..8).map(|_| dom.alloc(4096).unwrap()).collect();
+    let req = |r: std::ops::Range<usize>| -> Vec<(u64, usize, Dir)> {
+        bufs[r]
+            .iter()
+            .map(|b| (b.phys, 4096, Dir::Bidirectional))
+            .collect()
+    };
+    let t1 = dom.map_batch_submit(&req(0..4)).unwrap();
+    let t2 = dom.map_batch_submit(&req(4..6)).unwrap();
+    // A synchronous map in between consumes both tickets' completions (they
+    // come first on the ring): they are kept for their collectors.
+    let mid = dom.map(bufs[6].phys, 4096, Dir::ToDevice).unwrap();
+    let v2 = dom.map_batch_complete(t2).unwrap();
+    let v1 = dom.map_batch_complete(t1).unwrap();
+    assert_eq!((v1.len(), v2.len()), (4, 2));
+    let all: Vec<u64> = v1.iter().chain(&v2).copied().collect();
+    let mut distinct = all.clone();
+    distinct.push(mid);
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        7,
+        "seven different IOVAs: {all:x?} {mid:#x}"
+    );
+    for (k, (&iova, b)) in all.iter().zip(&bufs).enumerate() {
+        common::device_round_trip(&dev, bdf, iova, b, 0, &[k as u8 ^ 0x3c; 32]);
+    }
+    let maps: Vec<(u64, usize)> = all.iter().map(|&v| (v, 4096)).collect();
+    dom.unmap_batch(&maps).unwrap();
+    dom.unmap(mid, 4096).unwrap();
+    // A refused entry fails the whole ticket and leaves nothing mapped.
+    let mut bad = req(0..2);
+    bad.push((0x1000, 4096, Dir::ToDevice));
+    assert!(
+        dom.map_batch_submit(&bad).is_err(),
+        "a frame outside the pools"
+    );
+    dom.drain().unwrap();
+    assert_eq!(dom.counts().ring_errors, 0);
+}

@@ -74,6 +74,7 @@ pub use buffer::DmaBuffer;
 use conn::Conn;
 pub use conn::Control;
 use remote::Remote;
+pub use ring::MapTicket;
 use ring::{ClientRings, RegionInfo};
 
 struct Pool {

@@ -32,6 +32,32 @@ struct RingClient {
     tail: u32,
     /// Completions consumed.
     head: u32,
+    /// Submitted batches somebody will collect later ([`MapTicket`]): their
+    /// first sequence number and length.
+    awaited: Vec<(u32, u32)>,
+    /// Completions of awaited batches consumed before their owner came.
+    stash: std::collections::HashMap<u32, std::result::Result<u64, ErrorCode>>,
+}
+
+/// Maps submitted with [`DmaDomain::map_batch_submit`], to be collected with
+/// [`DmaDomain::map_batch_complete`].
+#[derive(Debug)]
+#[must_use = "collect the IOVAs (and unmap them) with map_batch_complete"]
+pub struct MapTicket {
+    inner: Ticket,
+}
+
+#[derive(Debug)]
+enum Ticket {
+    /// Done already (no rings): the IOVAs.
+    Ready(Vec<u64>),
+    /// On ring `ring`: `n` entries from sequence `first`; the lengths, to
+    /// undo a partial batch.
+    Ring {
+        ring: usize,
+        first: u32,
+        lens: Vec<usize>,
+    },
 }
 
 #[derive(Default)]
@@ -206,6 +232,161 @@ impl DmaDomain {
         self.submit(&ops, false).map(|_| ())
     }
 
+    /// Maps buffers `(phys, len, dir)` without waiting for iommud (on the
+    /// rings; elsewhere at once): collect the IOVAs with
+    /// [`DmaDomain::map_batch_complete`]. Meanwhile the driver can do other
+    /// work (a TX batch's maps travel while it handles its RX ring).
+    pub fn map_batch_submit(&self, bufs: &[(u64, usize, Dir)]) -> Result<MapTicket> {
+        if self.rings.is_none()
+            || matches!(self.strategy(), Strategy::NoIommu | Strategy::Static)
+            || bufs.is_empty()
+            || bufs.len() > CHUNK
+        {
+            return Ok(MapTicket {
+                inner: Ticket::Ready(self.map_batch(bufs)?),
+            });
+        }
+        let strategy = self.strategy();
+        let mut ops = Vec::with_capacity(bufs.len());
+        for &(phys, len, dir) in bufs {
+            if len == 0 {
+                return Err(Error::Invalid("zero-length map".into()));
+            }
+            let r = self.region_of(phys, len as u64)?;
+            ops.push(SqOp::Map {
+                region: r.index,
+                offset: phys - r.phys,
+                len: len as u64,
+                dir,
+                va: self.va_hint(strategy, phys)?,
+            });
+        }
+        let (ring, first) = self.submit_on(&ops, true)?;
+        Ok(MapTicket {
+            inner: Ticket::Ring {
+                ring,
+                first,
+                lens: bufs.iter().map(|b| b.1).collect(),
+            },
+        })
+    }
+
+    /// The IOVAs of a [`DmaDomain::map_batch_submit`], all or nothing (a
+    /// partly refused batch is unmapped again and reported).
+    pub fn map_batch_complete(&self, t: MapTicket) -> Result<Vec<u64>> {
+        let (ring, first, lens) = match t.inner {
+            Ticket::Ready(v) => return Ok(v),
+            Ticket::Ring { ring, first, lens } => (ring, first, lens),
+        };
+        let rings = self.rings.as_ref().ok_or(Error::Dead)?;
+        let shm = rings.ring(ring);
+        let n = lens.len() as u32;
+        let results = {
+            let mut c = loop {
+                if let Some(g) = rings.slots[ring].0.try_lock() {
+                    break g;
+                }
+                std::thread::yield_now();
+            };
+            let end = first.wrapping_add(n);
+            if end.wrapping_sub(c.head) <= RING_ENTRIES && c.head != end {
+                // Not all consumed yet: consume up to the batch's end.
+                let r = self.reap(rings, shm, &mut c, end, None);
+                if let Err(e) = r {
+                    c.awaited.retain(|&(f, _)| f != first);
+                    return Err(e);
+                }
+            }
+            c.awaited.retain(|&(f, _)| f != first);
+            (0..n)
+                .map(|k| {
+                    c.stash
+                        .remove(&first.wrapping_add(k))
+                        .unwrap_or(Err(ErrorCode::Hardware))
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut out = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for (k, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(iova) => out.push((k, iova)),
+                Err(code) => {
+                    first_err.get_or_insert((k, code));
+                }
+            }
+        }
+        if let Some((k, code)) = first_err {
+            let undo: Vec<SqOp> = out
+                .iter()
+                .map(|&(j, iova)| SqOp::Unmap {
+                    iova,
+                    len: lens[j] as u64,
+                })
+                .collect();
+            if !undo.is_empty() {
+                let _ = self.submit(&undo, self.flush_policy() == FlushPolicy::Strict);
+            }
+            return Err(Error::Server {
+                code,
+                msg: format!("ring map entry {k} refused"),
+            });
+        }
+        Ok(out.into_iter().map(|(_, v)| v).collect())
+    }
+
+    /// Submits `ops` (at most [`CHUNK`]) on this CPU slot's ring without
+    /// waiting; with `awaited`, their completions are kept for a later
+    /// collector. Returns the ring and the first sequence number.
+    fn submit_on(&self, ops: &[SqOp], awaited: bool) -> Result<(usize, u32)> {
+        let rings = self.rings.as_ref().ok_or(Error::Dead)?;
+        let k = self.slot() % rings.slots.len();
+        let ring = rings.ring(k);
+        let mut c = loop {
+            if let Some(g) = rings.slots[k].0.try_lock() {
+                break g;
+            }
+            std::thread::yield_now();
+        };
+        let n = ops.len() as u32;
+        while c.tail.wrapping_sub(c.head) + n > RING_ENTRIES {
+            let target = c.tail.wrapping_sub(RING_ENTRIES - n);
+            self.reap(rings, ring, &mut c, target, None)?;
+        }
+        let first = c.tail;
+        if awaited {
+            c.awaited.push((first, n));
+        }
+        self.publish(rings, ring, &mut c, ops);
+        Ok((k, first))
+    }
+
+    /// Writes `ops` at the tail, publishes it, and rings the doorbell if the
+    /// service thread sleeps.
+    fn publish(&self, rings: &ClientRings, ring: &RingShm, c: &mut RingClient, ops: &[SqOp]) {
+        let first = c.tail;
+        for (j, op) in ops.iter().enumerate() {
+            let seq = first.wrapping_add(j as u32);
+            let w = Sqe {
+                op: *op,
+                user: u64::from(seq),
+            }
+            .encode();
+            let slot = &ring.sq[(seq % RING_ENTRIES) as usize];
+            for (x, v) in w.iter().enumerate() {
+                slot[x].store(*v, Relaxed);
+            }
+        }
+        c.tail = first.wrapping_add(ops.len() as u32);
+        ring.sq_tail.0.store(c.tail, Release);
+        // Dekker with the service thread: our tail before its `ring_idle`.
+        std::sync::atomic::fence(SeqCst);
+        if self.page().ring_idle.load(SeqCst) != 0 {
+            self.stats.wakeups.fetch_add(1, Relaxed);
+            rings.ring_doorbell();
+        }
+    }
+
     /// Submits `ops` on this CPU slot's ring; with `wait`, returns each
     /// entry's result (else an empty list once all are submitted).
     fn submit(&self, ops: &[SqOp], wait: bool) -> Result<Vec<std::result::Result<u64, ErrorCode>>> {
@@ -227,26 +408,7 @@ impl DmaDomain {
                 self.reap(rings, ring, &mut c, target, None)?;
             }
             let first = c.tail;
-            for (j, op) in chunk.iter().enumerate() {
-                let seq = first.wrapping_add(j as u32);
-                let w = Sqe {
-                    op: *op,
-                    user: u64::from(seq),
-                }
-                .encode();
-                let slot = &ring.sq[(seq % RING_ENTRIES) as usize];
-                for (x, v) in w.iter().enumerate() {
-                    slot[x].store(*v, Relaxed);
-                }
-            }
-            c.tail = first.wrapping_add(n);
-            ring.sq_tail.0.store(c.tail, Release);
-            // Dekker with the service thread: our tail before its `ring_idle`.
-            std::sync::atomic::fence(SeqCst);
-            if self.page().ring_idle.load(SeqCst) != 0 {
-                self.stats.wakeups.fetch_add(1, Relaxed);
-                rings.ring_doorbell();
-            }
+            self.publish(rings, ring, &mut c, chunk);
             if wait {
                 let target = c.tail;
                 self.reap(rings, ring, &mut c, target, Some((first, &mut out)))?;
@@ -315,9 +477,13 @@ impl DmaDomain {
                 let slot = &ring.cq[(c.head % RING_ENTRIES) as usize];
                 let w: [u64; CQE_WORDS] = std::array::from_fn(|x| slot[x].load(Relaxed));
                 let cqe = Cqe::decode(&w);
+                let seq = c.head;
                 match &mut collect {
-                    Some((first, out)) if c.head.wrapping_sub(*first) < RING_ENTRIES => {
+                    Some((first, out)) if seq.wrapping_sub(*first) < RING_ENTRIES => {
                         out.push(cqe.result)
+                    }
+                    _ if c.awaited.iter().any(|&(f, n)| seq.wrapping_sub(f) < n) => {
+                        c.stash.insert(seq, cqe.result);
                     }
                     _ => {
                         if cqe.result.is_err() {

@@ -82,6 +82,16 @@ impl DmaBuf {
     }
 }
 
+/// Maps submitted with [`DmaMapper::map_batch_submit`] and not collected yet.
+#[derive(Debug)]
+#[must_use = "collect the IOVAs with map_batch_complete"]
+pub enum PendingMaps {
+    /// Already mapped (a mapper that cannot submit ahead): the IOVAs.
+    Ready(Vec<u64>),
+    /// On libdma's rings.
+    Libdma(libdma::MapTicket),
+}
+
 /// How the driver obtains DMA memory and device addresses (IOVAs) for it.
 pub trait DmaMapper {
     /// Allocates `len` bytes of zeroed, physically contiguous DMA-capable memory.
@@ -113,6 +123,21 @@ pub trait DmaMapper {
         maps.iter()
             .try_for_each(|&(iova, len)| self.unmap(iova, len, dir))
     }
+    /// Starts [`map_batch`](Self::map_batch) without waiting for its IOVAs
+    /// (which [`map_batch_complete`](Self::map_batch_complete) collects): the
+    /// driver does other work while the maps are served. The default maps now.
+    fn map_batch_submit(&self, reqs: &[(&DmaBuf, usize, usize, Dir)]) -> Result<PendingMaps> {
+        self.map_batch(reqs).map(PendingMaps::Ready)
+    }
+    /// The IOVAs of a [`map_batch_submit`](Self::map_batch_submit), all or nothing.
+    fn map_batch_complete(&self, p: PendingMaps) -> Result<Vec<u64>> {
+        match p {
+            PendingMaps::Ready(v) => Ok(v),
+            PendingMaps::Libdma(_) => Err(crate::Error::Device(
+                "a libdma ticket handed to another mapper".into(),
+            )),
+        }
+    }
     /// [`unmap_batch`](Self::unmap_batch) for buffers whose next use is by the
     /// same device in the same direction (TX buffers): the mapper may return
     /// before the unmaps are invalidated, since a stale translation could only
@@ -140,6 +165,12 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
     }
     fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
         (**self).unmap_batch_nowait(maps, dir)
+    }
+    fn map_batch_submit(&self, reqs: &[(&DmaBuf, usize, usize, Dir)]) -> Result<PendingMaps> {
+        (**self).map_batch_submit(reqs)
+    }
+    fn map_batch_complete(&self, p: PendingMaps) -> Result<Vec<u64>> {
+        (**self).map_batch_complete(p)
     }
 }
 

@@ -531,6 +531,16 @@ impl<M: DmaMapper> E1000<M> {
     /// one tail write. Sends as many as the ring has room for (at least one, else
     /// `RingFull`) and returns how many.
     pub fn send_batch(&mut self, frames: &[&[u8]]) -> Result<usize> {
+        let b = self.tx_prepare(frames)?;
+        self.tx_post(b)
+    }
+
+    /// The first half of [`send_batch`](Self::send_batch): copies as many frames as the
+    /// ring has room for into their TX buffers and submits their maps, without waiting
+    /// for the IOVAs. [`tx_post`](Self::tx_post) collects them and hands the frames to
+    /// the NIC; in between the driver may do other work (its RX ring) while the maps
+    /// are served. Nothing else may send in between.
+    pub fn tx_prepare(&mut self, frames: &[&[u8]]) -> Result<TxBatch> {
         for f in frames {
             if f.len() > MAX_FRAME {
                 return Err(Error::FrameTooLong {
@@ -543,12 +553,12 @@ impl<M: DmaMapper> E1000<M> {
             }
         }
         let t0 = cost::now();
-        let r = self.send_batch_untimed(frames);
+        let r = self.tx_prepare_untimed(frames);
         self.cost.driver_ticks += cost::now().wrapping_sub(t0);
         r
     }
 
-    fn send_batch_untimed(&mut self, frames: &[&[u8]]) -> Result<usize> {
+    fn tx_prepare_untimed(&mut self, frames: &[&[u8]]) -> Result<TxBatch> {
         self.reap_tx_untimed()?;
         let room = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight());
         let n = frames.len().min(room);
@@ -560,28 +570,62 @@ impl<M: DmaMapper> E1000<M> {
         }
         let mut slot = self.tx_tail;
         let mut reqs = Vec::with_capacity(n);
+        let mut lens = Vec::with_capacity(n);
         for f in &frames[..n] {
             let buf = &self.tx_bufs[usize::from(slot)];
             // SAFETY: buf is valid for BUF_LEN >= f.len() bytes; the slot is free (the
             // ring had room for it), so the device does not read it now.
             unsafe { ptr::copy_nonoverlapping(f.as_ptr(), buf.as_ptr(), f.len()) };
             reqs.push((buf, 0, f.len(), Dir::ToDevice));
+            lens.push(f.len());
             slot = ring::next(slot, self.tx.n);
         }
         let tm = cost::now();
-        let iovas = self.mapper.map_batch(&reqs)?;
+        let pending = self.mapper.map_batch_submit(&reqs)?;
+        self.cost.map_ticks += cost::now().wrapping_sub(tm);
+        Ok(TxBatch {
+            lens,
+            pending,
+            tail: self.tx_tail,
+        })
+    }
+
+    /// The second half of [`send_batch`](Self::send_batch): collects the IOVAs of a
+    /// [`tx_prepare`](Self::tx_prepare), writes the descriptors and moves the tail once.
+    /// Returns how many frames went out.
+    pub fn tx_post(&mut self, b: TxBatch) -> Result<usize> {
+        let t0 = cost::now();
+        let r = self.tx_post_untimed(b);
+        self.cost.driver_ticks += cost::now().wrapping_sub(t0);
+        r
+    }
+
+    fn tx_post_untimed(&mut self, b: TxBatch) -> Result<usize> {
+        if b.tail != self.tx_tail {
+            return Err(Error::Device(
+                "a TX batch was posted after another send".into(),
+            ));
+        }
+        let n = b.lens.len();
+        let tm = cost::now();
+        let iovas = self.mapper.map_batch_complete(b.pending)?;
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         self.cost.map_calls += 1;
         self.cost.map_entries += n as u64;
+        if iovas.len() != n {
+            return Err(Error::Device(format!(
+                "{} IOVAs for {n} frames",
+                iovas.len()
+            )));
+        }
         self.stats.maps += n as u64;
-        for (f, &iova) in frames[..n].iter().zip(&iovas) {
+        for (&len, &iova) in b.lens.iter().zip(&iovas) {
             let i = self.tx_tail;
-            self.tx
-                .write(i, TxDesc::frame(iova, f.len() as u16).to_words());
-            self.tx_slots[usize::from(i)] = TxSlot::Mapped { iova, len: f.len() };
+            self.tx.write(i, TxDesc::frame(iova, len as u16).to_words());
+            self.tx_slots[usize::from(i)] = TxSlot::Mapped { iova, len };
             self.tx_tail = ring::next(i, self.tx.n);
             self.stats.tx_packets += 1;
-            self.stats.tx_bytes += f.len() as u64;
+            self.stats.tx_bytes += len as u64;
         }
         // Descriptors and buffer contents must be visible before the tail moves.
         fence(Ordering::SeqCst);
@@ -848,4 +892,14 @@ fn reset(regs: &MmioRegion) -> Result<()> {
         (c | ctrl::SLU | ctrl::ASDE) & !(ctrl::LRST | ctrl::PHY_RST),
     )?;
     Ok(())
+}
+
+/// Frames copied into TX buffers whose maps are on their way ([`E1000::tx_prepare`]).
+#[derive(Debug)]
+#[must_use = "post the batch with E1000::tx_post"]
+pub struct TxBatch {
+    lens: Vec<usize>,
+    pending: crate::PendingMaps,
+    /// The ring's tail when prepared (the slots it filled start there).
+    tail: u16,
 }

@@ -106,6 +106,30 @@ impl DmaMapper for LibdmaMapper {
         self.domain.unmap_batch(maps).map_err(|e| err("unmap", e))
     }
 
+    fn map_batch_submit(
+        &self,
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+    ) -> Result<crate::PendingMaps> {
+        let mut bufs = Vec::with_capacity(reqs.len());
+        for &(buf, offset, len, dir) in reqs {
+            buf.check_range(offset, len)?;
+            bufs.push((buf.phys() + offset as u64, len, to_libdma(dir)));
+        }
+        self.domain
+            .map_batch_submit(&bufs)
+            .map(crate::PendingMaps::Libdma)
+            .map_err(|e| err("map", e))
+    }
+
+    fn map_batch_complete(&self, p: crate::PendingMaps) -> Result<Vec<u64>> {
+        match p {
+            crate::PendingMaps::Ready(v) => Ok(v),
+            crate::PendingMaps::Libdma(t) => {
+                self.domain.map_batch_complete(t).map_err(|e| err("map", e))
+            }
+        }
+    }
+
     fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
         if dir != Dir::ToDevice {
             return self.unmap_batch(maps, dir);

@@ -559,8 +559,11 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
                 Err(err) => return Err(format!("{}: bad-iova: {err}", a.bdf())),
             }
         }
-        // Up to a window of frames at once: one map request, one tail write.
+        // Up to a window of frames at once: one map request, one tail write. The
+        // maps are submitted first and collected after the RX work, so a mapper that
+        // serves them elsewhere (iommud's rings) works while this thread receives.
         let room = o.window.saturating_sub(in_flight).min(o.packets - sent);
+        let mut tx = None;
         if room > 0 {
             frames.resize_with(room as usize, || {
                 Vec::with_capacity(payload::ETH_HDR + o.size)
@@ -569,8 +572,8 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
                 payload::build(dst, src, sent + k as u64, o.size, f);
             }
             let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
-            match a.send_batch(&refs) {
-                Ok(n) => sent += n as u64,
+            match a.tx_prepare(&refs) {
+                Ok(batch) => tx = Some(batch),
                 Err(Error::RingFull { .. }) => {}
                 Err(err) => return Err(format!("{}: send #{sent}: {err}", a.bdf())),
             }
@@ -578,6 +581,12 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
         let got = b
             .recv_batch(64, |f| t.classify(&mut seen, f))
             .map_err(|err| format!("{}: recv: {err}", b.bdf()))?;
+        if let Some(batch) = tx {
+            sent += a
+                .tx_post(batch)
+                .map_err(|err| format!("{}: send #{sent}: {err}", a.bdf()))?
+                as u64;
+        }
         a.reap_tx().map_err(e)?;
         let now = Instant::now();
         if got > 0 {
