@@ -27,16 +27,18 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     }
     log::info(&format!("serving on {}", path.display()));
+    // The background duties sleep until they are due (crate::timer).
     let ticker = {
         let st = state.clone();
         std::thread::Builder::new()
-            .name("iommud-tick".into())
-            .spawn(move || {
-                while !st.stop.load(SeqCst) {
-                    st.tick();
-                    std::thread::sleep(TICK);
-                }
-            })?
+            .name("iommud-epoch".into())
+            .spawn(move || crate::timer::epoch_timer(&st))?
+    };
+    let poller = {
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("iommud-faults".into())
+            .spawn(move || crate::timer::fault_poller(&st))?
     };
     let mut accept_errors = RateLimited::default();
     while !state.stop.load(SeqCst) {
@@ -66,7 +68,9 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
             }
         }
     }
+    state.timer.kick();
     let _ = ticker.join();
+    let _ = poller.join();
     let _ = std::fs::remove_file(path);
     // Block every device before this process (and its memory) goes: each
     // context entry cleared and invalidated, then the domain's memory freed.
@@ -216,6 +220,9 @@ pub fn connection(state: Arc<State>, conn: SeqPacket, admitted: Admitted) {
                     if send(&conn, op, seq, r).is_err() {
                         break;
                     }
+                }
+                if let Some(pause) = session.take_backoff() {
+                    std::thread::sleep(pause);
                 }
             }
             Err(e) => {

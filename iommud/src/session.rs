@@ -71,6 +71,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// How long the connection should pause before its next request: its
+    /// domain went over its flush budget (storm control, `crate::timer`).
+    pub fn take_backoff(&self) -> Option<std::time::Duration> {
+        self.domain.as_ref().and_then(|d| d.budget.take_backoff())
+    }
+
     /// A session with nothing attached, for the client `peer` (its identity
     /// as the kernel reports it, never as the client claims it).
     pub fn new(state: Arc<State>, peer: Peer) -> Session {
@@ -221,7 +227,8 @@ impl Session {
             Request::FlushHint => {
                 if let Ok(d) = self.need_domain() {
                     stats::add(&d.stats.wakeups, 1);
-                    if let Err(e) = d.flush_if_wanted() {
+                    // Storm control: over its budget, a hint waits for the timer.
+                    if let Err(e) = crate::timer::on_hint(&st, &d) {
                         log::warn(&format!("{}: flush failed: {e}", Bdf(d.sid)));
                     }
                 }
@@ -229,7 +236,10 @@ impl Session {
             }
             Request::FlushSync => match self.need_domain() {
                 Err(r) => r,
-                Ok(d) => match d.flush() {
+                Ok(d) => match {
+                    crate::timer::on_sync(&d);
+                    d.flush()
+                } {
                     Ok(()) => Response::ok([d.completed(), 0, 0, 0, 0]),
                     Err(e) => e.into(),
                 },

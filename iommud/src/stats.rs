@@ -67,6 +67,15 @@ pub struct DomainStats {
     pub rejected: AtomicU64,
     /// Requests refused because the owner's quota was used up.
     pub quota_refusals: AtomicU64,
+    /// Flushes made by the epoch timer.
+    pub timer_flushes: AtomicU64,
+    /// Timer flushes whose release waited for a busy allocator lock (owed,
+    /// retried on a later pass).
+    pub timer_lock_busy: AtomicU64,
+    /// Hints over the flush budget, left to the timer's next flush.
+    pub hints_coalesced: AtomicU64,
+    /// `FlushSync` requests over the flush budget (served, the connection paused).
+    pub syncs_throttled: AtomicU64,
 }
 
 /// Builder of `key value` text.

@@ -70,6 +70,15 @@ impl Domain {
     }
 
     pub(super) fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
+        let e = self.flush_epoch(desc)?;
+        self.release_parked(e);
+        Ok(())
+    }
+
+    /// Runs `desc` as the invalidation that completes the current epoch
+    /// (unmap records taken, stale windows measured); returns the epoch
+    /// completed, whose parked work the caller releases.
+    pub(super) fn flush_epoch(&self, desc: vtd::desc::Descriptor) -> Result<u64, DomainError> {
         let p = self.page();
         // Take the unmap records before advancing the epoch (iommu_abi::shared).
         let unmaps = take_unmaps(
@@ -103,12 +112,20 @@ impl Domain {
             );
             stats::add(&self.stats.stale_count, count);
         }
-        self.release_parked(e);
-        Ok(())
+        Ok(e)
     }
 
     pub(super) fn release_parked(&self, completed: u64) {
-        let mut i = self.lock();
+        let i = self.lock();
+        self.release_locked(i, completed);
+    }
+
+    /// Releases what waited for `completed`, under the allocator lock `i`
+    /// (and any release the timer owed, which `completed` covers).
+    pub(super) fn release_locked(&self, mut i: MutexGuard<'_, Inner>, completed: u64) {
+        let _ = self
+            .release_owed
+            .fetch_update(SeqCst, SeqCst, |o| (o <= completed).then_some(0));
         i.queued = 0;
         if i.parked.is_empty() {
             return;

@@ -68,8 +68,10 @@ mod depot;
 mod epochs;
 mod refcounted;
 mod report;
+mod timer;
 #[cfg(all(test, feature = "sim"))]
 mod tests;
+pub use timer::{Budget, TimerFlush, FLUSH_BUDGET_BURST, FLUSH_BUDGET_PER_MS, TIMER_MIN_GAP};
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
 pub const IOVA_BASE: u64 = iommu_abi::shared::MAGAZINE_IOVA_BASE;
@@ -238,6 +240,10 @@ pub struct Domain {
     /// The owner's account (quotas), and what this domain charged to it.
     account: Arc<Account>,
     charged: [AtomicU64; 3],
+    /// Storm control: flushes that hints and `FlushSync` may trigger unbacked.
+    pub budget: Budget,
+    /// An epoch the timer completed whose release waits for the lock (0: none).
+    release_owed: AtomicU64,
 }
 
 impl Domain {
@@ -320,6 +326,8 @@ impl Domain {
             blocked: AtomicBool::new(false),
             account,
             charged: Default::default(),
+            budget: Budget::default(),
+            release_owed: AtomicU64::new(0),
         };
         d.page().init();
         d.publish(strategy, flush);

@@ -83,7 +83,11 @@ impl Domain {
             .kv("faults", stats::get(&s.faults))
             .kv("blocked", u8::from(self.is_blocked()))
             .kv("errors", stats::get(&s.errors))
-            .kv("rejected", stats::get(&s.rejected));
+            .kv("rejected", stats::get(&s.rejected))
+            .kv("timer_flushes", stats::get(&s.timer_flushes))
+            .kv("timer_lock_busy", stats::get(&s.timer_lock_busy))
+            .kv("hints_coalesced", stats::get(&s.hints_coalesced))
+            .kv("syncs_throttled", stats::get(&s.syncs_throttled));
         t.0
     }
 

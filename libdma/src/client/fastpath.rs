@@ -104,6 +104,8 @@ impl DmaDomain {
                         }
                         r => r?,
                     };
+                    // The client-side bound on the stale window (magazine.rs).
+                    c.enforce_age(&Remote(self));
                     // Counted under the slot lock, the slot's only writer.
                     let k = &self.client().cpu[slot];
                     bump(&k.maps);
@@ -188,6 +190,7 @@ impl DmaDomain {
                     if flush != FlushPolicy::Deferred {
                         c.free(class, base, tag, &Remote(self));
                     }
+                    c.enforce_age(&Remote(self));
                 }
                 if flush == FlushPolicy::Deferred {
                     self.defer(slot, class, base, tag);

@@ -90,6 +90,10 @@ impl Backend for Remote<'_> {
         Ok(Clean::from_depot(got))
     }
 
+    fn now(&self) -> u64 {
+        self.0.page().now()
+    }
+
     fn exhausted(&self) -> Error {
         Error::Server {
             code: ErrorCode::NoSpace,
