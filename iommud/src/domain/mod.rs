@@ -71,6 +71,8 @@ mod report;
 mod timer;
 #[cfg(all(test, feature = "sim"))]
 mod tests;
+#[cfg(all(test, feature = "sim"))]
+mod timer_tests;
 pub use timer::{Budget, TimerFlush, FLUSH_BUDGET_BURST, FLUSH_BUDGET_PER_MS, TIMER_MIN_GAP};
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
