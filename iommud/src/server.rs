@@ -27,22 +27,16 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     }
     log::info(&format!("serving on {}", path.display()));
-    // The background duties sleep until they are due (crate::timer).
+    // The background duties sleep until one is due (crate::timer).
     let ticker = {
         let st = state.clone();
         std::thread::Builder::new()
-            .name("iommud-epoch".into())
-            .spawn(move || crate::timer::epoch_timer(&st))?
-    };
-    let poller = {
-        let st = state.clone();
-        std::thread::Builder::new()
-            .name("iommud-faults".into())
-            .spawn(move || crate::timer::fault_poller(&st))?
+            .name("iommud-tick".into())
+            .spawn(move || crate::timer::ticker(&st))?
     };
     let mut accept_errors = RateLimited::default();
     while !state.stop.load(SeqCst) {
-        match listener.accept_timeout(Duration::from_millis(50)) {
+        match listener.accept_timeout(STOP_CHECK) {
             Ok(Some(conn)) => {
                 let Some(admitted) = admit(&state, &conn) else {
                     continue; // refused with a reply, and closed
@@ -70,7 +64,6 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
     }
     state.timer.kick();
     let _ = ticker.join();
-    let _ = poller.join();
     let _ = std::fs::remove_file(path);
     // Block every device before this process (and its memory) goes: each
     // context entry cleared and invalidated, then the domain's memory freed.
@@ -90,6 +83,9 @@ fn send(conn: &SeqPacket, op: Op, seq: u32, r: Response) -> std::io::Result<()> 
     let fds: Vec<_> = r.shares.iter().map(|s| s.fd.as_fd()).collect();
     conn.send(&bytes, &fds)
 }
+
+/// How often the accept loop looks for a stop (few wake-ups: idle is free).
+const STOP_CHECK: Duration = Duration::from_millis(200);
 
 /// How long the accept loop waits after a failure before it tries again.
 const BACKOFF: Duration = Duration::from_millis(100);
