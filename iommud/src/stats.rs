@@ -69,6 +69,8 @@ pub struct DomainStats {
     pub quota_refusals: AtomicU64,
     /// Flushes made by the epoch timer.
     pub timer_flushes: AtomicU64,
+    /// The latest the epoch timer ran a flush after its deadline (ns).
+    pub timer_late_max_ns: AtomicU64,
     /// Timer flushes whose release waited for a busy allocator lock (owed,
     /// retried on a later pass).
     pub timer_lock_busy: AtomicU64,

@@ -116,6 +116,8 @@ impl EpochTimer {
             let due = d.timer_due(now, t.last_flush);
             match due {
                 Some(due) if due <= now => {
+                    let late = now.saturating_duration_since(due).as_nanos();
+                    stats::max(&d.stats.timer_late_max_ns, u64::try_from(late).unwrap_or(u64::MAX));
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         d.timer_flush()
                     }));
@@ -144,10 +146,19 @@ impl EpochTimer {
     }
 }
 
-/// The scheduling class the calling thread got from [`raise_priority`].
-pub fn raise_priority() -> &'static str {
+/// Raises the calling thread's priority: a real-time class (`SCHED_FIFO`,
+/// lowest priority) when `realtime` is allowed and permitted, else nice -20
+/// when permitted, else nothing; says which it got.
+///
+/// A real-time thread must never wait for a lock by spinning and yielding
+/// alone: `sched_yield` hands its CPU to no thread of a lower class, so a
+/// holder preempted on that CPU would not run until the kernel's real-time
+/// throttling steps in (hundreds of milliseconds; seen here with the sim
+/// model's cross-process lock, which therefore sleeps after a while).
+/// iommud's own locks sleep.
+pub fn raise_priority(realtime: bool) -> &'static str {
     #[cfg(target_os = "linux")]
-    {
+    if realtime {
         let param = libc::sched_param { sched_priority: 1 };
         // SAFETY: sets the calling thread's scheduling policy; `param` is a
         // valid sched_param that outlives the call.
@@ -156,6 +167,9 @@ pub fn raise_priority() -> &'static str {
         if rc == 0 {
             return "SCHED_FIFO priority 1";
         }
+    }
+    #[cfg(target_os = "linux")]
+    {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         // SAFETY: setpriority on this thread's own id (Linux: per-thread nice).
@@ -164,17 +178,18 @@ pub fn raise_priority() -> &'static str {
             return "nice -20";
         }
     }
-    "normal priority (neither SCHED_FIFO nor nice -20 permitted)"
+    let _ = realtime;
+    "normal priority (no raise permitted)"
 }
 
 /// Runs the background duties (fault poll, epoch timer) until `st.stop`
 /// (kick [`State::timer`] after setting it).
 pub fn ticker(st: &State) {
-    log::info(&format!("epoch timer: {}", raise_priority()));
+    let got = raise_priority(true);
+    log::info(&format!("epoch timer: {got}"));
     let mut timer = EpochTimer::default();
     let mut faults = FaultPoll::default();
     while !st.stop.load(SeqCst) {
-        let poll_at = faults.run_if_due(st, Instant::now());
         let doms: Vec<Arc<Domain>> = st
             .domains
             .lock()
@@ -183,12 +198,13 @@ pub fn ticker(st: &State) {
             .cloned()
             .collect();
         let now = Instant::now();
+        let poll_at = faults.run_if_due(st, now);
         let next = timer.pass(&doms, now);
-        drop(doms);
         let deadline = next
             .unwrap_or(now + SCAN_PERIOD)
             .min(now + SCAN_PERIOD)
             .min(poll_at);
+        drop(doms);
         st.timer.sleep_until(deadline);
     }
 }

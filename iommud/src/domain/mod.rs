@@ -246,6 +246,8 @@ pub struct Domain {
     pub budget: Budget,
     /// An epoch the timer completed whose release waits for the lock (0: none).
     release_owed: AtomicU64,
+    /// Domain-clock time of the latest take of the unmap records.
+    last_take: AtomicU64,
 }
 
 impl Domain {
@@ -330,6 +332,7 @@ impl Domain {
             charged: Default::default(),
             budget: Budget::default(),
             release_owed: AtomicU64::new(0),
+            last_take: AtomicU64::new(0),
         };
         d.page().init();
         d.publish(strategy, flush);

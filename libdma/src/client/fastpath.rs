@@ -168,6 +168,14 @@ impl DmaDomain {
         match (self.strategy(), size_class(pages), &self.arena) {
             (Strategy::NoIommu, _, _) => Ok(()),
             (Strategy::Magazine, Some(class), Some(arena)) if in_arena => {
+                let slot = self.slot();
+                // Recorded under the slot lock, the slot's only writer.
+                let mut c = self.cpus[slot].lock();
+                let k = &self.client().cpu[slot];
+                // On record before the clear, so that iommud's timer bounds
+                // the window even if this thread is preempted before
+                // `note_unmap` (iommu_abi::shared).
+                k.note_unmap_start(self.page());
                 self.write_ptes(arena, base, 0, pages, None)?;
                 let flush = self.flush_policy();
                 // The tag is the epoch read after the clear (crate::shared),
@@ -180,18 +188,13 @@ impl DmaDomain {
                     std::sync::atomic::fence(SeqCst);
                     self.page().epoch.load(SeqCst)
                 };
-                let slot = self.slot();
-                {
-                    // Recorded under the slot lock, the slot's only writer.
-                    let mut c = self.cpus[slot].lock();
-                    let k = &self.client().cpu[slot];
-                    k.note_unmap(self.page());
-                    bump(&k.unmaps);
-                    if flush != FlushPolicy::Deferred {
-                        c.free(class, base, tag, &Remote(self));
-                    }
-                    c.enforce_age(&Remote(self));
+                k.note_unmap(self.page());
+                bump(&k.unmaps);
+                if flush != FlushPolicy::Deferred {
+                    c.free(class, base, tag, &Remote(self));
                 }
+                c.enforce_age(&Remote(self));
+                drop(c);
                 if flush == FlushPolicy::Deferred {
                     self.defer(slot, class, base, tag);
                 }
