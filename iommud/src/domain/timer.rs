@@ -126,9 +126,15 @@ impl Domain {
             return None;
         }
         let by_wish = self.wants_flush().then_some(now);
-        let by_age = self
-            .oldest_unmap_age()
-            .map(|age| now + Duration::from_nanos(FLUSH_TIMEOUT_NS.saturating_sub(age)));
+        // Past deadlines stay in the past, so the timer's lateness shows.
+        let by_age = self.oldest_unmap_age().map(|age| {
+            if age <= FLUSH_TIMEOUT_NS {
+                now + Duration::from_nanos(FLUSH_TIMEOUT_NS - age)
+            } else {
+                let over = Duration::from_nanos(age - FLUSH_TIMEOUT_NS);
+                now.checked_sub(over).unwrap_or(now)
+            }
+        });
         let due = match (by_wish, by_age) {
             (Some(a), Some(b)) => a.min(b),
             (a, b) => a.or(b)?,
