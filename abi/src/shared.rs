@@ -207,12 +207,9 @@ impl CpuCounters {
             let t2 = clock.now();
             if t2.saturating_sub(t) > RECHECK_NS {
                 self.unmap_last.store(t2, Ordering::Relaxed);
-                let _ = self.unmap_oldest.compare_exchange(
-                    t,
-                    t2,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
+                let _ =
+                    self.unmap_oldest
+                        .compare_exchange(t, t2, Ordering::Relaxed, Ordering::Relaxed);
             }
         }
     }

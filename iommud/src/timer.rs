@@ -117,14 +117,18 @@ impl EpochTimer {
             match due {
                 Some(due) if due <= now => {
                     let late = now.saturating_duration_since(due).as_nanos();
-                    stats::max(&d.stats.timer_late_max_ns, u64::try_from(late).unwrap_or(u64::MAX));
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        d.timer_flush()
-                    }));
+                    stats::max(
+                        &d.stats.timer_late_max_ns,
+                        u64::try_from(late).unwrap_or(u64::MAX),
+                    );
+                    let r =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.timer_flush()));
                     match r {
                         Ok(Ok(TimerFlush::Done)) => {}
                         Ok(Ok(TimerFlush::ReleaseOwed)) => at(now + REVISIT),
-                        Ok(Err(e)) => log::warn(&format!("{}: timed flush failed: {e}", Bdf(d.sid))),
+                        Ok(Err(e)) => {
+                            log::warn(&format!("{}: timed flush failed: {e}", Bdf(d.sid)))
+                        }
                         Err(_) => log::warn(&format!("{}: timed flush panicked", Bdf(d.sid))),
                     }
                     t.last_flush = Some(now);

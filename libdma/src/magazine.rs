@@ -43,9 +43,10 @@ pub const HINT_PENDING: usize = 8;
 pub const PENDING_PAGES: u64 = 8192;
 /// The client-side bound on the stale window: a CPU whose open batch, or a
 /// sealed batch still waiting for its invalidation, holds an unmap this old
-/// (ns) forces the flush on its next map or unmap (seals the open batch,
-/// raises `wanted`, hints), so the window stays bounded even when iommud's
-/// timer runs late. The same 10 ms as iommud's timer.
+/// (ns) forces the flush on its next unmap, or next map that is not served
+/// from the loaded magazine (seals the open batch, raises `wanted`, hints),
+/// so the window stays bounded even when iommud's timer runs late. The same
+/// 10 ms as iommud's timer.
 pub const BATCH_AGE_LIMIT_NS: u64 = FLUSH_QUEUE_TIMEOUT_NS;
 /// After forcing a flush, the CPU looks again this much later (ns) if the
 /// batch is still waiting, so a late iommud gets a hint per millisecond at

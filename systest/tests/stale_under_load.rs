@@ -128,8 +128,15 @@ fn twelve_busy_clients_every_unmap_measured_and_the_stale_window_reported() {
             panic!("no {k} in {line}")
         };
         assert!(field("unmaps") > 0, "{line}");
-        assert_eq!(field("unmaps"), field("pairs"), "every unmap measured: {line}");
-        assert!(field("timer_flushes") > 0, "the timer flushed this domain: {line}");
+        assert_eq!(
+            field("unmaps"),
+            field("pairs"),
+            "every unmap measured: {line}"
+        );
+        assert!(
+            field("timer_flushes") > 0,
+            "the timer flushed this domain: {line}"
+        );
         let w = per.iter_mut().find(|w| w.0 == flush).unwrap();
         w.1.push(field("max"));
         w.2 = w.2.max(field("late"));

@@ -33,8 +33,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 fn a_flush_storm_leaves_another_client_ninety_percent_of_its_throughput() {
     let d = Daemon::start("storm-flush", &[]);
-    let victim = DmaDomain::connect(d.socket(), VICTIM, Strategy::Magazine, FlushPolicy::PerCore)
-        .unwrap();
+    let victim =
+        DmaDomain::connect(d.socket(), VICTIM, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
     let mut raw = RawClient::connect(d.socket());
     raw.attach(
         STORMER,
@@ -145,8 +145,14 @@ fn a_flush_storm_leaves_another_client_ninety_percent_of_its_throughput() {
             kv(&ss, "syncs_throttled"),
         ),
     );
-    assert!(kv(&ss, "hints_coalesced") > 0, "the budget coalesced no hint:\n{ss}");
-    assert!(kv(&ss, "syncs_throttled") > 0, "no sync was throttled:\n{ss}");
+    assert!(
+        kv(&ss, "hints_coalesced") > 0,
+        "the budget coalesced no hint:\n{ss}"
+    );
+    assert!(
+        kv(&ss, "syncs_throttled") > 0,
+        "no sync was throttled:\n{ss}"
+    );
     assert!(
         ratio >= 0.9,
         "victim kept {:.1}% of its throughput under the storm",

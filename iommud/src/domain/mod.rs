@@ -68,9 +68,9 @@ mod depot;
 mod epochs;
 mod refcounted;
 mod report;
-mod timer;
 #[cfg(all(test, feature = "sim"))]
 mod tests;
+mod timer;
 #[cfg(all(test, feature = "sim"))]
 mod timer_tests;
 pub use timer::{Budget, TimerFlush, FLUSH_BUDGET_BURST, FLUSH_BUDGET_PER_MS, TIMER_MIN_GAP};

@@ -48,7 +48,8 @@ fn a_busy_domain_does_not_delay_another_domains_timed_flush() {
         let mut t = EpochTimer::default();
         let now = Instant::now();
         let next = t.pass(&doms, now);
-        tx.send(next.map(|n| n.saturating_duration_since(now))).unwrap();
+        tx.send(next.map(|n| n.saturating_duration_since(now)))
+            .unwrap();
         t
     });
     let next = rx
@@ -103,8 +104,7 @@ fn an_unmap_is_due_ten_ms_after_it_happened() {
     let due = d.timer_due(Instant::now(), None).expect("an unmap waits");
     let after = due.saturating_duration_since(t0);
     assert!(
-        after <= Duration::from_nanos(FLUSH_TIMEOUT_NS) + took
-            && after >= Duration::from_millis(9),
+        after <= Duration::from_nanos(FLUSH_TIMEOUT_NS) + took && after >= Duration::from_millis(9),
         "due {after:?} after the unmap"
     );
 }
