@@ -228,7 +228,7 @@ impl Session {
                 if let Ok(d) = self.need_domain() {
                     stats::add(&d.stats.wakeups, 1);
                     // Storm control: over its budget, a hint waits for the timer.
-                    if let Err(e) = crate::timer::on_hint(&st, &d) {
+                    if let Err(e) = crate::timer::on_hint(&st, d) {
                         log::warn(&format!("{}: flush failed: {e}", Bdf(d.sid)));
                     }
                 }
@@ -236,13 +236,14 @@ impl Session {
             }
             Request::FlushSync => match self.need_domain() {
                 Err(r) => r,
-                Ok(d) => match {
-                    crate::timer::on_sync(&d);
-                    d.flush()
-                } {
-                    Ok(()) => Response::ok([d.completed(), 0, 0, 0, 0]),
-                    Err(e) => e.into(),
-                },
+                Ok(d) => {
+                    // Storm control: counted, and the connection pauses, over budget.
+                    crate::timer::on_sync(d);
+                    match d.flush() {
+                        Ok(()) => Response::ok([d.completed(), 0, 0, 0, 0]),
+                        Err(e) => e.into(),
+                    }
+                }
             },
             Request::Detach => match self.domain.take() {
                 Some(d) => {
