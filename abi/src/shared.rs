@@ -171,6 +171,9 @@ impl Default for UnmapTotals {
     }
 }
 
+/// How often iommud's epoch timer looks at a domain whose `timer_idle` is set.
+pub const IDLE_SCAN_NS: u64 = 20_000_000;
+
 /// A clock read taking longer than this (ns) means the reader was
 /// preempted (see [`CpuCounters::note_unmap_start`]).
 pub const RECHECK_NS: u64 = 100_000;
@@ -199,19 +202,24 @@ impl CpuCounters {
     /// was), so it reads the clock again and, if that took longer than
     /// [`RECHECK_NS`], moves the mark to the later time (still before the
     /// clear) unless a flush took it meanwhile.
-    pub fn note_unmap_start(&self, clock: &EpochPage) {
-        if self.unmap_oldest.load(Ordering::Relaxed) == 0 {
-            let t = clock.now();
-            self.unmap_last.store(t, Ordering::Relaxed);
-            self.unmap_oldest.store(t, Ordering::Relaxed);
-            let t2 = clock.now();
-            if t2.saturating_sub(t) > RECHECK_NS {
-                self.unmap_last.store(t2, Ordering::Relaxed);
-                let _ =
-                    self.unmap_oldest
-                        .compare_exchange(t, t2, Ordering::Relaxed, Ordering::Relaxed);
-            }
+    ///
+    /// Returns true when it recorded (the first unmap since iommud's last
+    /// take of this slot).
+    pub fn note_unmap_start(&self, clock: &EpochPage) -> bool {
+        if self.unmap_oldest.load(Ordering::Relaxed) != 0 {
+            return false;
         }
+        let t = clock.now();
+        self.unmap_last.store(t, Ordering::Relaxed);
+        self.unmap_oldest.store(t, Ordering::Relaxed);
+        let t2 = clock.now();
+        if t2.saturating_sub(t) > RECHECK_NS {
+            self.unmap_last.store(t2, Ordering::Relaxed);
+            let _ = self
+                .unmap_oldest
+                .compare_exchange(t, t2, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        true
     }
 
     /// Records one unmap in this slot, whose entries are cleared and whose
@@ -260,8 +268,11 @@ pub struct EpochPage {
     pub strategy: AtomicU32,
     /// The domain's flush policy (`proto::FlushPolicy` wire value).
     pub flush: AtomicU32,
-    /// Padding (zero).
-    pub _reserved: AtomicU32,
+    /// 1 while iommud's epoch timer looks at this domain only every
+    /// [`IDLE_SCAN_NS`] (nothing waited at its last look): a client that
+    /// records the first unmap since then sends a `FlushHint`, so the
+    /// timer learns of it at once and still flushes it 10 ms after.
+    pub timer_idle: AtomicU32,
     /// [`monotonic_ns`] at initialisation; unmap times are relative to it.
     pub clock_base: AtomicU64,
     /// Time-stamp counter at initialisation (with `tsc_mult`).

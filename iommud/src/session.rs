@@ -209,7 +209,13 @@ impl Session {
             Request::Unmap { iova, len } => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => match d.unmap(iova, len) {
-                    Ok(()) => Response::ok([0; 5]),
+                    Ok(()) => {
+                        // An idle epoch timer learns of iommud's own unmap now.
+                        if d.timer_idle() {
+                            st.timer.kick();
+                        }
+                        Response::ok([0; 5])
+                    }
                     Err(e) => e.into(),
                 },
             },

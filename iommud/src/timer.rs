@@ -13,9 +13,9 @@
 //!   [`FAULT_POLL_IDLE`] while none arrive, every [`FAULT_POLL_BUSY`] for
 //!   [`FAULT_BUSY_FOR`] after one did.
 //!
-//! With no traffic the thread wakes 100 times a second (a fault poll and a
+//! With no traffic the thread wakes 50 times a second (a fault poll and a
 //! pass that finds nothing due: a few hundred loads per domain) instead of
-//! 500, and every wake-up costs tens of microseconds on these VMs.
+//! 500, and every wake-up costs 25-110 microseconds on these VMs.
 
 use crate::domain::{Domain, TimerFlush};
 use crate::session::State;
@@ -28,8 +28,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Fault-poll period while no fault arrives: a fault record waits at most
-/// this long to be read (see docs/ARCHITECTURE.md for why 10 ms).
-pub const FAULT_POLL_IDLE: Duration = Duration::from_millis(10);
+/// this long to be read (see docs/ARCHITECTURE.md for why 20 ms).
+pub const FAULT_POLL_IDLE: Duration = Duration::from_millis(20);
 /// Fault-poll period while faults arrive.
 pub const FAULT_POLL_BUSY: Duration = Duration::from_millis(1);
 /// How long after a fault the poller stays at [`FAULT_POLL_BUSY`].
@@ -45,6 +45,10 @@ pub const REVISIT: Duration = Duration::from_micros(500);
 /// spell only by looking: it looks at least this often, and an unmap seen
 /// up to this late is still flushed by its deadline (unmap + 10 ms).
 pub const SCAN_PERIOD: Duration = Duration::from_nanos(crate::domain::FLUSH_TIMEOUT_NS);
+/// The scan period once every domain is idle (nothing waited at the last
+/// look): each domain's published `timer_idle` then asks its client to hint
+/// on the first unmap it records, which wakes the timer at once.
+pub const IDLE_SCAN: Duration = Duration::from_nanos(iommu_abi::shared::IDLE_SCAN_NS);
 
 /// A wake-up for a sleeping thread (a flag and a condition variable).
 #[derive(Debug, Default)]
@@ -93,6 +97,8 @@ pub struct EpochTimer {
     doms: HashMap<usize, DomTimer>,
     /// Passes run (for tests and the idle measurement).
     pub passes: u64,
+    /// At the last pass, every domain was idle (`timer_idle` published).
+    pub all_idle: bool,
 }
 
 impl EpochTimer {
@@ -100,6 +106,7 @@ impl EpochTimer {
     /// next pass is due (`None`: nothing is).
     pub fn pass(&mut self, domains: &[Arc<Domain>], now: Instant) -> Option<Instant> {
         self.passes += 1;
+        let mut all_idle = true;
         let mut next: Option<Instant> = None;
         let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
         let mut live = HashMap::with_capacity(domains.len());
@@ -143,9 +150,16 @@ impl EpochTimer {
                 None if active => at(now + crate::TICK),
                 None => {}
             }
+            let idle = due.is_none() && !active;
+            if !d.set_timer_idle(idle) {
+                // An unmap appeared while the flag went up: look again now.
+                at(now);
+            }
+            all_idle &= idle;
             live.insert(key, t);
         }
         self.doms = live;
+        self.all_idle = all_idle;
         next
     }
 }
@@ -204,10 +218,13 @@ pub fn ticker(st: &State) {
         let now = Instant::now();
         let poll_at = faults.run_if_due(st, now);
         let next = timer.pass(&doms, now);
-        let deadline = next
-            .unwrap_or(now + SCAN_PERIOD)
-            .min(now + SCAN_PERIOD)
-            .min(poll_at);
+        let scan = now
+            + if timer.all_idle {
+                IDLE_SCAN
+            } else {
+                SCAN_PERIOD
+            };
+        let deadline = next.unwrap_or(scan).min(scan).min(poll_at);
         drop(doms);
         st.timer.sleep_until(deadline);
     }
@@ -246,6 +263,10 @@ impl FaultPoll {
 /// coalesced into the timer's next flush of the domain (counted), the
 /// timer is woken, and the connection pauses.
 pub fn on_hint(st: &State, d: &Domain) -> Result<(), crate::domain::DomainError> {
+    if d.timer_idle() {
+        // The client's first unmap since the timer went idle.
+        st.timer.kick();
+    }
     if d.has_unflushed_unmaps() || d.budget.take(Instant::now()) {
         d.flush_if_wanted()?;
     } else {

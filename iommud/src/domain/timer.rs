@@ -157,6 +157,34 @@ impl Domain {
         Ok(self.try_release(e))
     }
 
+    /// Publishes whether the timer now looks at this domain only every
+    /// `IDLE_SCAN_NS`. Setting it re-checks the records after a fence (the
+    /// client stores its record, fences, then reads the flag): if an unmap
+    /// or a wish appeared meanwhile the flag is withdrawn and false returned.
+    pub fn set_timer_idle(&self, idle: bool) -> bool {
+        let p = self.page();
+        if !idle {
+            if p.timer_idle.load(SeqCst) != 0 {
+                p.timer_idle.store(0, SeqCst);
+            }
+            return true;
+        }
+        if p.timer_idle.load(SeqCst) == 0 {
+            p.timer_idle.store(1, SeqCst);
+            std::sync::atomic::fence(SeqCst);
+            if self.has_unflushed_unmaps() || self.wants_flush() {
+                p.timer_idle.store(0, SeqCst);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// True while the published page says the timer looks only every `IDLE_SCAN_NS`.
+    pub fn timer_idle(&self) -> bool {
+        self.page().timer_idle.load(SeqCst) != 0
+    }
+
     /// An epoch whose release is owed (0: none).
     pub fn release_owed(&self) -> u64 {
         self.release_owed.load(SeqCst)

@@ -180,7 +180,7 @@ impl DmaDomain {
                 // On record before the clear, so that iommud's timer bounds
                 // the window even if this thread is preempted before
                 // `note_unmap` (iommu_abi::shared).
-                k.note_unmap_start(self.page());
+                let first = k.note_unmap_start(self.page());
                 self.write_ptes(arena, base, 0, pages, None)?;
                 let flush = self.flush_policy();
                 // The tag is the epoch read after the clear (crate::shared),
@@ -200,6 +200,16 @@ impl DmaDomain {
                 }
                 c.enforce_age(&Remote(self));
                 drop(c);
+                // The record is stored before the flag is read; iommud stores
+                // the flag before it reads the records (both fenced), so one
+                // of the two sees the other (iommud::timer).
+                if first && {
+                    std::sync::atomic::fence(SeqCst);
+                    self.page().timer_idle.load(Relaxed) != 0
+                } {
+                    // iommud's timer looks only every 20 ms: tell it (one-way).
+                    Remote(self).wake_timer();
+                }
                 if flush == FlushPolicy::Deferred {
                     self.defer(slot, class, base, tag);
                 }
