@@ -171,6 +171,13 @@ impl Default for UnmapTotals {
     }
 }
 
+/// How often iommud's epoch timer looks at a domain whose `timer_idle` is set.
+pub const IDLE_SCAN_NS: u64 = 20_000_000;
+
+/// A clock read taking longer than this (ns) means the reader was
+/// preempted (see [`CpuCounters::note_unmap_start`]).
+pub const RECHECK_NS: u64 = 100_000;
+
 /// Unmaps between two clock reads of [`CpuCounters::note_unmap`].
 pub const TIME_SAMPLE: u64 = 16;
 
@@ -181,6 +188,40 @@ pub fn bump(c: &AtomicU64) {
 }
 
 impl CpuCounters {
+    /// Marks an unmap about to clear entries in this slot (before the
+    /// clear; the caller is the slot's only writer): if no unmap is on
+    /// record, records the time now as the oldest. A writer preempted
+    /// between its clear and [`CpuCounters::note_unmap`] is then still seen
+    /// by iommud's timer, which flushes 10 ms after this time and so covers
+    /// the clear; a flush that takes this mark before the clear happened
+    /// leaves `unmap_oldest` at 0 again, and `note_unmap` records the
+    /// unmap afresh. Either way no window goes unmeasured or unbounded.
+    ///
+    /// The time is read before it is stored: a writer preempted in between
+    /// would publish a time long before its clear (a window that never
+    /// was), so it reads the clock again and, if that took longer than
+    /// [`RECHECK_NS`], moves the mark to the later time (still before the
+    /// clear) unless a flush took it meanwhile.
+    ///
+    /// Returns true when it recorded (the first unmap since iommud's last
+    /// take of this slot).
+    pub fn note_unmap_start(&self, clock: &EpochPage) -> bool {
+        if self.unmap_oldest.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
+        let t = clock.now();
+        self.unmap_last.store(t, Ordering::Relaxed);
+        self.unmap_oldest.store(t, Ordering::Relaxed);
+        let t2 = clock.now();
+        if t2.saturating_sub(t) > RECHECK_NS {
+            self.unmap_last.store(t2, Ordering::Relaxed);
+            let _ = self
+                .unmap_oldest
+                .compare_exchange(t, t2, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Records one unmap in this slot, whose entries are cleared and whose
     /// epoch tag was read (see the module docs), with times on `clock`. The
     /// caller must be the slot's only writer (it holds the slot's lock).
@@ -230,6 +271,13 @@ pub struct EpochPage {
     /// Nonzero while the service thread serving this domain's rings sleeps:
     /// a client that submits must then ring the doorbell (`crate::ring`).
     pub ring_idle: AtomicU32,
+    /// 1 while iommud's epoch timer looks at this domain only every
+    /// [`IDLE_SCAN_NS`] (nothing waited at its last look): a client that
+    /// records the first unmap since then sends a `FlushHint`, so the
+    /// timer learns of it at once and still flushes it 10 ms after.
+    pub timer_idle: AtomicU32,
+    /// Padding (zero).
+    pub _reserved: AtomicU32,
     /// [`monotonic_ns`] at initialisation; unmap times are relative to it.
     pub clock_base: AtomicU64,
     /// Time-stamp counter at initialisation (with `tsc_mult`).

@@ -195,7 +195,8 @@ fn run(a: Args) -> Result<(), String> {
                 st.stop.store(true, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // A signal's stop is noticed within 200 ms (few wake-ups when idle).
+            std::thread::sleep(Duration::from_millis(200));
         });
     }
     crate::server::serve(state, &a.socket)

@@ -36,6 +36,7 @@ pub mod service;
 pub mod session;
 pub mod state;
 pub mod stats;
+pub mod timer;
 pub mod unit;
 
 /// How often the ticker polls faults and flushes waiting epochs, on every platform (the

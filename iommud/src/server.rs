@@ -27,21 +27,17 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     }
     log::info(&format!("serving on {}", path.display()));
+    // The background duties sleep until one is due (crate::timer).
     let ticker = {
         let st = state.clone();
         std::thread::Builder::new()
             .name("iommud-tick".into())
-            .spawn(move || {
-                while !st.stop.load(SeqCst) {
-                    st.tick();
-                    std::thread::sleep(TICK);
-                }
-            })?
+            .spawn(move || crate::timer::ticker(&st))?
     };
     crate::service::Service::start(&state)?;
     let mut accept_errors = RateLimited::default();
     while !state.stop.load(SeqCst) {
-        match listener.accept_timeout(Duration::from_millis(50)) {
+        match listener.accept_timeout(STOP_CHECK) {
             Ok(Some(conn)) => {
                 let Some(admitted) = admit(&state, &conn) else {
                     continue; // refused with a reply, and closed
@@ -67,6 +63,7 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
             }
         }
     }
+    state.timer.kick();
     let _ = ticker.join();
     state.service.stop();
     let _ = std::fs::remove_file(path);
@@ -88,6 +85,9 @@ fn send(conn: &SeqPacket, op: Op, seq: u32, r: Response) -> std::io::Result<()> 
     let fds: Vec<_> = r.shares.iter().map(|s| s.fd.as_fd()).collect();
     conn.send(&bytes, &fds)
 }
+
+/// How often the accept loop looks for a stop (few wake-ups: idle is free).
+const STOP_CHECK: Duration = Duration::from_millis(200);
 
 /// How long the accept loop waits after a failure before it tries again.
 const BACKOFF: Duration = Duration::from_millis(100);
@@ -218,6 +218,9 @@ pub fn connection(state: Arc<State>, conn: SeqPacket, admitted: Admitted) {
                     if send(&conn, op, seq, r).is_err() {
                         break;
                     }
+                }
+                if let Some(pause) = session.take_backoff() {
+                    std::thread::sleep(pause);
                 }
             }
             Err(e) => {

@@ -176,7 +176,13 @@ fn run(state: &Arc<State>, w: &Worker) {
             dead |= d.is_dead();
             // A bug reached through one client's ring must not stop the others.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.serve_rings())) {
-                Ok(n) => work += n,
+                Ok(n) => {
+                    // An idle epoch timer learns of iommud's own unmaps now.
+                    if n > 0 && d.timer_idle() {
+                        state.timer.kick();
+                    }
+                    work += n
+                }
                 Err(_) => {
                     crate::stats::add(&state.security.internal_errors, 1);
                     log::warn("a ring pass hit an internal error (panic caught)");

@@ -71,6 +71,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// How long the connection should pause before its next request: its
+    /// domain went over its flush budget (storm control, `crate::timer`).
+    pub fn take_backoff(&self) -> Option<std::time::Duration> {
+        self.domain.as_ref().and_then(|d| d.budget.take_backoff())
+    }
+
     /// A session with nothing attached, for the client `peer` (its identity
     /// as the kernel reports it, never as the client claims it).
     pub fn new(state: Arc<State>, peer: Peer) -> Session {
@@ -225,7 +231,13 @@ impl Session {
             Request::Unmap { iova, len } => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => match d.unmap(iova, len) {
-                    Ok(()) => Response::ok([0; 5]),
+                    Ok(()) => {
+                        // An idle epoch timer learns of iommud's own unmap now.
+                        if d.timer_idle() {
+                            st.timer.kick();
+                        }
+                        Response::ok([0; 5])
+                    }
                     Err(e) => e.into(),
                 },
             },
@@ -243,7 +255,8 @@ impl Session {
             Request::FlushHint => {
                 if let Ok(d) = self.need_domain() {
                     stats::add(&d.stats.wakeups, 1);
-                    if let Err(e) = d.flush_if_wanted() {
+                    // Storm control: over its budget, a hint waits for the timer.
+                    if let Err(e) = crate::timer::on_hint(&st, d) {
                         log::warn(&format!("{}: flush failed: {e}", Bdf(d.sid)));
                     }
                 }
@@ -251,10 +264,14 @@ impl Session {
             }
             Request::FlushSync => match self.need_domain() {
                 Err(r) => r,
-                Ok(d) => match d.flush() {
-                    Ok(()) => Response::ok([d.completed(), 0, 0, 0, 0]),
-                    Err(e) => e.into(),
-                },
+                Ok(d) => {
+                    // Storm control: counted, and the connection pauses, over budget.
+                    crate::timer::on_sync(d);
+                    match d.flush() {
+                        Ok(()) => Response::ok([d.completed(), 0, 0, 0, 0]),
+                        Err(e) => e.into(),
+                    }
+                }
             },
             Request::Detach => match self.domain.take() {
                 Some(d) => {

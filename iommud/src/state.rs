@@ -126,6 +126,8 @@ pub struct State {
     pub security: SecurityStats,
     /// The service threads that serve clients' rings.
     pub service: crate::service::Service,
+    /// Wakes the epoch timer (a hint over budget, a stop).
+    pub timer: crate::timer::Wake,
     /// Owner of each attached domain.
     owners: Mutex<BTreeMap<u16, Peer>>,
     /// Counters of domains already detached (so unit-wide stats are
@@ -151,6 +153,7 @@ impl State {
             faults: Mutex::new(FaultBook::new(DEFAULT_BLOCK_PER_SECOND)),
             security: SecurityStats::default(),
             service: crate::service::Service::new(1, crate::service::DEFAULT_SPIN),
+            timer: crate::timer::Wake::default(),
             owners: Mutex::new(BTreeMap::new()),
             retired: Mutex::new(Totals::default()),
             started: Instant::now(),
@@ -205,6 +208,24 @@ impl State {
     /// A failure (or a bug) in one domain never stops the ticker or the
     /// other domains: each domain's work runs on its own, panics caught.
     pub fn tick(&self) {
+        self.poll_faults();
+        for d in self.all_domains() {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.tick()));
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => log::warn(&format!("{}: timed flush failed: {e}", Bdf(d.sid))),
+                Err(_) => {
+                    stats::add(&self.security.internal_errors, 1);
+                    log::warn(&format!("{}: timed flush panicked", Bdf(d.sid)));
+                }
+            }
+        }
+    }
+
+    /// Reads the unit's fault records into the fault book, and blocks the
+    /// devices that fault faster than the policy allows; returns how many
+    /// records were read.
+    pub fn poll_faults(&self) -> usize {
         let faults = self.unit.poll_faults();
         let now = self.unit.now_ms();
         let outcome = {
@@ -228,17 +249,7 @@ impl State {
                 }
             }
         }
-        for d in self.all_domains() {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.tick()));
-            match r {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => log::warn(&format!("{}: timed flush failed: {e}", Bdf(d.sid))),
-                Err(_) => {
-                    stats::add(&self.security.internal_errors, 1);
-                    log::warn(&format!("{}: timed flush panicked", Bdf(d.sid)));
-                }
-            }
-        }
+        faults.len()
     }
 
     /// Tears down every domain (a stop): each device is blocked (context

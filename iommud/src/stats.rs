@@ -80,6 +80,17 @@ pub struct DomainStats {
     /// Invalidations issued for strict ring batches (page-selective with
     /// address masks, or domain-selective when that is cheaper).
     pub ring_strict_invals: AtomicU64,
+    /// Flushes made by the epoch timer.
+    pub timer_flushes: AtomicU64,
+    /// The latest the epoch timer ran a flush after its deadline (ns).
+    pub timer_late_max_ns: AtomicU64,
+    /// Timer flushes whose release waited for a busy allocator lock (owed,
+    /// retried on a later pass).
+    pub timer_lock_busy: AtomicU64,
+    /// Hints over the flush budget, left to the timer's next flush.
+    pub hints_coalesced: AtomicU64,
+    /// `FlushSync` requests over the flush budget (served, the connection paused).
+    pub syncs_throttled: AtomicU64,
 }
 
 /// Builder of `key value` text.

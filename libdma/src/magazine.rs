@@ -41,6 +41,17 @@ pub const HINT_PENDING: usize = 8;
 /// pending limits shrink for larger classes so that a CPU cannot hoard the
 /// domain's IOVA space (32 MiB of it per class here, of 1 GiB).
 pub const PENDING_PAGES: u64 = 8192;
+/// The client-side bound on the stale window: a CPU whose open batch, or a
+/// sealed batch still waiting for its invalidation, holds an unmap this old
+/// (ns) forces the flush on its next unmap, or next map that is not served
+/// from the loaded magazine (seals the open batch, raises `wanted`, hints),
+/// so the window stays bounded even when iommud's timer runs late. The same
+/// 10 ms as iommud's timer.
+pub const BATCH_AGE_LIMIT_NS: u64 = FLUSH_QUEUE_TIMEOUT_NS;
+/// After forcing a flush, the CPU looks again this much later (ns) if the
+/// batch is still waiting, so a late iommud gets a hint per millisecond at
+/// most, not one per operation.
+pub const FORCE_RETRY_NS: u64 = 1_000_000;
 
 /// Waiting batches of `class` at which a CPU blocks on the oldest.
 pub fn max_pending(class: usize) -> usize {
@@ -81,6 +92,8 @@ impl Clean {
 pub struct Dirty {
     iovas: Vec<u64>,
     tag: u64,
+    /// Time of the batch's first unmap ([`Backend::now`]; 0 = unknown).
+    since: u64,
 }
 
 impl Dirty {
@@ -118,6 +131,12 @@ pub trait Backend {
     fn exchange(&self, class: usize, give: Clean, want: usize) -> Result<Clean, Self::Error>;
     /// The error for "no IOVA anywhere": depot dry and nothing pending here.
     fn exhausted(&self) -> Self::Error;
+    /// Nanoseconds on the domain's clock (never 0), for
+    /// [`BATCH_AGE_LIMIT_NS`]; a backend without a clock returns 0, which
+    /// turns the client-side bound off.
+    fn now(&self) -> u64 {
+        0
+    }
 }
 
 /// What happened on an allocation, for the counters.
@@ -138,6 +157,8 @@ struct ClassCache {
     loaded: Clean,
     open: Vec<u64>,
     open_tag: u64,
+    /// Time of the open batch's first unmap (0 = empty or no clock).
+    open_since: u64,
     pending: VecDeque<Dirty>,
 }
 
@@ -145,6 +166,11 @@ struct ClassCache {
 #[derive(Debug, Default)]
 pub struct CpuCache {
     classes: [ClassCache; SIZE_CLASSES],
+    /// When something here may reach [`BATCH_AGE_LIMIT_NS`] (0: nothing
+    /// waits); may be early (a batch completed meanwhile), never late.
+    deadline: u64,
+    /// Flushes forced by the age bound (for tests and stats).
+    forced: u64,
 }
 
 impl CpuCache {
@@ -204,6 +230,16 @@ impl CpuCache {
     /// tag the batch is sealed with when it closes ([`Backend::seal`]).
     pub fn free<B: Backend>(&mut self, class: usize, iova: u64, tag: u64, b: &B) {
         let c = &mut self.classes[class];
+        if c.open.is_empty() {
+            // One clock read per batch, for the client-side age bound.
+            c.open_since = b.now();
+            if c.open_since != 0 {
+                let d = c.open_since.saturating_add(BATCH_AGE_LIMIT_NS);
+                if self.deadline == 0 || d < self.deadline {
+                    self.deadline = d;
+                }
+            }
+        }
         c.open.push(iova);
         c.open_tag = c.open_tag.max(tag);
         if c.open.len() >= MAG_SIZE {
@@ -215,8 +251,10 @@ impl CpuCache {
         let batch = Dirty {
             iovas: std::mem::replace(&mut c.open, Vec::with_capacity(MAG_SIZE)),
             tag: c.open_tag.max(b.seal()),
+            since: c.open_since,
         };
         c.open_tag = 0;
+        c.open_since = 0;
         let completed = b.completed();
         let waiting = 1 + c
             .pending
@@ -232,9 +270,77 @@ impl CpuCache {
         c.pending.push_back(batch);
     }
 
+    /// The client-side bound on the stale window, run on every map and
+    /// unmap (under the slot lock): if this CPU's open batch, or a sealed
+    /// batch whose invalidation has not completed, holds an unmap
+    /// [`BATCH_AGE_LIMIT_NS`] old, seal the open batch and ask iommud for
+    /// the flush with a hint. Costs one clock read while anything waits.
+    pub fn enforce_age<B: Backend>(&mut self, b: &B) {
+        if self.deadline == 0 {
+            return;
+        }
+        let now = b.now();
+        if now < self.deadline {
+            return;
+        }
+        let completed = b.completed();
+        let limit = now.saturating_sub(BATCH_AGE_LIMIT_NS);
+        let mut force = 0u64;
+        let mut next = 0u64;
+        let mut earliest = |t: u64| {
+            if t != 0 {
+                let d = t.saturating_add(BATCH_AGE_LIMIT_NS);
+                if next == 0 || d < next {
+                    next = d;
+                }
+            }
+        };
+        for class in 0..SIZE_CLASSES {
+            let c = &mut self.classes[class];
+            if !c.open.is_empty() && c.open_since != 0 && c.open_since <= limit {
+                let batch = Dirty {
+                    iovas: std::mem::replace(&mut c.open, Vec::with_capacity(MAG_SIZE)),
+                    tag: c.open_tag.max(b.seal()),
+                    since: c.open_since,
+                };
+                c.open_tag = 0;
+                c.open_since = 0;
+                c.pending.push_back(batch);
+            }
+            if !c.open.is_empty() {
+                earliest(c.open_since);
+            }
+            for d in c.pending.iter().filter(|d| d.tag > completed) {
+                if d.since != 0 && d.since <= limit {
+                    force = force.max(d.tag);
+                } else {
+                    earliest(d.since);
+                }
+            }
+        }
+        if force != 0 {
+            self.forced += 1;
+            b.request_flush(force);
+            let retry = now.saturating_add(FORCE_RETRY_NS);
+            next = if next == 0 { retry } else { next.min(retry) };
+        }
+        self.deadline = next;
+    }
+
+    /// Flushes the age bound forced on this CPU.
+    pub fn forced(&self) -> u64 {
+        self.forced
+    }
+
     /// Takes over a closed batch (from the deferred policy's [`FlushQueue`]):
     /// it joins this CPU's pending queue and is recycled once clean.
     pub fn adopt(&mut self, class: usize, batch: Dirty) {
+        if batch.since != 0 {
+            let d = batch.since.saturating_add(BATCH_AGE_LIMIT_NS);
+            if self.deadline == 0 || d < self.deadline {
+                self.deadline = d;
+            }
+        }
         self.classes[class].pending.push_back(batch);
     }
 
@@ -341,6 +447,7 @@ impl FlushQueue {
                     Dirty {
                         iovas: chunk.to_vec(),
                         tag,
+                        since: self.oldest,
                     },
                 ));
             }
@@ -365,6 +472,10 @@ mod tests {
         exchanges: RefCell<u64>,
         waits: RefCell<u64>,
         hints: RefCell<u64>,
+        /// The domain clock (0: none, the age bound is off).
+        clock: RefCell<u64>,
+        /// The highest tag asked for by a hint.
+        hinted: RefCell<u64>,
     }
 
     impl Fake {
@@ -376,6 +487,8 @@ mod tests {
                 exchanges: RefCell::new(0),
                 waits: RefCell::new(0),
                 hints: RefCell::new(0),
+                clock: RefCell::new(0),
+                hinted: RefCell::new(0),
             }
         }
         /// An invalidation: starts at the current epoch, completes it.
@@ -391,8 +504,13 @@ mod tests {
         fn completed(&self) -> u64 {
             *self.completed.borrow()
         }
-        fn request_flush(&self, _tag: u64) {
+        fn request_flush(&self, tag: u64) {
             *self.hints.borrow_mut() += 1;
+            let mut h = self.hinted.borrow_mut();
+            *h = (*h).max(tag);
+        }
+        fn now(&self) -> u64 {
+            *self.clock.borrow()
         }
         fn want(&self, _tag: u64) {}
         fn seal(&self) -> u64 {
@@ -460,6 +578,50 @@ mod tests {
             "one wake-up per {HINT_PENDING} batches"
         );
         assert_eq!(*f.waits.borrow(), 0);
+    }
+
+    #[test]
+    fn an_old_open_or_sealed_batch_forces_its_flush_on_the_next_operation() {
+        let f = Fake::new(4 * MAG_SIZE as u64);
+        *f.clock.borrow_mut() = 1_000;
+        let mut cpu = CpuCache::default();
+        let (iova, _) = cpu.alloc(0, &f).unwrap();
+        cpu.free(0, iova, 0, &f);
+        // 9.9 ms later: nothing forced, the open batch stays open.
+        *f.clock.borrow_mut() = 1_000 + BATCH_AGE_LIMIT_NS - 100_000;
+        cpu.enforce_age(&f);
+        assert_eq!((*f.hints.borrow(), cpu.forced()), (0, 0));
+        assert_eq!(cpu.classes[0].open.len(), 1);
+        // At 10 ms: sealed with the current epoch and hinted for it.
+        *f.clock.borrow_mut() = 1_000 + BATCH_AGE_LIMIT_NS;
+        cpu.enforce_age(&f);
+        assert_eq!((*f.hints.borrow(), cpu.forced()), (1, 1));
+        assert!(cpu.classes[0].open.is_empty());
+        assert_eq!(cpu.classes[0].pending.len(), 1);
+        assert_eq!(*f.hinted.borrow(), *f.epoch.borrow());
+        // iommud still late: the next hint comes a retry period later, not per operation.
+        *f.clock.borrow_mut() += FORCE_RETRY_NS / 2;
+        cpu.enforce_age(&f);
+        assert_eq!(*f.hints.borrow(), 1);
+        *f.clock.borrow_mut() += FORCE_RETRY_NS / 2;
+        cpu.enforce_age(&f);
+        assert_eq!(*f.hints.borrow(), 2);
+        // Flushed: nothing waits any more, no hint however late.
+        f.flush();
+        *f.clock.borrow_mut() += 10 * BATCH_AGE_LIMIT_NS;
+        cpu.enforce_age(&f);
+        assert_eq!(*f.hints.borrow(), 2);
+        assert_eq!(cpu.deadline, 0);
+    }
+
+    #[test]
+    fn without_a_clock_the_age_bound_is_off() {
+        let f = Fake::new(MAG_SIZE as u64);
+        let mut cpu = CpuCache::default();
+        let (iova, _) = cpu.alloc(0, &f).unwrap();
+        cpu.free(0, iova, 0, &f);
+        cpu.enforce_age(&f);
+        assert_eq!((*f.hints.borrow(), cpu.classes[0].open.len()), (0, 1));
     }
 
     #[test]

@@ -70,15 +70,29 @@ impl Domain {
     }
 
     pub(super) fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
+        let e = self.flush_epoch(desc)?;
+        self.release_parked(e);
+        Ok(())
+    }
+
+    /// Runs `desc` as the invalidation that completes the current epoch
+    /// (unmap records taken, stale windows measured); returns the epoch
+    /// completed, whose parked work the caller releases.
+    pub(super) fn flush_epoch(&self, desc: vtd::desc::Descriptor) -> Result<u64, DomainError> {
         let p = self.page();
         // Take the unmap records before advancing the epoch (iommu_abi::shared).
-        let unmaps = take_unmaps(
-            self.client()
-                .cpu
-                .iter()
-                .chain(std::iter::once(&self.server_unmaps)),
-            &mut self.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner()),
-        );
+        let (unmaps, prev_take) = {
+            let mut seen = self.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let at = p.now();
+            let u = take_unmaps(
+                self.client()
+                    .cpu
+                    .iter()
+                    .chain(std::iter::once(&self.server_unmaps)),
+                &mut seen,
+            );
+            (u, self.last_take.swap(at, SeqCst))
+        };
         let e = self.epoch.fetch_add(1, SeqCst);
         p.epoch.fetch_max(e + 1, SeqCst);
         match desc.decode() {
@@ -95,6 +109,13 @@ impl Domain {
             // Stale window: from each unmap to this completion.
             let now = p.now();
             if oldest != 0 {
+                // A recorded time before the previous take belongs to an
+                // unmap that flush already covered (its clear preceded the
+                // take): the writer was preempted between reading the clock
+                // and storing it. An unmap that flush did not cover reads
+                // the clock after the epoch advance, so after that take;
+                // clamping to it never shortens a real window.
+                let oldest = oldest.max(prev_take);
                 stats::max(&self.stats.stale_ns_max, now.saturating_sub(oldest));
             }
             stats::add(
@@ -103,12 +124,20 @@ impl Domain {
             );
             stats::add(&self.stats.stale_count, count);
         }
-        self.release_parked(e);
-        Ok(())
+        Ok(e)
     }
 
     pub(super) fn release_parked(&self, completed: u64) {
-        let mut i = self.lock();
+        let i = self.lock();
+        self.release_locked(i, completed);
+    }
+
+    /// Releases what waited for `completed`, under the allocator lock `i`
+    /// (and any release the timer owed, which `completed` covers).
+    pub(super) fn release_locked(&self, mut i: MutexGuard<'_, Inner>, completed: u64) {
+        let _ = self
+            .release_owed
+            .fetch_update(SeqCst, SeqCst, |o| (o <= completed).then_some(0));
         i.queued = 0;
         if i.parked.is_empty() {
             return;

@@ -71,6 +71,10 @@ mod report;
 mod rings;
 #[cfg(all(test, feature = "sim"))]
 mod tests;
+mod timer;
+#[cfg(all(test, feature = "sim"))]
+mod timer_tests;
+pub use timer::{Budget, TimerFlush, FLUSH_BUDGET_BURST, FLUSH_BUDGET_PER_MS, TIMER_MIN_GAP};
 
 pub use rings::Rings;
 
@@ -249,6 +253,12 @@ pub struct Domain {
     /// Serialises writers of `server_unmaps` (the allocator lock's holder
     /// and ring passes).
     record_lock: Mutex<()>,
+    /// Storm control: flushes that hints and `FlushSync` may trigger unbacked.
+    pub budget: Budget,
+    /// An epoch the timer completed whose release waits for the lock (0: none).
+    release_owed: AtomicU64,
+    /// Domain-clock time of the latest take of the unmap records.
+    last_take: AtomicU64,
 }
 
 /// A registered region: a pool, and where the `static` strategy mapped it.
@@ -348,6 +358,9 @@ impl Domain {
             regions: Default::default(),
             rings: Default::default(),
             record_lock: Mutex::new(()),
+            budget: Budget::default(),
+            release_owed: AtomicU64::new(0),
+            last_take: AtomicU64::new(0),
         };
         d.page().init();
         d.publish(strategy, flush);

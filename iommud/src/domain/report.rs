@@ -93,7 +93,12 @@ impl Domain {
             .kv(
                 "ring_strict_invalidations",
                 stats::get(&s.ring_strict_invals),
-            );
+            )
+            .kv("timer_flushes", stats::get(&s.timer_flushes))
+            .kv("timer_late_max_ns", stats::get(&s.timer_late_max_ns))
+            .kv("timer_lock_busy", stats::get(&s.timer_lock_busy))
+            .kv("hints_coalesced", stats::get(&s.hints_coalesced))
+            .kv("syncs_throttled", stats::get(&s.syncs_throttled));
         t.0
     }
 

@@ -14,7 +14,10 @@ fn test_account() -> Arc<Account> {
     crate::quota::Accounts::default().of(0)
 }
 
-fn rig(strategy: Strategy, flush: FlushPolicy) -> (Arc<SimMachine>, Arc<Domain>, Region) {
+pub(super) fn rig(
+    strategy: Strategy,
+    flush: FlushPolicy,
+) -> (Arc<SimMachine>, Arc<Domain>, Region) {
     let p = Arc::new(
         SimPlatform::new(SimConfig {
             mem_bytes: 16 << 20,

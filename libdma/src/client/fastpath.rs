@@ -112,6 +112,13 @@ impl DmaDomain {
                         }
                         r => r?,
                     };
+                    // The client-side bound on the stale window (magazine.rs):
+                    // on every unmap, and on a map that left the fast path
+                    // (a clock read per operation costs a quarter of a
+                    // map/unmap pair here).
+                    if !ev.hit {
+                        c.enforce_age(&Remote(self));
+                    }
                     // Counted under the slot lock, the slot's only writer.
                     let k = &self.client().cpu[slot];
                     bump(&k.maps);
@@ -179,6 +186,14 @@ impl DmaDomain {
         match (self.strategy(), size_class(pages), &self.arena) {
             (Strategy::NoIommu, _, _) => Ok(()),
             (Strategy::Magazine, Some(class), Some(arena)) if in_arena => {
+                let slot = self.slot();
+                // Recorded under the slot lock, the slot's only writer.
+                let mut c = self.cpus[slot].lock();
+                let k = &self.client().cpu[slot];
+                // On record before the clear, so that iommud's timer bounds
+                // the window even if this thread is preempted before
+                // `note_unmap` (iommu_abi::shared).
+                let first = k.note_unmap_start(self.page());
                 self.write_ptes(arena, base, 0, pages, None)?;
                 let flush = self.flush_policy();
                 // The tag is the epoch read after the clear (crate::shared),
@@ -191,16 +206,22 @@ impl DmaDomain {
                     std::sync::atomic::fence(SeqCst);
                     self.page().epoch.load(SeqCst)
                 };
-                let slot = self.slot();
-                {
-                    // Recorded under the slot lock, the slot's only writer.
-                    let mut c = self.cpus[slot].lock();
-                    let k = &self.client().cpu[slot];
-                    k.note_unmap(self.page());
-                    bump(&k.unmaps);
-                    if flush != FlushPolicy::Deferred {
-                        c.free(class, base, tag, &Remote(self));
-                    }
+                k.note_unmap(self.page());
+                bump(&k.unmaps);
+                if flush != FlushPolicy::Deferred {
+                    c.free(class, base, tag, &Remote(self));
+                }
+                c.enforce_age(&Remote(self));
+                drop(c);
+                // The record is stored before the flag is read; iommud stores
+                // the flag before it reads the records (both fenced), so one
+                // of the two sees the other (iommud::timer).
+                if first && {
+                    std::sync::atomic::fence(SeqCst);
+                    self.page().timer_idle.load(Relaxed) != 0
+                } {
+                    // iommud's timer looks only every 20 ms: tell it (one-way).
+                    Remote(self).wake_timer();
                 }
                 if flush == FlushPolicy::Deferred {
                     self.defer(slot, class, base, tag);

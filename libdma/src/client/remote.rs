@@ -10,6 +10,20 @@ const POLL_BEFORE_BLOCKING: std::time::Duration = std::time::Duration::from_micr
 /// The magazine backend: shared-memory epochs and the depot over IPC.
 pub(super) struct Remote<'a>(pub(super) &'a DmaDomain);
 
+impl Remote<'_> {
+    /// A one-way hint whose only purpose is to wake iommud's idle epoch
+    /// timer (`timer_idle` in the published page), unless one is on its way.
+    pub(super) fn wake_timer(&self) {
+        let p = self.0.client();
+        if p.hint_pending.swap(1, SeqCst) == 0 {
+            self.0.stats.wakeups.fetch_add(1, Relaxed);
+            if self.0.conn().post(&Request::FlushHint).is_err() {
+                p.hint_pending.store(0, SeqCst);
+            }
+        }
+    }
+}
+
 impl Backend for Remote<'_> {
     type Error = Error;
 
@@ -88,6 +102,10 @@ impl Backend for Remote<'_> {
             );
         }
         Ok(Clean::from_depot(got))
+    }
+
+    fn now(&self) -> u64 {
+        self.0.page().now()
     }
 
     fn exhausted(&self) -> Error {

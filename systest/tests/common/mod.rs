@@ -386,3 +386,12 @@ pub fn daemon_with_policy(name: &str, policy: &str, extra: &[&str]) -> Daemon {
     args.extend_from_slice(extra);
     Daemon::start(name, &args)
 }
+
+/// Writes a test's figures to `target/timers/<name>` (next to the
+/// workspace's build output), and says where.
+pub fn write_result(name: &str, text: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/timers");
+    if std::fs::create_dir_all(&dir).is_ok() && std::fs::write(dir.join(name), text).is_ok() {
+        println!("figures written to {}", dir.join(name).display());
+    }
+}

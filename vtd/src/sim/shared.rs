@@ -119,19 +119,26 @@ pub(crate) struct SpinLock;
 pub(crate) struct Guard<'a>(&'a AtomicU32);
 
 impl SpinLock {
-    /// Acquire `word` (CAS 0 -> 1, spinning then yielding). A process that
-    /// dies holding it leaves it held: the model is a test fixture.
+    /// Acquire `word` (CAS 0 -> 1, spinning, then yielding, then sleeping
+    /// briefly). A process that dies holding it leaves it held: the model is
+    /// a test fixture.
+    ///
+    /// The sleeps matter to a real-time waiter (iommud's epoch timer runs
+    /// `SCHED_FIFO`): `sched_yield` gives its CPU to no thread of a lower
+    /// class, so a holder preempted on that CPU would never run again.
     pub fn lock(word: &AtomicU32) -> Guard<'_> {
         let mut spins = 0u32;
         loop {
             if word.compare_exchange_weak(0, 1, Acquire, Relaxed).is_ok() {
                 return Guard(word);
             }
-            spins += 1;
+            spins = spins.saturating_add(1);
             if spins < 64 {
                 std::hint::spin_loop();
-            } else {
+            } else if spins < 128 {
                 std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(20));
             }
         }
     }
