@@ -20,6 +20,7 @@
 pub mod cli;
 pub mod domain;
 pub mod faults;
+pub mod handover;
 pub mod hw;
 pub mod invq;
 pub mod pagetable;
