@@ -24,6 +24,8 @@ pub mod handover;
 pub mod hw;
 pub mod invq;
 pub mod pagetable;
+#[cfg(target_os = "linux")]
+pub mod persist;
 pub mod platform;
 pub mod policy;
 pub mod quota;
@@ -36,6 +38,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod stats;
+mod stop;
 pub mod unit;
 
 /// How often the ticker polls faults and flushes waiting epochs, on every platform (the

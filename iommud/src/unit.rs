@@ -186,7 +186,7 @@ impl Iommu {
         }
         log::info(&format!(
             "VT-d unit up: VER {ver:#x} CAP {:#018x} ECAP {:#018x}; {levels}-level tables, \
-             caching mode {}, coherent {}, {} domain ids, translation {}",
+             caching mode {}, coherent {}, {} domain ids, translation {}, root {root:#x}",
             cap.0,
             ecap.0,
             cap.cm(),
@@ -362,6 +362,39 @@ impl Iommu {
             self.write_entry128(ctp + (context_index(sid) * 16) as u64, 0, 0, false)?;
         }
         self.invalidate(&[Descriptor::cc_device(did, sid, 0), self.iotlb_domain(did)])
+    }
+
+    /// Physical address of the root table the unit points at.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// The last step of an orderly stop, once every domain is gone: clears
+    /// every root entry and invalidates the context caches and IOTLB
+    /// globally, so the unit, still translating, walks an all-zero root
+    /// table and reaches no context table, page table or pool. Only the root
+    /// frame (and the queue) must then stay allocated; see
+    /// docs/ARCHITECTURE.md, "Stop, crash and restart".
+    pub fn park(&self) -> Result<(), HwError> {
+        let mut ctx = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+        for bus in 0..256u64 {
+            self.mem.write_u64(self.root + bus * 16, 0)?;
+            self.mem.write_u64(self.root + bus * 16 + 8, 0)?;
+        }
+        if !self.coherent() {
+            self.mem.flush(self.root, 4096);
+        }
+        let r = self.invalidate(&[
+            Descriptor::cc_global(),
+            Descriptor::iotlb_global(self.cap.drd(), self.cap.dwd()),
+        ]);
+        if r.is_ok() {
+            // The context tables are unreachable now and no longer ours to use.
+            for (_, c) in ctx.drain() {
+                self.mem.free_frame(c);
+            }
+        }
+        r
     }
 
     fn clear_faults(&self) {
