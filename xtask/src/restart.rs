@@ -45,6 +45,7 @@ fn show_unit(tag: &str) -> String {
     format!(
         "echo \"UNIT-{tag} gsts=$(devmem {GSTS} 32) rtaddr=$(devmem {RTADDR} 64)\"
 for f in {STATE_DIR}/iommud-*; do [ -e \"$f\" ] && echo \"FILE-{tag} $(basename $f)\"; done
+echo \"HUGE-{tag} total=$(sed -n 's/^HugePages_Total: *//p' /proc/meminfo) free=$(sed -n 's/^HugePages_Free: *//p' /proc/meminfo)\"
 "
     )
 }
@@ -150,6 +151,21 @@ fn root_of(out: &GuestOutput, log: &str) -> Option<u64> {
         .find(|l| l.starts_with(&format!("{log}: iommud: VT-d unit up")))
         .and_then(|l| l.rsplit("root ").next())
         .and_then(parse_hex)
+}
+
+/// Checks that the hugepages in use are exactly the state directory's files (one 2 MiB
+/// page each): with iommud and its clients gone, nothing else holds any, so the memory the
+/// unit may reach is held by those files and by no process.
+fn hugepages_are_the_files(out: &GuestOutput, tag: &str, expect: &mut impl FnMut(bool, String)) {
+    let n = |k| field(out, &format!("HUGE-{tag}"), k).and_then(|v| v.parse::<u64>().ok());
+    let used = n("total").zip(n("free")).map(|(t, f)| t.saturating_sub(f));
+    let files = files(out, tag).len() as u64;
+    expect(
+        used == Some(files) && files > 0,
+        format!(
+            "hugepages in use ({used:?}) are exactly the {files} state file(s), held by no process"
+        ),
+    );
 }
 
 fn hex(v: Option<u64>) -> String {
@@ -301,6 +317,7 @@ pub fn stop() -> Result<()> {
             && !files.iter().any(|f| f.ends_with("-region")),
         format!("after the stop: only table files stay (the parked root), no region: {files:?}"),
     );
+    hugepages_are_the_files(&out, "STOPPED", &mut expect);
     let after = canary_between(&out, "STOPPED-CANARY-BEGIN", "STOPPED-CANARY-END");
     expect(
         changed(after) == Some(0),
@@ -346,6 +363,7 @@ pub fn restart() -> Result<()> {
             "after kill -9 (and its client's exit) the table and region files are still there: {files:?}"
         ),
     );
+    hugepages_are_the_files(&out, "KILLED", &mut expect);
     common(&out, "KILLED", "iommud-1", "iommud-2", &mut expect);
     drop(expect);
     report("guest-restart", &out, bad)
