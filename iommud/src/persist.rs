@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// hugetlbfs's `statfs` magic (Linux `include/uapi/linux/magic.h`).
@@ -93,6 +93,7 @@ impl StateDir {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(dir.join("lock"))
             .map_err(|e| say("open lock", e))?;
         // SAFETY: flock on our own open fd; the result is checked.
