@@ -5,12 +5,16 @@
 //! iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation]
 //!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
 //!        [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST]
+//!        [--state-dir DIR]
 //! ```
 //! `--service-threads` (default 1) threads serve the clients' rings, each
 //! polling `--ring-spin-us` (default 2000) after the last entry before it
 //! sleeps on the doorbells, pinned to the CPUs of `--service-cpus` (e.g. `1`
 //! or `2,3`; default: not pinned) (docs/ARCHITECTURE.md, "Rings and service
 //! threads").
+//! `--state-dir` (linux) is where the memory the unit may reach lives, in
+//! files that outlive the process (default: `iommud/` on the hugetlbfs mount,
+//! else `/dev/shm/iommud`; see `crate::persist`).
 //! `--config` names the administrator's policy (TOML, see `crate::policy`);
 //! without it every device gets validated trust and only root administers.
 //! On `sim`, device ownership is proven with the files iommud creates in
@@ -43,11 +47,13 @@ struct Args {
     service_threads: usize,
     ring_spin_us: u64,
     service_cpus: Vec<usize>,
+    state_dir: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] \
 [--no-translation] [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] \
-[--sim-mem-mb N] [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST]";
+[--sim-mem-mb N] [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST] \
+[--state-dir DIR]";
 
 fn parse_args() -> Result<Args, String> {
     use lexopt::prelude::*;
@@ -65,6 +71,7 @@ fn parse_args() -> Result<Args, String> {
         service_threads: 1,
         ring_spin_us: crate::service::DEFAULT_SPIN.as_micros() as u64,
         service_cpus: Vec::new(),
+        state_dir: None,
     };
     let e = |e: lexopt::Error| format!("{e} (try --help)");
     let mut p = lexopt::Parser::from_env();
@@ -73,6 +80,7 @@ fn parse_args() -> Result<Args, String> {
             Long("platform") => a.platform = p.value().map_err(e)?.string().map_err(e)?,
             Long("socket") => a.socket = p.value().map_err(e)?.into(),
             Long("config") => a.config = Some(p.value().map_err(e)?.into()),
+            Long("state-dir") => a.state_dir = Some(p.value().map_err(e)?.into()),
             Long("no-translation") => a.translate = false,
             Long("no-reclaim") => a.reclaim = false,
             Long("caching-mode") => a.caching_mode = true,
@@ -119,6 +127,8 @@ fn run(a: Args) -> Result<(), String> {
         translate: a.translate,
         timeout: Duration::from_millis(a.timeout_ms),
     };
+    #[cfg(target_os = "linux")]
+    let mut state_dir: Option<crate::persist::StateDir> = None;
     let (mmio, mem, sim_fds): (Box<dyn Mmio>, Arc<dyn PhysMem>, _) = match a.platform.as_str() {
         "sim" => {
             let sc = vtd::sim::SimConfig {
@@ -155,13 +165,40 @@ fn run(a: Args) -> Result<(), String> {
             }
             let mmio =
                 crate::platform::linux::discover().map_err(|e| format!("VT-d discovery: {e}"))?;
-            let mem =
-                crate::platform::linux::HugeMem::new().map_err(|e| format!("DMA memory: {e}"))?;
+            // Memory the unit may reach lives in named files that outlive this process
+            // (crate::persist; docs/ARCHITECTURE.md, "Stop, crash and restart").
+            let dir = a
+                .state_dir
+                .clone()
+                .unwrap_or_else(crate::persist::default_dir);
+            let sd = crate::persist::StateDir::open(&dir)?;
+            let mem = crate::platform::linux::HugeMem::in_dir(sd.path(), sd.prefix())
+                .map_err(|e| format!("DMA memory in {}: {e}", dir.display()))?;
+            let (n, bytes) = sd.stale();
+            crate::unit::log::info(&format!(
+                "state dir {} ({:?} pages): {n} file(s), {} KiB, left by a previous iommud",
+                dir.display(),
+                mem.source(),
+                bytes >> 10
+            ));
+            state_dir = Some(sd);
             (Box::new(mmio), Arc::new(mem), None)
         }
         other => return Err(format!("unknown platform {other:?} (sim or linux)")),
     };
     let unit = Iommu::init(mmio, mem, &cfg).map_err(|e| format!("bringing up VT-d: {e}"))?;
+    // The unit now walks our root only (invalidated globally): what a previous
+    // iommud left may go.
+    #[cfg(target_os = "linux")]
+    if let Some(sd) = state_dir.as_mut() {
+        let (n, bytes) = sd.release_stale();
+        if n > 0 {
+            crate::unit::log::info(&format!(
+                "released {n} memory file(s), {} KiB, of a previous iommud",
+                bytes >> 10
+            ));
+        }
+    }
     let mut state = State::new(
         Arc::new(unit),
         if sim_fds.is_some() { "sim" } else { "linux" },
@@ -199,8 +236,12 @@ fn run(a: Args) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(200));
         });
     }
-    crate::server::serve(state, &a.socket)
-        .map_err(|e| format!("serving {}: {e}", a.socket.display()))
+    let r = crate::server::serve(state, &a.socket)
+        .map_err(|e| format!("serving {}: {e}", a.socket.display()));
+    // The state directory's lock is held until the process ends.
+    #[cfg(target_os = "linux")]
+    drop(state_dir);
+    r
 }
 
 /// The daemon: parses `std::env::args`, brings the unit up, serves.

@@ -20,9 +20,12 @@
 pub mod cli;
 pub mod domain;
 pub mod faults;
+pub mod handover;
 pub mod hw;
 pub mod invq;
 pub mod pagetable;
+#[cfg(target_os = "linux")]
+pub mod persist;
 pub mod platform;
 pub mod policy;
 pub mod quota;
@@ -36,6 +39,7 @@ pub mod service;
 pub mod session;
 pub mod state;
 pub mod stats;
+mod stop;
 pub mod timer;
 pub mod unit;
 

@@ -67,9 +67,10 @@ pub fn serve(state: Arc<State>, path: &Path) -> std::io::Result<()> {
     let _ = ticker.join();
     state.service.stop();
     let _ = std::fs::remove_file(path);
-    // Block every device before this process (and its memory) goes: each
-    // context entry cleared and invalidated, then the domain's memory freed.
-    state.detach_all();
+    // Block every device before this process (and its memory) goes: every
+    // context entry cleared and invalidated, then the domains' memory freed,
+    // then the unit parked on an empty root (crate::stop).
+    state.stop_orderly();
     log::info("stopped");
     Ok(())
 }

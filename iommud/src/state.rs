@@ -193,7 +193,7 @@ impl State {
             .cloned()
     }
 
-    fn all_domains(&self) -> Vec<Arc<Domain>> {
+    pub(crate) fn all_domains(&self) -> Vec<Arc<Domain>> {
         self.domains
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -108,21 +108,9 @@ impl Iommu {
             ))
         })?;
         let t = cfg.timeout;
-        // A previous owner may have left translation or the queue on.
-        let gsts = Gsts::from_bits_retain(mmio.read32(regs::GSTS));
-        if gsts.contains(Gsts::TES) {
-            set_gcmd(&*mmio, Gcmd::TE, false, Gsts::TES, "GSTS.TES to clear", t)?;
-        }
-        if gsts.contains(Gsts::QIES) {
-            set_gcmd(
-                &*mmio,
-                Gcmd::QIE,
-                false,
-                Gsts::QIES,
-                "GSTS.QIES to clear",
-                t,
-            )?;
-        }
+        // A previous owner (an iommud that stopped or died) may have left
+        // translation and the queue on: see `crate::handover`.
+        let gsts = crate::handover::release_queue(&*mmio, t)?;
         let root = mem.alloc_frame()?;
         // §10.4.6 RTADDR: table address 63:12, TTM 11:10 = 00 (legacy root table).
         mmio.write64(regs::RTADDR, root);
@@ -146,6 +134,18 @@ impl Iommu {
         let coherent = ecap.c();
         let mut qi = InvQueue::new(&*mem, t, coherent)?;
         qi.enable(&*mmio)?;
+        // One global invalidation through the queue now, so the last
+        // descriptor the unit executed is always a wait: QEMU refuses to
+        // turn QI off otherwise, which would leave the next iommud unable
+        // to take the unit over (see `crate::handover`).
+        qi.run(
+            &*mmio,
+            &*mem,
+            &[
+                Descriptor::cc_global(),
+                Descriptor::iotlb_global(cap.drd(), cap.dwd()),
+            ],
+        )?;
         let ndids = cap.domain_ids().min(1 << 16) as usize;
         let mut dids = vec![false; ndids];
         // DID 0 is reserved when caching mode is set (§9.3); we never use it.
@@ -170,12 +170,23 @@ impl Iommu {
         };
         // Stale fault records from before us: clear, don't report.
         unit.clear_faults();
-        if cfg.translate {
+        if cfg.translate && !gsts.contains(Gsts::TES) {
             set_gcmd(&*unit.mmio, Gcmd::TE, true, Gsts::TES, "GSTS.TES", t)?;
+        } else if !cfg.translate && gsts.contains(Gsts::TES) {
+            // The administrator asked for no translation: only now, with
+            // every context entry gone, does TE go off.
+            set_gcmd(
+                &*unit.mmio,
+                Gcmd::TE,
+                false,
+                Gsts::TES,
+                "GSTS.TES to clear",
+                t,
+            )?;
         }
         log::info(&format!(
             "VT-d unit up: VER {ver:#x} CAP {:#018x} ECAP {:#018x}; {levels}-level tables, \
-             caching mode {}, coherent {}, {} domain ids, translation {}",
+             caching mode {}, coherent {}, {} domain ids, translation {}, root {root:#x}",
             cap.0,
             ecap.0,
             cap.cm(),
@@ -351,6 +362,39 @@ impl Iommu {
             self.write_entry128(ctp + (context_index(sid) * 16) as u64, 0, 0, false)?;
         }
         self.invalidate(&[Descriptor::cc_device(did, sid, 0), self.iotlb_domain(did)])
+    }
+
+    /// Physical address of the root table the unit points at.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// The last step of an orderly stop, once every domain is gone: clears
+    /// every root entry and invalidates the context caches and IOTLB
+    /// globally, so the unit, still translating, walks an all-zero root
+    /// table and reaches no context table, page table or pool. Only the root
+    /// frame (and the queue) must then stay allocated; see
+    /// docs/ARCHITECTURE.md, "Stop, crash and restart".
+    pub fn park(&self) -> Result<(), HwError> {
+        let mut ctx = self.contexts.lock().unwrap_or_else(|p| p.into_inner());
+        for bus in 0..256u64 {
+            self.mem.write_u64(self.root + bus * 16, 0)?;
+            self.mem.write_u64(self.root + bus * 16 + 8, 0)?;
+        }
+        if !self.coherent() {
+            self.mem.flush(self.root, 4096);
+        }
+        let r = self.invalidate(&[
+            Descriptor::cc_global(),
+            Descriptor::iotlb_global(self.cap.drd(), self.cap.dwd()),
+        ]);
+        if r.is_ok() {
+            // The context tables are unreachable now and no longer ours to use.
+            for (_, c) in ctx.drain() {
+                self.mem.free_frame(c);
+            }
+        }
+        r
     }
 
     fn clear_faults(&self) {

@@ -104,6 +104,46 @@ impl HugeRegion {
     }
 
     fn alloc_with(len: usize, page_size: usize, flags: libc::c_uint) -> Result<Self> {
+        // SAFETY: FFI with a NUL-terminated static name; the result is checked.
+        let raw = unsafe { libc::memfd_create(c"linuxhw-dma".as_ptr(), flags) };
+        if raw < 0 {
+            return Err(Error::last_os(format!("memfd_create(flags {flags:#x})")));
+        }
+        // SAFETY: raw is a fresh fd owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Self::from_new_fd(fd, len, page_size)
+    }
+
+    /// Like [`alloc`](Self::alloc) (`huge`) or [`alloc_small`](Self::alloc_small), but
+    /// backed by a new file `path` (created with mode 0600, never an existing one) instead
+    /// of a memfd: a file on hugetlbfs (`huge`) or tmpfs keeps its pages after the process
+    /// exits or dies, until it is unlinked, so memory a device may still reach is never
+    /// given back to the kernel with the process. The caller removes the file when the
+    /// memory is free.
+    pub fn create_file(path: &std::path::Path, len: usize, huge: bool) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| Error::Io {
+                op: "create",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let page_size = if huge { HUGE_PAGE_SIZE } else { PAGE_SIZE };
+        let r = Self::from_new_fd(OwnedFd::from(file), len, page_size);
+        if r.is_err() {
+            // Nothing of it was handed out: do not leave an empty or partial file behind.
+            let _ = std::fs::remove_file(path);
+        }
+        r
+    }
+
+    /// Sizes, maps, locks, zeroes and addresses a fresh, empty file.
+    fn from_new_fd(fd: OwnedFd, len: usize, page_size: usize) -> Result<Self> {
         let bad = Error::BadLength {
             what: "DMA memory region",
             len,
@@ -116,13 +156,6 @@ impl HugeRegion {
             what: "DMA memory region",
             len,
         })?;
-        // SAFETY: FFI with a NUL-terminated static name; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"linuxhw-dma".as_ptr(), flags) };
-        if raw < 0 {
-            return Err(Error::last_os(format!("memfd_create(flags {flags:#x})")));
-        }
-        // SAFETY: raw is a fresh fd owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: FFI on our own valid fd.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), flen) } != 0 {
             return Err(Error::last_os(format!("ftruncate(memfd, {len:#x})")));
@@ -331,6 +364,30 @@ mod tests {
                 phys + HUGE_PAGE_SIZE as u64 - 1
             );
         });
+    }
+
+    #[test]
+    fn a_named_file_outlives_its_mapping_and_is_never_reused() {
+        let dir = std::env::temp_dir().join(format!("linuxhw-named-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("region");
+        {
+            let r = HugeRegion::create_file(&path, 100, false);
+            let Ok(r) = r else {
+                // Without CAP_SYS_ADMIN pagemap hides PFNs: the file must not stay behind.
+                assert!(!path.exists(), "a failed region left its file");
+                return;
+            };
+            assert_eq!(r.len(), PAGE_SIZE);
+            // SAFETY: inside the fresh mapping; no device knows it.
+            unsafe { r.as_ptr().add(10).write_volatile(0xA5) };
+        }
+        // The mapping is gone; the file (and its page) is not.
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!((data.len(), data[10]), (PAGE_SIZE, 0xA5));
+        // An existing file is never taken over as fresh memory.
+        assert!(HugeRegion::create_file(&path, 100, false).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod linuxpeer;
 mod netbench;
 mod pipeline;
 mod redox;
+mod restart;
 mod security;
 mod smoke;
 mod soak;

@@ -95,6 +95,20 @@ reported in iommud's faults; the canary is intact; later bursts succeed",
             run: crate::storm::run,
         },
         GuestTest {
+            name: "guest-stop",
+            about: "iommuctl stop mid-stream blocks both NICs before their memory goes and \
+parks the unit (still translating, root kept in the state dir): a canary the NIC overwrites \
+without iommud stays intact; a second and third iommud take the unit over; frames intact",
+            run: crate::restart::stop,
+        },
+        GuestTest {
+            name: "guest-restart",
+            about: "kill -9 of iommud mid-stream: its table and region files outlive it, the \
+unit still walks its root; a restarted iommud takes over (translation on) and a new e1000d \
+run is intact (the killed run is not resumed: no reattach yet)",
+            run: crate::restart::restart,
+        },
+        GuestTest {
             name: "guest-igb-magazine-q1",
             about: "igb, 1 queue pair, magazine/percore: frames intact, < 2 round trips and \
 < 10 invalidations per 1000",

@@ -80,13 +80,16 @@ impl SimMachine {
                     return;
                 }
             };
+            let is_wait = matches!(d.decode(), Decoded::Wait { .. });
             if !self.execute(d) {
+                self.hdr().last_wait.store(0, Relaxed);
                 // IQH stays at the offending descriptor.
                 self.set_reg(regs::IQH, (head as u64) << 4);
                 self.queue_error();
                 return;
             }
             self.bump(Ctr::descriptors_executed);
+            self.hdr().last_wait.store(u64::from(is_wait), Relaxed);
             head = (head + 1) % n;
         }
         self.set_reg(regs::IQH, (head as u64) << 4);

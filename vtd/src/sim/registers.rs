@@ -182,8 +182,15 @@ impl SimMachine {
             // §6.5.2: enabling QI resets IQH to 0.
             self.set_reg(regs::IQH, 0);
             sts.insert(Gsts::QIES);
-        } else if !cmd.contains(Gcmd::QIE) {
-            sts.remove(Gsts::QIES);
+        } else if !cmd.contains(Gcmd::QIE) && sts.contains(Gsts::QIES) {
+            // As QEMU does (docs/ARCHITECTURE.md, "QEMU's VT-d unit"): QI is
+            // disabled only when the queue is empty (IQH = IQT) and the last
+            // descriptor executed was a wait; otherwise QIES stays set.
+            let idle = self.reg(regs::IQH) == self.reg(regs::IQT);
+            if idle && self.hdr().last_wait.load(Relaxed) == 1 {
+                self.set_reg(regs::IQH, 0);
+                sts.remove(Gsts::QIES);
+            }
         }
         // WBF completes instantly (WBFS stays 0); IR is not supported
         // (ECAP.IR = 0), so IRE/SIRTP/CFI have no effect.

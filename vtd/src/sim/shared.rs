@@ -54,6 +54,9 @@ pub(crate) struct Header {
     pub next_frcd: AtomicU64,
     pub iotlb_count: AtomicU64,
     pub ps_count: AtomicU64,
+    /// 1 when the last queued descriptor executed was an invalidation wait
+    /// (QEMU refuses to disable QI otherwise: docs/ARCHITECTURE.md, "QEMU's VT-d unit").
+    pub last_wait: AtomicU64,
     pub regs: [AtomicU64; REG_BYTES / 8],
     pub counters: [AtomicU64; NCOUNTERS],
     pub ctx: [CtxSlot; NSID],

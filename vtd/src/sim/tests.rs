@@ -385,10 +385,12 @@ fn several_fault_records_rotate() {
 
 #[test]
 fn register_invalidation_refused_under_qi() {
-    let f = Fix::new(cfg(false));
+    let mut f = Fix::new(cfg(false));
     f.map(0x9000, DATA, true, true);
     f.m.dma_write(SID, 0x9000, b"x").expect("dma");
     f.m.write_u64(L1 + 9 * 8, 0).expect("clear");
+    // A wait first, so that QI may be turned off below (QEMU's rule).
+    f.flush(&[], 1);
     f.m.write64(IVA, regs::iva(0x9000, 0, false));
     f.m.write64(
         IOTLB,
@@ -614,4 +616,32 @@ fn invalidations_take_the_configured_latency() {
         assert!(took >= at_least, "latency {ns} ns: took {took} ns");
         assert_eq!(f.m.config().inval_latency_ns, ns);
     }
+}
+
+/// QEMU's rule for turning queued invalidation off: the queue must be empty
+/// and the last descriptor it executed a wait. A unit whose queue never ran
+/// a descriptor, or whose last one was not a wait, keeps QIES set.
+#[test]
+fn qi_disables_only_after_a_wait() {
+    let mut f = Fix::new(cfg(false));
+    let qi_on = |m: &SimMachine| Gsts::from_bits_retain(m.read32(regs::GSTS)).contains(Gsts::QIES);
+    // Nothing executed yet: refused (TE stays as written).
+    f.m.write32(regs::GCMD, Gcmd::TE.bits());
+    assert!(
+        qi_on(&f.m),
+        "QI turned off with no descriptor ever executed"
+    );
+    // Last descriptor an IOTLB invalidation: refused.
+    f.submit(&[Descriptor::iotlb_global(true, true)]);
+    assert_eq!(f.m.read64(regs::IQH), 1 << 4);
+    f.m.write32(regs::GCMD, Gcmd::TE.bits());
+    assert!(qi_on(&f.m), "QI turned off after a non-wait descriptor");
+    // After a wait: allowed, and IQH is reset.
+    f.flush(&[], 7);
+    f.m.write32(regs::GCMD, Gcmd::TE.bits());
+    assert!(
+        !qi_on(&f.m),
+        "QI still on after a wait with the queue empty"
+    );
+    assert_eq!(f.m.read64(regs::IQH), 0);
 }

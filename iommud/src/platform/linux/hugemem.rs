@@ -116,6 +116,34 @@ impl Inner {
 pub struct HugeMem {
     source: MemSource,
     inner: RwLock<Inner>,
+    /// Where named memory files go (`None`: anonymous memfds, which the kernel takes
+    /// back when the process exits).
+    files: Option<Files>,
+}
+
+/// Named memory files in iommud's state directory (see `crate::persist`).
+#[derive(Debug)]
+struct Files {
+    dir: std::path::PathBuf,
+    /// Every file name starts with this (`iommud-<pid>-`).
+    prefix: String,
+    next: std::sync::atomic::AtomicU64,
+    /// The file of each live client region, by physical base.
+    regions: Mutex<BTreeMap<u64, std::path::PathBuf>>,
+}
+
+impl Files {
+    fn alloc(
+        &self,
+        source: MemSource,
+        len: usize,
+        kind: &str,
+    ) -> linuxhw::Result<(HugeRegion, std::path::PathBuf)> {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!("{}{n}-{kind}", self.prefix));
+        let huge = source == MemSource::Hugepages;
+        Ok((HugeRegion::create_file(&path, len, huge)?, path))
+    }
 }
 
 impl HugeMem {
@@ -140,9 +168,47 @@ impl HugeMem {
         let m = HugeMem {
             source,
             inner: RwLock::new(Inner::default()),
+            files: None,
         };
         m.grow(&mut m.write())?;
         Ok(m)
+    }
+
+    /// All memory (table-frame pools and client regions) in named files in `dir`, each
+    /// named `<prefix><n>-tables` or `<prefix><n>-region`: 2 MiB hugepages when `dir` is
+    /// on hugetlbfs, locked 4 KiB pages otherwise (tmpfs). Table pools are never removed
+    /// by this process, so the unit's root table and queue outlive it (even `kill -9`);
+    /// a region's file is removed when the region is freed. See `crate::persist`.
+    pub fn in_dir(dir: &std::path::Path, prefix: String) -> Result<HugeMem, HwError> {
+        let source = if crate::persist::on_hugetlbfs(dir) {
+            MemSource::Hugepages
+        } else {
+            MemSource::SmallPages
+        };
+        let m = HugeMem {
+            source,
+            inner: RwLock::new(Inner::default()),
+            files: Some(Files {
+                dir: dir.to_path_buf(),
+                prefix,
+                next: Default::default(),
+                regions: Mutex::new(BTreeMap::new()),
+            }),
+        };
+        m.grow(&mut m.write())?;
+        Ok(m)
+    }
+
+    /// Allocates backing memory: a named file when configured, else a memfd.
+    fn alloc_mem(
+        &self,
+        len: usize,
+        kind: &str,
+    ) -> linuxhw::Result<(HugeRegion, Option<std::path::PathBuf>)> {
+        match &self.files {
+            Some(f) => f.alloc(self.source, len, kind).map(|(r, p)| (r, Some(p))),
+            None => self.source.alloc(len).map(|r| (r, None)),
+        }
     }
 
     /// The memory source in use.
@@ -184,11 +250,10 @@ impl HugeMem {
             MemSource::Hugepages => HUGE_PAGE_SIZE,
             MemSource::SmallPages => SMALL_POOL_PAGES * PAGE_SIZE,
         };
-        let mem = Arc::new(
-            self.source
-                .alloc(len)
-                .map_err(|e| os_err("allocate table-frame pool", e))?,
-        );
+        let (mem, _file) = self
+            .alloc_mem(len, "tables")
+            .map_err(|e| os_err("allocate table-frame pool", e))?;
+        let mem = Arc::new(mem);
         if !inner.insert(&mem, Use::Tables) {
             return Err(HwError::Hardware(
                 "pagemap gave a physical address iommud already owns".into(),
@@ -283,16 +348,21 @@ impl PhysMem for HugeMem {
             ));
         }
         // A fresh memfd per region: the fd handed to the client maps exactly this memory.
-        let mem = Arc::new(
-            self.source
-                .alloc(page as usize)
-                .map_err(|e| os_err("allocate client region", e))?,
-        );
-        let (_, phys) = mem
-            .chunks()
-            .next()
-            .ok_or(HwError::NoMemory("region allocation returned no pages"))?;
+        let (mem, file) = self
+            .alloc_mem(page as usize, "region")
+            .map_err(|e| os_err("allocate client region", e))?;
+        let mem = Arc::new(mem);
+        let remove = |file: &Option<std::path::PathBuf>| {
+            if let Some(f) = file {
+                let _ = std::fs::remove_file(f);
+            }
+        };
+        let Some((_, phys)) = mem.chunks().next() else {
+            remove(&file);
+            return Err(HwError::NoMemory("region allocation returned no pages"));
+        };
         if !phys.is_multiple_of(align) {
+            remove(&file);
             return Err(HwError::NoMemory("region not aligned as requested"));
         }
         let fd: OwnedFd = mem.fd().try_clone_to_owned().map_err(|err| HwError::Os {
@@ -300,9 +370,13 @@ impl PhysMem for HugeMem {
             err,
         })?;
         if !self.write().insert(&mem, Use::Region) {
+            remove(&file);
             return Err(HwError::Hardware(format!(
                 "pagemap gave region phys {phys:#x}, which iommud already owns"
             )));
+        }
+        if let (Some(files), Some(f)) = (&self.files, file) {
+            lock(&files.regions).insert(phys, f);
         }
         Ok(Region {
             fd: Arc::new(fd),
@@ -319,6 +393,13 @@ impl PhysMem for HugeMem {
                 let mem = Arc::clone(&c.mem);
                 for (_, phys) in mem.chunks() {
                     g.chunks.remove(&phys);
+                }
+                // No device reaches the region any more (its domain's context entry was
+                // cleared and invalidated before any pool is freed): its file may go.
+                if let Some(files) = &self.files {
+                    if let Some(f) = lock(&files.regions).remove(&region.phys) {
+                        let _ = std::fs::remove_file(f);
+                    }
                 }
                 // `mem` drops here: the mapping goes; a client's own mapping keeps the memfd.
             }

@@ -234,3 +234,60 @@ fn new_falls_back_when_hugepages_are_missing() {
         Err(e) => eprintln!("skipping: no physical memory source on this host: {e}"),
     }
 }
+
+/// Memory in a state directory (tmpfs here: 4 KiB pages): table pools and regions are
+/// named files; a freed region's file goes, and the table files (with what was written
+/// into them) stay after the memory object is gone, as after iommud exits.
+#[test]
+fn memory_in_a_state_dir_outlives_the_process_but_not_a_freed_region() {
+    let dir = std::path::PathBuf::from(format!("/dev/shm/iommud-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let list = || {
+        let mut v: Vec<String> = std::fs::read_dir(&dir)
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let m = match HugeMem::in_dir(&dir, "iommud-1-".into()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipping: 4 KiB physical memory unavailable here: {e}");
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+    };
+    assert_eq!(
+        m.source(),
+        MemSource::SmallPages,
+        "/dev/shm is tmpfs, not hugetlbfs"
+    );
+    assert_eq!(list(), ["iommud-1-0-tables"]);
+    let f = m.alloc_frame().expect("frame");
+    m.write_u64(f + 8, 0x5eed_0000_0000_0001).expect("write");
+    let r = m
+        .alloc_region(PAGE_SIZE as u64, PAGE_SIZE as u64)
+        .expect("region");
+    assert_eq!(list(), ["iommud-1-0-tables", "iommud-1-1-region"]);
+    m.free_region(&r);
+    drop(r);
+    assert_eq!(
+        list(),
+        ["iommud-1-0-tables"],
+        "a freed region's file is removed"
+    );
+    // Where in the table file the frame sits is not known here; its value is found in it.
+    drop(m);
+    let bytes = std::fs::read(dir.join("iommud-1-0-tables")).expect("table file kept");
+    let found = bytes
+        .chunks_exact(8)
+        .any(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()) == 0x5eed_0000_0000_0001);
+    assert!(
+        found,
+        "what iommud wrote into its tables is still in the file"
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
