@@ -314,12 +314,26 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
     std::thread::sleep(Duration::from_millis(300));
     let written = r.ring().cq_tail.0.load(Acquire).wrapping_sub(r.head);
     assert!(written <= RING_ENTRIES, "{written} completions");
-    // A nonsense cq_head stalls only this ring.
+    // A nonsense cq_head stalls only this ring, with entries waiting: the
+    // service thread still goes to sleep (it does not spin on a ring it
+    // cannot serve).
     r.ring()
         .cq_head
         .0
         .store(r.head.wrapping_add(5_000_000), Release);
-    std::thread::sleep(Duration::from_millis(100));
+    r.ring()
+        .sq_tail
+        .0
+        .store(r.tail.wrapping_add(2_000_000), Release);
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = d.cpu_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = d.cpu_ticks() - t0;
+    // A thread spinning for the half second would use ~50 ticks (100 Hz).
+    assert!(
+        used < 15,
+        "iommud used {used} ticks in 0.5 s beside a stalled ring"
+    );
     let stats = Control::connect(d.socket())
         .unwrap()
         .read("/scheme/iommu/stats")

@@ -108,12 +108,21 @@ impl Rings {
         self.servers.len()
     }
 
-    /// True if some ring has entries iommud has not taken (the client's
-    /// tail, hostile, only decides whether to look).
+    /// True if some ring has entries iommud could take now: entries beyond
+    /// iommud's own head, and room for their completions. The client's
+    /// indices (hostile) decide only whether to look, never what is done;
+    /// a client that stops consuming completions, or moves its copies of
+    /// iommud's indices, cannot keep a service thread awake.
     pub fn pending(&self) -> bool {
         (0..self.count()).any(|k| {
-            let head = self.ring(k).sq_head.0.load(Relaxed);
-            self.ring(k).sq_tail.0.load(Acquire) != head
+            let Ok(st) = self.servers[k].try_lock() else {
+                // Being served right now.
+                return true;
+            };
+            let shm = self.ring(k);
+            let avail = shm.sq_tail.0.load(Acquire).wrapping_sub(st.sq_head);
+            let used = st.cq_tail.wrapping_sub(shm.cq_head.0.load(Acquire));
+            avail != 0 && used < RING_ENTRIES
         })
     }
 }
