@@ -79,9 +79,8 @@ struct Pass {
     /// Maps to invalidate before completing (caching mode).
     fresh: Vec<(u64, u64)>,
     /// Validated magazine maps, their entries written at the end of the
-    /// pass (runs of neighbours at once): (result index, IOVA, class, the
-    /// entries' values).
-    maps: Vec<(usize, u64, usize, Vec<u64>)>,
+    /// pass (runs of neighbours at once).
+    maps: Vec<PassMap>,
     /// Validated magazine unmaps, cleared at the end of the pass: (IOVA,
     /// pages, class).
     unmaps: Vec<(u64, u64, usize)>,
@@ -89,6 +88,19 @@ struct Pass {
     regions: Vec<Registered>,
     /// A sealed batch waits for this tag (ask for a flush).
     want: u64,
+}
+
+/// A validated magazine map of a pass, written at its end.
+#[derive(Clone, Copy)]
+struct PassMap {
+    /// Its entry's index in the pass (its completion).
+    at: usize,
+    iova: u64,
+    class: usize,
+    /// Page-aligned physical address and pages.
+    phys: u64,
+    pages: u64,
+    dir: Dir,
 }
 
 impl Rings {
@@ -387,11 +399,15 @@ impl Domain {
         };
         let base = phys - off;
         // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
-        let entries = (0..pages)
-            .map(|p| vtd::entry::SlPte::new(base + p * PAGE, dir.read(), dir.write()).0)
-            .collect();
         // Written, and made live, at the end of the pass (before any completion).
-        pass.maps.push((pass.results.len(), iova, class, entries));
+        pass.maps.push(PassMap {
+            at: pass.results.len(),
+            iova,
+            class,
+            phys: base,
+            pages,
+            dir,
+        });
         Ok(iova + off)
     }
 
@@ -612,32 +628,39 @@ impl Domain {
         // Maps: entries written in runs, then live (an unmap of the same pass
         // found them not live and was refused), then completed.
         let mut maps = std::mem::take(&mut pass.maps);
-        maps.sort_unstable_by_key(|m| m.1);
+        maps.sort_unstable_by_key(|m| m.iova);
+        let mut run: Vec<u64> = Vec::with_capacity(64);
         let mut k = 0;
         while k < maps.len() {
-            let mut run: Vec<u64> = maps[k].3.clone();
-            let start = maps[k].1;
-            let mut j = k + 1;
-            while j < maps.len() && maps[j].1 == start + run.len() as u64 * PAGE {
-                run.extend_from_slice(&maps[j].3);
+            run.clear();
+            let start = maps[k].iova;
+            let mut j = k;
+            while j < maps.len() && maps[j].iova == start + run.len() as u64 * PAGE {
+                let m = maps[j];
+                // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
+                run.extend((0..m.pages).map(|p| {
+                    vtd::entry::SlPte::new(m.phys + p * PAGE, m.dir.read(), m.dir.write()).0
+                }));
                 j += 1;
             }
             let ok = self.mem().write_u64s(pte(start), &run).is_ok();
             if ok && !self.unit.coherent() {
                 self.mem().flush(pte(start), run.len() as u64 * 8);
             }
-            for (at, iova, class, entries) in &maps[k..j] {
+            for m in &maps[k..j] {
                 if ok {
-                    if let Some(slot) = rings.live.get(((iova - IOVA_BASE) / PAGE) as usize) {
-                        slot.store(entries.len() as u8, Release);
+                    if let Some(slot) = rings.live.get(((m.iova - IOVA_BASE) / PAGE) as usize) {
+                        slot.store(m.pages as u8, Release);
                     }
                     if self.unit.caching_mode() {
-                        pass.fresh.push((*iova, entries.len() as u64));
+                        pass.fresh.push((m.iova, m.pages));
                     }
                 } else {
-                    let _ = self.mem().write_u64s(pte(*iova), &vec![0; entries.len()]);
-                    st.clean[*class].push(*iova);
-                    if let Some(r) = pass.results.get_mut(*at) {
+                    let _ = self
+                        .mem()
+                        .write_u64s(pte(m.iova), &vec![0; m.pages as usize]);
+                    st.clean[m.class].push(m.iova);
+                    if let Some(r) = pass.results.get_mut(m.at) {
                         r.1 = Err(ErrorCode::Hardware);
                     }
                 }
