@@ -279,7 +279,17 @@ impl CpuCache {
         if self.deadline == 0 {
             return;
         }
-        let now = b.now();
+        self.enforce_age_at(b, b.now());
+    }
+
+    /// [`CpuCache::enforce_age`] against a time the caller already has (the
+    /// unmap path's latest clock sample, at most `TIME_SAMPLE` unmaps old:
+    /// no clock read per unmap). A stale `now` only makes the check later;
+    /// iommud's timer still bounds the window.
+    pub fn enforce_age_at<B: Backend>(&mut self, b: &B, now: u64) {
+        if self.deadline == 0 || now == 0 {
+            return;
+        }
         if now < self.deadline {
             return;
         }

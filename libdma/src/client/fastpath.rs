@@ -211,7 +211,7 @@ impl DmaDomain {
                 if flush != FlushPolicy::Deferred {
                     c.free(class, base, tag, &Remote(self));
                 }
-                c.enforce_age(&Remote(self));
+                c.enforce_age_at(&Remote(self), k.unmap_last.load(Relaxed));
                 drop(c);
                 // The record is stored before the flag is read; iommud stores
                 // the flag before it reads the records (both fenced), so one
