@@ -8,11 +8,12 @@
 //!
 //! **Submitting.** The client writes [`Sqe`]s at `sq_tail` (modulo
 //! [`RING_ENTRIES`]), then publishes `sq_tail` with a release store, then
-//! (after a full fence) reads the published page's `ring_idle`: only when
-//! iommud said its service thread sleeps does it ring the doorbell (an
-//! 8-byte write to the eventfd). iommud sets `ring_idle`, fences, and looks
-//! at every ring once more before it sleeps, so either it sees the new tail
-//! or the client sees `ring_idle` (no lost wake-up).
+//! (after a full fence) reads the published page's `ring_awake`: only when
+//! iommud said every service thread serving the domain sleeps (0) does it
+//! ring the doorbell (an 8-byte write to the eventfd). A service thread
+//! lowers `ring_awake`, fences, and looks at its rings once more before it
+//! sleeps, so either it sees the new tail or the client sees 0 (no lost
+//! wake-up).
 //!
 //! **Completing.** Every entry gets exactly one [`Cqe`], in order. iommud
 //! writes it at its own `cq_tail`, then publishes `cq_tail` (release); the

@@ -268,9 +268,9 @@ pub struct EpochPage {
     pub strategy: AtomicU32,
     /// The domain's flush policy (`proto::FlushPolicy` wire value).
     pub flush: AtomicU32,
-    /// Nonzero while the service thread serving this domain's rings sleeps:
-    /// a client that submits must then ring the doorbell (`crate::ring`).
-    pub ring_idle: AtomicU32,
+    /// How many of the service threads serving this domain's rings are
+    /// awake: at 0 a client that submits must ring the doorbell (`crate::ring`).
+    pub ring_awake: AtomicU32,
     /// 1 while iommud's epoch timer looks at this domain only every
     /// [`IDLE_SCAN_NS`] (nothing waited at its last look): a client that
     /// records the first unmap since then sends a `FlushHint`, so the

@@ -91,10 +91,17 @@ impl Served {
         let mut b = Served::new(strategy, flush);
         b.strategy_label = format!("{}-val{batch}", strategy.name());
         b.trust = "validated";
+        // One ring service thread per CPU of this machine (2), as a client
+        // thread per CPU has a ring of its own.
+        b.daemon_args.push("--service-threads".into());
+        b.daemon_args.push(SERVICE_THREADS.to_string());
         b.batch = batch;
         b
     }
 }
+
+/// iommud's ring service threads in the validated rows.
+pub const SERVICE_THREADS: usize = 2;
 
 /// Validated rows batch this many maps per request (an RX refill).
 pub const VALIDATED_BATCH: usize = 32;

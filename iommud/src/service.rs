@@ -4,11 +4,13 @@
 //! A service thread passes over the rings of the domains it serves while
 //! entries keep arriving, and keeps looking for [`Service::spin`] after the
 //! last one (yielding the CPU between looks, so a client on the same CPU
-//! still runs). Then it tells each of its domains' clients that it sleeps
-//! (`ring_idle` in the published page), looks once more, and sleeps in
-//! `poll` on the domains' doorbells and its own wake-up descriptor. A
-//! client rings its doorbell only when it saw `ring_idle`, so in steady
-//! state neither side makes a system call.
+//! still runs). Then it lowers each of its domains' count of awake service
+//! threads (`ring_awake` in the published page), looks once more, and
+//! sleeps in `poll` on the domains' doorbells and its own wake-up
+//! descriptor. A client rings its doorbell only when it saw no thread
+//! awake, so in steady state neither side makes a system call. A domain
+//! with several rings is served by as many threads as it has rings (at
+//! most all of them), each starting its passes at another ring.
 
 use crate::domain::Domain;
 use crate::state::State;
@@ -31,6 +33,8 @@ const SLEEP_MS: i32 = 1000;
 
 /// One service thread's share of the domains.
 struct Worker {
+    /// Index of the thread (its passes start at this ring).
+    index: usize,
     domains: Mutex<Vec<Arc<Domain>>>,
     generation: AtomicU64,
     wake: Option<OwnedFd>,
@@ -52,8 +56,9 @@ impl Service {
     pub fn new(threads: usize, spin: Duration) -> Service {
         Service {
             workers: (0..threads.max(1))
-                .map(|_| {
+                .map(|index| {
                     Arc::new(Worker {
+                        index,
                         domains: Mutex::default(),
                         generation: AtomicU64::new(0),
                         wake: crate::platform::shm::eventfd().ok(),
@@ -88,21 +93,31 @@ impl Service {
         Ok(())
     }
 
-    /// Serves `d`'s rings from now on (on the least loaded thread).
+    /// Serves `d`'s rings from now on, on the least loaded threads (one per
+    /// ring, at most every thread).
     pub fn add(&self, d: Arc<Domain>) {
-        let Some(w) = self.workers.iter().min_by_key(|w| {
+        let rings = d.rings().map_or(1, |r| r.count());
+        let load = |w: &Arc<Worker>| {
             w.domains
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .filter(|d| !d.is_dead())
                 .count()
-        }) else {
-            return;
         };
-        w.domains.lock().unwrap_or_else(|p| p.into_inner()).push(d);
-        w.generation.fetch_add(1, SeqCst);
-        ring(w.wake.as_ref());
+        let mut order: Vec<&Arc<Worker>> = self.workers.iter().collect();
+        order.sort_by_key(|w| load(w));
+        let chosen = &order[..rings.min(order.len()).max(1)];
+        // Counted awake before any of them can sleep with it in its list.
+        d.set_ring_servers(chosen.len() as u32);
+        for w in chosen {
+            w.domains
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(d.clone());
+            w.generation.fetch_add(1, SeqCst);
+            ring(w.wake.as_ref());
+        }
     }
 
     /// Makes every thread return.
@@ -175,7 +190,8 @@ fn run(state: &Arc<State>, w: &Worker) {
         for d in &doms {
             dead |= d.is_dead();
             // A bug reached through one client's ring must not stop the others.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.serve_rings())) {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.serve_rings(w.index)))
+            {
                 Ok(n) => {
                     // An idle epoch timer learns of iommud's own unmaps now.
                     if n > 0 && d.timer_idle() {
@@ -212,7 +228,7 @@ fn run(state: &Arc<State>, w: &Worker) {
             continue;
         }
         // Sleep: say so, then look once more (a client that submitted
-        // before seeing `ring_idle` is found here; one after rings).
+        // before seeing no thread awake is found here; one after rings).
         for d in &doms {
             d.set_ring_idle(true);
         }

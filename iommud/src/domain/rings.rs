@@ -225,20 +225,31 @@ impl Domain {
 
     /// Tells the client whether the service thread sleeps (`crate::ring`).
     pub fn set_ring_idle(&self, idle: bool) {
-        self.page().ring_idle.store(u32::from(idle), SeqCst);
+        let awake = &self.page().ring_awake;
         if idle {
+            // Only this thread's own count comes off (never below 0).
+            let _ = awake.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
             stats::add(&self.stats.ring_sleeps, 1);
+        } else {
+            awake.fetch_add(1, SeqCst);
         }
     }
 
-    /// One pass over every ring: returns the entries served. A ring another
-    /// service thread is serving is skipped.
-    pub fn serve_rings(&self) -> u32 {
+    /// Publishes how many service threads serve the rings (all awake now).
+    pub fn set_ring_servers(&self, n: u32) {
+        self.page().ring_awake.store(n, SeqCst);
+    }
+
+    /// One pass over every ring, from ring `first` on (service threads
+    /// sharing a domain start at different rings): returns the entries
+    /// served. A ring another service thread is serving is skipped.
+    pub fn serve_rings(&self, first: usize) -> u32 {
         let Some(rings) = self.rings.get() else {
             return 0;
         };
         let mut served = 0;
-        for k in 0..rings.count() {
+        for j in 0..rings.count() {
+            let k = (first + j) % rings.count();
             let Ok(mut st) = rings.servers[k].try_lock() else {
                 continue;
             };

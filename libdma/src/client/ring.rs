@@ -379,9 +379,9 @@ impl DmaDomain {
         }
         c.tail = first.wrapping_add(ops.len() as u32);
         ring.sq_tail.0.store(c.tail, Release);
-        // Dekker with the service thread: our tail before its `ring_idle`.
+        // Dekker with the service threads: our tail before their `ring_awake`.
         std::sync::atomic::fence(SeqCst);
-        if self.page().ring_idle.load(SeqCst) != 0 {
+        if self.page().ring_awake.load(SeqCst) == 0 {
             self.stats.wakeups.fetch_add(1, Relaxed);
             rings.ring_doorbell();
         }
@@ -460,7 +460,7 @@ impl DmaDomain {
                         if self.page().dead.load(Relaxed) != 0 {
                             return Err(Error::Dead);
                         }
-                        if self.page().ring_idle.load(SeqCst) != 0 {
+                        if self.page().ring_awake.load(SeqCst) == 0 {
                             rings.ring_doorbell();
                         }
                         if start.elapsed() > WAIT_LIMIT {
