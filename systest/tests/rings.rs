@@ -441,3 +441,25 @@ fn submitted_maps_are_collected_in_any_order() {
     dom.drain().unwrap();
     assert_eq!(dom.counts().ring_errors, 0);
 }
+
+#[test]
+fn two_service_threads_share_a_domains_rings() {
+    let d = daemon_with_policy("rings-two", VALIDATED, &["--service-threads", "2"]);
+    for (k, f) in [FlushPolicy::Strict, FlushPolicy::PerCore]
+        .into_iter()
+        .enumerate()
+    {
+        let stats = exercise(&d, 0x60 + 8 * k as u16, Strategy::Magazine, f, 2);
+        assert_eq!(kv(&stats, "ring_entries"), (2 * ROUNDS * BATCH * 2) as u64);
+    }
+    // Idle again: every service thread sleeps (a client now rings).
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = d.cpu_ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    let used = d.cpu_ticks() - t0;
+    assert!(
+        used < 15,
+        "iommud used {used} ticks in 0.5 s with no traffic"
+    );
+    assert_eq!(d.machine().counters().stale_hits, 0);
+}
