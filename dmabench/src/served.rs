@@ -114,6 +114,14 @@ pub fn backends() -> Vec<Box<dyn Backend>> {
             out.push(Box::new(Served::new(s, FlushPolicy::ALL[0])));
             continue;
         }
+        if s == Strategy::Static {
+            // Pools mapped once: no flush policy applies.
+            let mut b = Served::validated(s, FlushPolicy::PerCore, 1);
+            b.strategy_label = "static".into();
+            b.flush_label = "none".into();
+            out.push(Box::new(b));
+            continue;
+        }
         for f in FlushPolicy::ALL {
             out.push(Box::new(Served::new(s, f)));
         }
@@ -262,12 +270,14 @@ impl Backend for Served {
         // the row's trust (delegated, so the magazine rows run beside the
         // others, or validated for the ring rows).
         let policy = dir.join(format!("iommud-bench-{name}.toml"));
-        let trust = if self.trust == "validated" {
-            "validated"
+        let text = if self.trust == "validated" {
+            // `static` is allowed only where the configuration lists it.
+            "[default]\ntrust = \"validated\"\n\
+             strategies = [\"global\", \"magazine\", \"identity\", \"va\", \"static\"]\n"
         } else {
-            "delegated"
+            "[default]\ntrust = \"delegated\"\n"
         };
-        std::fs::write(&policy, format!("[default]\ntrust = \"{trust}\"\n"))?;
+        std::fs::write(&policy, text)?;
         let child = Command::new(&exe)
             .args(["--platform", "sim", "--socket"])
             .arg(&socket)
@@ -484,7 +494,9 @@ mod tests {
     #[test]
     fn every_strategy_and_policy_has_a_backend() {
         let b = backends();
-        let n = (Strategy::ALL.len() - 1) * FlushPolicy::ALL.len() + 2 + 3 + 2 + 1;
+        // Every strategy but noiommu and static x every flush policy, noiommu,
+        // static, the noncoherent row, 3 + 2 validated magazine rows, global-val32.
+        let n = (Strategy::ALL.len() - 2) * FlushPolicy::ALL.len() + 1 + 1 + 1 + 3 + 2 + 1;
         assert_eq!(b.len(), n);
         assert_eq!((b[0].strategy(), b[0].flush()), ("libdma-noiommu", "none"));
     }

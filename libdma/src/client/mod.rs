@@ -138,8 +138,9 @@ pub struct DmaDomain {
     shared: Mapping,
     arena: Option<Mapping>,
     pools: Mutex<Vec<Pool>>,
-    /// The registered regions (pools), for ring entries and `static`.
-    regions: std::sync::RwLock<Vec<RegionInfo>>,
+    /// The registered regions (pools), for ring entries and `static`:
+    /// appended under the pools' lock, read without any lock.
+    regions: ring::Regions,
     /// Validated trust: the submission and completion rings.
     rings: Option<ClientRings>,
     free_bufs: Mutex<Vec<(usize, DmaBuffer)>>,
@@ -382,15 +383,12 @@ impl DmaDomain {
                 phys: a.phys,
                 next: 0,
             });
-            self.regions
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(RegionInfo {
-                    phys: a.phys,
-                    len: a.len,
-                    index: a.region,
-                    iova: a.iova,
-                });
+            self.regions.push(RegionInfo {
+                phys: a.phys,
+                len: a.len,
+                index: a.region,
+                iova: a.iova,
+            })?;
         }
         let p = pools.last_mut().ok_or(Error::Dead)?;
         if p.next + rounded > p.map.len() {

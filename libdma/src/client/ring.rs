@@ -71,6 +71,51 @@ pub(super) struct ClientRings {
     slots: Vec<RingSlot>,
 }
 
+/// Most pools one client registers (2 MiB each: 1 GiB, above the default
+/// pool quota of 256 MiB).
+pub(super) const MAX_REGIONS: usize = 512;
+
+/// The registered regions, append-only: written under the pools' lock, read
+/// by every CPU with no lock and no shared write (a map looks its buffer up
+/// here).
+pub(super) struct Regions {
+    slots: Box<[std::sync::OnceLock<RegionInfo>]>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Regions {
+    fn default() -> Self {
+        Regions {
+            slots: (0..MAX_REGIONS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
+            len: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Regions {
+    /// Appends one (the caller holds the pools' lock: one writer).
+    pub(super) fn push(&self, r: RegionInfo) -> Result<()> {
+        let n = self.len.load(SeqCst);
+        let slot = self
+            .slots
+            .get(n)
+            .ok_or_else(|| Error::Invalid(format!("more than {MAX_REGIONS} DMA pools")))?;
+        let _ = slot.set(r);
+        self.len.store(n + 1, Release);
+        Ok(())
+    }
+
+    /// The regions registered so far.
+    pub(super) fn iter(&self) -> impl Iterator<Item = RegionInfo> + '_ {
+        let n = self.len.load(Acquire);
+        self.slots[..n.min(MAX_REGIONS)]
+            .iter()
+            .filter_map(|s| s.get().copied())
+    }
+}
+
 /// A registered region as the client knows it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct RegionInfo {
@@ -127,11 +172,8 @@ impl DmaDomain {
     /// The registered region holding `[phys, phys+len)`.
     fn region_of(&self, phys: u64, len: u64) -> Result<RegionInfo> {
         self.regions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|r| phys >= r.phys && phys.checked_add(len).is_some_and(|e| e <= r.phys + r.len))
-            .copied()
             .ok_or_else(|| {
                 Error::Invalid(format!(
                     "{phys:#x}+{len:#x} is not in this domain's pools (rings map registered memory)"
