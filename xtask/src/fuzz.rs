@@ -14,7 +14,7 @@ use std::process::Command;
 use crate::util::{mkdirs, run, workspace_root, Result};
 
 /// The targets, in `fuzz/fuzz_targets/`.
-pub const TARGETS: [&str; 2] = ["proto_decode", "session"];
+pub const TARGETS: [&str; 3] = ["proto_decode", "session", "rings"];
 
 /// Seconds per target in `cargo xtask test`.
 pub const TEST_SECONDS: u64 = 60;
