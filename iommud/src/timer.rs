@@ -275,7 +275,9 @@ pub fn on_hint(st: &State, d: &Domain) -> Result<(), crate::domain::DomainError>
         // woken above): a storm of hints costs no wake-up of its own.
         stats::add(&d.stats.hints_coalesced, 1);
         // Taken: the client may hint again (its wish stays in `wanted`).
-        d.client().hint_pending.store(0, std::sync::atomic::Ordering::SeqCst);
+        d.client()
+            .hint_pending
+            .store(0, std::sync::atomic::Ordering::SeqCst);
     }
     Ok(())
 }
