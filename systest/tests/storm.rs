@@ -2,7 +2,7 @@
 //! requests (a tight loop of `FlushHint`, `FlushSync` and writes of a huge
 //! `wanted` into its client page, through [`RawClient`]) while another
 //! client maps and unmaps on the magazine fast path. Phases of 2 s
-//! alternate, victim alone and under the storm, three of each; the victim's
+//! alternate, victim alone and under the storm, four of each; the victim's
 //! throughput under the storm (median over phases) stays at least 90% of
 //! its throughput alone (median), and the storm's hints beyond the budget
 //! are coalesced and its syncs throttled (counted in the stormer's domain
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 const VICTIM: u16 = 0x08;
 const STORMER: u16 = 0x10;
 const PHASE: Duration = Duration::from_secs(2);
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 4;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

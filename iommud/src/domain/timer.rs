@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 /// Flushes per millisecond a domain's hints and `FlushSync` requests may
 /// trigger when no unflushed unmap backs them (a client that unmapped since
 /// the last flush is never refused: that flush is due anyway).
-pub const FLUSH_BUDGET_PER_MS: u64 = 4;
+pub const FLUSH_BUDGET_PER_MS: u64 = 2;
 /// Unbacked flushes a domain may trigger in a burst, before the budget.
-pub const FLUSH_BUDGET_BURST: u64 = 8;
+pub const FLUSH_BUDGET_BURST: u64 = 4;
 /// The shortest gap between two timed flushes of one domain.
 pub const TIMER_MIN_GAP: Duration = crate::TICK;
 /// Longest a connection is held back at once when it exceeds its budget.
