@@ -222,7 +222,7 @@ pub struct Measured {
     pub failures: Vec<String>,
     /// Per frame size: e1000d's per-packet cost breakdown of each rep (ns).
     pub cost: BTreeMap<u64, Vec<Cost>>,
-    /// The trust mode iommud's policy gave the domains (`domain <bdf> trust <mode>`).
+    /// The trust mode iommud reported for the domains (`domain <bdf> trust <mode>`).
     pub trust: Option<String>,
 }
 
@@ -330,12 +330,13 @@ pub fn measure<'a>(lines: impl Iterator<Item = &'a str>) -> Measured {
     m
 }
 
-/// The trust mode of a row: the configuration's. (iommud's `trust` line names what
-/// the device's policy allows, `delegated` for the NICs in the guest, whatever the
-/// strategy; global, identity and va validate every frame all the same. It is kept
-/// as `domain_trust` in `results.json`.)
-fn trust_of<'a>(c: &'a Config, _m: &'a Measured) -> &'a str {
-    c.trust
+/// The trust mode of a row: iommud's report for a translating domain, else the
+/// configuration's (`none` without translation).
+fn trust_of<'a>(c: &'a Config, m: &'a Measured) -> &'a str {
+    match &m.trust {
+        Some(t) if c.translate => t,
+        _ => c.trust,
+    }
 }
 
 /// The per-packet cost table (Markdown): per configuration and frame size, the medians
@@ -403,7 +404,6 @@ fn to_json(
                 "flush": if c.translate { c.flush } else { "none" },
                 "translation": c.translate,
                 "trust": trust_of(c, m),
-                "domain_trust": m.trust.as_deref(),
                 "batch": json_num(cm.map(|c| c[5])),
                 "cost_ns": cost,
                 "frame_bytes": size,
@@ -925,7 +925,6 @@ loop: queues=2 sent=10 received=9 corrupt=0 lost=1 pps=170.0 size=64\n";
         let rows = vec![(cs[0].clone(), base), (cs[4].clone(), x)];
         let j = to_json(&rows, &parse(&[]).unwrap(), Vec::new());
         assert_eq!(j[2]["trust"], "validated");
-        assert_eq!(j[2]["domain_trust"], "validated");
         assert_eq!(j[0]["trust"], "none");
         assert_eq!(j[2]["batch"], 1.5);
         assert_eq!(j[2]["cost_ns"]["ring"], 30.0);
