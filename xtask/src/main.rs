@@ -53,10 +53,13 @@ usage: cargo xtask <command> [options]
   fuzz [--seconds N]        the cargo fuzz targets (protocol decoder, session on the sim), N s
                             each (default 60) from fuzz/corpus; installs cargo-fuzz if missing
   netbench [--packets N] [--rounds N] [--reps N] [--only NAME,...] [--nic e1000|igb|all]
+           [--from-logs]
                             e1000 loop packets/s (64 and 1500 B) and ping-pong p50/p99 per
                             strategy and with translation off, igb rows (1 and 2 queue
                             pairs), and Linux's own intel-iommu (off/strict/lazy/passthrough,
-                            pktgen; --linux-packets N; --only linux); writes target/netbench/
+                            pktgen; --linux-packets N; --only linux); writes target/netbench/;
+                            reps outside, configurations inside (5 reps, a boot each), ratios
+                            per rep; --from-logs re-reads the e1000 rows from the guest logs
   demo --disk [--strategy S] [--flush F] [--caching-mode] [--no-translation]
                             boot iommud + nvmed on QEMU's NVMe (raw image), fill 64 MiB with
                             verified blocks, run a mixed workload, print a `disk: ...` line

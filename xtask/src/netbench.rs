@@ -44,7 +44,9 @@ use crate::util::{json_num, workspace_root, write_json, Flags, Result};
 pub(crate) use benchplot as plot;
 
 const USAGE: &str = "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] \
-[--linux-packets N] [--only NAME[,NAME...]] [--nic e1000|igb|all]  (NAME: a configuration, `linux` or linux-MODE)";
+[--linux-packets N] [--only NAME[,NAME...]] [--nic e1000|igb|all] [--from-logs]  \
+(NAME: a configuration, `linux` or linux-MODE; --from-logs: re-read the e1000 rows from the \
+last run's guest logs, no boot)";
 
 /// Frame sizes measured (bytes, including the Ethernet header).
 pub const SIZES: [u64; 2] = [64, 1500];
@@ -117,6 +119,8 @@ struct Opts {
     nic: String,
     /// pktgen frames per size and rep in the Linux peer's boots.
     linux_packets: u64,
+    /// Re-read the e1000 rows from `target/guest/logs/netbench-<config>-rep<k>.log`.
+    from_logs: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -127,6 +131,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         only: Vec::new(),
         nic: "all".into(),
         linux_packets: 50_000,
+        from_logs: false,
     };
     let mut f = Flags::new(args, USAGE);
     while let Some(a) = f.next_flag() {
@@ -135,6 +140,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--rounds" => o.rounds = f.number(a, 1)?,
             "--reps" => o.reps = f.number(a, 1)?,
             "--linux-packets" => o.linux_packets = f.number(a, 1)?,
+            "--from-logs" => o.from_logs = true,
             "--only" => o.only = f.value(a)?.split(',').map(str::to_string).collect(),
             "--nic" => {
                 o.nic = f.value(a)?;
@@ -527,8 +533,10 @@ pub fn run(args: &[String]) -> Result<()> {
         .into_iter()
         .filter(|c| o.only.is_empty() || o.only.contains(&c.name))
         .collect();
+    // Re-reading logs boots nothing: no Linux peer rows then.
+    let no_peer = vec!["-".to_string()];
     let mut peer = crate::linuxpeer::PeerBench::new(
-        &o.only,
+        if o.from_logs { &no_peer } else { &o.only },
         chosen.len() * o.reps as usize,
         &SIZES,
         o.linux_packets,
@@ -574,7 +582,14 @@ pub fn run(args: &[String]) -> Result<()> {
                 .package("e1000d")
                 .timeout(Duration::from_secs(secs))
                 .echo(false);
-            let out: GuestOutput = guest::run(&run)?;
+            let out: GuestOutput = if o.from_logs {
+                let p = crate::util::guest_dir()
+                    .join("logs")
+                    .join(format!("{}.log", run.name));
+                GuestOutput::from_log(&p)?
+            } else {
+                guest::run(&run)?
+            };
             let m = measure(out.job_lines());
             let one = |size: u64| {
                 m.pps
@@ -898,6 +913,7 @@ loop: queues=2 sent=10 received=9 corrupt=0 lost=1 pps=170.0 size=64\n";
     fn reps_stay_aligned_and_ratios_are_per_rep() {
         let boot = |p64: Option<f64>, map: f64| {
             let mut t = String::from("domain 0000:00:01.0 trust validated\n");
+            t.push_str("domain 0000:00:02.0 trust delegated\n");
             if let Some(p) = p64 {
                 t.push_str(&format!(
                     "loop: sent=10 received=10 corrupt=0 lost=0 pps={p} size=64\n"

@@ -227,6 +227,40 @@ impl GuestOutput {
     }
 }
 
+impl GuestOutput {
+    /// A finished boot read back from its log (`target/guest/logs/<name>.log`): the
+    /// console lines (QEMU's `[qemu] ` lines and the harness's `# ` lines left out), for
+    /// re-reading a benchmark's figures without booting again.
+    pub fn from_log(path: &std::path::Path) -> Result<GuestOutput> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut console = String::new();
+        let mut timed_out = false;
+        for l in text.lines() {
+            if l.starts_with("[qemu] ") {
+                continue;
+            }
+            if let Some(h) = l.strip_prefix("# ") {
+                timed_out |= h.contains("timed out");
+                continue;
+            }
+            console.push_str(l);
+            console.push('\n');
+        }
+        let exit_marker = console.lines().rev().find_map(|l| {
+            l.trim()
+                .strip_prefix(EXIT_MARKER)
+                .and_then(|r| r.trim().parse::<i32>().ok())
+        });
+        Ok(GuestOutput {
+            log_path: path.to_path_buf(),
+            console,
+            exit_marker,
+            timed_out,
+            duration: Duration::ZERO,
+        })
+    }
+}
+
 /// Ensures the dependencies, builds the image and boots it. Fails only if the harness
 /// itself fails (build, missing QEMU, ...); a failing or hung job is reported in the output.
 pub fn run(run: &GuestRun) -> Result<GuestOutput> {
@@ -262,6 +296,29 @@ impl GuestOutput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_reads_back_as_the_console() {
+        let dir = std::env::temp_dir().join(format!("xtask-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let p = dir.join("x.log");
+        std::fs::write(
+            &p,
+            "# qemu-system-x86_64 ...\n[qemu] warning\nGUEST-START\nloop: pps=5\nGUEST-EXIT 0\n",
+        )
+        .expect("write");
+        let o = GuestOutput::from_log(&p).expect("read");
+        assert_eq!(o.job_lines().collect::<Vec<_>>(), ["loop: pps=5"]);
+        assert!(o.success());
+        std::fs::write(
+            &p,
+            "GUEST-START\n# xtask: guest `x` timed out after 1s; QEMU killed\n",
+        )
+        .expect("write");
+        let o = GuestOutput::from_log(&p).expect("read");
+        assert!(o.timed_out && o.exit_marker.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn output(console: &str) -> GuestOutput {
         GuestOutput::from_console(console)
