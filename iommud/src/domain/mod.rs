@@ -518,15 +518,6 @@ impl Domain {
         Ok(iova)
     }
 
-    /// The registered region `index` (a copy: regions are never changed once registered).
-    pub fn region(&self, index: u32) -> Option<Registered> {
-        self.regions
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(index as usize)
-            .copied()
-    }
-
     /// Charges `n` of `q` to the owner's account (pool bytes, mappings),
     /// or refuses with `QuotaExceeded` naming the quota.
     pub(super) fn charge(&self, q: Quota, n: u64) -> Result<(), DomainError> {
