@@ -195,6 +195,14 @@ impl DmaDomain {
 
     /// Maps buffers `(phys, len, dir)` through the rings; all or nothing.
     pub(super) fn ring_map(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<u64>> {
+        let ops = self.map_ops(bufs)?;
+        let results = self.submit(&ops, true)?;
+        let lens: Vec<usize> = bufs.iter().map(|b| b.1).collect();
+        self.all_or_nothing(results, &lens)
+    }
+
+    /// The ring entries mapping `bufs` (registered region, offset, length).
+    fn map_ops(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<SqOp>> {
         let strategy = self.strategy();
         let mut ops = Vec::with_capacity(bufs.len());
         for &(phys, len, dir) in bufs {
@@ -210,7 +218,17 @@ impl DmaDomain {
                 va: self.va_hint(strategy, phys)?,
             });
         }
-        let results = self.submit(&ops, true)?;
+        Ok(ops)
+    }
+
+    /// The IOVAs of a batch's map completions, all or nothing: if one was
+    /// refused, the others (of lengths `lens`) are unmapped again and the
+    /// first refusal is the error.
+    fn all_or_nothing(
+        &self,
+        results: Vec<std::result::Result<u64, ErrorCode>>,
+        lens: &[usize],
+    ) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(results.len());
         let mut first_err = None;
         for (k, r) in results.into_iter().enumerate() {
@@ -221,24 +239,23 @@ impl DmaDomain {
                 }
             }
         }
-        if let Some((k, code)) = first_err {
-            // All or nothing: give back what did map.
-            let undo: Vec<SqOp> = out
-                .iter()
-                .map(|&(j, iova)| SqOp::Unmap {
-                    iova,
-                    len: bufs[j].1 as u64,
-                })
-                .collect();
-            if !undo.is_empty() {
-                let _ = self.submit(&undo, self.flush_policy() == FlushPolicy::Strict);
-            }
-            return Err(Error::Server {
-                code,
-                msg: format!("ring map entry {k} refused"),
-            });
+        let Some((k, code)) = first_err else {
+            return Ok(out.into_iter().map(|(_, v)| v).collect());
+        };
+        let undo: Vec<SqOp> = out
+            .iter()
+            .map(|&(j, iova)| SqOp::Unmap {
+                iova,
+                len: lens.get(j).copied().unwrap_or(0) as u64,
+            })
+            .collect();
+        if !undo.is_empty() {
+            let _ = self.submit(&undo, self.flush_policy() == FlushPolicy::Strict);
         }
-        Ok(out.into_iter().map(|(_, v)| v).collect())
+        Err(Error::Server {
+            code,
+            msg: format!("ring map entry {k} refused"),
+        })
     }
 
     /// Unmaps `(iova, len)` pairs through the rings. With `strict` this
@@ -288,21 +305,7 @@ impl DmaDomain {
                 inner: Ticket::Ready(self.map_batch(bufs)?),
             });
         }
-        let strategy = self.strategy();
-        let mut ops = Vec::with_capacity(bufs.len());
-        for &(phys, len, dir) in bufs {
-            if len == 0 {
-                return Err(Error::Invalid("zero-length map".into()));
-            }
-            let r = self.region_of(phys, len as u64)?;
-            ops.push(SqOp::Map {
-                region: r.index,
-                offset: phys - r.phys,
-                len: len as u64,
-                dir,
-                va: self.va_hint(strategy, phys)?,
-            });
-        }
+        let ops = self.map_ops(bufs)?;
         let (ring, first) = self.submit_on(&ops, true)?;
         Ok(MapTicket {
             inner: Ticket::Ring {
@@ -348,33 +351,7 @@ impl DmaDomain {
                 })
                 .collect::<Vec<_>>()
         };
-        let mut out = Vec::with_capacity(results.len());
-        let mut first_err = None;
-        for (k, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(iova) => out.push((k, iova)),
-                Err(code) => {
-                    first_err.get_or_insert((k, code));
-                }
-            }
-        }
-        if let Some((k, code)) = first_err {
-            let undo: Vec<SqOp> = out
-                .iter()
-                .map(|&(j, iova)| SqOp::Unmap {
-                    iova,
-                    len: lens[j] as u64,
-                })
-                .collect();
-            if !undo.is_empty() {
-                let _ = self.submit(&undo, self.flush_policy() == FlushPolicy::Strict);
-            }
-            return Err(Error::Server {
-                code,
-                msg: format!("ring map entry {k} refused"),
-            });
-        }
-        Ok(out.into_iter().map(|(_, v)| v).collect())
+        self.all_or_nothing(results, &lens)
     }
 
     /// Submits `ops` (at most [`CHUNK`]) on this CPU slot's ring without
