@@ -94,19 +94,12 @@ impl Domain {
                 }
                 stats::add(&self.stats.depot_hits, 1);
             } else {
-                for _ in 0..want {
-                    let Some(iova) = i.iova.alloc(pages * PAGE, pages * PAGE) else {
-                        break;
-                    };
-                    if let Err(e) = self.ensure_leaves(&mut i, iova, pages * PAGE) {
-                        i.iova.free(iova, pages * PAGE);
-                        for v in out {
-                            i.iova.free(v, pages * PAGE);
-                        }
+                match self.fresh_iovas(&mut i, class, want as usize) {
+                    Ok(v) => out = v,
+                    Err(e) => {
                         self.uncharge(Quota::Mappings, want);
                         return Err(e);
                     }
-                    out.push(iova);
                 }
             }
         }
@@ -120,6 +113,33 @@ impl Domain {
         self.uncharge(Quota::Mappings, want - out.len() as u64);
         stats::add(&self.stats.depot_exchanges, 1);
         Ok(out.len() as u64)
+    }
+
+    /// Up to `n` IOVAs of `class` straight from the allocator, their arena
+    /// leaf tables installed (fewer when the space runs out); on an error
+    /// none stays allocated.
+    pub(super) fn fresh_iovas(
+        &self,
+        i: &mut Inner,
+        class: usize,
+        n: usize,
+    ) -> Result<Vec<u64>, DomainError> {
+        let bytes = class_pages(class) * PAGE;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let Some(iova) = i.iova.alloc(bytes, bytes) else {
+                break;
+            };
+            if let Err(e) = self.ensure_leaves(i, iova, bytes) {
+                i.iova.free(iova, bytes);
+                for v in out {
+                    i.iova.free(v, bytes);
+                }
+                return Err(e);
+            }
+            out.push(iova);
+        }
+        Ok(out)
     }
 
     pub(super) fn exchange_slot(&self, k: usize) -> Result<u64, DomainError> {

@@ -688,30 +688,21 @@ impl Domain {
     /// the ring (so the domain is not idle while a ring holds them) and
     /// against the owner's mappings quota.
     fn depot_take(&self, class: usize) -> Result<Vec<u64>, DomainError> {
-        let pages = class_pages(class);
         self.charge(Quota::Mappings, MAG_SIZE as u64)?;
         let mut i = self.lock();
-        let mut out = Vec::new();
-        if let Some(m) = i.depot[class].pop() {
-            out = m;
+        let mut out = if let Some(m) = i.depot[class].pop() {
             stats::add(&self.stats.depot_hits, 1);
+            m
         } else {
-            for _ in 0..MAG_SIZE {
-                let Some(iova) = i.iova.alloc(pages * PAGE, pages * PAGE) else {
-                    break;
-                };
-                if let Err(e) = self.ensure_leaves(&mut i, iova, pages * PAGE) {
-                    i.iova.free(iova, pages * PAGE);
-                    for v in out {
-                        i.iova.free(v, pages * PAGE);
-                    }
+            match self.fresh_iovas(&mut i, class, MAG_SIZE) {
+                Ok(v) => v,
+                Err(e) => {
                     drop(i);
                     self.uncharge(Quota::Mappings, MAG_SIZE as u64);
                     return Err(e);
                 }
-                out.push(iova);
             }
-        }
+        };
         for &iova in &out {
             i.delegated.insert(iova, class);
         }

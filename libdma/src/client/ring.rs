@@ -64,6 +64,19 @@ enum Ticket {
 #[repr(align(128))]
 struct RingSlot(spin::mutex::SpinMutex<RingClient>);
 
+impl RingSlot {
+    /// The slot's lock (held while a batch is submitted and, if waited for,
+    /// collected); a waiter yields, like the magazines' `Slot::lock`.
+    fn lock(&self) -> spin::mutex::SpinMutexGuard<'_, RingClient> {
+        loop {
+            if let Some(g) = self.0.try_lock() {
+                return g;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// The client's rings.
 pub(super) struct ClientRings {
     map: Mapping,
@@ -168,6 +181,16 @@ impl ClientRings {
     }
 }
 
+/// The ring entries unmapping `(iova, len)` pairs.
+fn unmap_ops(maps: &[(u64, usize)]) -> Vec<SqOp> {
+    maps.iter()
+        .map(|&(iova, len)| SqOp::Unmap {
+            iova,
+            len: len as u64,
+        })
+        .collect()
+}
+
 impl DmaDomain {
     /// The registered region holding `[phys, phys+len)`.
     fn region_of(&self, phys: u64, len: u64) -> Result<RegionInfo> {
@@ -261,13 +284,7 @@ impl DmaDomain {
     /// Unmaps `(iova, len)` pairs through the rings. With `strict` this
     /// returns once one invalidation covering all of them has completed.
     pub(super) fn ring_unmap(&self, maps: &[(u64, usize)]) -> Result<()> {
-        let ops: Vec<SqOp> = maps
-            .iter()
-            .map(|&(iova, len)| SqOp::Unmap {
-                iova,
-                len: len as u64,
-            })
-            .collect();
+        let ops = unmap_ops(maps);
         let strict = self.flush_policy() == FlushPolicy::Strict;
         let results = self.submit(&ops, strict)?;
         if let Some((k, Err(code))) = results.iter().enumerate().find(|(_, r)| r.is_err()) {
@@ -281,13 +298,7 @@ impl DmaDomain {
 
     /// Submits unmaps without waiting for them, whatever the flush policy.
     pub(super) fn ring_unmap_nowait(&self, maps: &[(u64, usize)]) -> Result<()> {
-        let ops: Vec<SqOp> = maps
-            .iter()
-            .map(|&(iova, len)| SqOp::Unmap {
-                iova,
-                len: len as u64,
-            })
-            .collect();
+        let ops = unmap_ops(maps);
         self.submit(&ops, false).map(|_| ())
     }
 
@@ -327,12 +338,7 @@ impl DmaDomain {
         let shm = rings.ring(ring);
         let n = lens.len() as u32;
         let results = {
-            let mut c = loop {
-                if let Some(g) = rings.slots[ring].0.try_lock() {
-                    break g;
-                }
-                std::thread::yield_now();
-            };
+            let mut c = rings.slots[ring].lock();
             let end = first.wrapping_add(n);
             if end.wrapping_sub(c.head) <= RING_ENTRIES && c.head != end {
                 // Not all consumed yet: consume up to the batch's end.
@@ -361,12 +367,7 @@ impl DmaDomain {
         let rings = self.rings.as_ref().ok_or(Error::Dead)?;
         let k = self.slot() % rings.slots.len();
         let ring = rings.ring(k);
-        let mut c = loop {
-            if let Some(g) = rings.slots[k].0.try_lock() {
-                break g;
-            }
-            std::thread::yield_now();
-        };
+        let mut c = rings.slots[k].lock();
         let n = ops.len() as u32;
         while c.tail.wrapping_sub(c.head) + n > RING_ENTRIES {
             let target = c.tail.wrapping_sub(RING_ENTRIES - n);
@@ -412,12 +413,7 @@ impl DmaDomain {
         let rings = self.rings.as_ref().ok_or(Error::Dead)?;
         let k = self.slot() % rings.slots.len();
         let ring = rings.ring(k);
-        let mut c = loop {
-            if let Some(g) = rings.slots[k].0.try_lock() {
-                break g;
-            }
-            std::thread::yield_now();
-        };
+        let mut c = rings.slots[k].lock();
         let mut out = Vec::with_capacity(if wait { ops.len() } else { 0 });
         for chunk in ops.chunks(CHUNK) {
             let n = chunk.len() as u32;
@@ -442,12 +438,7 @@ impl DmaDomain {
             return Ok(());
         };
         for k in 0..rings.slots.len() {
-            let mut c = loop {
-                if let Some(g) = rings.slots[k].0.try_lock() {
-                    break g;
-                }
-                std::thread::yield_now();
-            };
+            let mut c = rings.slots[k].lock();
             let target = c.tail;
             self.reap(rings, rings.ring(k), &mut c, target, None)?;
         }
