@@ -245,7 +245,15 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
     assert_eq!(c.attach_fds, 2, "published page and client page only");
     let (phys, _cpu) = c.pool(1 << 20);
     let _ = phys;
+    // Ring counts outside 1..=MAX_RINGS are refused.
+    for n in [0, 9, u64::MAX] {
+        let e = c.call(&Request::SetupRings { rings: n }).unwrap_err();
+        assert_eq!(e.0, ErrorCode::Invalid, "{n} rings: {}", e.1);
+    }
     let mut r = RawRings::setup(&mut c, 1);
+    // A domain gets its rings once.
+    let e = c.call(&Request::SetupRings { rings: 1 }).unwrap_err();
+    assert_eq!(e.0, ErrorCode::Busy, "{}", e.1);
     let map = |offset, len| SqOp::Map {
         region: 0,
         offset,
