@@ -16,6 +16,14 @@ use iommu_abi::Bdf;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long an attach waits for a device held by a live owner to be
+/// released (a detach posted just before, still in flight) before `Busy`.
+const ATTACH_GRACE_LIVE: Duration = Duration::from_millis(250);
+/// How long an attach waits for the teardown of a domain whose owner has
+/// exited (its session thread has not yet seen the socket close).
+const ATTACH_GRACE_EXITED: Duration = Duration::from_secs(5);
 
 /// Shared memory to hand to the client with a reply (fds on Unix sockets,
 /// `mmap_prep` offers on Redox).
@@ -366,11 +374,32 @@ impl Session {
         let trust = rule.trust;
         let d = {
             let mut doms = st.domains.lock().unwrap_or_else(|p| p.into_inner());
-            if doms.contains_key(&sid) {
-                return Response::err(
-                    ErrorCode::Busy,
-                    format!("{} is attached by another client", Bdf(sid)),
-                );
+            // A driver restarted right after its predecessor exited (or a
+            // client that detached and attaches again) can get here before
+            // the old session's thread has torn the domain down: wait that
+            // out, bounded, rather than refuse (docs/ARCHITECTURE.md,
+            // "Stop, crash and restart").
+            let start = Instant::now();
+            while doms.contains_key(&sid) {
+                let departed = st
+                    .owner(sid)
+                    .map_or(Some(true), |o| crate::platform::process_exited(o.pid));
+                let grace = match departed {
+                    Some(false) => ATTACH_GRACE_LIVE,
+                    _ => ATTACH_GRACE_EXITED,
+                };
+                let Some(left) = grace.checked_sub(start.elapsed()).filter(|l| !l.is_zero()) else {
+                    return Response::err(
+                        ErrorCode::Busy,
+                        format!("{} is attached by another client", Bdf(sid)),
+                    );
+                };
+                // Re-judged at least every 50 ms: the owner may exit meanwhile.
+                doms = st
+                    .detached
+                    .wait_timeout(doms, left.min(Duration::from_millis(50)))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
             let strategy = if st.unit.translating() {
                 strategy

@@ -16,7 +16,7 @@ use iommu_abi::Bdf;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 /// A domain's counters as the unit-wide `stats` sums them.
@@ -104,6 +104,9 @@ pub struct State {
     pub unit: Arc<Iommu>,
     /// Attached domains by source id.
     pub domains: Mutex<BTreeMap<u16, Arc<Domain>>>,
+    /// Signalled (with `domains` locked) each time a domain leaves it, so an
+    /// attach can wait out a departed owner's teardown.
+    pub detached: Condvar,
     /// Reclaim empty page-table pages in new domains.
     pub reclaim: AtomicBool,
     /// Set to stop the daemon.
@@ -142,6 +145,7 @@ impl State {
         State {
             unit,
             domains: Mutex::new(BTreeMap::new()),
+            detached: Condvar::new(),
             reclaim: AtomicBool::new(reclaim),
             stop: AtomicBool::new(false),
             platform,
@@ -280,11 +284,15 @@ impl State {
                 last.pt_freed = after.pt_freed;
                 *r = r.add(last);
                 doms.remove(&sid);
+                // Under the list's lock too: a new attach of `sid` (which
+                // sets its owner under that lock) must not lose its owner
+                // to this late removal.
+                self.owners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&sid);
+                self.detached.notify_all();
             }
-            self.owners
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&sid);
             log::info(&format!("{}: detached, mappings reclaimed", Bdf(sid)));
         }
     }
@@ -420,7 +428,15 @@ impl SchemeTree for State {
                 .iter()
                 .map(|d| format!("{}\n", Bdf(d.sid)))
                 .collect(),
-            Node::DomainStats(s) => dom(s)?.render_stats(),
+            Node::DomainStats(s) => {
+                let mut text = dom(s)?.render_stats();
+                // Who holds the device (the kernel's record of the
+                // attaching process); absent only mid-teardown.
+                if let Some(o) = self.owner(s) {
+                    text.push_str(&format!("owner_uid {}\nowner_pid {}\n", o.uid, o.pid));
+                }
+                text
+            }
             Node::DomainStrategy(s) => format!("{}\n", dom(s)?.policy().0.name()),
             Node::DomainFlush(s) => format!("{}\n", dom(s)?.policy().1.name()),
             Node::DomainMappings(s) => {
