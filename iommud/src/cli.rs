@@ -5,7 +5,7 @@
 //! iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation]
 //!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
 //!        [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST]
-//!        [--state-dir DIR]
+//!        [--state-dir DIR] [--grace-ms N]
 //! ```
 //! `--service-threads` (default 1) threads serve the clients' rings, each
 //! polling `--ring-spin-us` (default 2000) after the last entry before it
@@ -14,7 +14,10 @@
 //! threads").
 //! `--state-dir` (linux) is where the memory the unit may reach lives, in
 //! files that outlive the process (default: `iommud/` on the hugetlbfs mount,
-//! else `/dev/shm/iommud`; see `crate::persist`).
+//! else `/dev/shm/iommud`; see `crate::persist`). A restarted iommud adopts
+//! the delegated magazine domains the previous one left there and holds each
+//! for its driver `--grace-ms` (default 30000) before blocking the device
+//! (`crate::restart`).
 //! `--config` names the administrator's policy (TOML, see `crate::policy`);
 //! without it every device gets validated trust and only root administers.
 //! On `sim`, device ownership is proven with the files iommud creates in
@@ -48,12 +51,13 @@ struct Args {
     ring_spin_us: u64,
     service_cpus: Vec<usize>,
     state_dir: Option<PathBuf>,
+    grace_ms: u64,
 }
 
 const USAGE: &str = "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] \
 [--no-translation] [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] \
 [--sim-mem-mb N] [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST] \
-[--state-dir DIR]";
+[--state-dir DIR] [--grace-ms N]";
 
 fn parse_args() -> Result<Args, String> {
     use lexopt::prelude::*;
@@ -72,6 +76,7 @@ fn parse_args() -> Result<Args, String> {
         ring_spin_us: crate::service::DEFAULT_SPIN.as_micros() as u64,
         service_cpus: Vec::new(),
         state_dir: None,
+        grace_ms: crate::state::DEFAULT_GRACE.as_millis() as u64,
     };
     let e = |e: lexopt::Error| format!("{e} (try --help)");
     let mut p = lexopt::Parser::from_env();
@@ -81,6 +86,7 @@ fn parse_args() -> Result<Args, String> {
             Long("socket") => a.socket = p.value().map_err(e)?.into(),
             Long("config") => a.config = Some(p.value().map_err(e)?.into()),
             Long("state-dir") => a.state_dir = Some(p.value().map_err(e)?.into()),
+            Long("grace-ms") => a.grace_ms = p.value().map_err(e)?.parse().map_err(e)?,
             Long("no-translation") => a.translate = false,
             Long("no-reclaim") => a.reclaim = false,
             Long("caching-mode") => a.caching_mode = true,
@@ -129,6 +135,8 @@ fn run(a: Args) -> Result<(), String> {
     };
     #[cfg(target_os = "linux")]
     let mut state_dir: Option<crate::persist::StateDir> = None;
+    #[cfg(target_os = "linux")]
+    let mut adoptions = Vec::new();
     let (mmio, mem, sim_fds): (Box<dyn Mmio>, Arc<dyn PhysMem>, _) = match a.platform.as_str() {
         "sim" => {
             let sc = vtd::sim::SimConfig {
@@ -171,7 +179,7 @@ fn run(a: Args) -> Result<(), String> {
                 .state_dir
                 .clone()
                 .unwrap_or_else(crate::persist::default_dir);
-            let sd = crate::persist::StateDir::open(&dir)?;
+            let mut sd = crate::persist::StateDir::open(&dir)?;
             let mem = crate::platform::linux::HugeMem::in_dir(sd.path(), sd.prefix())
                 .map_err(|e| format!("DMA memory in {}: {e}", dir.display()))?;
             let (n, bytes) = sd.stale();
@@ -181,24 +189,25 @@ fn run(a: Args) -> Result<(), String> {
                 mem.source(),
                 bytes >> 10
             ));
+            // The domains the previous iommud left, their memory taken back
+            // before the unit is (docs/ARCHITECTURE.md, "Stop, crash and restart").
+            if cfg.translate {
+                adoptions = crate::restart::prepare(&mut sd, &mem);
+            }
             state_dir = Some(sd);
             (Box::new(mmio), Arc::new(mem), None)
         }
         other => return Err(format!("unknown platform {other:?} (sim or linux)")),
     };
-    let unit = Iommu::init(mmio, mem, &cfg).map_err(|e| format!("bringing up VT-d: {e}"))?;
-    // The unit now walks our root only (invalidated globally): what a previous
-    // iommud left may go.
     #[cfg(target_os = "linux")]
-    if let Some(sd) = state_dir.as_mut() {
-        let (n, bytes) = sd.release_stale();
-        if n > 0 {
-            crate::unit::log::info(&format!(
-                "released {n} memory file(s), {} KiB, of a previous iommud",
-                bytes >> 10
-            ));
-        }
-    }
+    let carry = crate::restart::carried(&adoptions);
+    #[cfg(not(target_os = "linux"))]
+    let carry = Vec::new();
+    let unit = Iommu::init_carrying(mmio, mem, &cfg, &carry)
+        .map_err(|e| format!("bringing up VT-d: {e}"))?;
+    // Ledgers where memory outlives the process (a state directory).
+    #[cfg(target_os = "linux")]
+    unit.set_journal(state_dir.is_some() && cfg.translate);
     let mut state = State::new(
         Arc::new(unit),
         if sim_fds.is_some() { "sim" } else { "linux" },
@@ -220,6 +229,21 @@ fn run(a: Args) -> Result<(), String> {
     crate::unit::log::info(&policy.describe());
     state.set_policy(policy);
     let state = Arc::new(state);
+    #[cfg(target_os = "linux")]
+    crate::restart::adopt_all(&state, adoptions, Duration::from_millis(a.grace_ms));
+    // The unit now walks our root and tables only (every adopted device was
+    // moved to new tables, the rest blocked, all invalidated): what a
+    // previous iommud left and nobody adopted may go.
+    #[cfg(target_os = "linux")]
+    if let Some(sd) = state_dir.as_mut() {
+        let (n, bytes) = sd.release_stale();
+        if n > 0 {
+            crate::unit::log::info(&format!(
+                "released {n} memory file(s), {} KiB, of a previous iommud",
+                bytes >> 10
+            ));
+        }
+    }
     // SAFETY: installing an async-signal-safe handler (it only stores an atomic).
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);

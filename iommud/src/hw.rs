@@ -105,6 +105,31 @@ pub trait PhysMem: Send + Sync {
     fn read_u32(&self, phys: u64) -> Result<u32, HwError>;
     /// Writes back CPU cache lines of `[phys, phys+len)` (needed when ECAP.C = 0).
     fn flush(&self, phys: u64, len: u64);
+    /// Allocates a domain's ledger (`crate::ledger`): like a region, but
+    /// never handed to a client or a device, and findable by the next iommud
+    /// where memory outlives the process.
+    fn alloc_ledger(&self, len: u64) -> Result<Region, HwError> {
+        self.alloc_region(len, 4096)
+    }
+    /// The name under which region `phys` outlives this process (`None`
+    /// where memory does not).
+    fn region_name(&self, _phys: u64) -> Option<String> {
+        None
+    }
+    /// Takes back a region (or ledger) a previous iommud left: by `name`
+    /// where memory outlives the process in named files, else the still
+    /// allocated memory at `phys`. Its contents are kept; `phys` and `len`,
+    /// when given, must match what is found.
+    fn adopt_region(
+        &self,
+        _phys: Option<u64>,
+        _len: u64,
+        _name: Option<&str>,
+    ) -> Result<Region, HwError> {
+        Err(HwError::Unsupported(
+            "this platform cannot take memory over from a previous iommud".into(),
+        ))
+    }
     /// Creates `len` bytes of zeroed memory to share with one client (not
     /// DMA memory: the published page and the client page of a domain).
     /// With `client_writable` false the client can only ever map it

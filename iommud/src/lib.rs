@@ -23,6 +23,7 @@ pub mod faults;
 pub mod handover;
 pub mod hw;
 pub mod invq;
+pub mod ledger;
 pub mod pagetable;
 #[cfg(target_os = "linux")]
 pub mod persist;
@@ -30,6 +31,8 @@ pub mod platform;
 pub mod policy;
 pub mod quota;
 pub mod range_alloc;
+#[cfg(target_os = "linux")]
+pub mod restart;
 pub mod scheme;
 // The Unix socket transport (libdma's Linux transport); on Redox the `iommu` scheme in
 // `redox/iommud-scheme` serves the same sessions.

@@ -113,7 +113,9 @@ impl StateDir {
             let name = e.file_name();
             let name = name.to_string_lossy();
             let ours = name.starts_with("iommud-")
-                && (name.ends_with("-tables") || name.ends_with("-region"));
+                && (name.ends_with("-tables")
+                    || name.ends_with("-region")
+                    || name.ends_with("-ledger"));
             let Ok(m) = e.metadata() else { continue };
             if ours && m.is_file() {
                 stale.push((e.path(), m.len()));
@@ -140,6 +142,23 @@ impl StateDir {
     /// Memory files a previous iommud left: (count, bytes).
     pub fn stale(&self) -> (usize, u64) {
         (self.stale.len(), self.stale.iter().map(|s| s.1).sum())
+    }
+
+    /// The ledgers a previous iommud left (file names): the domains a
+    /// restart may adopt.
+    pub fn ledgers(&self) -> Vec<String> {
+        self.stale
+            .iter()
+            .filter_map(|(p, _)| p.file_name()?.to_str().map(str::to_string))
+            .filter(|n| n.ends_with("-ledger"))
+            .collect()
+    }
+
+    /// Keeps a previous iommud's file (adopted): [`StateDir::release_stale`]
+    /// leaves it alone.
+    pub fn keep(&mut self, name: &str) {
+        self.stale
+            .retain(|(p, _)| p.file_name().and_then(|n| n.to_str()) != Some(name));
     }
 
     /// Removes the files a previous iommud left. Call only once the unit

@@ -98,6 +98,15 @@ impl Trust {
             Trust::Delegated => "delegated",
         }
     }
+
+    /// The trust of a number `self as u64` gave (a ledger's record).
+    pub fn from_u64(v: u64) -> Option<Trust> {
+        match v {
+            0 => Some(Trust::Validated),
+            1 => Some(Trust::Delegated),
+            _ => None,
+        }
+    }
 }
 
 /// What one device's driver may have.

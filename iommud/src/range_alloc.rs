@@ -84,6 +84,30 @@ impl RangeAllocator {
         true
     }
 
+    /// Allocates exactly `[start, start+len)` (a range a previous owner
+    /// allocated, taken back); false (and nothing changed) unless all of it
+    /// is free.
+    pub fn reserve(&mut self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        let Some((s, l)) = self.free.range(..=start).next_back().map(|(&s, &l)| (s, l)) else {
+            return false;
+        };
+        if len == 0 || s + l < end {
+            return false;
+        }
+        self.free.remove(&s);
+        if start > s {
+            self.free.insert(s, start - s);
+        }
+        if s + l > end {
+            self.free.insert(end, s + l - end);
+        }
+        self.allocated += len;
+        true
+    }
+
     /// Bytes currently allocated.
     pub fn allocated(&self) -> u64 {
         self.allocated
@@ -98,6 +122,21 @@ impl RangeAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserve_takes_exactly_a_free_range() {
+        let mut a = RangeAllocator::new(0x1000, 0x10000);
+        assert!(a.reserve(0x3000, 0x2000));
+        assert!(!a.reserve(0x4000, 0x1000), "overlaps the reserved range");
+        assert!(!a.reserve(0x10000, 0x2000), "runs past the end");
+        assert_eq!(a.allocated(), 0x2000);
+        // The rest is free on both sides of it, and freeing it joins them again.
+        assert!(a.reserve(0x1000, 0x2000));
+        assert!(a.reserve(0x5000, 0xc000));
+        assert_eq!(a.alloc(0x1000, 0x1000), None);
+        assert!(a.free(0x3000, 0x2000));
+        assert_eq!(a.alloc(0x2000, 0x1000), Some(0x3000));
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -173,6 +173,14 @@ impl Session {
                 };
                 self.attach(bdf, strategy, flush, proof.as_ref())
             }
+            Request::Reattach { bdf, token } => {
+                let proof = if fds.is_empty() {
+                    None
+                } else {
+                    Some(fds.swap_remove(0))
+                };
+                self.reattach(bdf, token, proof.as_ref())
+            }
             Request::AllocPool { bytes } => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => match d.alloc_pool(bytes) {
@@ -381,6 +389,17 @@ impl Session {
             // "Stop, crash and restart").
             let start = Instant::now();
             while doms.contains_key(&sid) {
+                if let Some(left) = st.orphan_left(sid) {
+                    return Response::err(
+                        ErrorCode::Busy,
+                        format!(
+                            "{} is held for the driver that had it before iommud restarted \
+                             (it may reattach for {} ms more)",
+                            Bdf(sid),
+                            left.as_millis()
+                        ),
+                    );
+                }
                 let departed = st
                     .owner(sid)
                     .map_or(Some(true), |o| crate::platform::process_exited(o.pid));
@@ -438,6 +457,16 @@ impl Session {
             d.policy().1.name(),
             d.trust.name()
         ));
+        // A ledger lets the driver reattach after an iommud restart; the
+        // token that proves it is the reply's payload.
+        let token = d.start_ledger((self.peer.uid, self.peer.gid));
+        self.attach_reply(d, token)
+    }
+
+    /// The reply to an attach or a reattach: flags, the shared pages, the
+    /// arena (delegated trust), and the reattach token (if any) as payload.
+    fn attach_reply(&mut self, d: Arc<Domain>, token: Option<u128>) -> Response {
+        let st = self.state.clone();
         let u = &st.unit;
         let flags = (if d.trust == Trust::Validated {
             FLAG_VALIDATED
@@ -465,9 +494,59 @@ impl Session {
         self.domain = Some(d);
         Response {
             result: Ok(reply.encode()),
-            payload: Vec::new(),
+            payload: token.map(|t| t.to_le_bytes().to_vec()).unwrap_or_default(),
             shares,
         }
+    }
+
+    /// A driver whose iommud died comes back to the domain a restarted
+    /// iommud adopted: proof of device ownership as for an attach, then its
+    /// uid and the token of its first attach. Its unmapped delegated IOVAs
+    /// are taken back and the domain invalidated before the reply.
+    fn reattach(&mut self, sid: u16, token: u128, proof: Option<&OwnedFd>) -> Response {
+        if self.domain.is_some() {
+            return Response::err(ErrorCode::Busy, "this connection is already attached");
+        }
+        let st = self.state.clone();
+        if let Err(e) = st
+            .authority
+            .verify(sid, proof, st.policy.is_admin(&self.peer))
+        {
+            stats::add(&st.security.refused_proof, 1);
+            return Response::err(ErrorCode::PermissionDenied, e);
+        }
+        let d = match st.claim_orphan(sid, self.peer.uid, token) {
+            Ok(d) => d,
+            Err(e) => {
+                stats::add(&st.security.refused_proof, 1);
+                log::warn(&format!(
+                    "reattach refused to uid {} pid {}: {e}",
+                    self.peer.uid, self.peer.pid
+                ));
+                return Response::err(ErrorCode::PermissionDenied, e);
+            }
+        };
+        let taken = match d.reclaim_unmapped() {
+            Ok(n) => n,
+            Err(e) => {
+                // Whatever went wrong, the device must not keep DMA nobody owns.
+                log::warn(&format!(
+                    "{}: reattach failed: {e}; device blocked",
+                    Bdf(sid)
+                ));
+                st.detach(sid);
+                return e.into();
+            }
+        };
+        st.set_owner(sid, self.peer);
+        log::info(&format!(
+            "{}: reattached by uid {} pid {} (domain {}; {taken} unmapped IOVAs taken back)",
+            Bdf(sid),
+            self.peer.uid,
+            self.peer.pid,
+            d.did
+        ));
+        self.attach_reply(d, Some(token))
     }
 }
 

@@ -98,6 +98,20 @@ pub struct SecurityStats {
     pub internal_errors: AtomicU64,
 }
 
+/// An adopted domain waiting for its owner.
+#[derive(Clone, Copy, Debug)]
+pub struct Orphan {
+    /// The token the owner proves itself with.
+    pub token: u128,
+    /// The owner's uid (only it may reattach).
+    pub uid: u32,
+    /// When the device is blocked and the domain freed if nobody came.
+    pub until: Instant,
+}
+
+/// How long an adopted domain waits for its owner by default.
+pub const DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// State shared by all sessions.
 pub struct State {
     /// The remapping unit.
@@ -131,6 +145,9 @@ pub struct State {
     pub service: crate::service::Service,
     /// Wakes the epoch timer (a hint over budget, a stop).
     pub timer: crate::timer::Wake,
+    /// Domains a restarted iommud adopted whose owner has not reattached
+    /// yet (docs/ARCHITECTURE.md, "Stop, crash and restart").
+    pub orphans: Mutex<BTreeMap<u16, Orphan>>,
     /// Owner of each attached domain.
     owners: Mutex<BTreeMap<u16, Peer>>,
     /// Counters of domains already detached (so unit-wide stats are
@@ -158,6 +175,7 @@ impl State {
             security: SecurityStats::default(),
             service: crate::service::Service::new(1, crate::service::DEFAULT_SPIN),
             timer: crate::timer::Wake::default(),
+            orphans: Mutex::new(BTreeMap::new()),
             owners: Mutex::new(BTreeMap::new()),
             retired: Mutex::new(Totals::default()),
             started: Instant::now(),
@@ -256,6 +274,87 @@ impl State {
         faults.len()
     }
 
+    /// Takes in a domain adopted from a previous iommud: attached, its
+    /// device translating, waiting `grace` for its owner to reattach.
+    pub fn add_orphan(&self, d: Arc<Domain>, token: u128, uid: u32, grace: std::time::Duration) {
+        let sid = d.sid;
+        let mut doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        doms.insert(sid, d);
+        self.orphans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                sid,
+                Orphan {
+                    token,
+                    uid,
+                    until: Instant::now() + grace,
+                },
+            );
+    }
+
+    /// Takes the orphan of `sid` for a reattaching owner: its uid must be
+    /// the recorded owner's and its token the recorded one (compared in
+    /// constant time). The orphan is no longer one afterwards.
+    pub fn claim_orphan(&self, sid: u16, uid: u32, token: u128) -> Result<Arc<Domain>, String> {
+        let doms = self.domains.lock().unwrap_or_else(|p| p.into_inner());
+        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(o) = orphans.get(&sid).copied() else {
+            return Err(format!(
+                "no domain of {} waits for its owner (never adopted, reattached already, \
+                 or its grace period ended)",
+                Bdf(sid)
+            ));
+        };
+        let diff = (o.token ^ token).count_ones() | (o.uid ^ uid);
+        if diff != 0 || token == 0 {
+            return Err(format!(
+                "{}: the reattach token or the uid does not match the domain's owner",
+                Bdf(sid)
+            ));
+        }
+        let d = doms
+            .get(&sid)
+            .cloned()
+            .ok_or_else(|| format!("{}: adopted domain gone", Bdf(sid)))?;
+        orphans.remove(&sid);
+        Ok(d)
+    }
+
+    /// True if `sid`'s domain waits for its owner; how long it still will.
+    pub fn orphan_left(&self, sid: u16) -> Option<std::time::Duration> {
+        self.orphans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sid)
+            .map(|o| o.until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Blocks and frees every orphan whose grace period ended; returns when
+    /// the next one ends (`None`: no orphan left).
+    pub fn expire_orphans(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let (due, next): (Vec<u16>, Option<Instant>) = {
+            let o = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                o.iter()
+                    .filter(|(_, v)| v.until <= now)
+                    .map(|(k, _)| *k)
+                    .collect(),
+                o.values().map(|v| v.until).filter(|t| *t > now).min(),
+            )
+        };
+        for sid in due {
+            log::warn(&format!(
+                "{}: its owner did not come back within the grace period: device blocked, \
+                 domain freed",
+                Bdf(sid)
+            ));
+            self.detach(sid);
+        }
+        next
+    }
+
     /// Tears down every domain (a stop): each device is blocked (context
     /// entry cleared and invalidated) before its memory is freed. Clients
     /// see `dead` in their published page.
@@ -288,6 +387,10 @@ impl State {
                 // sets its owner under that lock) must not lose its owner
                 // to this late removal.
                 self.owners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&sid);
+                self.orphans
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&sid);

@@ -62,6 +62,18 @@ pub fn fault_reason_text(r: u8) -> &'static str {
     }
 }
 
+/// A device whose context entry a takeover carries over (see
+/// [`Iommu::init_carrying`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Carried {
+    /// Source id.
+    pub sid: u16,
+    /// Domain id.
+    pub did: u16,
+    /// The page-table root its entry names.
+    pub root: u64,
+}
+
 /// The driver of one remapping unit.
 pub struct Iommu {
     mmio: Box<dyn Mmio>,
@@ -80,6 +92,8 @@ pub struct Iommu {
     dids: Mutex<Vec<bool>>,
     /// An all-zero table frame for quarantined devices (allocated once).
     quarantine: Mutex<Option<u64>>,
+    /// Keep a ledger per delegated domain (memory outlives the process).
+    journal: std::sync::atomic::AtomicBool,
     started: Instant,
     /// Unit-wide counters.
     pub stats: UnitStats,
@@ -92,6 +106,21 @@ impl Iommu {
         mmio: Box<dyn Mmio>,
         mem: Arc<dyn PhysMem>,
         cfg: &UnitConfig,
+    ) -> Result<Iommu, HwError> {
+        Self::init_carrying(mmio, mem, cfg, &[])
+    }
+
+    /// [`Iommu::init`] taking over a unit a previous iommud left translating,
+    /// with the devices of `carry` still translating through the page tables
+    /// that iommud left (its domains, which the caller adopts next): their
+    /// context entries are in the new root before the unit is pointed at it,
+    /// so not one DMA of theirs meets a missing entry (docs/ARCHITECTURE.md,
+    /// "Stop, crash and restart"). Their domain ids stay reserved.
+    pub fn init_carrying(
+        mmio: Box<dyn Mmio>,
+        mem: Arc<dyn PhysMem>,
+        cfg: &UnitConfig,
+        carry: &[Carried],
     ) -> Result<Iommu, HwError> {
         let ver = mmio.read32(regs::VER);
         let cap = Cap(mmio.read64(regs::CAP));
@@ -112,6 +141,36 @@ impl Iommu {
         // translation and the queue on: see `crate::handover`.
         let gsts = crate::handover::release_queue(&*mmio, t)?;
         let root = mem.alloc_frame()?;
+        let ecap_c = ecap.c();
+        let mut contexts = HashMap::new();
+        if gsts.contains(Gsts::TES) && cfg.translate {
+            let aw = AddressWidth::from_levels(levels)
+                .ok_or_else(|| HwError::Unsupported(format!("{levels} levels")))?;
+            for c in carry {
+                let bus = root_index(c.sid);
+                let ctp = match contexts.get(&(bus as u8)) {
+                    Some(&t) => t,
+                    None => {
+                        let t = mem.alloc_frame()?;
+                        let re = RootEntry::new(t);
+                        mem.write_u64(root + (bus * 16) as u64 + 8, re.hi())?;
+                        mem.write_u64(root + (bus * 16) as u64, re.lo())?;
+                        contexts.insert(bus as u8, t);
+                        t
+                    }
+                };
+                let ce = ContextEntry::translated(c.root, aw, c.did);
+                let at = ctp + (context_index(c.sid) * 16) as u64;
+                mem.write_u64(at + 8, ce.hi())?;
+                mem.write_u64(at, ce.lo())?;
+                if !ecap_c {
+                    mem.flush(at, 16);
+                }
+            }
+            if !ecap_c {
+                mem.flush(root, 4096);
+            }
+        }
         // §10.4.6 RTADDR: table address 63:12, TTM 11:10 = 00 (legacy root table).
         mmio.write64(regs::RTADDR, root);
         set_gcmd(&*mmio, Gcmd::SRTP, true, Gsts::RTPS, "GSTS.RTPS", t)?;
@@ -152,6 +211,11 @@ impl Iommu {
         if let Some(d) = dids.first_mut() {
             *d = true;
         }
+        for c in carry {
+            if let Some(d) = dids.get_mut(usize::from(c.did)) {
+                *d = true;
+            }
+        }
         let unit = Iommu {
             mmio,
             mem,
@@ -161,7 +225,8 @@ impl Iommu {
             translate: cfg.translate,
             timeout: t,
             root,
-            contexts: Mutex::new(HashMap::new()),
+            contexts: Mutex::new(contexts),
+            journal: std::sync::atomic::AtomicBool::new(false),
             qi: Mutex::new(qi),
             dids: Mutex::new(dids),
             quarantine: Mutex::new(None),
@@ -271,6 +336,16 @@ impl Iommu {
         let i = d.iter().position(|used| !used)?;
         d[i] = true;
         u16::try_from(i).ok()
+    }
+
+    /// Whether domains keep ledgers (`crate::ledger`) for a restarted iommud.
+    pub fn journal(&self) -> bool {
+        self.journal.load(Relaxed)
+    }
+
+    /// Turns ledgers on (where memory outlives the process) or off.
+    pub fn set_journal(&self, on: bool) {
+        self.journal.store(on, Relaxed);
     }
 
     /// Frees a domain id.

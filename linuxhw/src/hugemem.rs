@@ -142,8 +142,48 @@ impl HugeRegion {
         r
     }
 
+    /// Maps an existing file made by [`create_file`](Self::create_file) (by this
+    /// process or one that died), whole, locked and addressed, *keeping its contents*:
+    /// how a restarted iommud takes back memory a device may still be using.
+    pub fn open_file(path: &std::path::Path, huge: bool) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| Error::Io {
+                op: "open",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|source| Error::Io {
+                op: "stat",
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let len = usize::try_from(len).map_err(|_| Error::BadLength {
+            what: "existing memory file",
+            len: usize::MAX,
+        })?;
+        let page_size = if huge { HUGE_PAGE_SIZE } else { PAGE_SIZE };
+        if len == 0 || !len.is_multiple_of(page_size) {
+            return Err(Error::BadLength {
+                what: "existing memory file",
+                len,
+            });
+        }
+        Self::from_fd(OwnedFd::from(file), len, page_size, false)
+    }
+
     /// Sizes, maps, locks, zeroes and addresses a fresh, empty file.
     fn from_new_fd(fd: OwnedFd, len: usize, page_size: usize) -> Result<Self> {
+        Self::from_fd(fd, len, page_size, true)
+    }
+
+    /// Maps, locks and addresses `fd`; a `fresh` one is sized and zeroed first.
+    fn from_fd(fd: OwnedFd, len: usize, page_size: usize, fresh: bool) -> Result<Self> {
         let bad = Error::BadLength {
             what: "DMA memory region",
             len,
@@ -157,7 +197,7 @@ impl HugeRegion {
             len,
         })?;
         // SAFETY: FFI on our own valid fd.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), flen) } != 0 {
+        if fresh && unsafe { libc::ftruncate(fd.as_raw_fd(), flen) } != 0 {
             return Err(Error::last_os(format!("ftruncate(memfd, {len:#x})")));
         }
         // SAFETY: FFI, no address hint, valid fd; the result is checked below.
@@ -194,9 +234,11 @@ impl HugeRegion {
                 "mlock({len:#x} bytes; check `ulimit -l`)"
             )));
         }
-        // SAFETY: the mapping is ours, writable and len bytes long; no device knows its
-        // address yet, and no reference into it exists.
-        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+        if fresh {
+            // SAFETY: the mapping is ours, writable and len bytes long; no device knows
+            // its address yet, and no reference into it exists.
+            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+        }
 
         let pagemap = open_pagemap()?;
         let base = ptr.as_ptr() as usize;

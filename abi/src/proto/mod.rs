@@ -71,6 +71,10 @@ pub enum Op {
     UnmapBatch = 15,
     /// Create the client's submission and completion rings (`crate::ring`).
     SetupRings = 16,
+    /// Reattach to a domain a restarted iommud adopted, proving with the
+    /// token the first attach's reply carried (docs/ARCHITECTURE.md, "Stop,
+    /// crash and restart").
+    Reattach = 17,
 }
 
 impl Op {
@@ -92,6 +96,7 @@ impl Op {
             14 => Op::MapBatch,
             15 => Op::UnmapBatch,
             16 => Op::SetupRings,
+            17 => Op::Reattach,
             _ => return None,
         })
     }

@@ -20,6 +20,13 @@ pub enum Request {
         /// Requested flush policy.
         flush: FlushPolicy,
     },
+    /// args: [bdf, token low, token high]. Reply: as [`Request::Attach`]'s.
+    Reattach {
+        /// PCI source id.
+        bdf: u16,
+        /// The reattach token of the first attach's reply.
+        token: u128,
+    },
     /// args: [bytes]. Reply args: [phys_base, fd_offset, len]; fd attached.
     AllocPool {
         /// Bytes wanted (rounded up to the platform's chunk).
@@ -149,6 +156,7 @@ impl Request {
         match self {
             Request::Hello { .. } => Op::Hello,
             Request::Attach { .. } => Op::Attach,
+            Request::Reattach { .. } => Op::Reattach,
             Request::AllocPool { .. } => Op::AllocPool,
             Request::Map { .. } => Op::Map,
             Request::Unmap { .. } => Op::Unmap,
@@ -185,6 +193,11 @@ impl Request {
                 args[0] = u64::from(*bdf);
                 args[1] = *strategy as u64;
                 args[2] = *flush as u64;
+            }
+            Request::Reattach { bdf, token } => {
+                args[0] = u64::from(*bdf);
+                args[1] = *token as u64;
+                args[2] = (*token >> 64) as u64;
             }
             Request::AllocPool { bytes } => args[0] = *bytes,
             Request::SetupRings { rings } => args[0] = *rings,
@@ -271,6 +284,10 @@ impl Request {
                     .ok_or(ProtoError::BadField("unknown strategy"))?,
                 flush: FlushPolicy::from_u64(a[2])
                     .ok_or(ProtoError::BadField("unknown flush policy"))?,
+            })?,
+            Op::Reattach => no_payload(Request::Reattach {
+                bdf: u16::try_from(a[0]).map_err(|_| ProtoError::BadField("bdf > 0xffff"))?,
+                token: u128::from(a[1]) | (u128::from(a[2]) << 64),
             })?,
             Op::AllocPool => no_payload(Request::AllocPool { bytes: a[0] })?,
             Op::SetupRings => no_payload(Request::SetupRings { rings: a[0] })?,

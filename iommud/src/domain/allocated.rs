@@ -147,6 +147,10 @@ impl Domain {
                 phys: phys - off,
             },
         );
+        self.note(
+            iova,
+            Some(crate::ledger::PageEntry::Mapped(alloc_bytes / PAGE)),
+        );
         Ok(MapPlan::Done {
             iova: iova + off,
             base: iova,
@@ -205,6 +209,7 @@ impl Domain {
                     ));
                 }
                 i.mapped.remove(&base);
+                self.note(base, None);
                 self.uncharge(Quota::Mappings, 1);
                 let detached = i.pt.unmap(self.mem(), base, m.pages)?;
                 let tag = self.park_cleared(&mut i, Vec::new(), detached);

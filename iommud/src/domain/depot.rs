@@ -71,6 +71,7 @@ impl Domain {
         }
         for iova in &back {
             i.delegated.remove(iova);
+            self.note(*iova, None);
         }
         self.uncharge(Quota::Mappings, back.len() as u64);
         if !back.is_empty() {
@@ -105,6 +106,7 @@ impl Domain {
         }
         for (k, &iova) in out.iter().enumerate() {
             i.delegated.insert(iova, class);
+            self.note(iova, Some(crate::ledger::PageEntry::Delegated(class)));
             self.client
                 .map
                 .write_u64(EXCHANGE_OFFSET + 8 * k, iova)

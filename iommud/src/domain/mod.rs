@@ -63,6 +63,9 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod adopt;
+#[cfg(all(test, feature = "sim"))]
+mod adopt_tests;
 mod allocated;
 mod depot;
 mod epochs;
@@ -76,6 +79,7 @@ mod timer;
 mod timer_tests;
 pub use timer::{Budget, TimerFlush, FLUSH_BUDGET_BURST, FLUSH_BUDGET_PER_MS, TIMER_MIN_GAP};
 
+pub use adopt::Adoption;
 pub use rings::Rings;
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
@@ -259,6 +263,9 @@ pub struct Domain {
     release_owed: AtomicU64,
     /// Domain-clock time of the latest take of the unmap records.
     last_take: AtomicU64,
+    /// What a restarted iommud needs to adopt this domain (delegated
+    /// domains where memory outlives the process; `crate::ledger`).
+    ledger: std::sync::OnceLock<crate::ledger::Ledger>,
 }
 
 /// A registered region: a pool, and where the `static` strategy mapped it.
@@ -320,7 +327,42 @@ impl Domain {
                 return Err(e);
             }
         };
-        let d = Domain {
+        let d = Domain::assemble(
+            &unit, sid, did, strategy, flush, trust, pt, arena, published, client, account,
+        );
+        d.page().init();
+        d.publish(strategy, flush);
+        if strategy != Strategy::NoIommu && unit.translating() {
+            let root = d
+                .inner
+                .lock()
+                .map_err(|_| reply(ErrorCode::Hardware, "poisoned"))?
+                .pt
+                .root();
+            if let Err(e) = unit.set_context(sid, did, root) {
+                d.teardown();
+                return Err(e.into());
+            }
+        }
+        Ok(Arc::new(d))
+    }
+
+    /// The domain's state around its tables and shared pages (new or adopted).
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        unit: &Arc<Iommu>,
+        sid: u16,
+        did: u16,
+        strategy: Strategy,
+        flush: FlushPolicy,
+        trust: Trust,
+        pt: PageTable,
+        arena: Option<Region>,
+        published: SharedMem,
+        client: SharedMem,
+        account: Arc<Account>,
+    ) -> Domain {
+        Domain {
             sid,
             did,
             trust,
@@ -361,22 +403,8 @@ impl Domain {
             budget: Budget::default(),
             release_owed: AtomicU64::new(0),
             last_take: AtomicU64::new(0),
-        };
-        d.page().init();
-        d.publish(strategy, flush);
-        if strategy != Strategy::NoIommu && unit.translating() {
-            let root = d
-                .inner
-                .lock()
-                .map_err(|_| reply(ErrorCode::Hardware, "poisoned"))?
-                .pt
-                .root();
-            if let Err(e) = unit.set_context(sid, did, root) {
-                d.teardown();
-                return Err(e.into());
-            }
+            ledger: Default::default(),
         }
-        Ok(Arc::new(d))
     }
 
     /// The published page (iommud writes; the client maps it read-only).
@@ -477,6 +505,7 @@ impl Domain {
             0
         };
         i.pools.push(r.clone());
+        self.note_pool(&r);
         let reg = Registered {
             phys: r.phys,
             len: r.len,
@@ -628,6 +657,7 @@ impl Domain {
         i.strategy = s;
         i.flush = f;
         self.publish(s, f);
+        self.note_policy(s, f);
         drop(i);
         if unlinked {
             self.flush()?;
@@ -644,6 +674,8 @@ impl Domain {
         if self.is_blocked() || self.is_dead() || !self.unit.translating() {
             return Ok(());
         }
+        // Blocked for good: a restarted iommud must not unblock it.
+        self.retire_ledger();
         self.unit.quarantine_context(self.sid, self.did)?;
         // Set once the quarantine is in place (and invalidated).
         self.blocked.store(true, SeqCst);
@@ -668,6 +700,8 @@ impl Domain {
             return;
         }
         self.page().dead.store(1, SeqCst);
+        // A restarted iommud must never adopt a domain half torn down.
+        self.retire_ledger();
         // No ring pass writes an entry from here on.
         self.quiesce_rings();
         if self.unit.translating() {
@@ -702,6 +736,7 @@ impl Domain {
         for r in i.pools.drain(..) {
             mem.free_region(&r);
         }
+        self.free_ledger();
         i.mapped.clear();
         i.delegated.clear();
         i.refs.clear();

@@ -98,6 +98,26 @@ impl PhysMem for SimPlatform {
             len,
         })
     }
+    /// In one process (the handover tests), the old unit's regions are
+    /// still allocated in the machine: adopting one is naming it.
+    fn adopt_region(
+        &self,
+        phys: Option<u64>,
+        len: u64,
+        _name: Option<&str>,
+    ) -> Result<Region, HwError> {
+        let phys = phys.ok_or(HwError::Unsupported("sim: adopt needs an address".into()))?;
+        let end = phys.checked_add(len).ok_or(HwError::BadPhys(phys))?;
+        if len == 0 || !phys.is_multiple_of(4096) || end > self.machine.mem_len() as u64 {
+            return Err(HwError::BadPhys(phys));
+        }
+        Ok(Region {
+            fd: self.mem_fd.clone(),
+            fd_offset: phys,
+            phys,
+            len,
+        })
+    }
     fn free_region(&self, r: &Region) {
         self.frames
             .lock()

@@ -330,62 +330,72 @@ impl PhysMem for HugeMem {
     }
 
     fn alloc_region(&self, len: u64, align: u64) -> Result<Region, HwError> {
-        let page = self.max_region();
-        if len == 0 {
-            return Err(HwError::NoMemory("zero-length region requested"));
-        }
-        if len > page {
-            return Err(match self.source {
-                MemSource::Hugepages => HwError::NoMemory("region larger than one hugepage"),
-                MemSource::SmallPages => {
-                    HwError::NoMemory("region larger than 4 KiB without hugepages")
-                }
-            });
-        }
-        if !align.is_power_of_two() || align > page {
-            return Err(HwError::NoMemory(
-                "region alignment not a power of two or above the page size",
-            ));
-        }
-        // A fresh memfd per region: the fd handed to the client maps exactly this memory.
-        let (mem, file) = self
-            .alloc_mem(page as usize, "region")
-            .map_err(|e| os_err("allocate client region", e))?;
-        let mem = Arc::new(mem);
-        let remove = |file: &Option<std::path::PathBuf>| {
-            if let Some(f) = file {
-                let _ = std::fs::remove_file(f);
-            }
-        };
-        let Some((_, phys)) = mem.chunks().next() else {
-            remove(&file);
-            return Err(HwError::NoMemory("region allocation returned no pages"));
-        };
-        if !phys.is_multiple_of(align) {
-            remove(&file);
-            return Err(HwError::NoMemory("region not aligned as requested"));
-        }
-        let fd: OwnedFd = mem.fd().try_clone_to_owned().map_err(|err| HwError::Os {
-            what: "dup region memfd",
-            err,
-        })?;
-        if !self.write().insert(&mem, Use::Region) {
-            remove(&file);
+        self.alloc_region_kind(len, align, "region")
+    }
+
+    fn alloc_ledger(&self, len: u64) -> Result<Region, HwError> {
+        self.alloc_region_kind(len, PAGE_SIZE as u64, "ledger")
+    }
+
+    fn region_name(&self, phys: u64) -> Option<String> {
+        let files = self.files.as_ref()?;
+        let g = lock(&files.regions);
+        let p = g.get(&phys)?;
+        Some(p.file_name()?.to_str()?.to_string())
+    }
+
+    fn adopt_region(
+        &self,
+        phys: Option<u64>,
+        len: u64,
+        name: Option<&str>,
+    ) -> Result<Region, HwError> {
+        let files = self.files.as_ref().ok_or(HwError::Unsupported(
+            "memory is not kept in named files (no state directory)".into(),
+        ))?;
+        let name = name.ok_or(HwError::Unsupported("adopting needs a file name".into()))?;
+        // Names come from a ledger iommud wrote, but a file name is checked anyway:
+        // one plain name of ours, inside the state directory.
+        let ours = name.starts_with("iommud-")
+            && (name.ends_with("-region") || name.ends_with("-ledger"))
+            && !name.contains('/')
+            && name.len() < 64;
+        if !ours {
             return Err(HwError::Hardware(format!(
-                "pagemap gave region phys {phys:#x}, which iommud already owns"
+                "{name:?} is not a memory file name"
             )));
         }
-        if let (Some(files), Some(f)) = (&self.files, file) {
-            lock(&files.regions).insert(phys, f);
+        let path = files.dir.join(name);
+        let huge = self.source == MemSource::Hugepages;
+        let mem =
+            HugeRegion::open_file(&path, huge).map_err(|e| os_err("adopt a memory file", e))?;
+        let Some((_, base)) = mem.chunks().next() else {
+            return Err(HwError::NoMemory("an adopted file has no pages"));
+        };
+        if phys.is_some_and(|p| p != base) || (len != 0 && mem.len() as u64 != len) {
+            return Err(HwError::Hardware(format!(
+                "{name}: found at {base:#x}, {} bytes; expected {phys:x?}, {len} bytes",
+                mem.len()
+            )));
         }
+        let fd: OwnedFd = mem.fd().try_clone_to_owned().map_err(|err| HwError::Os {
+            what: "dup adopted file",
+            err,
+        })?;
+        let mem = Arc::new(mem);
+        if !self.write().insert(&mem, Use::Region) {
+            return Err(HwError::Hardware(format!(
+                "{name}: its pages at {base:#x} are already iommud's"
+            )));
+        }
+        lock(&files.regions).insert(base, path);
         Ok(Region {
             fd: Arc::new(fd),
             fd_offset: 0,
-            phys,
+            phys: base,
             len: mem.len() as u64,
         })
     }
-
     fn free_region(&self, region: &Region) {
         let mut g = self.write();
         match g.chunks.get(&region.phys) {
@@ -490,3 +500,62 @@ impl PhysMem for HugeMem {
 #[cfg(test)]
 #[path = "tests.rs"]
 mod tests;
+
+impl HugeMem {
+    fn alloc_region_kind(&self, len: u64, align: u64, kind: &str) -> Result<Region, HwError> {
+        let page = self.max_region();
+        if len == 0 {
+            return Err(HwError::NoMemory("zero-length region requested"));
+        }
+        if len > page {
+            return Err(match self.source {
+                MemSource::Hugepages => HwError::NoMemory("region larger than one hugepage"),
+                MemSource::SmallPages => {
+                    HwError::NoMemory("region larger than 4 KiB without hugepages")
+                }
+            });
+        }
+        if !align.is_power_of_two() || align > page {
+            return Err(HwError::NoMemory(
+                "region alignment not a power of two or above the page size",
+            ));
+        }
+        // A fresh memfd per region: the fd handed to the client maps exactly this memory.
+        let (mem, file) = self
+            .alloc_mem(page as usize, kind)
+            .map_err(|e| os_err("allocate client region", e))?;
+        let mem = Arc::new(mem);
+        let remove = |file: &Option<std::path::PathBuf>| {
+            if let Some(f) = file {
+                let _ = std::fs::remove_file(f);
+            }
+        };
+        let Some((_, phys)) = mem.chunks().next() else {
+            remove(&file);
+            return Err(HwError::NoMemory("region allocation returned no pages"));
+        };
+        if !phys.is_multiple_of(align) {
+            remove(&file);
+            return Err(HwError::NoMemory("region not aligned as requested"));
+        }
+        let fd: OwnedFd = mem.fd().try_clone_to_owned().map_err(|err| HwError::Os {
+            what: "dup region memfd",
+            err,
+        })?;
+        if !self.write().insert(&mem, Use::Region) {
+            remove(&file);
+            return Err(HwError::Hardware(format!(
+                "pagemap gave region phys {phys:#x}, which iommud already owns"
+            )));
+        }
+        if let (Some(files), Some(f)) = (&self.files, file) {
+            lock(&files.regions).insert(phys, f);
+        }
+        Ok(Region {
+            fd: Arc::new(fd),
+            fd_offset: 0,
+            phys,
+            len: mem.len() as u64,
+        })
+    }
+}

@@ -1,0 +1,383 @@
+//! Ledgers and adoption: how a delegated magazine domain outlives the
+//! iommud that made it (docs/ARCHITECTURE.md, "Stop, crash and restart").
+//!
+//! While iommud lives, [`Domain::start_ledger`] gives the domain a ledger
+//! (`crate::ledger`) and a reattach token, and every change a restarted
+//! iommud would need (IOVAs delegated and returned, allocated maps, pools)
+//! is written there under the domain's lock. After a crash, the next iommud
+//! reads the ledger, keeps the device translating through the old tables
+//! while it builds new ones ([`crate::unit::Iommu::init_carrying`]), and
+//! [`Domain::adopt`]s the domain: the same domain id, arena (whose leaf
+//! tables the client keeps writing), pools and IOVAs. When the owner comes
+//! back with its token, [`Domain::reclaim_unmapped`] takes back every
+//! delegated IOVA the client no longer maps (the client forgets its
+//! magazines), and invalidates, before the client gets the domain.
+
+use super::*;
+use crate::ledger::{Header, Image, Ledger, PageEntry, LEDGER_BYTES};
+
+/// Everything a domain's adoption starts from: its ledger read back, the
+/// ledger's memory, and its regions (index for index with the ledger's
+/// records: the arena, then the pools) taken back.
+pub struct Adoption {
+    /// The ledger as read.
+    pub image: Image,
+    /// The ledger's memory.
+    pub ledger: Region,
+    /// The regions, taken back.
+    pub regions: Vec<Region>,
+}
+
+/// A fresh 128-bit secret (0 when the system has no randomness to give).
+fn random_token() -> u128 {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u128::from_le_bytes(b),
+        Err(_) => 0,
+    }
+}
+
+impl Domain {
+    /// Gives a delegated magazine-capable domain a ledger and a reattach
+    /// token (returned), where the unit keeps ledgers. `None`: no ledger
+    /// (validated trust, no translation, or memory that dies with iommud).
+    pub fn start_ledger(&self, owner: (u32, u32)) -> Option<u128> {
+        if !self.unit.journal() || self.trust != Trust::Delegated || !self.unit.translating() {
+            return None;
+        }
+        let token = random_token();
+        if token == 0 {
+            return None;
+        }
+        let i = self.lock_uncounted();
+        let arena = i.arena.clone()?;
+        let mem = self.mem();
+        let region = match mem.alloc_ledger(LEDGER_BYTES) {
+            Ok(r) => r,
+            Err(e) => {
+                crate::unit::log::warn(&format!(
+                    "{}: no ledger ({e}): this domain will not survive an iommud restart",
+                    Bdf(self.sid)
+                ));
+                return None;
+            }
+        };
+        let h = Header {
+            sid: self.sid,
+            did: self.did,
+            strategy: i.strategy,
+            flush: i.flush,
+            trust: self.trust,
+            owner,
+            token,
+        };
+        let made = Ledger::init(mem, region.clone(), &h, i.pt.root()).and_then(|l| {
+            l.add_region(mem, &arena, mem.region_name(arena.phys).as_deref())?;
+            for p in &i.pools {
+                l.add_region(mem, p, mem.region_name(p.phys).as_deref())?;
+            }
+            Ok(l)
+        });
+        match made {
+            Ok(l) => {
+                let _ = self.ledger.set(l);
+                Some(token)
+            }
+            Err(e) => {
+                mem.free_region(&region);
+                crate::unit::log::warn(&format!("{}: ledger not written: {e}", Bdf(self.sid)));
+                None
+            }
+        }
+    }
+
+    /// Records in the ledger (if any) what starts at `iova` now.
+    pub(super) fn note(&self, iova: u64, e: Option<PageEntry>) {
+        if let Some(l) = self.ledger.get() {
+            if (IOVA_BASE..IOVA_BASE + IOVA_SPAN).contains(&iova) {
+                l.set_page(self.mem(), (iova - IOVA_BASE) / PAGE, e);
+            }
+        }
+    }
+
+    /// Records a new pool in the ledger (if any).
+    pub(super) fn note_pool(&self, r: &Region) {
+        if let Some(l) = self.ledger.get() {
+            let mem = self.mem();
+            if let Err(e) = l.add_region(mem, r, mem.region_name(r.phys).as_deref()) {
+                crate::unit::log::warn(&format!(
+                    "{}: ledger: {e}; this domain will not survive an iommud restart",
+                    Bdf(self.sid)
+                ));
+                l.retire(mem);
+            }
+        }
+    }
+
+    /// Records the policy in the ledger (if any); a strategy other than
+    /// magazine cannot be adopted, so its ledger says so by being retired.
+    pub(super) fn note_policy(&self, strategy: Strategy, flush: FlushPolicy) {
+        if let Some(l) = self.ledger.get() {
+            if strategy == Strategy::Magazine {
+                l.set_policy(self.mem(), strategy, flush);
+            } else {
+                l.retire(self.mem());
+            }
+        }
+    }
+
+    /// The domain is going (or blocked for good): never adopt it.
+    pub(super) fn retire_ledger(&self) {
+        if let Some(l) = self.ledger.get() {
+            l.retire(self.mem());
+        }
+    }
+
+    /// Frees the ledger's memory (teardown, after the device is blocked).
+    pub(super) fn free_ledger(&self) {
+        if let Some(l) = self.ledger.get() {
+            self.mem().free_region(&l.region);
+        }
+    }
+
+    /// True if the domain keeps a ledger (a restarted iommud can adopt it).
+    pub fn has_ledger(&self) -> bool {
+        self.ledger.get().is_some()
+    }
+
+    /// Adopts a domain a previous iommud left (see the module doc): new
+    /// upper page tables over the same arena leaf tables, the same domain id,
+    /// pools and IOVAs, and the device's context entry moved from the old
+    /// tables to the new ones (one context-cache and IOTLB invalidation).
+    /// The ledger goes on recording. On an error nothing is left allocated
+    /// but the regions, which the caller frees after blocking the device.
+    pub fn adopt(
+        unit: Arc<Iommu>,
+        a: &Adoption,
+        reclaim: bool,
+        account: Arc<Account>,
+    ) -> Result<Arc<Domain>, DomainError> {
+        let h = a.image.header;
+        let bad = |m: String| reply(ErrorCode::Invalid, format!("{}: {m}", Bdf(h.sid)));
+        if h.strategy != Strategy::Magazine || h.trust != Trust::Delegated {
+            return Err(bad(format!(
+                "{} trust, {} strategy: only delegated magazine domains are adopted",
+                h.trust.name(),
+                h.strategy.name()
+            )));
+        }
+        let Some(arena) = a.regions.first().cloned() else {
+            return Err(bad("the ledger names no arena".into()));
+        };
+        if arena.len != ARENA_BYTES || a.regions.len() != a.image.regions.len() {
+            return Err(bad("the ledger's regions do not match".into()));
+        }
+        account
+            .charge(Quota::Domains, 1)
+            .map_err(|m| reply(ErrorCode::QuotaExceeded, m))?;
+        let mem = unit.mem().clone();
+        let build = || -> Result<(PageTable, SharedMem, SharedMem), DomainError> {
+            let pt = PageTable::new(&*mem, unit.levels, reclaim, unit.coherent())?;
+            let published = mem.alloc_shared(PUBLISHED_LEN, false)?;
+            let client = mem.alloc_shared(CLIENT_LEN, true)?;
+            Ok((pt, published, client))
+        };
+        let (pt, published, client) = match build() {
+            Ok(v) => v,
+            Err(e) => {
+                account.release(Quota::Domains, 1);
+                return Err(e);
+            }
+        };
+        let d = Domain::assemble(
+            &unit,
+            h.sid,
+            h.did,
+            h.strategy,
+            h.flush,
+            h.trust,
+            pt,
+            Some(arena.clone()),
+            published,
+            client,
+            account,
+        );
+        d.page().init();
+        d.publish(h.strategy, h.flush);
+        let _ = d.ledger.set(Ledger {
+            region: a.ledger.clone(),
+        });
+        if let Err(e) = d.rebuild(a) {
+            d.abandon_adoption();
+            return Err(e);
+        }
+        let root = d.lock_uncounted().pt.root();
+        let rewritten = d.ledger.get().map(|l| l.write_header(&*mem, &h, root));
+        if let Some(Err(e)) = rewritten {
+            d.abandon_adoption();
+            return Err(e.into());
+        }
+        if let Err(e) = unit.set_context(h.sid, h.did, root) {
+            d.abandon_adoption();
+            return Err(e.into());
+        }
+        d.sync_tables(d.lock_uncounted().pt.counts().live);
+        Ok(Arc::new(d))
+    }
+
+    /// The adoption's bookkeeping from the ledger: pools, delegated IOVAs,
+    /// allocated maps, and the arena leaf tables they need installed.
+    fn rebuild(&self, a: &Adoption) -> Result<(), DomainError> {
+        let bad = |m: String| reply(ErrorCode::Invalid, format!("{}: {m}", Bdf(self.sid)));
+        let mut i = self.lock_uncounted();
+        let arena = a.regions[0].clone();
+        let pool_bytes: u64 = a.regions[1..].iter().map(|r| r.len).sum();
+        self.charge(Quota::PoolBytes, pool_bytes)?;
+        {
+            let mut regs = self.regions.write().unwrap_or_else(|p| p.into_inner());
+            for r in &a.regions[1..] {
+                i.pools.push(r.clone());
+                regs.push(Registered {
+                    phys: r.phys,
+                    len: r.len,
+                    iova: 0,
+                });
+            }
+        }
+        let mut n = 0;
+        for &(page, e) in &a.image.pages {
+            let iova = IOVA_BASE + page * PAGE;
+            let bytes = match e {
+                PageEntry::Delegated(c) if c < SIZE_CLASSES => class_pages(c) * PAGE,
+                PageEntry::Mapped(p) if p > 0 && p * PAGE <= MAX_MAP_LEN.next_power_of_two() => {
+                    p * PAGE
+                }
+                _ => return Err(bad(format!("ledger entry {e:?} at {iova:#x}"))),
+            };
+            if !i.iova.reserve(iova, bytes) {
+                return Err(bad(format!("ledger allocations overlap at {iova:#x}")));
+            }
+            self.install_kept_leaves(&mut i, &arena, iova, bytes)?;
+            match e {
+                PageEntry::Delegated(c) => {
+                    i.delegated.insert(iova, c);
+                }
+                PageEntry::Mapped(alloc_pages) => {
+                    // The map's pages are the present entries from its start.
+                    let mut pages = 0;
+                    let mut phys = 0;
+                    while pages < alloc_pages {
+                        let pte = vtd::entry::SlPte(
+                            self.mem().read_u64(pte_of(&arena, iova + pages * PAGE))?,
+                        );
+                        if !pte.present() {
+                            break;
+                        }
+                        if pages == 0 {
+                            phys = pte.addr();
+                        }
+                        pages += 1;
+                    }
+                    if pages == 0 {
+                        return Err(bad(format!("allocated map at {iova:#x} has no entry")));
+                    }
+                    i.mapped.insert(
+                        iova,
+                        Mapped {
+                            pages,
+                            alloc_bytes: bytes,
+                            phys,
+                        },
+                    );
+                }
+            }
+            n += 1;
+        }
+        self.charge(Quota::Mappings, n)?;
+        Ok(())
+    }
+
+    /// Installs the arena leaf tables covering `[iova, iova+bytes)` *as they
+    /// are*: the client's entries in them are the device's live mappings.
+    fn install_kept_leaves(
+        &self,
+        i: &mut Inner,
+        arena: &Region,
+        iova: u64,
+        bytes: u64,
+    ) -> Result<(), DomainError> {
+        let first = (iova - IOVA_BASE) >> 21;
+        let last = (iova + bytes - 1 - IOVA_BASE) >> 21;
+        for c in first..=last {
+            let slot = i
+                .leaf_installed
+                .get_mut(c as usize)
+                .ok_or_else(|| reply(ErrorCode::NoSpace, "iova beyond the arena"))?;
+            if !*slot {
+                i.pt.install_leaf(self.mem(), IOVA_BASE + (c << 21), arena.phys + c * PAGE)?;
+                *slot = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A failed adoption: the new tables go; the regions stay (the device
+    /// may still reach them through the old tables until the caller blocks
+    /// it).
+    fn abandon_adoption(&self) {
+        self.dead.store(true, SeqCst);
+        let mut i = self.lock_uncounted();
+        let arena = i.arena.take();
+        i.pools.clear();
+        let pt = std::mem::replace(&mut i.pt, PageTable::placeholder());
+        let owned = |p: u64| arena.as_ref().is_some_and(|a| a.contains(p, PAGE));
+        let mem = self.unit.mem().clone();
+        for t in pt.teardown(owned) {
+            mem.free_frame(t);
+        }
+        drop(i);
+        for q in [Quota::PoolBytes, Quota::PtPages, Quota::Mappings] {
+            self.account
+                .release(q, self.charged[q as usize].swap(0, SeqCst));
+        }
+        self.account.release(Quota::Domains, 1);
+    }
+
+    /// The owner is back (its token checked): every delegated IOVA its arena
+    /// no longer maps is taken back (the client forgets the magazines it
+    /// held), and the domain is invalidated before the client goes on, so
+    /// none of them carries a stale translation when it is handed out again.
+    /// Returns how many were taken back.
+    pub fn reclaim_unmapped(&self) -> Result<usize, DomainError> {
+        let mut i = self.lock();
+        let Some(arena) = i.arena.clone() else {
+            return Ok(0);
+        };
+        let mut gone = Vec::new();
+        for (&iova, &class) in &i.delegated {
+            let mut mapped = false;
+            for p in 0..class_pages(class) {
+                let pte = vtd::entry::SlPte(self.mem().read_u64(pte_of(&arena, iova + p * PAGE))?);
+                mapped |= pte.present();
+            }
+            if !mapped {
+                gone.push((iova, class));
+            }
+        }
+        for &(iova, class) in &gone {
+            i.delegated.remove(&iova);
+            i.iova.free(iova, class_pages(class) * PAGE);
+            self.note(iova, None);
+        }
+        drop(i);
+        self.uncharge(Quota::Mappings, gone.len() as u64);
+        self.flush()?;
+        Ok(gone.len())
+    }
+}
+
+/// The arena entry of `iova` (in the magazine range).
+fn pte_of(arena: &Region, iova: u64) -> u64 {
+    arena.phys + ((iova - IOVA_BASE) >> 12) * 8
+}

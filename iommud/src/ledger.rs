@@ -1,0 +1,290 @@
+//! A domain's ledger: what a restarted iommud needs to adopt the domain of a
+//! client whose iommud died (docs/ARCHITECTURE.md, "Stop, crash and
+//! restart").
+//!
+//! The ledger is memory iommud alone writes, in a file of the state
+//! directory that outlives the process like the tables do. It is kept up to
+//! date as the domain changes (a few stores per change, under the domain's
+//! lock), so whatever instant iommud dies at, it describes the domain:
+//! who owns it and how to prove it (the reattach token), its domain id and
+//! page-table root, the files of its arena and pools, and, for each IOVA page
+//! of the magazine range, whether an allocation starts there and which:
+//! a delegated magazine IOVA of a size class, or an allocated map.
+//!
+//! Layout (little-endian u64 words from the start):
+//!
+//! | word | field |
+//! |---|---|
+//! | 0 | magic `IOMDLEDG` |
+//! | 1 | version |
+//! | 2 | sid \| did << 16 \| strategy << 32 \| flush << 40 \| trust << 48 |
+//! | 3 | owner uid \| gid << 32 |
+//! | 4, 5 | reattach token (low, high) |
+//! | 6, 7 | reserved (0) |
+//! | 8 | page-table root the context entry names |
+//! | 9 | 1 while the domain is attached (cleared first at teardown) |
+//! | 10 | regions recorded |
+//!
+//! From byte [`REGIONS_AT`]: one record of [`REGION_WORDS`] words per region
+//! (physical address, length, file name in 48 bytes). Record 0 is the arena.
+//! From byte [`PAGES_AT`]: one u32 per IOVA page of the magazine range:
+//! 0, or [`KIND_DELEGATED`] | class, or [`KIND_MAPPED`] | pages allocated.
+
+use crate::hw::{HwError, PhysMem, Region};
+use crate::policy::Trust;
+use iommu_abi::proto::{FlushPolicy, Strategy};
+
+/// Bytes of a ledger (one 2 MiB hugepage).
+pub const LEDGER_BYTES: u64 = 2 << 20;
+const MAGIC: u64 = u64::from_le_bytes(*b"IOMDLEDG");
+const VERSION: u64 = 1;
+const W_IDS: u64 = 2;
+const W_OWNER: u64 = 3;
+const W_TOKEN: u64 = 4;
+const W_ROOT: u64 = 8;
+const W_LIVE: u64 = 9;
+const W_NREGIONS: u64 = 10;
+/// Where the region records start.
+pub const REGIONS_AT: u64 = 4096;
+/// Words per region record.
+pub const REGION_WORDS: u64 = 8;
+const NAME_BYTES: usize = 48;
+/// Where the page array starts.
+pub const PAGES_AT: u64 = 64 << 10;
+/// Region records that fit before the page array.
+pub const MAX_REGIONS: u64 = (PAGES_AT - REGIONS_AT) / (REGION_WORDS * 8);
+/// A page entry's kind: a delegated magazine IOVA (low bits: size class).
+pub const KIND_DELEGATED: u32 = 1 << 28;
+/// A page entry's kind: an allocated map (low bits: pages allocated).
+pub const KIND_MAPPED: u32 = 2 << 28;
+const KIND_MASK: u32 = 0xf << 28;
+
+/// The identity of a domain, as recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Source id.
+    pub sid: u16,
+    /// Domain id.
+    pub did: u16,
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Flush policy.
+    pub flush: FlushPolicy,
+    /// Trust.
+    pub trust: Trust,
+    /// Owner uid and gid.
+    pub owner: (u32, u32),
+    /// The reattach token.
+    pub token: u128,
+}
+
+/// A region as recorded: physical address, length, file name (if any).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionRecord {
+    /// Physical address.
+    pub phys: u64,
+    /// Bytes.
+    pub len: u64,
+    /// File name in the state directory.
+    pub name: Option<String>,
+}
+
+/// What an allocation starting at an IOVA page is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageEntry {
+    /// A magazine IOVA delegated to the client, of a size class.
+    Delegated(usize),
+    /// A map iommud made, with this many pages allocated.
+    Mapped(u64),
+}
+
+/// A whole ledger read back (by the next iommud).
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// Who and what.
+    pub header: Header,
+    /// The page-table root the unit's context entry names.
+    pub root: u64,
+    /// Region 0 is the arena; then the pools in allocation order.
+    pub regions: Vec<RegionRecord>,
+    /// Allocations by IOVA (of the magazine range starting at `base`).
+    pub pages: Vec<(u64, PageEntry)>,
+}
+
+/// A live ledger.
+#[derive(Debug)]
+pub struct Ledger {
+    /// Its memory.
+    pub region: Region,
+}
+
+fn ids(h: &Header) -> u64 {
+    u64::from(h.sid)
+        | u64::from(h.did) << 16
+        | (h.strategy as u64) << 32
+        | (h.flush as u64) << 40
+        | (h.trust as u64) << 48
+}
+
+impl Ledger {
+    fn at(&self, word: u64) -> u64 {
+        self.region.phys + 8 * word
+    }
+
+    /// Writes a fresh ledger's header (the page array of new memory is zero).
+    pub fn init(
+        mem: &dyn PhysMem,
+        region: Region,
+        h: &Header,
+        root: u64,
+    ) -> Result<Ledger, HwError> {
+        let l = Ledger { region };
+        l.write_header(mem, h, root)?;
+        Ok(l)
+    }
+
+    /// (Re)writes the header: identity, root, live. Magic last, so a
+    /// half-written header is never taken for a ledger.
+    pub fn write_header(&self, mem: &dyn PhysMem, h: &Header, root: u64) -> Result<(), HwError> {
+        mem.write_u64(self.at(1), VERSION)?;
+        mem.write_u64(self.at(W_IDS), ids(h))?;
+        mem.write_u64(
+            self.at(W_OWNER),
+            u64::from(h.owner.0) | u64::from(h.owner.1) << 32,
+        )?;
+        mem.write_u64(self.at(W_TOKEN), h.token as u64)?;
+        mem.write_u64(self.at(W_TOKEN + 1), (h.token >> 64) as u64)?;
+        mem.write_u64(self.at(W_ROOT), root)?;
+        mem.write_u64(self.at(W_LIVE), 1)?;
+        mem.write_u64(self.at(0), MAGIC)
+    }
+
+    /// Records the strategy and flush policy (a switch of an idle domain).
+    pub fn set_policy(&self, mem: &dyn PhysMem, strategy: Strategy, flush: FlushPolicy) {
+        if let Ok(w) = mem.read_u64(self.at(W_IDS)) {
+            let w = (w & !(0xffff << 32)) | (strategy as u64) << 32 | (flush as u64) << 40;
+            let _ = mem.write_u64(self.at(W_IDS), w);
+        }
+    }
+
+    /// Marks the domain gone (first thing at teardown): never adopted again.
+    pub fn retire(&self, mem: &dyn PhysMem) {
+        let _ = mem.write_u64(self.at(W_LIVE), 0);
+    }
+
+    /// Records a region (the arena first, then each pool).
+    pub fn add_region(
+        &self,
+        mem: &dyn PhysMem,
+        r: &Region,
+        name: Option<&str>,
+    ) -> Result<(), HwError> {
+        let n = mem.read_u64(self.at(W_NREGIONS))?;
+        if n >= MAX_REGIONS {
+            return Err(HwError::NoMemory("ledger: too many regions"));
+        }
+        let rec = REGIONS_AT / 8 + n * REGION_WORDS;
+        mem.write_u64(self.at(rec), r.phys)?;
+        mem.write_u64(self.at(rec + 1), r.len)?;
+        let mut name_bytes = [0u8; NAME_BYTES];
+        if let Some(s) = name {
+            let b = s.as_bytes();
+            if b.len() >= NAME_BYTES {
+                return Err(HwError::NoMemory("ledger: file name too long"));
+            }
+            name_bytes[..b.len()].copy_from_slice(b);
+        }
+        for (k, c) in name_bytes.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            mem.write_u64(self.at(rec + 2 + k as u64), u64::from_le_bytes(w))?;
+        }
+        mem.write_u64(self.at(W_NREGIONS), n + 1)
+    }
+
+    /// Sets the page entry of the allocation starting at IOVA page `page`
+    /// (an index into the magazine range); `None` clears it.
+    pub fn set_page(&self, mem: &dyn PhysMem, page: u64, e: Option<PageEntry>) {
+        let v = match e {
+            None => 0,
+            Some(PageEntry::Delegated(c)) => KIND_DELEGATED | (c as u32 & !KIND_MASK),
+            Some(PageEntry::Mapped(p)) => KIND_MAPPED | (p.min(u64::from(!KIND_MASK)) as u32),
+        };
+        let byte = PAGES_AT + page * 4;
+        if byte + 4 > self.region.len {
+            return;
+        }
+        let word = self.region.phys + (byte & !7);
+        if let Ok(old) = mem.read_u64(word) {
+            let shift = (byte & 4) * 8;
+            let new = (old & !(0xffff_ffff << shift)) | u64::from(v) << shift;
+            let _ = mem.write_u64(word, new);
+        }
+    }
+
+    /// Reads a ledger back; `None` if it is not one, or not a live domain.
+    pub fn read(mem: &dyn PhysMem, region: &Region, span_pages: u64) -> Option<Image> {
+        let w = |k: u64| mem.read_u64(region.phys + 8 * k).ok();
+        if w(0)? != MAGIC || w(1)? != VERSION || w(W_LIVE)? != 1 {
+            return None;
+        }
+        let i = w(W_IDS)?;
+        let owner = w(W_OWNER)?;
+        let header = Header {
+            sid: i as u16,
+            did: (i >> 16) as u16,
+            strategy: Strategy::from_u64((i >> 32) & 0xff)?,
+            flush: FlushPolicy::from_u64((i >> 40) & 0xff)?,
+            trust: Trust::from_u64((i >> 48) & 0xff)?,
+            owner: (owner as u32, (owner >> 32) as u32),
+            token: u128::from(w(W_TOKEN)?) | u128::from(w(W_TOKEN + 1)?) << 64,
+        };
+        let n = w(W_NREGIONS)?;
+        if n > MAX_REGIONS {
+            return None;
+        }
+        let mut regions = Vec::new();
+        for k in 0..n {
+            let rec = REGIONS_AT / 8 + k * REGION_WORDS;
+            let mut name = Vec::new();
+            for j in 0..(NAME_BYTES / 8) as u64 {
+                name.extend_from_slice(&w(rec + 2 + j)?.to_le_bytes());
+            }
+            let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+            let name = match end {
+                0 => None,
+                _ => Some(String::from_utf8(name[..end].to_vec()).ok()?),
+            };
+            regions.push(RegionRecord {
+                phys: w(rec)?,
+                len: w(rec + 1)?,
+                name,
+            });
+        }
+        let mut pages = Vec::new();
+        let words = span_pages.div_ceil(2).min((region.len - PAGES_AT) / 8);
+        for k in 0..words {
+            let v = w(PAGES_AT / 8 + k)?;
+            if v == 0 {
+                continue;
+            }
+            for half in 0..2 {
+                let e = (v >> (32 * half)) as u32;
+                let page = 2 * k + half;
+                let entry = match e & KIND_MASK {
+                    0 => continue,
+                    KIND_DELEGATED => PageEntry::Delegated((e & !KIND_MASK) as usize),
+                    KIND_MAPPED => PageEntry::Mapped(u64::from(e & !KIND_MASK)),
+                    _ => return None,
+                };
+                pages.push((page, entry));
+            }
+        }
+        Some(Image {
+            header,
+            root: w(W_ROOT)?,
+            regions,
+            pages,
+        })
+    }
+}
