@@ -91,6 +91,39 @@ impl Mapping {
         Ok(Mapping { ptr, len })
     }
 
+    /// Puts `len()` bytes of `fd` from `offset` where this mapping is, in one
+    /// step (`MAP_FIXED`): a thread reading through it meanwhile sees the
+    /// old memory or the new, never a hole. How libdma moves to the shared
+    /// pages of a restarted iommud without stopping its readers.
+    pub fn replace(&self, fd: BorrowedFd<'_>, offset: u64, readonly: bool) -> io::Result<()> {
+        if !offset.is_multiple_of(4096) {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let off = libc::off_t::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let prot = if readonly {
+            libc::PROT_READ
+        } else {
+            libc::PROT_READ | libc::PROT_WRITE
+        };
+        // SAFETY: replaces exactly the range this Mapping owns (its address and
+        // length); no Rust reference points into it (all accesses are raw), so
+        // swapping the pages under concurrent raw accesses is sound.
+        let p = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Start of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()

@@ -180,7 +180,7 @@ fn run(a: Args) -> Result<(), String> {
                 .clone()
                 .unwrap_or_else(crate::persist::default_dir);
             let mut sd = crate::persist::StateDir::open(&dir)?;
-            let mem = crate::platform::linux::HugeMem::in_dir(sd.path(), sd.prefix())
+            let mem = crate::platform::linux::HugeMem::in_dir(sd.path(), sd.pages(), sd.prefix())
                 .map_err(|e| format!("DMA memory in {}: {e}", dir.display()))?;
             let (n, bytes) = sd.stale();
             crate::unit::log::info(&format!(

@@ -130,6 +130,25 @@ pub trait PhysMem: Send + Sync {
             "this platform cannot take memory over from a previous iommud".into(),
         ))
     }
+    /// The name under which a shared page outlives this process (`None`
+    /// where it does not).
+    fn shared_name(&self, _m: &SharedMem) -> Option<String> {
+        None
+    }
+    /// Takes back a shared page a previous iommud left, by name.
+    fn adopt_shared(
+        &self,
+        _name: &str,
+        _len: usize,
+        _client_writable: bool,
+    ) -> Result<SharedMem, HwError> {
+        Err(HwError::Unsupported(
+            "this platform cannot take shared pages over from a previous iommud".into(),
+        ))
+    }
+    /// Lets a shared page go with its domain (its file, if it has one, is
+    /// removed; the mappings live on until dropped).
+    fn free_shared(&self, _m: &SharedMem) {}
     /// Creates `len` bytes of zeroed memory to share with one client (not
     /// DMA memory: the published page and the client page of a domain).
     /// With `client_writable` false the client can only ever map it

@@ -20,10 +20,12 @@
 //! | 2 | sid \| did << 16 \| strategy << 32 \| flush << 40 \| trust << 48 |
 //! | 3 | owner uid \| gid << 32 |
 //! | 4, 5 | reattach token (low, high) |
-//! | 6, 7 | reserved (0) |
+//! | 6 | epoch: never below any epoch the client was shown |
+//! | 7 | reserved (0) |
 //! | 8 | page-table root the context entry names |
 //! | 9 | 1 while the domain is attached (cleared first at teardown) |
 //! | 10 | regions recorded |
+//! | 16..22, 22..28 | file names of the published page and the client page |
 //!
 //! From byte [`REGIONS_AT`]: one record of [`REGION_WORDS`] words per region
 //! (physical address, length, file name in 48 bytes). Record 0 is the arena.
@@ -44,6 +46,9 @@ const W_TOKEN: u64 = 4;
 const W_ROOT: u64 = 8;
 const W_LIVE: u64 = 9;
 const W_NREGIONS: u64 = 10;
+const W_EPOCH: u64 = 6;
+const W_PUBLISHED: u64 = 16;
+const W_CLIENT: u64 = 22;
 /// Where the region records start.
 pub const REGIONS_AT: u64 = 4096;
 /// Words per region record.
@@ -105,6 +110,10 @@ pub struct Image {
     pub header: Header,
     /// The page-table root the unit's context entry names.
     pub root: u64,
+    /// The highest epoch recorded.
+    pub epoch: u64,
+    /// The shared pages' file names (published, client).
+    pub shared: (Option<String>, Option<String>),
     /// Region 0 is the arena; then the pools in allocation order.
     pub regions: Vec<RegionRecord>,
     /// Allocations by IOVA (of the magazine range starting at `base`).
@@ -167,6 +176,51 @@ impl Ledger {
         }
     }
 
+    /// Records an epoch before the client may see it.
+    pub fn set_epoch(&self, mem: &dyn PhysMem, epoch: u64) {
+        let _ = mem.write_u64(self.at(W_EPOCH), epoch);
+    }
+
+    /// Records the shared pages' file names.
+    pub fn set_shared(
+        &self,
+        mem: &dyn PhysMem,
+        published: Option<&str>,
+        client: Option<&str>,
+    ) -> Result<(), HwError> {
+        self.write_name(mem, W_PUBLISHED, published)?;
+        self.write_name(mem, W_CLIENT, client)
+    }
+
+    fn write_name(&self, mem: &dyn PhysMem, word: u64, name: Option<&str>) -> Result<(), HwError> {
+        let mut bytes = [0u8; NAME_BYTES];
+        if let Some(s) = name {
+            let b = s.as_bytes();
+            if b.len() >= NAME_BYTES {
+                return Err(HwError::NoMemory("ledger: file name too long"));
+            }
+            bytes[..b.len()].copy_from_slice(b);
+        }
+        for (k, c) in bytes.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            mem.write_u64(self.at(word + k as u64), u64::from_le_bytes(w))?;
+        }
+        Ok(())
+    }
+
+    fn read_name(mem: &dyn PhysMem, at: u64) -> Option<Option<String>> {
+        let mut name = Vec::new();
+        for j in 0..(NAME_BYTES / 8) as u64 {
+            name.extend_from_slice(&mem.read_u64(at + 8 * j).ok()?.to_le_bytes());
+        }
+        let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
+        Some(match end {
+            0 => None,
+            _ => Some(String::from_utf8(name[..end].to_vec()).ok()?),
+        })
+    }
+
     /// Marks the domain gone (first thing at teardown): never adopted again.
     pub fn retire(&self, mem: &dyn PhysMem) {
         let _ = mem.write_u64(self.at(W_LIVE), 0);
@@ -186,19 +240,7 @@ impl Ledger {
         let rec = REGIONS_AT / 8 + n * REGION_WORDS;
         mem.write_u64(self.at(rec), r.phys)?;
         mem.write_u64(self.at(rec + 1), r.len)?;
-        let mut name_bytes = [0u8; NAME_BYTES];
-        if let Some(s) = name {
-            let b = s.as_bytes();
-            if b.len() >= NAME_BYTES {
-                return Err(HwError::NoMemory("ledger: file name too long"));
-            }
-            name_bytes[..b.len()].copy_from_slice(b);
-        }
-        for (k, c) in name_bytes.chunks(8).enumerate() {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            mem.write_u64(self.at(rec + 2 + k as u64), u64::from_le_bytes(w))?;
-        }
+        self.write_name(mem, rec + 2, name)?;
         mem.write_u64(self.at(W_NREGIONS), n + 1)
     }
 
@@ -246,15 +288,7 @@ impl Ledger {
         let mut regions = Vec::new();
         for k in 0..n {
             let rec = REGIONS_AT / 8 + k * REGION_WORDS;
-            let mut name = Vec::new();
-            for j in 0..(NAME_BYTES / 8) as u64 {
-                name.extend_from_slice(&w(rec + 2 + j)?.to_le_bytes());
-            }
-            let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
-            let name = match end {
-                0 => None,
-                _ => Some(String::from_utf8(name[..end].to_vec()).ok()?),
-            };
+            let name = Self::read_name(mem, region.phys + 8 * (rec + 2))?;
             regions.push(RegionRecord {
                 phys: w(rec)?,
                 len: w(rec + 1)?,
@@ -280,9 +314,15 @@ impl Ledger {
                 pages.push((page, entry));
             }
         }
+        let shared = (
+            Self::read_name(mem, region.phys + 8 * W_PUBLISHED)?,
+            Self::read_name(mem, region.phys + 8 * W_CLIENT)?,
+        );
         Some(Image {
             header,
             root: w(W_ROOT)?,
+            epoch: w(W_EPOCH)?,
+            shared,
             regions,
             pages,
         })

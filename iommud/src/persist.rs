@@ -62,6 +62,9 @@ pub fn default_dir() -> PathBuf {
 #[derive(Debug)]
 pub struct StateDir {
     dir: PathBuf,
+    /// Where the shared pages go: the directory itself on tmpfs, else
+    /// `/dev/shm/<name>-pages` (hugetlbfs holds only 2 MiB files).
+    pages: PathBuf,
     /// Held (with an exclusive flock) for the life of the process.
     _lock: File,
     /// Memory files a previous iommud left, and their sizes.
@@ -104,26 +107,43 @@ impl StateDir {
                 std::io::Error::last_os_error()
             ));
         }
+        let pages = if on_hugetlbfs(dir) {
+            let base = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "iommud".into());
+            PathBuf::from("/dev/shm").join(format!("{base}-pages"))
+        } else {
+            dir.to_path_buf()
+        };
+        if pages != dir {
+            std::fs::create_dir_all(&pages).map_err(|e| say("create the pages directory", e))?;
+            std::fs::set_permissions(&pages, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| say("chmod 0700 the pages directory", e))?;
+        }
         let mut stale = Vec::new();
-        for e in std::fs::read_dir(dir)
-            .map_err(|e| say("list", e))?
-            .take(MAX_FILES)
-            .flatten()
-        {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let ours = name.starts_with("iommud-")
-                && (name.ends_with("-tables")
-                    || name.ends_with("-region")
-                    || name.ends_with("-ledger"));
-            let Ok(m) = e.metadata() else { continue };
-            if ours && m.is_file() {
-                stale.push((e.path(), m.len()));
+        for d in [dir, pages.as_path()] {
+            for e in std::fs::read_dir(d)
+                .map_err(|e| say("list", e))?
+                .take(MAX_FILES)
+                .flatten()
+            {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                let ours = name.starts_with("iommud-")
+                    && ["-tables", "-region", "-ledger", "-published", "-client"]
+                        .iter()
+                        .any(|k| name.ends_with(k));
+                let Ok(m) = e.metadata() else { continue };
+                if ours && m.is_file() && !stale.iter().any(|(p, _)| *p == e.path()) {
+                    stale.push((e.path(), m.len()));
+                }
             }
         }
         stale.sort();
         Ok(StateDir {
             dir: dir.to_path_buf(),
+            pages,
             _lock: lock,
             stale,
         })
@@ -132,6 +152,11 @@ impl StateDir {
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where shared pages go.
+    pub fn pages(&self) -> &Path {
+        &self.pages
     }
 
     /// The prefix of this process's memory files.

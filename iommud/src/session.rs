@@ -501,8 +501,8 @@ impl Session {
 
     /// A driver whose iommud died comes back to the domain a restarted
     /// iommud adopted: proof of device ownership as for an attach, then its
-    /// uid and the token of its first attach. Its unmapped delegated IOVAs
-    /// are taken back and the domain invalidated before the reply.
+    /// uid and the token of its first attach. The domain is invalidated
+    /// before the reply.
     fn reattach(&mut self, sid: u16, token: u128, proof: Option<&OwnedFd>) -> Response {
         if self.domain.is_some() {
             return Response::err(ErrorCode::Busy, "this connection is already attached");
@@ -526,7 +526,7 @@ impl Session {
                 return Response::err(ErrorCode::PermissionDenied, e);
             }
         };
-        let taken = match d.reclaim_unmapped() {
+        let held = match d.resume() {
             Ok(n) => n,
             Err(e) => {
                 // Whatever went wrong, the device must not keep DMA nobody owns.
@@ -540,7 +540,7 @@ impl Session {
         };
         st.set_owner(sid, self.peer);
         log::info(&format!(
-            "{}: reattached by uid {} pid {} (domain {}; {taken} unmapped IOVAs taken back)",
+            "{}: reattached by uid {} pid {} (domain {}; it holds {held} IOVAs)",
             Bdf(sid),
             self.peer.uid,
             self.peer.pid,

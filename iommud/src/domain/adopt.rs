@@ -8,10 +8,10 @@
 //! reads the ledger, keeps the device translating through the old tables
 //! while it builds new ones ([`crate::unit::Iommu::init_carrying`]), and
 //! [`Domain::adopt`]s the domain: the same domain id, arena (whose leaf
-//! tables the client keeps writing), pools and IOVAs. When the owner comes
-//! back with its token, [`Domain::reclaim_unmapped`] takes back every
-//! delegated IOVA the client no longer maps (the client forgets its
-//! magazines), and invalidates, before the client gets the domain.
+//! tables the client keeps writing), pools, IOVAs and, where they outlive
+//! iommud, shared pages (so the client's epochs go on). When the owner comes
+//! back with its token, [`Domain::resume`] invalidates the domain before the
+//! client gets it.
 
 use super::*;
 use crate::ledger::{Header, Image, Ledger, PageEntry, LEDGER_BYTES};
@@ -73,6 +73,12 @@ impl Domain {
             token,
         };
         let made = Ledger::init(mem, region.clone(), &h, i.pt.root()).and_then(|l| {
+            l.set_epoch(mem, self.epoch());
+            l.set_shared(
+                mem,
+                mem.shared_name(&self.published).as_deref(),
+                mem.shared_name(&self.client).as_deref(),
+            )?;
             l.add_region(mem, &arena, mem.region_name(arena.phys).as_deref())?;
             for p in &i.pools {
                 l.add_region(mem, p, mem.region_name(p.phys).as_deref())?;
@@ -98,6 +104,13 @@ impl Domain {
             if (IOVA_BASE..IOVA_BASE + IOVA_SPAN).contains(&iova) {
                 l.set_page(self.mem(), (iova - IOVA_BASE) / PAGE, e);
             }
+        }
+    }
+
+    /// Records an epoch before the client can see it (see `flush_epoch`).
+    pub(super) fn note_epoch(&self, epoch: u64) {
+        if let Some(l) = self.ledger.get() {
+            l.set_epoch(self.mem(), epoch);
         }
     }
 
@@ -177,10 +190,21 @@ impl Domain {
             .charge(Quota::Domains, 1)
             .map_err(|m| reply(ErrorCode::QuotaExceeded, m))?;
         let mem = unit.mem().clone();
+        // The shared pages are the ones the client still maps, where they
+        // outlive iommud (its epochs go on where they were); else new ones.
+        let kept = matches!(a.image.shared, (Some(_), Some(_)));
         let build = || -> Result<(PageTable, SharedMem, SharedMem), DomainError> {
             let pt = PageTable::new(&*mem, unit.levels, reclaim, unit.coherent())?;
-            let published = mem.alloc_shared(PUBLISHED_LEN, false)?;
-            let client = mem.alloc_shared(CLIENT_LEN, true)?;
+            let (published, client) = match &a.image.shared {
+                (Some(p), Some(c)) => (
+                    mem.adopt_shared(p, PUBLISHED_LEN, false)?,
+                    mem.adopt_shared(c, CLIENT_LEN, true)?,
+                ),
+                _ => (
+                    mem.alloc_shared(PUBLISHED_LEN, false)?,
+                    mem.alloc_shared(CLIENT_LEN, true)?,
+                ),
+            };
             Ok((pt, published, client))
         };
         let (pt, published, client) = match build() {
@@ -203,8 +227,21 @@ impl Domain {
             client,
             account,
         );
-        d.page().init();
+        if !kept {
+            d.page().init();
+        }
         d.publish(h.strategy, h.flush);
+        // Epochs go on above every one the client was shown (the ledger's
+        // is never below the page's), so its tags keep their meaning; the
+        // page's `completed` stays until a flush of this iommud raises it.
+        // The unmap records restart from what the client page holds now.
+        let next = a.image.epoch.saturating_add(1);
+        d.epoch.store(next, SeqCst);
+        d.page().epoch.fetch_max(next, SeqCst);
+        {
+            let mut seen = d.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = take_unmaps(d.client().cpu.iter(), &mut seen);
+        }
         let _ = d.ledger.set(Ledger {
             region: a.ledger.clone(),
         });
@@ -344,36 +381,14 @@ impl Domain {
         self.account.release(Quota::Domains, 1);
     }
 
-    /// The owner is back (its token checked): every delegated IOVA its arena
-    /// no longer maps is taken back (the client forgets the magazines it
-    /// held), and the domain is invalidated before the client goes on, so
-    /// none of them carries a stale translation when it is handed out again.
-    /// Returns how many were taken back.
-    pub fn reclaim_unmapped(&self) -> Result<usize, DomainError> {
-        let mut i = self.lock();
-        let Some(arena) = i.arena.clone() else {
-            return Ok(0);
-        };
-        let mut gone = Vec::new();
-        for (&iova, &class) in &i.delegated {
-            let mut mapped = false;
-            for p in 0..class_pages(class) {
-                let pte = vtd::entry::SlPte(self.mem().read_u64(pte_of(&arena, iova + p * PAGE))?);
-                mapped |= pte.present();
-            }
-            if !mapped {
-                gone.push((iova, class));
-            }
-        }
-        for &(iova, class) in &gone {
-            i.delegated.remove(&iova);
-            i.iova.free(iova, class_pages(class) * PAGE);
-            self.note(iova, None);
-        }
-        drop(i);
-        self.uncharge(Quota::Mappings, gone.len() as u64);
+    /// The owner is back (its token checked): one invalidation of the whole
+    /// domain before it goes on, so every entry its driver cleared while no
+    /// iommud ran (tagged with an epoch this iommud's flush now completes)
+    /// is gone from the IOTLB. Its magazines stay its own (the ledger says
+    /// which IOVAs it holds). Returns the domain's delegated IOVAs.
+    pub fn resume(&self) -> Result<usize, DomainError> {
         self.flush()?;
-        Ok(gone.len())
+        Ok(self.lock_uncounted().delegated.len())
     }
 }
 

@@ -140,25 +140,31 @@ fn a_crashed_iommuds_domain_is_adopted_with_its_mappings_and_reclaimed_at_reatta
     // iommud's own map can be unmapped as before (its length was rebuilt).
     assert!(d.unmap(big, 63 << 12).is_err(), "wrong length refused");
     d.unmap(big, 64 << 12).unwrap();
-    // The owner reattaches: the three unmapped IOVAs come back to iommud;
-    // the mapped one stays the client's.
+    // Epochs go on above every one recorded (the client's tags keep their meaning).
+    assert!(d.epoch() > a.image.epoch);
+    // The owner reattaches: one invalidation of the domain; the client
+    // keeps its four IOVAs (mapped or in its magazines).
     let invals = crate::stats::get(&second.stats.iotlb_domain);
-    assert_eq!(d.reclaim_unmapped().unwrap(), 3);
+    assert_eq!(d.resume().unwrap(), 4);
     assert!(
         crate::stats::get(&second.stats.iotlb_domain) > invals,
-        "invalidated before reuse"
+        "invalidated before the client goes on"
     );
-    assert_eq!(d.lock_uncounted().delegated.len(), 1);
-    assert!(d.lock_uncounted().delegated.contains_key(&iovas[0]));
-    // Returning a reclaimed IOVA now is refused (it is no longer the client's).
+    // It can return an unmapped one as before the crash, not a mapped one.
     d.client.map.write_u64(EXCHANGE_OFFSET, iovas[1]).unwrap();
-    assert!(d.exchange(1, 1, 0).is_err());
-    // A second crash finds the ledger current: one delegated IOVA.
+    assert_eq!(d.exchange(1, 1, 0).unwrap(), 0);
+    d.client.map.write_u64(EXCHANGE_OFFSET, iovas[0]).unwrap();
+    assert!(d.exchange(1, 1, 0).is_err(), "still mapped");
+    let held: Vec<u64> = vec![iovas[0], iovas[2], iovas[3]];
+    // A second crash finds the ledger current: three delegated IOVAs.
     let again = Ledger::read(&*p, &d.ledger.get().unwrap().region, IOVA_SPAN / PAGE).unwrap();
     assert_eq!(
         again.pages,
-        vec![((iovas[0] - IOVA_BASE) / PAGE, PageEntry::Delegated(0))]
+        held.iter()
+            .map(|&v| ((v - IOVA_BASE) / PAGE, PageEntry::Delegated(0)))
+            .collect::<Vec<_>>()
     );
+    assert!(again.epoch >= d.epoch() - 1);
     assert_eq!(again.root, d.lock_uncounted().pt.root());
     // Teardown retires the ledger: never adopted again.
     let l = d.ledger.get().unwrap().region.clone();

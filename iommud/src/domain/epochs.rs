@@ -94,6 +94,9 @@ impl Domain {
             (u, self.last_take.swap(at, SeqCst))
         };
         let e = self.epoch.fetch_add(1, SeqCst);
+        // On record before the client can read it (a restarted iommud goes
+        // on from there).
+        self.note_epoch(e + 1);
         p.epoch.fetch_max(e + 1, SeqCst);
         match desc.decode() {
             vtd::desc::Decoded::Iotlb {

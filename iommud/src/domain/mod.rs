@@ -737,6 +737,8 @@ impl Domain {
             mem.free_region(&r);
         }
         self.free_ledger();
+        mem.free_shared(&self.published);
+        mem.free_shared(&self.client);
         i.mapped.clear();
         i.delegated.clear();
         i.refs.clear();

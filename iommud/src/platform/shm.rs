@@ -58,6 +58,103 @@ pub fn create(len: usize, client_writable: bool) -> Result<SharedMem, HwError> {
     })
 }
 
+/// Like [`create`], but in a named file (mode 0600) that outlives iommud,
+/// so a restarted iommud can adopt the domain with its pages
+/// ([`open_file`]). The client of a page it must not write gets a
+/// descriptor opened read-only, which no mapping can make writable, and
+/// cannot reopen the root-only file otherwise. docs/ARCHITECTURE.md, "Stop,
+/// crash and restart".
+#[cfg(target_os = "linux")]
+pub fn create_file(
+    path: &std::path::Path,
+    len: usize,
+    client_writable: bool,
+) -> Result<SharedMem, HwError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|err| HwError::Os {
+            what: "creating a shared page file",
+            err,
+        })?;
+    if let Err(err) = f.set_len(len as u64) {
+        let _ = std::fs::remove_file(path);
+        return Err(HwError::Os {
+            what: "sizing a shared page file",
+            err,
+        });
+    }
+    let r = share_file(path, OwnedFd::from(f), len, client_writable);
+    if r.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    r
+}
+
+/// Maps a shared page file a previous iommud made (contents kept).
+#[cfg(target_os = "linux")]
+pub fn open_file(
+    path: &std::path::Path,
+    len: usize,
+    client_writable: bool,
+) -> Result<SharedMem, HwError> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|err| HwError::Os {
+            what: "opening a shared page file",
+            err,
+        })?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if size != len as u64 {
+        return Err(HwError::Hardware(format!(
+            "{}: {size} bytes, expected {len}",
+            path.display()
+        )));
+    }
+    share_file(path, OwnedFd::from(f), len, client_writable)
+}
+
+#[cfg(target_os = "linux")]
+fn share_file(
+    path: &std::path::Path,
+    fd: OwnedFd,
+    len: usize,
+    client_writable: bool,
+) -> Result<SharedMem, HwError> {
+    let map = iommu_abi::shm::Mapping::new(fd.as_fd(), 0, len).map_err(|err| HwError::Os {
+        what: "mmap of a shared page file",
+        err,
+    })?;
+    let client_fd = if client_writable {
+        fd
+    } else {
+        OwnedFd::from(std::fs::File::open(path).map_err(|err| HwError::Os {
+            what: "reopening a shared page file read-only",
+            err,
+        })?)
+    };
+    Ok(SharedMem {
+        fd: Arc::new(client_fd),
+        map,
+    })
+}
+
+/// The file a shared page lives in (`None`: a memfd, gone with iommud).
+#[cfg(target_os = "linux")]
+pub fn file_name(m: &SharedMem) -> Option<String> {
+    let p = std::fs::read_link(format!("/proc/self/fd/{}", m.fd.as_raw_fd())).ok()?;
+    if p.to_string_lossy().starts_with("/memfd:") {
+        return None;
+    }
+    Some(p.file_name()?.to_str()?.to_string())
+}
+
 /// A doorbell: a non-blocking eventfd (the client writes 8 bytes to ring
 /// it; a service thread polls it while it sleeps).
 #[cfg(target_os = "linux")]

@@ -3,6 +3,7 @@
 //! `/proc/self/pagemap`.
 
 use super::*;
+use crate::hw::SharedMem;
 
 /// Where [`HugeMem`] gets its memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,6 +131,8 @@ struct Files {
     next: std::sync::atomic::AtomicU64,
     /// The file of each live client region, by physical base.
     regions: Mutex<BTreeMap<u64, std::path::PathBuf>>,
+    /// Where shared pages (published, client) live: tmpfs, in files.
+    pages: std::path::PathBuf,
 }
 
 impl Files {
@@ -179,7 +182,11 @@ impl HugeMem {
     /// on hugetlbfs, locked 4 KiB pages otherwise (tmpfs). Table pools are never removed
     /// by this process, so the unit's root table and queue outlive it (even `kill -9`);
     /// a region's file is removed when the region is freed. See `crate::persist`.
-    pub fn in_dir(dir: &std::path::Path, prefix: String) -> Result<HugeMem, HwError> {
+    pub fn in_dir(
+        dir: &std::path::Path,
+        pages: &std::path::Path,
+        prefix: String,
+    ) -> Result<HugeMem, HwError> {
         let source = if crate::persist::on_hugetlbfs(dir) {
             MemSource::Hugepages
         } else {
@@ -193,6 +200,7 @@ impl HugeMem {
                 prefix,
                 next: Default::default(),
                 regions: Mutex::new(BTreeMap::new()),
+                pages: pages.to_path_buf(),
             }),
         };
         m.grow(&mut m.write())?;
@@ -335,6 +343,55 @@ impl PhysMem for HugeMem {
 
     fn alloc_ledger(&self, len: u64) -> Result<Region, HwError> {
         self.alloc_region_kind(len, PAGE_SIZE as u64, "ledger")
+    }
+
+    fn alloc_shared(&self, len: usize, client_writable: bool) -> Result<SharedMem, HwError> {
+        let Some(files) = &self.files else {
+            return crate::platform::shm::create(len, client_writable);
+        };
+        let n = files
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kind = if client_writable {
+            "client"
+        } else {
+            "published"
+        };
+        let path = files.pages.join(format!("{}{n}-{kind}", files.prefix));
+        crate::platform::shm::create_file(&path, len, client_writable)
+    }
+
+    fn shared_name(&self, m: &SharedMem) -> Option<String> {
+        self.files.as_ref()?;
+        crate::platform::shm::file_name(m)
+    }
+
+    fn adopt_shared(
+        &self,
+        name: &str,
+        len: usize,
+        client_writable: bool,
+    ) -> Result<SharedMem, HwError> {
+        let files = self.files.as_ref().ok_or(HwError::Unsupported(
+            "shared pages are not kept in files (no state directory)".into(),
+        ))?;
+        let kind = if client_writable {
+            "-client"
+        } else {
+            "-published"
+        };
+        if !name.starts_with("iommud-") || !name.ends_with(kind) || name.contains('/') {
+            return Err(HwError::Hardware(format!(
+                "{name:?} is not a shared page file"
+            )));
+        }
+        crate::platform::shm::open_file(&files.pages.join(name), len, client_writable)
+    }
+
+    fn free_shared(&self, m: &SharedMem) {
+        if let (Some(files), Some(name)) = (&self.files, self.shared_name(m)) {
+            let _ = std::fs::remove_file(files.pages.join(name));
+        }
     }
 
     fn region_name(&self, phys: u64) -> Option<String> {

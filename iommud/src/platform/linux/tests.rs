@@ -252,7 +252,7 @@ fn memory_in_a_state_dir_outlives_the_process_but_not_a_freed_region() {
         v.sort();
         v
     };
-    let m = match HugeMem::in_dir(&dir, "iommud-1-".into()) {
+    let m = match HugeMem::in_dir(&dir, &dir, "iommud-1-".into()) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("skipping: 4 KiB physical memory unavailable here: {e}");
