@@ -15,12 +15,17 @@
 //! 5. A third iommud takes the unit over, removes what the second left, and a new e1000d run
 //!    moves every frame intact.
 //!
-//! `guest-restart`, one boot: e1000d streams frames; iommud is killed with SIGKILL mid-stream.
-//! Its table and region files must still be in the state directory after it and its client
-//! are gone (nothing the unit may walk went back to the kernel), RTADDR must still be its
-//! root, and a restarted iommud (same command line) takes the unit over (translation never
-//! turned off), releases the dead one's files, and a new e1000d run moves every frame
-//! intact. The killed e1000d run itself is not resumed: clients do not reattach yet.
+//! `guest-restart`, one boot:
+//! 1. e1000d streams [`RESUMED`] frames; iommud is killed with SIGKILL mid-stream. Its
+//!    table, region and ledger files must still be there, and the unit still translating
+//!    over its root. A restarted iommud (same command line) takes the unit over, adopts
+//!    both NICs' domains from the ledgers, the running e1000d's libdma reconnects and
+//!    reattaches by itself, and the run finishes: no frame corrupt, lost ones (in flight
+//!    at the crash) counted.
+//! 2. A second stream; iommud *and* e1000d are killed. An iommud with a short grace
+//!    period adopts the orphans, nobody reattaches, and when the grace ends both devices
+//!    are blocked and their memory freed (no domain, no region or ledger file left).
+//! 3. A new e1000d run moves every frame intact.
 
 use std::time::Duration;
 
@@ -50,17 +55,21 @@ echo \"HUGE-{tag} total=$(sed -n 's/^HugePages_Total: *//p' /proc/meminfo) free=
     )
 }
 
-/// Shell lines: start iommud again (same command line as [`start_iommud`]), logging to
-/// `/tmp/iommud-<n>.log`.
-fn restart_iommud(n: u32) -> String {
+/// Shell lines: start iommud again (same command line as [`start_iommud`], plus `extra`),
+/// logging to `/tmp/iommud-<n>.log`.
+fn restart_iommud_with(n: u32, extra: &str) -> String {
     format!(
         "rm -f /run/iommud.sock
-iommud --platform linux --socket /run/iommud.sock --config /run/iommud.toml > /tmp/iommud-{n}.log 2>&1 &
+iommud --platform linux --socket /run/iommud.sock --config /run/iommud.toml {extra} > /tmp/iommud-{n}.log 2>&1 &
 IPID=$!
 i=0; while [ ! -S /run/iommud.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -S /run/iommud.sock ]; then echo \"IOMMUD-{n}-FAILED\"; fi
 "
     )
+}
+
+fn restart_iommud(n: u32) -> String {
+    restart_iommud_with(n, "")
 }
 
 fn show_log(n: u32) -> String {
@@ -96,19 +105,33 @@ iommuctl stop; sleep 0.3
     s
 }
 
+/// Frames of the run iommud is killed in the middle of.
+const RESUMED: u64 = 400_000;
+/// The grace period of the iommud that finds an orphan nobody claims.
+const GRACE_MS: u64 = 3000;
+
 fn restart_script() -> String {
     let mut s = restart_iommud(1).replace(
         "rm -f /run/iommud.sock\n",
         &format!("rm -f /run/iommud.sock\ncat > /run/iommud.toml <<'POLICY-EOF'\n{GUEST_POLICY}POLICY-EOF\n"),
     );
     s.push_str(&format!(
-        "e1000d loop --mapper libdma --strategy magazine --packets 1000000 > /tmp/e1000d.log 2>&1 &
+        "e1000d loop --mapper libdma --strategy magazine --packets {RESUMED} > /tmp/e1000d.log 2>&1 &
 EPID=$!
 sleep 3
 kill -9 $IPID
-wait $EPID; echo \"STREAM-EXIT $?\"
+sleep 1
+{}{}{}wait $EPID; echo \"STREAM-EXIT $?\"
+sed 's/^/resumed: /' /tmp/e1000d.log
+e1000d loop --mapper libdma --strategy magazine --packets 1000000 > /tmp/e1000d-2.log 2>&1 &
+EPID=$!
+sleep 3
+kill -9 $EPID $IPID
+wait $EPID
 sleep 0.3
-{}{}{}e1000d loop --mapper libdma --strategy magazine --packets {BURST}
+{}{}{}sleep {}
+echo \"DOMAINS-AFTER-GRACE [$(iommuctl cat /scheme/iommu/domains | tr '\\n' ' ')]\"
+{}e1000d loop --mapper libdma --strategy magazine --packets {BURST}
 echo \"AFTER-EXIT $?\"
 iommuctl stop; sleep 0.3
 {}",
@@ -116,6 +139,11 @@ iommuctl stop; sleep 0.3
         show_unit("KILLED"),
         restart_iommud(2),
         show_log(2),
+        show_unit("ORPHANED"),
+        restart_iommud_with(3, &format!("--grace-ms {GRACE_MS}")),
+        GRACE_MS / 1000 + 2,
+        show_unit("AFTER-GRACE"),
+        show_log(3),
     ));
     s
 }
@@ -337,34 +365,132 @@ pub fn restart() -> Result<()> {
             .package("iommud")
             .package("e1000d")
             .package("iommuctl")
-            .timeout(Duration::from_secs(240))
+            .timeout(Duration::from_secs(300))
             .echo(false),
     )?;
     let mut bad = Vec::new();
     let mut expect = checker(&mut bad);
-    let streamed = out
-        .job_lines()
-        .any(|l| l.starts_with("iommud-1:") && l.contains("attached by"));
+    let log_has = |n: u32, l: &str| {
+        out.job_lines()
+            .any(|j| j.starts_with(&format!("iommud-{n}:")) && j.contains(l))
+    };
     expect(
-        streamed,
+        log_has(1, "attached by"),
         "e1000d was streaming through iommud-1 when it was killed".into(),
     );
+    let files_killed = files(&out, "KILLED");
     expect(
-        out.value("STREAM-EXIT").is_some_and(|v| v != "0"),
+        ["-tables", "-region", "-ledger"]
+            .iter()
+            .all(|k| files_killed.iter().any(|f| f.ends_with(k))),
         format!(
-            "the streaming e1000d saw iommud die (exit {:?})",
+            "after kill -9 the table, region and ledger files are still there: {files_killed:?}"
+        ),
+    );
+    let gsts = field(&out, "UNIT-KILLED", "gsts").and_then(parse_hex);
+    let rtaddr = field(&out, "UNIT-KILLED", "rtaddr").and_then(parse_hex);
+    let root1 = root_of(&out, "iommud-1");
+    expect(
+        gsts.is_some_and(|g| g & TES != 0) && root1.is_some() && rtaddr == root1,
+        format!(
+            "with iommud-1 dead the unit still translates over its root (GSTS {}, RTADDR {} = {})",
+            hex(gsts),
+            hex(rtaddr),
+            hex(root1)
+        ),
+    );
+    expect(
+        log_has(2, "taking the unit over: translation on"),
+        "iommud-2 took the unit over with translation on".into(),
+    );
+    expect(
+        log_has(2, "00:01.0: adopted") && log_has(2, "00:02.0: adopted"),
+        "iommud-2 adopted both NICs' domains from iommud-1's ledgers".into(),
+    );
+    expect(
+        log_has(2, "00:01.0: reattached by") && log_has(2, "00:02.0: reattached by"),
+        "the running e1000d reattached both domains by itself".into(),
+    );
+    let reattached = out
+        .job_lines()
+        .filter(|l| l.starts_with("resumed: ") && l.contains("reattached after"))
+        .count();
+    expect(
+        reattached >= 2,
+        format!("libdma reported the reattach ({reattached} lines)"),
+    );
+    expect(
+        out.value("STREAM-EXIT") == Some("0"),
+        format!(
+            "the e1000d run iommud died in finished and exited 0 ({:?})",
             out.value("STREAM-EXIT")
         ),
     );
-    let files = files(&out, "KILLED");
+    let resumed = out
+        .job_lines()
+        .filter_map(|l| l.strip_prefix("resumed: "))
+        .filter_map(|l| l.trim().strip_prefix("loop: "))
+        .last();
+    let n = |k| {
+        resumed
+            .and_then(|l| kv(l, k))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    // Frames in flight when iommud died may be lost (counted); none may be corrupt.
+    let (received, lost, corrupt) = (n("received"), n("lost"), n("corrupt"));
     expect(
-        files.iter().any(|f| f.ends_with("-tables")) && files.iter().any(|f| f.ends_with("-region")),
+        corrupt == Some(0)
+            && received
+                .zip(lost)
+                .is_some_and(|(r, l)| r + l == RESUMED && l <= 256),
         format!(
-            "after kill -9 (and its client's exit) the table and region files are still there: {files:?}"
+            "across the crash: received={received:?} lost={lost:?} (in flight at the crash, \
+             at most a ring) corrupt={corrupt:?} of {RESUMED}"
         ),
     );
-    hugepages_are_the_files(&out, "KILLED", &mut expect);
-    common(&out, "KILLED", "iommud-1", "iommud-2", &mut expect);
+    expect(
+        log_has(3, "did not come back within the grace period"),
+        format!("iommud-3 blocked the orphaned devices after its {GRACE_MS} ms grace period"),
+    );
+    let after = out
+        .job_lines()
+        .find_map(|l| l.trim().strip_prefix("DOMAINS-AFTER-GRACE "));
+    expect(
+        after == Some("[]"),
+        format!("no domain is left after the grace period: {after:?}"),
+    );
+    let files_after = files(&out, "AFTER-GRACE");
+    expect(
+        !files_after
+            .iter()
+            .any(|f| f.ends_with("-region") || f.ends_with("-ledger")),
+        format!("the orphans' region and ledger files are gone: {files_after:?}"),
+    );
+    let last = out
+        .job_lines()
+        .filter_map(|l| l.trim().strip_prefix("loop: "))
+        .last();
+    let m = |k| {
+        last.and_then(|l| kv(l, k))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    expect(
+        m("received") == Some(BURST) && m("lost") == Some(0) && m("corrupt") == Some(0),
+        format!(
+            "a new driver after the grace period: received={:?} lost={:?} corrupt={:?} of {BURST}",
+            m("received"),
+            m("lost"),
+            m("corrupt")
+        ),
+    );
+    expect(
+        out.value("AFTER-EXIT") == Some("0"),
+        format!("that e1000d exits 0 ({:?})", out.value("AFTER-EXIT")),
+    );
+    expect(
+        !out.job_lines().any(|l| l.contains("-FAILED")),
+        "every iommud started".into(),
+    );
     drop(expect);
     report("guest-restart", &out, bad)
 }

@@ -61,6 +61,26 @@ pub enum Error {
 /// Result alias.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// True if `e` says the connection to iommud is gone (it exited or died),
+/// or that no iommud listens yet.
+fn broken(e: &Error) -> bool {
+    use std::io::ErrorKind as K;
+    match e {
+        Error::Dead => true,
+        Error::Io(io) => matches!(
+            io.kind(),
+            K::BrokenPipe
+                | K::ConnectionReset
+                | K::ConnectionAborted
+                | K::ConnectionRefused
+                | K::NotConnected
+                | K::NotFound
+                | K::UnexpectedEof
+        ),
+        _ => false,
+    }
+}
+
 mod batch;
 mod buffer;
 mod conn;
@@ -111,6 +131,8 @@ pub struct ClientStats {
     pub round_trips: AtomicU64,
     /// One-way flush hints sent (and ring doorbells rung).
     pub wakeups: AtomicU64,
+    /// Reattaches to a restarted iommud.
+    pub reattaches: AtomicU64,
     /// Ring entries iommud refused that nobody waited for (unmaps).
     pub ring_errors: AtomicU64,
 }
@@ -149,6 +171,10 @@ pub struct DmaDomain {
     flush_queue: Mutex<FlushQueue>,
     stats: ClientStats,
     closed: AtomicBool,
+    /// The reattach token of the attach reply: with it, libdma reconnects
+    /// to a restarted iommud by itself (docs/ARCHITECTURE.md, "Stop, crash
+    /// and restart"). `None`: the domain dies with its iommud.
+    token: Option<u128>,
 }
 
 /// Size of each pool requested from iommud.
@@ -208,6 +234,10 @@ impl DmaDomain {
             },
             &proofs,
         )?;
+        let token = <[u8; 16]>::try_from(r.payload.as_slice())
+            .ok()
+            .map(u128::from_le_bytes)
+            .filter(|t| *t != 0);
         let a = r
             .result
             .ok()
@@ -267,6 +297,7 @@ impl DmaDomain {
             flush_queue: Mutex::new(FlushQueue::default()),
             stats: ClientStats::default(),
             closed: AtomicBool::new(false),
+            token,
         };
         d.stats.round_trips.fetch_add(setup_trips, Relaxed);
         Ok(d)
@@ -335,7 +366,96 @@ impl DmaDomain {
 
     fn call(&self, req: &Request) -> Result<[u64; 5]> {
         self.stats.round_trips.fetch_add(1, Relaxed);
-        self.conn().args(req)
+        self.with_conn(|c| c.args(req))
+    }
+
+    /// Runs `f` on the connection. If iommud is gone (the connection broke)
+    /// and the domain has a reattach token, reconnects to the restarted
+    /// iommud, reattaches and runs `f` once more: the driver sees a slow
+    /// request, not an error. Other threads needing the connection wait;
+    /// the fast path (magazine hits) goes on meanwhile, its entries in the
+    /// arena the restarted iommud adopts.
+    fn with_conn<T>(&self, mut f: impl FnMut(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut c = self.conn();
+        match f(&mut c) {
+            // A domain iommud detached (an orderly stop) is not coming back.
+            Err(e) if self.token.is_some() && broken(&e) && self.page().dead.load(SeqCst) == 0 => {
+                self.reattach(&mut c, &e)?;
+                f(&mut c)
+            }
+            r => r,
+        }
+    }
+
+    /// Reconnects and reattaches (see [`DmaDomain::with_conn`]), retrying
+    /// while iommud is not back, for up to `LIBDMA_REATTACH_MS` (default
+    /// 60 000) milliseconds.
+    #[cfg(not(target_os = "redox"))]
+    fn reattach(&self, c: &mut Conn, why: &Error) -> Result<()> {
+        let (Some(token), Some(path)) = (self.token, c.path.clone()) else {
+            return Err(Error::Dead);
+        };
+        let limit = std::env::var("LIBDMA_REATTACH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60_000u64);
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(10);
+        let why = match why {
+            Error::Dead => "its connection closed".to_string(),
+            e => e.to_string(),
+        };
+        eprintln!(
+            "libdma: {}: lost iommud ({why}); reconnecting",
+            iommu_abi::Bdf(self.bdf)
+        );
+        loop {
+            let attempt = Conn::connect(&path).and_then(|mut n| {
+                let proof = crate::proof::open(self.bdf, Some(&path)).ok();
+                let proofs: Vec<std::os::fd::BorrowedFd<'_>> =
+                    proof.iter().map(std::os::fd::AsFd::as_fd).collect();
+                n.call_with_fds(
+                    &Request::Reattach {
+                        bdf: self.bdf,
+                        token,
+                    },
+                    &proofs,
+                )?;
+                Ok(n)
+            });
+            match attempt {
+                Ok(n) => {
+                    *c = n;
+                    self.stats.reattaches.fetch_add(1, Relaxed);
+                    eprintln!(
+                        "libdma: {}: reattached after {} ms",
+                        iommu_abi::Bdf(self.bdf),
+                        start.elapsed().as_millis()
+                    );
+                    return Ok(());
+                }
+                // Not back yet (no socket, refused, or gone again).
+                Err(e) if broken(&e) && start.elapsed().as_millis() < u128::from(limit) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(250));
+                }
+                Err(e) => {
+                    eprintln!("libdma: {}: reattach failed: {e}", iommu_abi::Bdf(self.bdf));
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Redox: the scheme session is the connection; no reattach.
+    #[cfg(target_os = "redox")]
+    fn reattach(&self, _c: &mut Conn, _why: &Error) -> Result<()> {
+        Err(Error::Dead)
+    }
+
+    /// How many times this domain reattached to a restarted iommud.
+    pub fn reattaches(&self) -> u64 {
+        self.stats.reattaches.load(Relaxed)
     }
 
     /// Counters of this client.
@@ -367,9 +487,8 @@ impl DmaDomain {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         if pools.last().is_none_or(|p| p.next + rounded > p.map.len()) {
             self.stats.round_trips.fetch_add(1, Relaxed);
-            let (r, mut fds) = self
-                .conn()
-                .call(&Request::AllocPool { bytes: POOL_BYTES })?;
+            let (r, mut fds) =
+                self.with_conn(|c| c.call(&Request::AllocPool { bytes: POOL_BYTES }))?;
             let a = r
                 .result
                 .ok()

@@ -78,18 +78,21 @@ impl Backend for Remote<'_> {
         if give.len() > EXCHANGE_SLOTS {
             return Err(Error::Invalid("too many IOVAs for one exchange".into()));
         }
-        let mut conn = self.0.conn();
-        for (k, iova) in give.iter().enumerate() {
-            self.0
-                .shared
-                .write_u64(EXCHANGE_OFFSET + 8 * k, *iova)
-                .ok_or(Error::Dead)?;
-        }
         self.0.stats.round_trips.fetch_add(1, Relaxed);
-        let a = conn.args(&Request::Exchange {
-            pages: class_pages(class),
-            returned: give.len() as u64,
-            want: want as u64,
+        // The slots are (re)written under the connection's lock before each
+        // try: a reattach retries the exchange whole.
+        let a = self.0.with_conn(|conn| {
+            for (k, iova) in give.iter().enumerate() {
+                self.0
+                    .shared
+                    .write_u64(EXCHANGE_OFFSET + 8 * k, *iova)
+                    .ok_or(Error::Dead)?;
+            }
+            conn.args(&Request::Exchange {
+                pages: class_pages(class),
+                returned: give.len() as u64,
+                want: want as u64,
+            })
         })?;
         let n = (a[0] as usize).min(want).min(EXCHANGE_SLOTS);
         let mut got = Vec::with_capacity(n);
