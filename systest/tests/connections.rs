@@ -173,3 +173,40 @@ fn a_thousand_connect_attach_drop_cycles_leak_nothing() {
         }
     }
 }
+
+#[test]
+fn a_reattach_without_the_owners_token_gets_nothing() {
+    let d = Daemon::start("reattach", &[]);
+    // A live domain of 00:01.0, held by a client that attached normally.
+    let owner = libdma::DmaDomain::connect(d.socket(), 0x08, Strategy::Global, FlushPolicy::Strict)
+        .unwrap();
+    let refused = |d: &Daemon| {
+        let s = d.ctl().read("stats").unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("refused_proof "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let before = refused(&d);
+    for (bdf, token, with_proof) in [
+        (0x08u16, 0x1234_5678_9abc_def0_u128, true), // a live domain, a guessed token
+        (0x08, 0, true),                             // the zero token
+        (0x10, u128::MAX, true),                     // no domain there at all
+        (0x08, 1, false),                            // no proof of ownership
+    ] {
+        let mut c = RawClient::connect(d.socket());
+        let p = proof(&d, bdf);
+        let fds: Vec<_> = if with_proof { vec![p.as_fd()] } else { vec![] };
+        let (r, got) = c.call_fds(&libdma::proto::Request::Reattach { bdf, token }, &fds);
+        match r {
+            Err((libdma::proto::ErrorCode::PermissionDenied, msg)) => {
+                assert!(got.is_empty(), "no memory handed out: {msg}");
+            }
+            other => panic!("reattach {bdf:#x} token {token:#x}: {other:?}"),
+        }
+    }
+    assert_eq!(refused(&d), before + 4, "each refusal counted");
+    // The owner's domain is untouched.
+    let b = owner.alloc(4096).unwrap();
+    owner.map(b.phys, 4096, libdma::Dir::ToDevice).unwrap();
+}
