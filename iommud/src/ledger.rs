@@ -296,7 +296,9 @@ impl Ledger {
             });
         }
         let mut pages = Vec::new();
-        let words = span_pages.div_ceil(2).min((region.len - PAGES_AT) / 8);
+        let words = span_pages
+            .div_ceil(2)
+            .min(region.len.saturating_sub(PAGES_AT) / 8);
         for k in 0..words {
             let v = w(PAGES_AT / 8 + k)?;
             if v == 0 {
@@ -326,5 +328,74 @@ impl Ledger {
             regions,
             pages,
         })
+    }
+}
+
+#[cfg(all(test, feature = "sim"))]
+mod tests {
+    use super::*;
+    use crate::platform::sim::SimPlatform;
+    use vtd::sim::SimConfig;
+
+    #[test]
+    fn a_ledger_reads_back_what_was_written_and_neighbouring_pages_stay_apart() {
+        let p = SimPlatform::new(SimConfig {
+            mem_bytes: 16 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let r = p.alloc_ledger(LEDGER_BYTES).unwrap();
+        let h = Header {
+            sid: 0x0110,
+            did: 7,
+            strategy: Strategy::Magazine,
+            flush: FlushPolicy::Deferred,
+            trust: Trust::Delegated,
+            owner: (1000, 100),
+            token: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        };
+        let l = Ledger::init(&p, r.clone(), &h, 0x5000).unwrap();
+        l.set_epoch(&p, 42);
+        l.set_shared(&p, Some("iommud-9-1-published"), Some("iommud-9-2-client"))
+            .unwrap();
+        let pool = p.alloc_region(8192, 4096).unwrap();
+        l.add_region(&p, &pool, Some("iommud-9-3-region")).unwrap();
+        // Pages 4 and 5 share a word: each half keeps its own entry.
+        l.set_page(&p, 4, Some(PageEntry::Delegated(3)));
+        l.set_page(&p, 5, Some(PageEntry::Mapped(64)));
+        l.set_page(&p, 9, Some(PageEntry::Delegated(0)));
+        l.set_page(&p, 9, None);
+        let i = Ledger::read(&p, &r, 1 << 18).unwrap();
+        assert_eq!(i.header, h);
+        assert_eq!((i.root, i.epoch), (0x5000, 42));
+        assert_eq!(
+            i.shared,
+            (
+                Some("iommud-9-1-published".into()),
+                Some("iommud-9-2-client".into())
+            )
+        );
+        assert_eq!(
+            i.regions,
+            vec![RegionRecord {
+                phys: pool.phys,
+                len: pool.len,
+                name: Some("iommud-9-3-region".into())
+            }]
+        );
+        assert_eq!(
+            i.pages,
+            vec![(4, PageEntry::Delegated(3)), (5, PageEntry::Mapped(64))]
+        );
+        // The raw word holds both halves as documented (page 4 low, page 5 high).
+        let w = p.read_u64(r.phys + PAGES_AT + 16).unwrap();
+        assert_eq!(
+            w,
+            u64::from(KIND_DELEGATED | 3) | u64::from(KIND_MAPPED | 64) << 32
+        );
+        // A name that does not fit is refused; a retired ledger reads as none.
+        assert!(l.set_shared(&p, Some(&"x".repeat(48)), None).is_err());
+        l.retire(&p);
+        assert!(Ledger::read(&p, &r, 1 << 18).is_none());
     }
 }

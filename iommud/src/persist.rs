@@ -230,10 +230,19 @@ mod tests {
         std::fs::write(d.join("iommud-7-0-tables"), vec![0u8; 4096]).unwrap();
         std::fs::write(d.join("iommud-7-1-region"), vec![0u8; 8192]).unwrap();
         std::fs::write(d.join("notes.txt"), b"not ours").unwrap();
+        std::fs::write(d.join("iommud-7-2-ledger"), vec![0u8; 4096]).unwrap();
+        std::fs::write(d.join("iommud-7-3-published"), vec![0u8; 4096]).unwrap();
         let mut s = StateDir::open(&d).unwrap();
+        assert_eq!(s.pages(), d.as_path(), "on tmpfs the pages live beside");
+        assert_eq!(s.ledgers(), vec!["iommud-7-2-ledger".to_string()]);
+        assert_eq!(s.stale(), (4, 20480));
+        // What a restart adopted stays; the rest goes.
+        s.keep("iommud-7-2-ledger");
+        s.keep("iommud-7-3-published");
         assert_eq!(s.stale(), (2, 12288));
         assert_eq!(s.release_stale(), (2, 12288));
         assert!(!d.join("iommud-7-0-tables").exists());
+        assert!(d.join("iommud-7-2-ledger").exists(), "kept");
         assert!(
             d.join("notes.txt").exists(),
             "a file not ours is left alone"
