@@ -253,6 +253,12 @@ impl CpuCounters {
     }
 }
 
+/// [`EpochPage::dead`]: the domain was detached (a stop, a client gone).
+pub const DEAD_DETACHED: u32 = 1;
+/// [`EpochPage::dead`]: iommud died and a restarted one adopted the domain;
+/// the client reattaches (with its token) on its next operation.
+pub const DEAD_ADOPTED: u32 = 2;
+
 /// The published page: written by iommud only (copies of its own state),
 /// mapped read-only by the client.
 #[repr(C)]
@@ -262,7 +268,9 @@ pub struct EpochPage {
     pub epoch: AtomicU64,
     /// Highest epoch whose invalidation has completed.
     pub completed: AtomicU64,
-    /// Nonzero once iommud has detached the domain (client must stop).
+    /// [`DEAD_DETACHED`] once iommud has detached the domain (the client
+    /// must stop); [`DEAD_ADOPTED`] while a restarted iommud holds the
+    /// domain for its client, which should reattach (0 otherwise).
     pub dead: AtomicU32,
     /// The domain's strategy (`proto::Strategy` wire value).
     pub strategy: AtomicU32,

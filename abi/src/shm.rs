@@ -159,6 +159,25 @@ impl Mapping {
         Some(())
     }
 
+    /// Volatile 32-bit read at byte offset `off` (4-aligned, in bounds).
+    pub fn read_u32(&self, off: usize) -> Option<u32> {
+        if !off.is_multiple_of(4) || off.checked_add(4)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked above); volatile as in `read_u64`.
+        Some(unsafe { self.ptr.as_ptr().add(off).cast::<u32>().read_volatile() })
+    }
+
+    /// Volatile 32-bit write at byte offset `off` (4-aligned, in bounds).
+    pub fn write_u32(&self, off: usize, v: u32) -> Option<()> {
+        if !off.is_multiple_of(4) || off.checked_add(4)? > self.len {
+            return None;
+        }
+        // SAFETY: in bounds and aligned (checked above); volatile as in `read_u64`.
+        unsafe { self.ptr.as_ptr().add(off).cast::<u32>().write_volatile(v) };
+        Some(())
+    }
+
     /// Copies bytes out, volatile byte by byte is not needed: the range is
     /// bounds-checked and copied with `copy_nonoverlapping` from a raw pointer.
     pub fn read_bytes(&self, off: usize, out: &mut [u8]) -> Option<()> {

@@ -25,16 +25,22 @@
 //! | 8 | page-table root the context entry names |
 //! | 9 | 1 while the domain is attached (cleared first at teardown) |
 //! | 10 | regions recorded |
-//! | 16..22, 22..28 | file names of the published page and the client page |
+//! | 11 | rings (0: none) |
+//! | 16..22, 22..28, 28..34 | file names of the published page, the client page, the rings |
 //!
 //! From byte [`REGIONS_AT`]: one record of [`REGION_WORDS`] words per region
 //! (physical address, length, file name in 48 bytes). Record 0 is the arena.
 //! From byte [`PAGES_AT`]: one u32 per IOVA page of the magazine range:
-//! 0, or [`KIND_DELEGATED`] | class, or [`KIND_MAPPED`] | pages allocated.
+//! 0, or [`KIND_DELEGATED`] | class, or [`KIND_MAPPED`] | pages allocated, or
+//! [`KIND_LIVE`] | pages mapped (a validated magazine's ring mapping).
+//!
+//! iommud writes the ledger through its own mapping of the file: a page entry
+//! is one 32-bit store, so the ring path records its maps at no real cost.
 
-use crate::hw::{HwError, PhysMem, Region};
+use crate::hw::{HwError, Region};
 use crate::policy::Trust;
 use iommu_abi::proto::{FlushPolicy, Strategy};
+use iommu_abi::shm::Mapping;
 
 /// Bytes of a ledger (one 2 MiB hugepage).
 pub const LEDGER_BYTES: u64 = 2 << 20;
@@ -49,6 +55,8 @@ const W_NREGIONS: u64 = 10;
 const W_EPOCH: u64 = 6;
 const W_PUBLISHED: u64 = 16;
 const W_CLIENT: u64 = 22;
+const W_RINGS_NAME: u64 = 28;
+const W_RINGS: u64 = 11;
 /// Where the region records start.
 pub const REGIONS_AT: u64 = 4096;
 /// Words per region record.
@@ -62,6 +70,9 @@ pub const MAX_REGIONS: u64 = (PAGES_AT - REGIONS_AT) / (REGION_WORDS * 8);
 pub const KIND_DELEGATED: u32 = 1 << 28;
 /// A page entry's kind: an allocated map (low bits: pages allocated).
 pub const KIND_MAPPED: u32 = 2 << 28;
+/// A page entry's kind: a live ring mapping of a validated magazine (low
+/// bits: its pages).
+pub const KIND_LIVE: u32 = 3 << 28;
 const KIND_MASK: u32 = 0xf << 28;
 
 /// The identity of a domain, as recorded.
@@ -101,6 +112,8 @@ pub enum PageEntry {
     Delegated(usize),
     /// A map iommud made, with this many pages allocated.
     Mapped(u64),
+    /// A live ring mapping of this many pages (validated magazine).
+    Live(u64),
 }
 
 /// A whole ledger read back (by the next iommud).
@@ -114,6 +127,8 @@ pub struct Image {
     pub epoch: u64,
     /// The shared pages' file names (published, client).
     pub shared: (Option<String>, Option<String>),
+    /// The rings' file name and count, if the client set rings up.
+    pub rings: Option<(String, u64)>,
     /// Region 0 is the arena; then the pools in allocation order.
     pub regions: Vec<RegionRecord>,
     /// Allocations by IOVA (of the magazine range starting at `base`).
@@ -125,6 +140,7 @@ pub struct Image {
 pub struct Ledger {
     /// Its memory.
     pub region: Region,
+    map: Mapping,
 }
 
 fn ids(h: &Header) -> u64 {
@@ -135,64 +151,79 @@ fn ids(h: &Header) -> u64 {
         | (h.trust as u64) << 48
 }
 
+fn map(region: &Region) -> Result<Mapping, HwError> {
+    use std::os::fd::AsFd;
+    let len = usize::try_from(region.len).map_err(|_| HwError::NoMemory("ledger size"))?;
+    Mapping::new(region.fd.as_fd(), region.fd_offset, len).map_err(|err| HwError::Os {
+        what: "mapping a ledger",
+        err,
+    })
+}
+
 impl Ledger {
-    fn at(&self, word: u64) -> u64 {
-        self.region.phys + 8 * word
+    fn w(&self, word: u64) -> Option<u64> {
+        self.map.read_u64(usize::try_from(word * 8).ok()?)
+    }
+
+    fn set(&self, word: u64, v: u64) -> Result<(), HwError> {
+        usize::try_from(word * 8)
+            .ok()
+            .and_then(|o| self.map.write_u64(o, v))
+            .ok_or(HwError::NoMemory("ledger word out of range"))
+    }
+
+    /// Maps a ledger's memory (fresh or a previous iommud's).
+    pub fn open(region: Region) -> Result<Ledger, HwError> {
+        let map = map(&region)?;
+        Ok(Ledger { region, map })
     }
 
     /// Writes a fresh ledger's header (the page array of new memory is zero).
-    pub fn init(
-        mem: &dyn PhysMem,
-        region: Region,
-        h: &Header,
-        root: u64,
-    ) -> Result<Ledger, HwError> {
-        let l = Ledger { region };
-        l.write_header(mem, h, root)?;
+    pub fn init(region: Region, h: &Header, root: u64) -> Result<Ledger, HwError> {
+        let l = Ledger::open(region)?;
+        l.write_header(h, root)?;
         Ok(l)
     }
 
     /// (Re)writes the header: identity, root, live. Magic last, so a
     /// half-written header is never taken for a ledger.
-    pub fn write_header(&self, mem: &dyn PhysMem, h: &Header, root: u64) -> Result<(), HwError> {
-        mem.write_u64(self.at(1), VERSION)?;
-        mem.write_u64(self.at(W_IDS), ids(h))?;
-        mem.write_u64(
-            self.at(W_OWNER),
-            u64::from(h.owner.0) | u64::from(h.owner.1) << 32,
-        )?;
-        mem.write_u64(self.at(W_TOKEN), h.token as u64)?;
-        mem.write_u64(self.at(W_TOKEN + 1), (h.token >> 64) as u64)?;
-        mem.write_u64(self.at(W_ROOT), root)?;
-        mem.write_u64(self.at(W_LIVE), 1)?;
-        mem.write_u64(self.at(0), MAGIC)
+    pub fn write_header(&self, h: &Header, root: u64) -> Result<(), HwError> {
+        self.set(1, VERSION)?;
+        self.set(W_IDS, ids(h))?;
+        self.set(W_OWNER, u64::from(h.owner.0) | u64::from(h.owner.1) << 32)?;
+        self.set(W_TOKEN, h.token as u64)?;
+        self.set(W_TOKEN + 1, (h.token >> 64) as u64)?;
+        self.set(W_ROOT, root)?;
+        self.set(W_LIVE, 1)?;
+        self.set(0, MAGIC)
     }
 
     /// Records the strategy and flush policy (a switch of an idle domain).
-    pub fn set_policy(&self, mem: &dyn PhysMem, strategy: Strategy, flush: FlushPolicy) {
-        if let Ok(w) = mem.read_u64(self.at(W_IDS)) {
+    pub fn set_policy(&self, strategy: Strategy, flush: FlushPolicy) {
+        if let Some(w) = self.w(W_IDS) {
             let w = (w & !(0xffff << 32)) | (strategy as u64) << 32 | (flush as u64) << 40;
-            let _ = mem.write_u64(self.at(W_IDS), w);
+            let _ = self.set(W_IDS, w);
         }
     }
 
     /// Records an epoch before the client may see it.
-    pub fn set_epoch(&self, mem: &dyn PhysMem, epoch: u64) {
-        let _ = mem.write_u64(self.at(W_EPOCH), epoch);
+    pub fn set_epoch(&self, epoch: u64) {
+        let _ = self.set(W_EPOCH, epoch);
     }
 
     /// Records the shared pages' file names.
-    pub fn set_shared(
-        &self,
-        mem: &dyn PhysMem,
-        published: Option<&str>,
-        client: Option<&str>,
-    ) -> Result<(), HwError> {
-        self.write_name(mem, W_PUBLISHED, published)?;
-        self.write_name(mem, W_CLIENT, client)
+    pub fn set_shared(&self, published: Option<&str>, client: Option<&str>) -> Result<(), HwError> {
+        self.write_name(W_PUBLISHED, published)?;
+        self.write_name(W_CLIENT, client)
     }
 
-    fn write_name(&self, mem: &dyn PhysMem, word: u64, name: Option<&str>) -> Result<(), HwError> {
+    /// Records the rings' file and count.
+    pub fn set_rings(&self, name: Option<&str>, count: u64) -> Result<(), HwError> {
+        self.write_name(W_RINGS_NAME, name)?;
+        self.set(W_RINGS, count)
+    }
+
+    fn write_name(&self, word: u64, name: Option<&str>) -> Result<(), HwError> {
         let mut bytes = [0u8; NAME_BYTES];
         if let Some(s) = name {
             let b = s.as_bytes();
@@ -204,15 +235,15 @@ impl Ledger {
         for (k, c) in bytes.chunks(8).enumerate() {
             let mut w = [0u8; 8];
             w.copy_from_slice(c);
-            mem.write_u64(self.at(word + k as u64), u64::from_le_bytes(w))?;
+            self.set(word + k as u64, u64::from_le_bytes(w))?;
         }
         Ok(())
     }
 
-    fn read_name(mem: &dyn PhysMem, at: u64) -> Option<Option<String>> {
+    fn read_name(&self, word: u64) -> Option<Option<String>> {
         let mut name = Vec::new();
         for j in 0..(NAME_BYTES / 8) as u64 {
-            name.extend_from_slice(&mem.read_u64(at + 8 * j).ok()?.to_le_bytes());
+            name.extend_from_slice(&self.w(word + j)?.to_le_bytes());
         }
         let end = name.iter().position(|&c| c == 0).unwrap_or(name.len());
         Some(match end {
@@ -222,56 +253,49 @@ impl Ledger {
     }
 
     /// Marks the domain gone (first thing at teardown): never adopted again.
-    pub fn retire(&self, mem: &dyn PhysMem) {
-        let _ = mem.write_u64(self.at(W_LIVE), 0);
+    pub fn retire(&self) {
+        let _ = self.set(W_LIVE, 0);
     }
 
     /// Records a region (the arena first, then each pool).
-    pub fn add_region(
-        &self,
-        mem: &dyn PhysMem,
-        r: &Region,
-        name: Option<&str>,
-    ) -> Result<(), HwError> {
-        let n = mem.read_u64(self.at(W_NREGIONS))?;
+    pub fn add_region(&self, r: &Region, name: Option<&str>) -> Result<(), HwError> {
+        let n = self.w(W_NREGIONS).ok_or(HwError::NoMemory("ledger"))?;
         if n >= MAX_REGIONS {
             return Err(HwError::NoMemory("ledger: too many regions"));
         }
         let rec = REGIONS_AT / 8 + n * REGION_WORDS;
-        mem.write_u64(self.at(rec), r.phys)?;
-        mem.write_u64(self.at(rec + 1), r.len)?;
-        self.write_name(mem, rec + 2, name)?;
-        mem.write_u64(self.at(W_NREGIONS), n + 1)
+        self.set(rec, r.phys)?;
+        self.set(rec + 1, r.len)?;
+        self.write_name(rec + 2, name)?;
+        self.set(W_NREGIONS, n + 1)
     }
 
     /// Sets the page entry of the allocation starting at IOVA page `page`
-    /// (an index into the magazine range); `None` clears it.
-    pub fn set_page(&self, mem: &dyn PhysMem, page: u64, e: Option<PageEntry>) {
+    /// (an index into the magazine range); `None` clears it. One 32-bit
+    /// store: writers of different pages never disturb each other.
+    pub fn set_page(&self, page: u64, e: Option<PageEntry>) {
         let v = match e {
             None => 0,
             Some(PageEntry::Delegated(c)) => KIND_DELEGATED | (c as u32 & !KIND_MASK),
             Some(PageEntry::Mapped(p)) => KIND_MAPPED | (p.min(u64::from(!KIND_MASK)) as u32),
+            Some(PageEntry::Live(p)) => KIND_LIVE | (p.min(u64::from(!KIND_MASK)) as u32),
         };
-        let byte = PAGES_AT + page * 4;
-        if byte + 4 > self.region.len {
-            return;
-        }
-        let word = self.region.phys + (byte & !7);
-        if let Ok(old) = mem.read_u64(word) {
-            let shift = (byte & 4) * 8;
-            let new = (old & !(0xffff_ffff << shift)) | u64::from(v) << shift;
-            let _ = mem.write_u64(word, new);
+        if let Some(off) = page
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(PAGES_AT))
+            .and_then(|b| usize::try_from(b).ok())
+        {
+            let _ = self.map.write_u32(off, v);
         }
     }
 
     /// Reads a ledger back; `None` if it is not one, or not a live domain.
-    pub fn read(mem: &dyn PhysMem, region: &Region, span_pages: u64) -> Option<Image> {
-        let w = |k: u64| mem.read_u64(region.phys + 8 * k).ok();
-        if w(0)? != MAGIC || w(1)? != VERSION || w(W_LIVE)? != 1 {
+    pub fn read(&self, span_pages: u64) -> Option<Image> {
+        if self.w(0)? != MAGIC || self.w(1)? != VERSION || self.w(W_LIVE)? != 1 {
             return None;
         }
-        let i = w(W_IDS)?;
-        let owner = w(W_OWNER)?;
+        let i = self.w(W_IDS)?;
+        let owner = self.w(W_OWNER)?;
         let header = Header {
             sid: i as u16,
             did: (i >> 16) as u16,
@@ -279,52 +303,46 @@ impl Ledger {
             flush: FlushPolicy::from_u64((i >> 40) & 0xff)?,
             trust: Trust::from_u64((i >> 48) & 0xff)?,
             owner: (owner as u32, (owner >> 32) as u32),
-            token: u128::from(w(W_TOKEN)?) | u128::from(w(W_TOKEN + 1)?) << 64,
+            token: u128::from(self.w(W_TOKEN)?) | u128::from(self.w(W_TOKEN + 1)?) << 64,
         };
-        let n = w(W_NREGIONS)?;
+        let n = self.w(W_NREGIONS)?;
         if n > MAX_REGIONS {
             return None;
         }
         let mut regions = Vec::new();
         for k in 0..n {
             let rec = REGIONS_AT / 8 + k * REGION_WORDS;
-            let name = Self::read_name(mem, region.phys + 8 * (rec + 2))?;
             regions.push(RegionRecord {
-                phys: w(rec)?,
-                len: w(rec + 1)?,
-                name,
+                phys: self.w(rec)?,
+                len: self.w(rec + 1)?,
+                name: self.read_name(rec + 2)?,
             });
         }
         let mut pages = Vec::new();
-        let words = span_pages
-            .div_ceil(2)
-            .min(region.len.saturating_sub(PAGES_AT) / 8);
-        for k in 0..words {
-            let v = w(PAGES_AT / 8 + k)?;
-            if v == 0 {
-                continue;
-            }
-            for half in 0..2 {
-                let e = (v >> (32 * half)) as u32;
-                let page = 2 * k + half;
-                let entry = match e & KIND_MASK {
-                    0 => continue,
-                    KIND_DELEGATED => PageEntry::Delegated((e & !KIND_MASK) as usize),
-                    KIND_MAPPED => PageEntry::Mapped(u64::from(e & !KIND_MASK)),
-                    _ => return None,
-                };
-                pages.push((page, entry));
-            }
+        let entries = span_pages.min(self.region.len.saturating_sub(PAGES_AT) / 4);
+        for page in 0..entries {
+            let e = self
+                .map
+                .read_u32(usize::try_from(PAGES_AT + 4 * page).ok()?)?;
+            let entry = match e & KIND_MASK {
+                0 => continue,
+                KIND_DELEGATED => PageEntry::Delegated((e & !KIND_MASK) as usize),
+                KIND_MAPPED => PageEntry::Mapped(u64::from(e & !KIND_MASK)),
+                KIND_LIVE => PageEntry::Live(u64::from(e & !KIND_MASK)),
+                _ => return None,
+            };
+            pages.push((page, entry));
         }
-        let shared = (
-            Self::read_name(mem, region.phys + 8 * W_PUBLISHED)?,
-            Self::read_name(mem, region.phys + 8 * W_CLIENT)?,
-        );
+        let rings = match (self.read_name(W_RINGS_NAME)?, self.w(W_RINGS)?) {
+            (Some(name), n) if n > 0 => Some((name, n)),
+            _ => None,
+        };
         Some(Image {
             header,
-            root: w(W_ROOT)?,
-            epoch: w(W_EPOCH)?,
-            shared,
+            root: self.w(W_ROOT)?,
+            epoch: self.w(W_EPOCH)?,
+            shared: (self.read_name(W_PUBLISHED)?, self.read_name(W_CLIENT)?),
+            rings,
             regions,
             pages,
         })
@@ -354,17 +372,17 @@ mod tests {
             owner: (1000, 100),
             token: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
         };
-        let l = Ledger::init(&p, r.clone(), &h, 0x5000).unwrap();
-        l.set_epoch(&p, 42);
-        l.set_shared(&p, Some("iommud-9-1-published"), Some("iommud-9-2-client"))
+        let l = Ledger::init(r.clone(), &h, 0x5000).unwrap();
+        l.set_epoch(42);
+        l.set_shared(Some("iommud-9-1-published"), Some("iommud-9-2-client"))
             .unwrap();
         let pool = p.alloc_region(8192, 4096).unwrap();
-        l.add_region(&p, &pool, Some("iommud-9-3-region")).unwrap();
+        l.add_region(&pool, Some("iommud-9-3-region")).unwrap();
         // Pages 4 and 5 share a word: each half keeps its own entry.
-        l.set_page(&p, 4, Some(PageEntry::Delegated(3)));
-        l.set_page(&p, 5, Some(PageEntry::Mapped(64)));
-        l.set_page(&p, 9, Some(PageEntry::Delegated(0)));
-        l.set_page(&p, 9, None);
+        l.set_page(4, Some(PageEntry::Delegated(3)));
+        l.set_page(5, Some(PageEntry::Mapped(64)));
+        l.set_page(9, Some(PageEntry::Delegated(0)));
+        l.set_page(9, None);
         let i = Ledger::read(&p, &r, 1 << 18).unwrap();
         assert_eq!(i.header, h);
         assert_eq!((i.root, i.epoch), (0x5000, 42));
@@ -394,8 +412,8 @@ mod tests {
             u64::from(KIND_DELEGATED | 3) | u64::from(KIND_MAPPED | 64) << 32
         );
         // A name that does not fit is refused; a retired ledger reads as none.
-        assert!(l.set_shared(&p, Some(&"x".repeat(48)), None).is_err());
-        l.retire(&p);
+        assert!(l.set_shared(Some(&"x".repeat(48)), None).is_err());
+        l.retire();
         assert!(Ledger::read(&p, &r, 1 << 18).is_none());
     }
 }

@@ -35,7 +35,10 @@ pub fn prepare(sd: &mut StateDir, mem: &dyn PhysMem) -> Vec<Adoption> {
                 continue;
             }
         };
-        let Some(image) = Ledger::read(mem, &ledger, IOVA_SPAN / PAGE) else {
+        let Some(image) = Ledger::open(ledger.clone())
+            .ok()
+            .and_then(|l| l.read(IOVA_SPAN / PAGE))
+        else {
             // A domain torn down (or blocked) before the crash, or not a ledger.
             continue;
         };
@@ -115,6 +118,9 @@ pub fn adopt_all(state: &Arc<State>, adoptions: Vec<Adoption>, grace: Duration) 
                     h.owner.0,
                     grace.as_millis()
                 ));
+                if d.rings().is_some() {
+                    state.service.add(d.clone());
+                }
                 state.add_orphan(d, h.token, h.owner.0, grace);
             }
             Err(e) => {

@@ -546,7 +546,14 @@ impl Session {
             self.peer.pid,
             d.did
         ));
-        self.attach_reply(d, Some(token))
+        let rings = d.rings().map(|r| (r.share(), r.doorbell.clone()));
+        let mut r = self.attach_reply(d, Some(token));
+        // A validated domain's rings: the same memory, a new doorbell (last).
+        if let Some((ring, bell)) = rings {
+            r.shares.push(Share { fd: ring });
+            r.shares.push(Share { fd: bell });
+        }
+        r
     }
 }
 

@@ -25,11 +25,14 @@
 //! 2. A second stream; iommud *and* e1000d are killed. An iommud with a short grace
 //!    period adopts the orphans, nobody reattaches, and when the grace ends both devices
 //!    are blocked and their memory freed (no domain, no region or ledger file left).
-//! 3. A new e1000d run moves every frame intact.
+//! 3. The same as 1 with validated trust: iommud keeps the magazines and serves the
+//!    client's rings; the restarted iommud adopts the rings (same memory, new doorbell)
+//!    and the live ring mappings, and the run finishes.
+//! 4. A new e1000d run moves every frame intact.
 
 use std::time::Duration;
 
-use crate::demo::{start_iommud, GUEST_POLICY};
+use crate::demo::{guest_policy, start_iommud, GUEST_POLICY};
 use crate::fault::kv;
 use crate::guest::{self, parse_hex, GuestOutput, GuestRun};
 use crate::util::Result;
@@ -107,6 +110,8 @@ iommuctl stop; sleep 0.3
 
 /// Frames of the run iommud is killed in the middle of.
 const RESUMED: u64 = 400_000;
+/// Frames of the validated run iommud is killed in the middle of.
+const VALIDATED: u64 = 300_000;
 /// The grace period of the iommud that finds an orphan nobody claims.
 const GRACE_MS: u64 = 3000;
 
@@ -131,6 +136,16 @@ wait $EPID
 sleep 0.3
 {}{}{}sleep {}
 echo \"DOMAINS-AFTER-GRACE [$(iommuctl cat /scheme/iommu/domains | tr '\\n' ' ')]\"
+{}iommuctl stop; sleep 0.3
+cat > /run/iommud.toml <<'POLICY-EOF'
+{}POLICY-EOF
+{}taskset -c 0 e1000d loop --mapper libdma --strategy magazine --flush percore --packets {VALIDATED} > /tmp/e1000d-3.log 2>&1 &
+EPID=$!
+sleep 3
+kill -9 $IPID
+sleep 1
+{}wait $EPID; echo \"VALIDATED-EXIT $?\"
+sed 's/^/validated: /' /tmp/e1000d-3.log
 {}e1000d loop --mapper libdma --strategy magazine --packets {BURST}
 echo \"AFTER-EXIT $?\"
 iommuctl stop; sleep 0.3
@@ -143,6 +158,10 @@ iommuctl stop; sleep 0.3
         restart_iommud_with(3, &format!("--grace-ms {GRACE_MS}")),
         GRACE_MS / 1000 + 2,
         show_unit("AFTER-GRACE"),
+        guest_policy("validated"),
+        restart_iommud_with(4, "--service-cpus 1"),
+        restart_iommud_with(5, "--service-cpus 1"),
+        show_log(4) + &show_log(5),
         show_log(3),
     ));
     s
@@ -465,6 +484,38 @@ pub fn restart() -> Result<()> {
             .iter()
             .any(|f| f.ends_with("-region") || f.ends_with("-ledger")),
         format!("the orphans' region and ledger files are gone: {files_after:?}"),
+    );
+    expect(
+        log_has(5, "00:01.0: adopted") && log_has(5, "00:01.0: reattached by"),
+        "validated trust: iommud-5 adopted the ring domain and the running e1000d reattached"
+            .into(),
+    );
+    expect(
+        out.value("VALIDATED-EXIT") == Some("0"),
+        format!(
+            "the validated run iommud died in finished and exited 0 ({:?})",
+            out.value("VALIDATED-EXIT")
+        ),
+    );
+    let val = out
+        .job_lines()
+        .filter_map(|l| l.strip_prefix("validated: "))
+        .filter_map(|l| l.trim().strip_prefix("loop: "))
+        .last();
+    let v = |k| {
+        val.and_then(|l| kv(l, k))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (received, lost, corrupt) = (v("received"), v("lost"), v("corrupt"));
+    expect(
+        corrupt == Some(0)
+            && received
+                .zip(lost)
+                .is_some_and(|(r, l)| r + l == VALIDATED && l <= 256),
+        format!(
+            "validated, across the crash: received={received:?} lost={lost:?} \
+             corrupt={corrupt:?} of {VALIDATED}"
+        ),
     );
     let last = out
         .job_lines()

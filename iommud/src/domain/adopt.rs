@@ -43,7 +43,7 @@ impl Domain {
     /// token (returned), where the unit keeps ledgers. `None`: no ledger
     /// (validated trust, no translation, or memory that dies with iommud).
     pub fn start_ledger(&self, owner: (u32, u32)) -> Option<u128> {
-        if !self.unit.journal() || self.trust != Trust::Delegated || !self.unit.translating() {
+        if !self.unit.journal() || !self.unit.translating() {
             return None;
         }
         let token = random_token();
@@ -72,16 +72,15 @@ impl Domain {
             owner,
             token,
         };
-        let made = Ledger::init(mem, region.clone(), &h, i.pt.root()).and_then(|l| {
-            l.set_epoch(mem, self.epoch());
+        let made = Ledger::init(region.clone(), &h, i.pt.root()).and_then(|l| {
+            l.set_epoch(self.epoch());
             l.set_shared(
-                mem,
                 mem.shared_name(&self.published).as_deref(),
                 mem.shared_name(&self.client).as_deref(),
             )?;
-            l.add_region(mem, &arena, mem.region_name(arena.phys).as_deref())?;
+            l.add_region(&arena, mem.region_name(arena.phys).as_deref())?;
             for p in &i.pools {
-                l.add_region(mem, p, mem.region_name(p.phys).as_deref())?;
+                l.add_region(p, mem.region_name(p.phys).as_deref())?;
             }
             Ok(l)
         });
@@ -102,7 +101,7 @@ impl Domain {
     pub(super) fn note(&self, iova: u64, e: Option<PageEntry>) {
         if let Some(l) = self.ledger.get() {
             if (IOVA_BASE..IOVA_BASE + IOVA_SPAN).contains(&iova) {
-                l.set_page(self.mem(), (iova - IOVA_BASE) / PAGE, e);
+                l.set_page((iova - IOVA_BASE) / PAGE, e);
             }
         }
     }
@@ -110,7 +109,7 @@ impl Domain {
     /// Records an epoch before the client can see it (see `flush_epoch`).
     pub(super) fn note_epoch(&self, epoch: u64) {
         if let Some(l) = self.ledger.get() {
-            l.set_epoch(self.mem(), epoch);
+            l.set_epoch(epoch);
         }
     }
 
@@ -118,12 +117,12 @@ impl Domain {
     pub(super) fn note_pool(&self, r: &Region) {
         if let Some(l) = self.ledger.get() {
             let mem = self.mem();
-            if let Err(e) = l.add_region(mem, r, mem.region_name(r.phys).as_deref()) {
+            if let Err(e) = l.add_region(r, mem.region_name(r.phys).as_deref()) {
                 crate::unit::log::warn(&format!(
                     "{}: ledger: {e}; this domain will not survive an iommud restart",
                     Bdf(self.sid)
                 ));
-                l.retire(mem);
+                l.retire();
             }
         }
     }
@@ -133,9 +132,9 @@ impl Domain {
     pub(super) fn note_policy(&self, strategy: Strategy, flush: FlushPolicy) {
         if let Some(l) = self.ledger.get() {
             if strategy == Strategy::Magazine {
-                l.set_policy(self.mem(), strategy, flush);
+                l.set_policy(strategy, flush);
             } else {
-                l.retire(self.mem());
+                l.retire();
             }
         }
     }
@@ -143,7 +142,7 @@ impl Domain {
     /// The domain is going (or blocked for good): never adopt it.
     pub(super) fn retire_ledger(&self) {
         if let Some(l) = self.ledger.get() {
-            l.retire(self.mem());
+            l.retire();
         }
     }
 
@@ -173,10 +172,9 @@ impl Domain {
     ) -> Result<Arc<Domain>, DomainError> {
         let h = a.image.header;
         let bad = |m: String| reply(ErrorCode::Invalid, format!("{}: {m}", Bdf(h.sid)));
-        if h.strategy != Strategy::Magazine || h.trust != Trust::Delegated {
+        if h.strategy != Strategy::Magazine {
             return Err(bad(format!(
-                "{} trust, {} strategy: only delegated magazine domains are adopted",
-                h.trust.name(),
+                "{} strategy: only magazine domains are adopted",
                 h.strategy.name()
             )));
         }
@@ -230,6 +228,9 @@ impl Domain {
         if !kept {
             d.page().init();
         }
+        // The client (still mapping this page) reattaches on its next
+        // operation, even one that needs no round trip.
+        d.page().dead.store(iommu_abi::shared::DEAD_ADOPTED, SeqCst);
         d.publish(h.strategy, h.flush);
         // Epochs go on above every one the client was shown (the ledger's
         // is never below the page's), so its tags keep their meaning; the
@@ -242,15 +243,37 @@ impl Domain {
             let mut seen = d.unmaps_seen.lock().unwrap_or_else(|p| p.into_inner());
             let _ = take_unmaps(d.client().cpu.iter(), &mut seen);
         }
-        let _ = d.ledger.set(Ledger {
-            region: a.ledger.clone(),
-        });
-        if let Err(e) = d.rebuild(a) {
-            d.abandon_adoption();
-            return Err(e);
+        match Ledger::open(a.ledger.clone()) {
+            Ok(l) => {
+                let _ = d.ledger.set(l);
+            }
+            Err(e) => {
+                d.abandon_adoption();
+                return Err(e.into());
+            }
+        }
+        let live = match d.rebuild(a) {
+            Ok(live) => live,
+            Err(e) => {
+                d.abandon_adoption();
+                return Err(e);
+            }
+        };
+        // A validated magazine's rings: the same memory, served on.
+        if let Some((name, n)) = &a.image.rings {
+            let adopted = usize::try_from(*n)
+                .map_err(|_| reply(ErrorCode::Invalid, "ring count"))
+                .and_then(|n| {
+                    let shm = mem.adopt_shared(name, n * iommu_abi::ring::RING_BYTES, true)?;
+                    d.adopt_rings(shm, n, &live).map(|_| ())
+                });
+            if let Err(e) = adopted {
+                d.abandon_adoption();
+                return Err(e);
+            }
         }
         let root = d.lock_uncounted().pt.root();
-        let rewritten = d.ledger.get().map(|l| l.write_header(&*mem, &h, root));
+        let rewritten = d.ledger.get().map(|l| l.write_header(&h, root));
         if let Some(Err(e)) = rewritten {
             d.abandon_adoption();
             return Err(e.into());
@@ -265,7 +288,7 @@ impl Domain {
 
     /// The adoption's bookkeeping from the ledger: pools, delegated IOVAs,
     /// allocated maps, and the arena leaf tables they need installed.
-    fn rebuild(&self, a: &Adoption) -> Result<(), DomainError> {
+    fn rebuild(&self, a: &Adoption) -> Result<Vec<(u64, u64)>, DomainError> {
         let bad = |m: String| reply(ErrorCode::Invalid, format!("{}: {m}", Bdf(self.sid)));
         let mut i = self.lock_uncounted();
         let arena = a.regions[0].clone();
@@ -283,10 +306,14 @@ impl Domain {
             }
         }
         let mut n = 0;
+        let mut live = Vec::new();
         for &(page, e) in &a.image.pages {
             let iova = IOVA_BASE + page * PAGE;
             let bytes = match e {
                 PageEntry::Delegated(c) if c < SIZE_CLASSES => class_pages(c) * PAGE,
+                PageEntry::Live(p) if size_class(p).is_some() => {
+                    size_class(p).map_or(0, class_pages) * PAGE
+                }
                 PageEntry::Mapped(p) if p > 0 && p * PAGE <= MAX_MAP_LEN.next_power_of_two() => {
                     p * PAGE
                 }
@@ -299,6 +326,11 @@ impl Domain {
             match e {
                 PageEntry::Delegated(c) => {
                     i.delegated.insert(iova, c);
+                }
+                PageEntry::Live(p) => {
+                    // Held by the ring path (as its magazines' IOVAs are).
+                    i.delegated.insert(iova, size_class(p).unwrap_or(0));
+                    live.push((iova, p));
                 }
                 PageEntry::Mapped(alloc_pages) => {
                     // The map's pages are the present entries from its start.
@@ -332,7 +364,7 @@ impl Domain {
             n += 1;
         }
         self.charge(Quota::Mappings, n)?;
-        Ok(())
+        Ok(live)
     }
 
     /// Installs the arena leaf tables covering `[iova, iova+bytes)` *as they
@@ -388,6 +420,7 @@ impl Domain {
     /// which IOVAs it holds). Returns the domain's delegated IOVAs.
     pub fn resume(&self) -> Result<usize, DomainError> {
         self.flush()?;
+        self.page().dead.store(0, SeqCst);
         Ok(self.lock_uncounted().delegated.len())
     }
 }

@@ -699,7 +699,9 @@ impl Domain {
         if self.dead.swap(true, SeqCst) {
             return;
         }
-        self.page().dead.store(1, SeqCst);
+        self.page()
+            .dead
+            .store(iommu_abi::shared::DEAD_DETACHED, SeqCst);
         // A restarted iommud must never adopt a domain half torn down.
         self.retire_ledger();
         // No ring pass writes an entry from here on.

@@ -210,12 +210,64 @@ impl Domain {
             live: (0..live_len).map(|_| AtomicU8::new(0)).collect(),
             arena: arena.filter(|_| validated_magazine),
         };
+        self.install_rings(rings)
+    }
+
+    fn install_rings(&self, rings: Rings) -> Result<&Rings, DomainError> {
+        let name = self.mem().shared_name(&rings.shm);
+        let n = rings.servers.len() as u64;
         self.rings
             .set(rings)
             .map_err(|_| reply(ErrorCode::Busy, "this domain already has rings"))?;
+        if let Some(l) = self.ledger.get() {
+            if let Err(e) = l.set_rings(name.as_deref(), if name.is_some() { n } else { 0 }) {
+                crate::unit::log::warn(&format!("{}: ledger: {e}", Bdf(self.sid)));
+                l.retire();
+            }
+        }
         self.rings
             .get()
             .ok_or_else(|| reply(ErrorCode::Hardware, "rings vanished"))
+    }
+
+    /// The rings of an adopted validated magazine domain: the same memory
+    /// (the client keeps using it), a new doorbell, each ring taken up where
+    /// the dead iommud's copies of its indices say (client-writable memory:
+    /// at worst the client confuses its own rings; every pass is bounded),
+    /// and the live table rebuilt from the ledger's live ring mappings.
+    pub(super) fn adopt_rings(
+        &self,
+        shm: SharedMem,
+        n: usize,
+        live: &[(u64, u64)],
+    ) -> Result<&Rings, DomainError> {
+        if n == 0 || n > iommu_abi::ring::MAX_RINGS || shm.map.len() < n * RING_BYTES {
+            return Err(reply(ErrorCode::Invalid, "adopted rings do not fit"));
+        }
+        let doorbell = crate::platform::shm::eventfd()
+            .map_err(|e| reply(ErrorCode::Unsupported, format!("doorbell: {e}")))?;
+        let arena = self.lock_uncounted().arena.as_ref().map(|a| a.phys);
+        let rings = Rings {
+            shm,
+            doorbell: Arc::new(doorbell),
+            servers: (0..n).map(|_| Mutex::default()).collect(),
+            live: (0..(IOVA_SPAN / PAGE) as usize)
+                .map(|_| AtomicU8::new(0))
+                .collect(),
+            arena,
+        };
+        for (k, srv) in rings.servers.iter().enumerate() {
+            let r = rings.ring(k);
+            let mut st = srv.lock().unwrap_or_else(|p| p.into_inner());
+            st.sq_head = r.sq_head.0.load(Acquire);
+            st.cq_tail = r.cq_tail.0.load(Acquire);
+        }
+        for &(iova, pages) in live {
+            if let Some(slot) = rings.live.get(((iova - IOVA_BASE) / PAGE) as usize) {
+                slot.store(pages.min(u64::from(u8::MAX)) as u8, Release);
+            }
+        }
+        self.install_rings(rings)
     }
 
     /// The client's rings, if set up.
@@ -609,6 +661,10 @@ impl Domain {
             crate::unit::log::warn(&format!("{}: clearing ring entries failed", Bdf(self.sid)));
             pass.unmaps.clear();
         }
+        // No longer live for a restarted iommud either (after the clears).
+        for &(v, _, _) in &pass.unmaps {
+            self.note(v, None);
+        }
         let unmaps = std::mem::take(&mut pass.unmaps);
         if !unmaps.is_empty() {
             stats::add(&self.stats.unmaps, unmaps.len() as u64);
@@ -663,6 +719,8 @@ impl Domain {
                     if let Some(slot) = rings.live.get(((m.iova - IOVA_BASE) / PAGE) as usize) {
                         slot.store(m.pages as u8, Release);
                     }
+                    // On record for a restarted iommud (after its entries).
+                    self.note(m.iova, Some(crate::ledger::PageEntry::Live(m.pages)));
                     if self.unit.caching_mode() {
                         pass.fresh.push((m.iova, m.pages));
                     }

@@ -77,7 +77,8 @@ impl DmaDomain {
         // iommud detached the domain (a stop, or it blocked the device): the
         // entries would reach no device; say so instead of mapping.
         if self.page().dead.load(Relaxed) != 0 {
-            return Err(Error::Dead);
+            // A restarted iommud holds the domain: reattach, then go on.
+            self.reattach_if_adopted()?;
         }
         match self.strategy() {
             Strategy::NoIommu => return Ok(phys),

@@ -379,11 +379,47 @@ impl DmaDomain {
         let mut c = self.conn();
         match f(&mut c) {
             // A domain iommud detached (an orderly stop) is not coming back.
-            Err(e) if self.token.is_some() && broken(&e) && self.page().dead.load(SeqCst) == 0 => {
+            Err(e)
+                if self.token.is_some()
+                    && broken(&e)
+                    && self.page().dead.load(SeqCst) != iommu_abi::shared::DEAD_DETACHED =>
+            {
                 self.reattach(&mut c, &e)?;
                 f(&mut c)
             }
             r => r,
+        }
+    }
+
+    /// The published page says the domain is not ours to use as it is:
+    /// detached for good (`Dead`), or adopted by a restarted iommud, in which
+    /// case this reattaches now (one round trip that finds the connection
+    /// broken) and returns once the domain is ours again.
+    pub(super) fn reattach_if_adopted(&self) -> Result<()> {
+        match self.page().dead.load(SeqCst) {
+            0 => Ok(()),
+            iommu_abi::shared::DEAD_ADOPTED if self.token.is_some() => {
+                self.with_conn(|c| {
+                    c.call(&Request::Hello {
+                        version: u64::from(VERSION),
+                    })
+                    .map(|_| ())
+                })?;
+                // A reply from a live iommud that still holds us adopted
+                // means another thread's reattach is on its way: wait for it.
+                let start = std::time::Instant::now();
+                while self.page().dead.load(SeqCst) == iommu_abi::shared::DEAD_ADOPTED {
+                    if start.elapsed() > std::time::Duration::from_secs(10) {
+                        return Err(Error::Dead);
+                    }
+                    std::thread::yield_now();
+                }
+                if self.page().dead.load(SeqCst) != 0 {
+                    return Err(Error::Dead);
+                }
+                Ok(())
+            }
+            _ => Err(Error::Dead),
         }
     }
 
@@ -414,13 +450,24 @@ impl DmaDomain {
                 let proof = crate::proof::open(self.bdf, Some(&path)).ok();
                 let proofs: Vec<std::os::fd::BorrowedFd<'_>> =
                     proof.iter().map(std::os::fd::AsFd::as_fd).collect();
-                n.call_with_fds(
+                let (_, fds) = n.call_with_fds(
                     &Request::Reattach {
                         bdf: self.bdf,
                         token,
                     },
                     &proofs,
                 )?;
+                // Rings go on in the same memory; their doorbell is new (last).
+                if let Some(rings) = &self.rings {
+                    let bell = fds
+                        .into_iter()
+                        .last()
+                        .and_then(|s| s.into_fd())
+                        .ok_or_else(|| {
+                            Error::Invalid("reattach reply carried no doorbell".into())
+                        })?;
+                    rings.new_doorbell(bell);
+                }
                 Ok(n)
             });
             match attempt {
@@ -570,7 +617,7 @@ impl DmaDomain {
     /// Reads a path of iommud's tree over this connection.
     pub fn read_path(&self, path: &str) -> Result<String> {
         self.stats.round_trips.fetch_add(1, Relaxed);
-        let (r, _) = self.conn().call(&Request::ReadPath { path: path.into() })?;
+        let (r, _) = self.with_conn(|c| c.call(&Request::ReadPath { path: path.into() }))?;
         Ok(String::from_utf8_lossy(&r.payload).into_owned())
     }
 }

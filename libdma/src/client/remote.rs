@@ -66,7 +66,7 @@ impl Backend for Remote<'_> {
         }
         while self.completed() < tag {
             if self.0.page().dead.load(SeqCst) != 0 {
-                return Err(Error::Dead);
+                self.0.reattach_if_adopted()?;
             }
             self.0.call(&Request::FlushSync)?;
         }

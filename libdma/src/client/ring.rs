@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 const SPIN_LOOKS: u32 = 100;
 /// How long a waiter waits for iommud before it gives up.
 const WAIT_LIMIT: Duration = Duration::from_secs(10);
+/// How long a waiter sees no completion before it checks that iommud is
+/// still there (one round trip), and reattaches if it is not.
+const PROBE_AFTER: Duration = Duration::from_millis(200);
 /// Entries submitted at once (at most half a ring, so reaping keeps up).
 const CHUNK: usize = (RING_ENTRIES / 2) as usize;
 
@@ -80,7 +83,11 @@ impl RingSlot {
 /// The client's rings.
 pub(super) struct ClientRings {
     map: Mapping,
-    doorbell: OwnedFd,
+    /// The doorbell's descriptor (a restarted iommud gives a new one).
+    doorbell: std::sync::atomic::AtomicI32,
+    /// Every doorbell received, kept open: a thread may still be writing to
+    /// an older one, whose number must not be reused meanwhile.
+    doorbells: Mutex<Vec<OwnedFd>>,
     slots: Vec<RingSlot>,
 }
 
@@ -163,9 +170,20 @@ impl ClientRings {
             .map(0, count * RING_BYTES)?;
         Ok(ClientRings {
             map,
-            doorbell,
+            doorbell: std::sync::atomic::AtomicI32::new(doorbell.as_raw_fd()),
+            doorbells: Mutex::new(vec![doorbell]),
             slots: (0..count).map(|_| RingSlot::default()).collect(),
         })
+    }
+
+    /// Rings the doorbell of a restarted iommud from now on.
+    pub(super) fn new_doorbell(&self, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        self.doorbells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fd);
+        self.doorbell.store(raw, SeqCst);
     }
 
     fn ring(&self, k: usize) -> &RingShm {
@@ -176,8 +194,10 @@ impl ClientRings {
 
     fn ring_doorbell(&self) {
         let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live buffer to an eventfd we hold.
-        let _ = unsafe { libc::write(self.doorbell.as_raw_fd(), one.as_ptr().cast(), 8) };
+        let fd = self.doorbell.load(SeqCst);
+        // SAFETY: writes 8 bytes from a live buffer to an eventfd we hold
+        // (every doorbell stays open as long as `self`).
+        let _ = unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
     }
 }
 
@@ -456,7 +476,8 @@ impl DmaDomain {
         target: u32,
         mut collect: Option<(u32, &mut Vec<std::result::Result<u64, ErrorCode>>)>,
     ) -> Result<()> {
-        let start = Instant::now();
+        let mut start = Instant::now();
+        let mut probe = start + PROBE_AFTER;
         let mut looks = 0u32;
         while c.head != target {
             let avail = ring.cq_tail.0.load(Acquire);
@@ -468,10 +489,27 @@ impl DmaDomain {
                     std::thread::yield_now();
                     if looks.is_multiple_of(1024) {
                         if self.page().dead.load(Relaxed) != 0 {
-                            return Err(Error::Dead);
+                            self.reattach_if_adopted()?;
                         }
                         if self.page().ring_awake.load(SeqCst) == 0 {
                             rings.ring_doorbell();
+                        }
+                        // Nothing served for a while: is iommud still there? A
+                        // broken connection reattaches (to a restarted iommud that
+                        // adopted these rings), and the wait starts over.
+                        if Instant::now() > probe {
+                            let before = self.reattaches();
+                            self.with_conn(|c| {
+                                c.call(&Request::Hello {
+                                    version: u64::from(VERSION),
+                                })
+                                .map(|_| ())
+                            })?;
+                            if self.reattaches() != before {
+                                rings.ring_doorbell();
+                                start = Instant::now();
+                            }
+                            probe = Instant::now() + PROBE_AFTER;
                         }
                         if start.elapsed() > WAIT_LIMIT {
                             return Err(Error::Io(std::io::Error::new(
