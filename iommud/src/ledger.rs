@@ -352,6 +352,7 @@ impl Ledger {
 #[cfg(all(test, feature = "sim"))]
 mod tests {
     use super::*;
+    use crate::hw::PhysMem;
     use crate::platform::sim::SimPlatform;
     use vtd::sim::SimConfig;
 
@@ -383,7 +384,7 @@ mod tests {
         l.set_page(5, Some(PageEntry::Mapped(64)));
         l.set_page(9, Some(PageEntry::Delegated(0)));
         l.set_page(9, None);
-        let i = Ledger::read(&p, &r, 1 << 18).unwrap();
+        let i = Ledger::open((r).clone()).unwrap().read(1 << 18).unwrap();
         assert_eq!(i.header, h);
         assert_eq!((i.root, i.epoch), (0x5000, 42));
         assert_eq!(
@@ -414,6 +415,6 @@ mod tests {
         // A name that does not fit is refused; a retired ledger reads as none.
         assert!(l.set_shared(Some(&"x".repeat(48)), None).is_err());
         l.retire();
-        assert!(Ledger::read(&p, &r, 1 << 18).is_none());
+        assert!(Ledger::open((r).clone()).unwrap().read(1 << 18).is_none());
     }
 }

@@ -82,7 +82,10 @@ fn a_crashed_iommuds_domain_is_adopted_with_its_mappings_and_reclaimed_at_reatta
     std::mem::forget(first);
 
     // The next iommud reads the ledger back: exactly what was recorded.
-    let image = Ledger::read(&*p, &ledger, IOVA_SPAN / PAGE).expect("a live ledger");
+    let image = Ledger::open((ledger).clone())
+        .unwrap()
+        .read(IOVA_SPAN / PAGE)
+        .expect("a live ledger");
     assert_eq!(image.header.sid, SID);
     assert_eq!(image.header.token, token);
     assert_eq!(image.header.owner, OWNER);
@@ -157,7 +160,10 @@ fn a_crashed_iommuds_domain_is_adopted_with_its_mappings_and_reclaimed_at_reatta
     assert!(d.exchange(1, 1, 0).is_err(), "still mapped");
     let held: Vec<u64> = vec![iovas[0], iovas[2], iovas[3]];
     // A second crash finds the ledger current: three delegated IOVAs.
-    let again = Ledger::read(&*p, &d.ledger.get().unwrap().region, IOVA_SPAN / PAGE).unwrap();
+    let again = Ledger::open((d.ledger.get().unwrap().region).clone())
+        .unwrap()
+        .read(IOVA_SPAN / PAGE)
+        .unwrap();
     assert_eq!(
         again.pages,
         held.iter()
@@ -169,7 +175,7 @@ fn a_crashed_iommuds_domain_is_adopted_with_its_mappings_and_reclaimed_at_reatta
     // Teardown retires the ledger: never adopted again.
     let l = d.ledger.get().unwrap().region.clone();
     d.teardown();
-    assert!(Ledger::read(&*p, &l, 1).is_none());
+    assert!(Ledger::open((l).clone()).unwrap().read(1).is_none());
     let _ = LEDGER_BYTES;
 }
 
