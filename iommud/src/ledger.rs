@@ -26,10 +26,12 @@
 //! | 9 | 1 while the domain is attached (cleared first at teardown) |
 //! | 10 | regions recorded |
 //! | 11 | rings (0: none) |
+//! | 12 | 1 if region 0 is the arena |
 //! | 16..22, 22..28, 28..34 | file names of the published page, the client page, the rings |
 //!
 //! From byte [`REGIONS_AT`]: one record of [`REGION_WORDS`] words per region
-//! (physical address, length, file name in 48 bytes). Record 0 is the arena.
+//! (physical address, length, the `static` strategy's IOVA of it or 0, file
+//! name in 48 bytes). Record 0 is the arena, if the domain has one.
 //! From byte [`PAGES_AT`]: one u32 per IOVA page of the magazine range:
 //! 0, or [`KIND_DELEGATED`] | class, or [`KIND_MAPPED`] | pages allocated, or
 //! [`KIND_LIVE`] | pages mapped (a validated magazine's ring mapping).
@@ -57,10 +59,11 @@ const W_PUBLISHED: u64 = 16;
 const W_CLIENT: u64 = 22;
 const W_RINGS_NAME: u64 = 28;
 const W_RINGS: u64 = 11;
+const W_HAS_ARENA: u64 = 12;
 /// Where the region records start.
 pub const REGIONS_AT: u64 = 4096;
 /// Words per region record.
-pub const REGION_WORDS: u64 = 8;
+pub const REGION_WORDS: u64 = 9;
 const NAME_BYTES: usize = 48;
 /// Where the page array starts.
 pub const PAGES_AT: u64 = 64 << 10;
@@ -101,6 +104,8 @@ pub struct RegionRecord {
     pub phys: u64,
     /// Bytes.
     pub len: u64,
+    /// Where the `static` strategy mapped it whole (0: not mapped).
+    pub iova: u64,
     /// File name in the state directory.
     pub name: Option<String>,
 }
@@ -129,8 +134,10 @@ pub struct Image {
     pub shared: (Option<String>, Option<String>),
     /// The rings' file name and count, if the client set rings up.
     pub rings: Option<(String, u64)>,
-    /// Region 0 is the arena; then the pools in allocation order.
+    /// Region 0 is the arena if `has_arena`; then the pools in allocation order.
     pub regions: Vec<RegionRecord>,
+    /// Whether the domain has an arena (region 0).
+    pub has_arena: bool,
     /// Allocations by IOVA (of the magazine range starting at `base`).
     pub pages: Vec<(u64, PageEntry)>,
 }
@@ -252,13 +259,19 @@ impl Ledger {
         })
     }
 
+    /// Says that region 0 is the arena.
+    pub fn set_has_arena(&self) -> Result<(), HwError> {
+        self.set(W_HAS_ARENA, 1)
+    }
+
     /// Marks the domain gone (first thing at teardown): never adopted again.
     pub fn retire(&self) {
         let _ = self.set(W_LIVE, 0);
     }
 
-    /// Records a region (the arena first, then each pool).
-    pub fn add_region(&self, r: &Region, name: Option<&str>) -> Result<(), HwError> {
+    /// Records a region: the arena first (then [`Ledger::set_has_arena`]),
+    /// then each pool with its `static` IOVA (0: none).
+    pub fn add_region(&self, r: &Region, iova: u64, name: Option<&str>) -> Result<(), HwError> {
         let n = self.w(W_NREGIONS).ok_or(HwError::NoMemory("ledger"))?;
         if n >= MAX_REGIONS {
             return Err(HwError::NoMemory("ledger: too many regions"));
@@ -266,7 +279,8 @@ impl Ledger {
         let rec = REGIONS_AT / 8 + n * REGION_WORDS;
         self.set(rec, r.phys)?;
         self.set(rec + 1, r.len)?;
-        self.write_name(rec + 2, name)?;
+        self.set(rec + 2, iova)?;
+        self.write_name(rec + 3, name)?;
         self.set(W_NREGIONS, n + 1)
     }
 
@@ -315,7 +329,8 @@ impl Ledger {
             regions.push(RegionRecord {
                 phys: self.w(rec)?,
                 len: self.w(rec + 1)?,
-                name: self.read_name(rec + 2)?,
+                iova: self.w(rec + 2)?,
+                name: self.read_name(rec + 3)?,
             });
         }
         let mut pages = Vec::new();
@@ -344,6 +359,7 @@ impl Ledger {
             shared: (self.read_name(W_PUBLISHED)?, self.read_name(W_CLIENT)?),
             rings,
             regions,
+            has_arena: self.w(W_HAS_ARENA)? == 1,
             pages,
         })
     }
@@ -378,7 +394,8 @@ mod tests {
         l.set_shared(Some("iommud-9-1-published"), Some("iommud-9-2-client"))
             .unwrap();
         let pool = p.alloc_region(8192, 4096).unwrap();
-        l.add_region(&pool, Some("iommud-9-3-region")).unwrap();
+        l.add_region(&pool, 0x4000_0000, Some("iommud-9-3-region"))
+            .unwrap();
         // Pages 4 and 5 share a word: each half keeps its own entry.
         l.set_page(4, Some(PageEntry::Delegated(3)));
         l.set_page(5, Some(PageEntry::Mapped(64)));
@@ -399,6 +416,7 @@ mod tests {
             vec![RegionRecord {
                 phys: pool.phys,
                 len: pool.len,
+                iova: 0x4000_0000,
                 name: Some("iommud-9-3-region".into())
             }]
         );

@@ -43,7 +43,9 @@ pub fn prepare(sd: &mut StateDir, mem: &dyn PhysMem) -> Vec<Adoption> {
             continue;
         };
         let h = image.header;
-        if h.strategy != Strategy::Magazine || out.iter().any(|a| a.image.header.sid == h.sid) {
+        if !matches!(h.strategy, Strategy::Magazine | Strategy::Static)
+            || out.iter().any(|a| a.image.header.sid == h.sid)
+        {
             log::warn(&format!(
                 "{}: its {} domain cannot be adopted; the device stays blocked",
                 Bdf(h.sid),
@@ -113,7 +115,7 @@ pub fn adopt_all(state: &Arc<State>, adoptions: Vec<Adoption>, grace: Duration) 
                      iommud; its driver (uid {}) may reattach within {} ms",
                     Bdf(h.sid),
                     h.did,
-                    a.regions.len() - 1,
+                    a.regions.len() - usize::from(a.image.has_arena),
                     a.image.pages.len(),
                     h.owner.0,
                     grace.as_millis()

@@ -28,7 +28,9 @@
 //! 3. The same as 1 with validated trust: iommud keeps the magazines and serves the
 //!    client's rings; the restarted iommud adopts the rings (same memory, new doorbell)
 //!    and the live ring mappings, and the run finishes.
-//! 4. A new e1000d run moves every frame intact.
+//! 4. The same with the `static` strategy (validated: each pool mapped whole once): the
+//!    restarted iommud maps every pool again at its IOVA.
+//! 5. A new e1000d run moves every frame intact.
 
 use std::time::Duration;
 
@@ -146,6 +148,13 @@ kill -9 $IPID
 sleep 1
 {}wait $EPID; echo \"VALIDATED-EXIT $?\"
 sed 's/^/validated: /' /tmp/e1000d-3.log
+taskset -c 0 e1000d loop --mapper libdma --strategy static --packets {VALIDATED} > /tmp/e1000d-4.log 2>&1 &
+EPID=$!
+sleep 3
+kill -9 $IPID
+sleep 1
+{}wait $EPID; echo \"STATIC-EXIT $?\"
+sed 's/^/static: /' /tmp/e1000d-4.log
 {}e1000d loop --mapper libdma --strategy magazine --packets {BURST}
 echo \"AFTER-EXIT $?\"
 iommuctl stop; sleep 0.3
@@ -161,7 +170,8 @@ iommuctl stop; sleep 0.3
         guest_policy("validated"),
         restart_iommud_with(4, "--service-cpus 1"),
         restart_iommud_with(5, "--service-cpus 1"),
-        show_log(4) + &show_log(5),
+        restart_iommud_with(6, "--service-cpus 1"),
+        show_log(4) + &show_log(5) + &show_log(6),
         show_log(3),
     ));
     s
@@ -514,6 +524,37 @@ pub fn restart() -> Result<()> {
                 .is_some_and(|(r, l)| r + l == VALIDATED && l <= 256),
         format!(
             "validated, across the crash: received={received:?} lost={lost:?} \
+             corrupt={corrupt:?} of {VALIDATED}"
+        ),
+    );
+    expect(
+        log_has(6, "00:01.0: adopted") && log_has(6, "00:01.0: reattached by"),
+        "static: iommud-6 adopted the domain (pools mapped whole) and e1000d reattached".into(),
+    );
+    expect(
+        out.value("STATIC-EXIT") == Some("0"),
+        format!(
+            "the static run iommud died in finished and exited 0 ({:?})",
+            out.value("STATIC-EXIT")
+        ),
+    );
+    let st = out
+        .job_lines()
+        .filter_map(|l| l.strip_prefix("static: "))
+        .filter_map(|l| l.trim().strip_prefix("loop: "))
+        .last();
+    let sv = |k| {
+        st.and_then(|l| kv(l, k))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (received, lost, corrupt) = (sv("received"), sv("lost"), sv("corrupt"));
+    expect(
+        corrupt == Some(0)
+            && received
+                .zip(lost)
+                .is_some_and(|(r, l)| r + l == VALIDATED && l <= 256),
+        format!(
+            "static, across the crash: received={received:?} lost={lost:?} \
              corrupt={corrupt:?} of {VALIDATED}"
         ),
     );

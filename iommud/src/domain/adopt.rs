@@ -51,7 +51,14 @@ impl Domain {
             return None;
         }
         let i = self.lock_uncounted();
-        let arena = i.arena.clone()?;
+        // Magazine domains (either trust) and `static` ones can be adopted.
+        if !matches!(i.strategy, Strategy::Magazine | Strategy::Static) {
+            return None;
+        }
+        let arena = i.arena.clone();
+        if i.strategy == Strategy::Magazine && arena.is_none() {
+            return None;
+        }
         let mem = self.mem();
         let region = match mem.alloc_ledger(LEDGER_BYTES) {
             Ok(r) => r,
@@ -78,9 +85,13 @@ impl Domain {
                 mem.shared_name(&self.published).as_deref(),
                 mem.shared_name(&self.client).as_deref(),
             )?;
-            l.add_region(&arena, mem.region_name(arena.phys).as_deref())?;
-            for p in &i.pools {
-                l.add_region(p, mem.region_name(p.phys).as_deref())?;
+            if let Some(a) = &arena {
+                l.add_region(a, 0, mem.region_name(a.phys).as_deref())?;
+                l.set_has_arena()?;
+            }
+            let regs = self.regions.read().unwrap_or_else(|p| p.into_inner());
+            for (p, reg) in i.pools.iter().zip(regs.iter()) {
+                l.add_region(p, reg.iova, mem.region_name(p.phys).as_deref())?;
             }
             Ok(l)
         });
@@ -113,11 +124,11 @@ impl Domain {
         }
     }
 
-    /// Records a new pool in the ledger (if any).
-    pub(super) fn note_pool(&self, r: &Region) {
+    /// Records a new pool (and where `static` mapped it) in the ledger (if any).
+    pub(super) fn note_pool(&self, r: &Region, iova: u64) {
         if let Some(l) = self.ledger.get() {
             let mem = self.mem();
-            if let Err(e) = l.add_region(r, mem.region_name(r.phys).as_deref()) {
+            if let Err(e) = l.add_region(r, iova, mem.region_name(r.phys).as_deref()) {
                 crate::unit::log::warn(&format!(
                     "{}: ledger: {e}; this domain will not survive an iommud restart",
                     Bdf(self.sid)
@@ -131,7 +142,7 @@ impl Domain {
     /// magazine cannot be adopted, so its ledger says so by being retired.
     pub(super) fn note_policy(&self, strategy: Strategy, flush: FlushPolicy) {
         if let Some(l) = self.ledger.get() {
-            if strategy == Strategy::Magazine {
+            if matches!(strategy, Strategy::Magazine | Strategy::Static) {
                 l.set_policy(strategy, flush);
             } else {
                 l.retire();
@@ -172,16 +183,21 @@ impl Domain {
     ) -> Result<Arc<Domain>, DomainError> {
         let h = a.image.header;
         let bad = |m: String| reply(ErrorCode::Invalid, format!("{}: {m}", Bdf(h.sid)));
-        if h.strategy != Strategy::Magazine {
+        if !matches!(h.strategy, Strategy::Magazine | Strategy::Static) {
             return Err(bad(format!(
-                "{} strategy: only magazine domains are adopted",
+                "{} strategy: only magazine and static domains are adopted",
                 h.strategy.name()
             )));
         }
-        let Some(arena) = a.regions.first().cloned() else {
-            return Err(bad("the ledger names no arena".into()));
+        let arena = if a.image.has_arena {
+            a.regions.first().cloned()
+        } else {
+            None
         };
-        if arena.len != ARENA_BYTES || a.regions.len() != a.image.regions.len() {
+        if a.regions.len() != a.image.regions.len()
+            || arena.as_ref().is_some_and(|r| r.len != ARENA_BYTES)
+            || (h.strategy == Strategy::Magazine && arena.is_none())
+        {
             return Err(bad("the ledger's regions do not match".into()));
         }
         account
@@ -220,7 +236,7 @@ impl Domain {
             h.flush,
             h.trust,
             pt,
-            Some(arena.clone()),
+            arena.clone(),
             published,
             client,
             account,
@@ -291,21 +307,33 @@ impl Domain {
     fn rebuild(&self, a: &Adoption) -> Result<Vec<(u64, u64)>, DomainError> {
         let bad = |m: String| reply(ErrorCode::Invalid, format!("{}: {m}", Bdf(self.sid)));
         let mut i = self.lock_uncounted();
-        let arena = a.regions[0].clone();
-        let pool_bytes: u64 = a.regions[1..].iter().map(|r| r.len).sum();
+        let first = usize::from(a.image.has_arena);
+        let arena = i.arena.clone();
+        let pools = a.regions.get(first..).unwrap_or_default();
+        let records = a.image.regions.get(first..).unwrap_or_default();
+        let pool_bytes: u64 = pools.iter().map(|r| r.len).sum();
         self.charge(Quota::PoolBytes, pool_bytes)?;
+        let mut n = 0;
         {
             let mut regs = self.regions.write().unwrap_or_else(|p| p.into_inner());
-            for r in &a.regions[1..] {
+            for (r, rec) in pools.iter().zip(records) {
+                // A `static` pool is mapped whole again at the same IOVA.
+                if rec.iova != 0 {
+                    let pages = r.len.div_ceil(PAGE);
+                    if i.strategy != Strategy::Static || !i.iova.reserve(rec.iova, pages * PAGE) {
+                        return Err(bad(format!("static pool at {:#x}", rec.iova)));
+                    }
+                    i.pt.map(self.mem(), rec.iova, r.phys, pages, true, true)?;
+                    n += 1;
+                }
                 i.pools.push(r.clone());
                 regs.push(Registered {
                     phys: r.phys,
                     len: r.len,
-                    iova: 0,
+                    iova: rec.iova,
                 });
             }
         }
-        let mut n = 0;
         let mut live = Vec::new();
         for &(page, e) in &a.image.pages {
             let iova = IOVA_BASE + page * PAGE;
@@ -322,7 +350,10 @@ impl Domain {
             if !i.iova.reserve(iova, bytes) {
                 return Err(bad(format!("ledger allocations overlap at {iova:#x}")));
             }
-            self.install_kept_leaves(&mut i, &arena, iova, bytes)?;
+            let Some(arena) = &arena else {
+                return Err(bad(format!("an allocation at {iova:#x} without an arena")));
+            };
+            self.install_kept_leaves(&mut i, arena, iova, bytes)?;
             match e {
                 PageEntry::Delegated(c) => {
                     i.delegated.insert(iova, c);
@@ -338,7 +369,7 @@ impl Domain {
                     let mut phys = 0;
                     while pages < alloc_pages {
                         let pte = vtd::entry::SlPte(
-                            self.mem().read_u64(pte_of(&arena, iova + pages * PAGE))?,
+                            self.mem().read_u64(pte_of(arena, iova + pages * PAGE))?,
                         );
                         if !pte.present() {
                             break;

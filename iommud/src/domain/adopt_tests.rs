@@ -243,3 +243,75 @@ fn only_the_owner_with_the_token_claims_an_orphan_and_the_grace_period_ends_it()
     assert!(st.domain(SID).is_none(), "freed");
     assert!(m.dma_write(SID, iova, b"dead").is_err(), "blocked");
 }
+
+#[test]
+fn a_static_domain_is_adopted_with_its_pools_mapped_at_the_same_iovas() {
+    let (p, m) = platform();
+    let first = unit(&p, &m, &[]);
+    let dom = Domain::new(
+        first.clone(),
+        SID,
+        Strategy::Static,
+        FlushPolicy::Strict,
+        Trust::Validated,
+        true,
+        crate::quota::Accounts::default().of(OWNER.0),
+    )
+    .unwrap();
+    let token = dom
+        .start_ledger(OWNER)
+        .expect("static domains keep a ledger");
+    let (pool, _, reg) = dom.alloc_pool(64 << 10).unwrap();
+    assert_ne!(reg.iova, 0);
+    m.dma_write(SID, reg.iova + 0x1000, b"static").unwrap();
+    let ledger = dom.ledger.get().unwrap().region.clone();
+    std::mem::forget(dom);
+    std::mem::forget(first);
+    let image = Ledger::open(ledger.clone())
+        .unwrap()
+        .read(IOVA_SPAN / PAGE)
+        .unwrap();
+    assert_eq!(image.header.token, token);
+    assert!(!image.has_arena, "a validated static domain has no arena");
+    assert_eq!(image.regions.len(), 1);
+    assert_eq!(
+        (image.regions[0].phys, image.regions[0].iova),
+        (pool.phys, reg.iova)
+    );
+    let regions = image
+        .regions
+        .iter()
+        .map(|r| p.adopt_region(Some(r.phys), r.len, None).unwrap())
+        .collect();
+    let a = Adoption {
+        image,
+        ledger,
+        regions,
+    };
+    let carry = [Carried {
+        sid: SID,
+        did: a.image.header.did,
+        root: a.image.root,
+    }];
+    let second = unit(&p, &m, &carry);
+    let d = Domain::adopt(
+        second,
+        &a,
+        true,
+        crate::quota::Accounts::default().of(OWNER.0),
+    )
+    .expect("adopted");
+    // The same IOVA reaches the same pool through the new tables.
+    m.dma_write(SID, reg.iova + 0x2000, b"again!").unwrap();
+    let mut got = [0u8; 6];
+    m.read_bytes(pool.phys + 0x2000, &mut got).unwrap();
+    assert_eq!(&got, b"again!");
+    assert!(
+        m.dma_write(SID, reg.iova + (64 << 10), b"x").is_err(),
+        "past the pool"
+    );
+    assert_eq!(
+        d.map(pool.phys + 0x3000, 16, Dir::ToDevice, 0).unwrap(),
+        reg.iova + 0x3000
+    );
+}

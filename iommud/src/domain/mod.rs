@@ -505,7 +505,7 @@ impl Domain {
             0
         };
         i.pools.push(r.clone());
-        self.note_pool(&r);
+        self.note_pool(&r, iova);
         let reg = Registered {
             phys: r.phys,
             len: r.len,

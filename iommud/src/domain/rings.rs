@@ -246,7 +246,13 @@ impl Domain {
         }
         let doorbell = crate::platform::shm::eventfd()
             .map_err(|e| reply(ErrorCode::Unsupported, format!("doorbell: {e}")))?;
-        let arena = self.lock_uncounted().arena.as_ref().map(|a| a.phys);
+        let arena = {
+            let i = self.lock_uncounted();
+            i.arena
+                .as_ref()
+                .map(|a| a.phys)
+                .filter(|_| i.strategy == Strategy::Magazine && self.trust == Trust::Validated)
+        };
         let rings = Rings {
             shm,
             doorbell: Arc::new(doorbell),
