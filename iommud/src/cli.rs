@@ -15,7 +15,7 @@
 //! `--state-dir` (linux) is where the memory the unit may reach lives, in
 //! files that outlive the process (default: `iommud/` on the hugetlbfs mount,
 //! else `/dev/shm/iommud`; see `crate::persist`). A restarted iommud adopts
-//! the delegated magazine domains the previous one left there and holds each
+//! the magazine and `static` domains the previous one left there and holds each
 //! for its driver `--grace-ms` (default 30000) before blocking the device
 //! (`crate::restart`).
 //! `--config` names the administrator's policy (TOML, see `crate::policy`);

@@ -54,7 +54,12 @@ pub fn prepare(sd: &mut StateDir, mem: &dyn PhysMem) -> Vec<Adoption> {
             continue;
         }
         let mut regions = Vec::new();
+        // The shared pages and rings too: a domain adopted once must be
+        // adoptable again after the next crash.
         let mut names = vec![name.clone()];
+        names.extend(image.shared.0.iter().cloned());
+        names.extend(image.shared.1.iter().cloned());
+        names.extend(image.rings.iter().map(|r| r.0.clone()));
         for r in &image.regions {
             match mem.adopt_region(Some(r.phys), r.len, r.name.as_deref()) {
                 Ok(got) => {

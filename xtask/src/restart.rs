@@ -19,9 +19,10 @@
 //! 1. e1000d streams [`RESUMED`] frames; iommud is killed with SIGKILL mid-stream. Its
 //!    table, region and ledger files must still be there, and the unit still translating
 //!    over its root. A restarted iommud (same command line) takes the unit over, adopts
-//!    both NICs' domains from the ledgers, the running e1000d's libdma reconnects and
-//!    reattaches by itself, and the run finishes: no frame corrupt, lost ones (in flight
-//!    at the crash) counted.
+//!    both NICs' domains from the ledgers, and the running e1000d's libdma reconnects and
+//!    reattaches by itself. That iommud is killed too, and a third adopts the adopted
+//!    domains. The run finishes: no frame corrupt, lost ones (in flight at a crash)
+//!    counted.
 //! 2. A second stream; iommud *and* e1000d are killed. An iommud with a short grace
 //!    period adopts the orphans, nobody reattaches, and when the grace ends both devices
 //!    are blocked and their memory freed (no domain, no region or ledger file left).
@@ -128,7 +129,10 @@ EPID=$!
 sleep 3
 kill -9 $IPID
 sleep 1
-{}{}{}wait $EPID; echo \"STREAM-EXIT $?\"
+{}{}{}sleep 2
+kill -9 $IPID
+sleep 1
+{}wait $EPID; echo \"STREAM-EXIT $?\"
 sed 's/^/resumed: /' /tmp/e1000d.log
 e1000d loop --mapper libdma --strategy magazine --packets 1000000 > /tmp/e1000d-2.log 2>&1 &
 EPID=$!
@@ -162,7 +166,8 @@ iommuctl stop; sleep 0.3
         show_log(1),
         show_unit("KILLED"),
         restart_iommud(2),
-        show_log(2),
+        restart_iommud(7),
+        show_log(2) + &show_log(7),
         show_unit("ORPHANED"),
         restart_iommud_with(3, &format!("--grace-ms {GRACE_MS}")),
         GRACE_MS / 1000 + 2,
@@ -440,12 +445,20 @@ pub fn restart() -> Result<()> {
         log_has(2, "00:01.0: reattached by") && log_has(2, "00:02.0: reattached by"),
         "the running e1000d reattached both domains by itself".into(),
     );
+    expect(
+        log_has(7, "00:01.0: adopted")
+            && log_has(7, "00:02.0: adopted")
+            && log_has(7, "00:01.0: reattached by")
+            && log_has(7, "00:02.0: reattached by"),
+        "killed again, a third iommud adopted the adopted domains and e1000d reattached again"
+            .into(),
+    );
     let reattached = out
         .job_lines()
         .filter(|l| l.starts_with("resumed: ") && l.contains("reattached after"))
         .count();
     expect(
-        reattached >= 2,
+        reattached >= 4,
         format!("libdma reported the reattach ({reattached} lines)"),
     );
     expect(
