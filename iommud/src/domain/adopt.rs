@@ -1,15 +1,15 @@
-//! Ledgers and adoption: how a delegated magazine domain outlives the
+//! Ledgers and adoption: how a magazine or `static` domain outlives the
 //! iommud that made it (docs/ARCHITECTURE.md, "Stop, crash and restart").
 //!
 //! While iommud lives, [`Domain::start_ledger`] gives the domain a ledger
 //! (`crate::ledger`) and a reattach token, and every change a restarted
-//! iommud would need (IOVAs delegated and returned, allocated maps, pools)
-//! is written there under the domain's lock. After a crash, the next iommud
+//! iommud would need (IOVAs delegated and returned, allocated maps, live
+//! ring mappings, pools, rings, epochs) is written there as it happens. After a crash, the next iommud
 //! reads the ledger, keeps the device translating through the old tables
 //! while it builds new ones ([`crate::unit::Iommu::init_carrying`]), and
 //! [`Domain::adopt`]s the domain: the same domain id, arena (whose leaf
-//! tables the client keeps writing), pools, IOVAs and, where they outlive
-//! iommud, shared pages (so the client's epochs go on). When the owner comes
+//! tables stay live), pools, IOVAs, rings and, where they outlive iommud,
+//! shared pages (so the client's epochs go on). When the owner comes
 //! back with its token, [`Domain::resume`] invalidates the domain before the
 //! client gets it.
 
@@ -39,9 +39,10 @@ fn random_token() -> u128 {
 }
 
 impl Domain {
-    /// Gives a delegated magazine-capable domain a ledger and a reattach
-    /// token (returned), where the unit keeps ledgers. `None`: no ledger
-    /// (validated trust, no translation, or memory that dies with iommud).
+    /// Gives a magazine or `static` domain a ledger and a reattach token
+    /// (returned), where the unit keeps ledgers. `None`: no ledger (another
+    /// strategy, no translation, no randomness, or memory that dies with
+    /// iommud).
     pub fn start_ledger(&self, owner: (u32, u32)) -> Option<u128> {
         if !self.unit.journal() || !self.unit.translating() {
             return None;
@@ -139,7 +140,8 @@ impl Domain {
     }
 
     /// Records the policy in the ledger (if any); a strategy other than
-    /// magazine cannot be adopted, so its ledger says so by being retired.
+    /// magazine or `static` cannot be adopted, so its ledger says so by being
+    /// retired.
     pub(super) fn note_policy(&self, strategy: Strategy, flush: FlushPolicy) {
         if let Some(l) = self.ledger.get() {
             if matches!(strategy, Strategy::Magazine | Strategy::Static) {

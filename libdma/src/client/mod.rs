@@ -391,6 +391,17 @@ impl DmaDomain {
         }
     }
 
+    /// One round trip that only asks whether iommud is there: a broken
+    /// connection reattaches (see [`DmaDomain::with_conn`]).
+    pub(super) fn probe(&self) -> Result<()> {
+        self.with_conn(|c| {
+            c.call(&Request::Hello {
+                version: u64::from(VERSION),
+            })
+            .map(|_| ())
+        })
+    }
+
     /// The published page says the domain is not ours to use as it is:
     /// detached for good (`Dead`), or adopted by a restarted iommud, in which
     /// case this reattaches now (one round trip that finds the connection
@@ -399,12 +410,7 @@ impl DmaDomain {
         match self.page().dead.load(SeqCst) {
             0 => Ok(()),
             iommu_abi::shared::DEAD_ADOPTED if self.token.is_some() => {
-                self.with_conn(|c| {
-                    c.call(&Request::Hello {
-                        version: u64::from(VERSION),
-                    })
-                    .map(|_| ())
-                })?;
+                self.probe()?;
                 // A reply from a live iommud that still holds us adopted
                 // means another thread's reattach is on its way: wait for it.
                 let start = std::time::Instant::now();

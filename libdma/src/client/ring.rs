@@ -499,12 +499,7 @@ impl DmaDomain {
                         // adopted these rings), and the wait starts over.
                         if Instant::now() > probe {
                             let before = self.reattaches();
-                            self.with_conn(|c| {
-                                c.call(&Request::Hello {
-                                    version: u64::from(VERSION),
-                                })
-                                .map(|_| ())
-                            })?;
+                            self.probe()?;
                             if self.reattaches() != before {
                                 rings.ring_doorbell();
                                 start = Instant::now();
