@@ -113,7 +113,21 @@ pub fn adopt_all(state: &Arc<State>, adoptions: Vec<Adoption>, grace: Duration) 
     for a in adoptions {
         let h = a.image.header;
         let account = state.accounts.of(h.owner.0);
-        match Domain::adopt(unit.clone(), &a, reclaim, account) {
+        // The administrator's policy of this start decides, not the last one's.
+        let rule = state.rule_for(h.sid);
+        let allowed = if rule.trust != h.trust {
+            Err(format!(
+                "the policy now gives it {} trust, not {}",
+                rule.trust.name(),
+                h.trust.name()
+            ))
+        } else {
+            rule.check(h.strategy, h.flush)
+        };
+        let adopted = allowed.map_err(|e| e.to_string()).and_then(|()| {
+            Domain::adopt(unit.clone(), &a, reclaim, account).map_err(|e| e.to_string())
+        });
+        match adopted {
             Ok(d) => {
                 log::info(&format!(
                     "{}: adopted (domain {}, {} pools, {} allocations) from the previous \

@@ -315,3 +315,52 @@ fn a_static_domain_is_adopted_with_its_pools_mapped_at_the_same_iovas() {
         reg.iova + 0x3000
     );
 }
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_domain_the_new_policy_would_not_grant_is_blocked_not_adopted() {
+    let (p, m) = platform();
+    let first = unit(&p, &m, &[]);
+    let dom = Domain::new(
+        first.clone(),
+        SID,
+        Strategy::Magazine,
+        FlushPolicy::PerCore,
+        Trust::Delegated,
+        true,
+        crate::quota::Accounts::default().of(OWNER.0),
+    )
+    .unwrap();
+    dom.start_ledger(OWNER).unwrap();
+    let (pool, _, _) = dom.alloc_pool(4096).unwrap();
+    assert_eq!(dom.exchange(1, 0, 1).unwrap(), 1);
+    let iova = dom.exchange_slot(0).unwrap();
+    client_map(&dom, iova, pool.phys);
+    m.dma_write(SID, iova, b"before").unwrap();
+    let ledger = dom.ledger.get().unwrap().region.clone();
+    std::mem::forget(dom);
+    std::mem::forget(first);
+    let image = Ledger::open(ledger.clone())
+        .unwrap()
+        .read(IOVA_SPAN / PAGE)
+        .unwrap();
+    let regions = image
+        .regions
+        .iter()
+        .map(|r| p.adopt_region(Some(r.phys), r.len, None).unwrap())
+        .collect();
+    let a = Adoption {
+        image,
+        ledger,
+        regions,
+    };
+    let second = unit(&p, &m, &crate::restart::carried(std::slice::from_ref(&a)));
+    m.dma_write(SID, iova, b"carry!")
+        .expect("carried until judged");
+    // This start's policy is the default: validated trust for every device.
+    let st = Arc::new(State::new(second, "sim", true));
+    crate::restart::adopt_all(&st, vec![a], std::time::Duration::from_secs(60));
+    assert!(st.domain(SID).is_none(), "not adopted");
+    assert!(st.orphan_left(SID).is_none());
+    assert!(m.dma_write(SID, iova, b"after!").is_err(), "blocked");
+}
