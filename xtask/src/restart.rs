@@ -392,6 +392,38 @@ pub fn stop() -> Result<()> {
     report("guest-stop", &out, bad)
 }
 
+/// Checks the `loop:` line of the e1000d run whose log lines carry `tag`: of
+/// `frames`, every one received or lost (in flight at a crash: at most a ring),
+/// none corrupt.
+fn across_the_crash(
+    out: &GuestOutput,
+    tag: &str,
+    frames: u64,
+    expect: &mut impl FnMut(bool, String),
+) {
+    let prefix = format!("{tag}: ");
+    let line = out
+        .job_lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|l| l.trim().strip_prefix("loop: "))
+        .last();
+    let n = |k| {
+        line.and_then(|l| kv(l, k))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (received, lost, corrupt) = (n("received"), n("lost"), n("corrupt"));
+    expect(
+        corrupt == Some(0)
+            && received
+                .zip(lost)
+                .is_some_and(|(r, l)| r + l == frames && l <= 256),
+        format!(
+            "{tag}, across the crash: received={received:?} lost={lost:?} (in flight at a \
+             crash, at most a ring) corrupt={corrupt:?} of {frames}"
+        ),
+    );
+}
+
 /// `cargo xtask guest-restart`.
 pub fn restart() -> Result<()> {
     let out = guest::run(
@@ -468,28 +500,8 @@ pub fn restart() -> Result<()> {
             out.value("STREAM-EXIT")
         ),
     );
-    let resumed = out
-        .job_lines()
-        .filter_map(|l| l.strip_prefix("resumed: "))
-        .filter_map(|l| l.trim().strip_prefix("loop: "))
-        .last();
-    let n = |k| {
-        resumed
-            .and_then(|l| kv(l, k))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
     // Frames in flight when iommud died may be lost (counted); none may be corrupt.
-    let (received, lost, corrupt) = (n("received"), n("lost"), n("corrupt"));
-    expect(
-        corrupt == Some(0)
-            && received
-                .zip(lost)
-                .is_some_and(|(r, l)| r + l == RESUMED && l <= 256),
-        format!(
-            "across the crash: received={received:?} lost={lost:?} (in flight at the crash, \
-             at most a ring) corrupt={corrupt:?} of {RESUMED}"
-        ),
-    );
+    across_the_crash(&out, "resumed", RESUMED, &mut expect);
     expect(
         log_has(3, "did not come back within the grace period"),
         format!("iommud-3 blocked the orphaned devices after its {GRACE_MS} ms grace period"),
@@ -520,26 +532,7 @@ pub fn restart() -> Result<()> {
             out.value("VALIDATED-EXIT")
         ),
     );
-    let val = out
-        .job_lines()
-        .filter_map(|l| l.strip_prefix("validated: "))
-        .filter_map(|l| l.trim().strip_prefix("loop: "))
-        .last();
-    let v = |k| {
-        val.and_then(|l| kv(l, k))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    let (received, lost, corrupt) = (v("received"), v("lost"), v("corrupt"));
-    expect(
-        corrupt == Some(0)
-            && received
-                .zip(lost)
-                .is_some_and(|(r, l)| r + l == VALIDATED && l <= 256),
-        format!(
-            "validated, across the crash: received={received:?} lost={lost:?} \
-             corrupt={corrupt:?} of {VALIDATED}"
-        ),
-    );
+    across_the_crash(&out, "validated", VALIDATED, &mut expect);
     expect(
         log_has(6, "00:01.0: adopted") && log_has(6, "00:01.0: reattached by"),
         "static: iommud-6 adopted the domain (pools mapped whole) and e1000d reattached".into(),
@@ -551,26 +544,7 @@ pub fn restart() -> Result<()> {
             out.value("STATIC-EXIT")
         ),
     );
-    let st = out
-        .job_lines()
-        .filter_map(|l| l.strip_prefix("static: "))
-        .filter_map(|l| l.trim().strip_prefix("loop: "))
-        .last();
-    let sv = |k| {
-        st.and_then(|l| kv(l, k))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    let (received, lost, corrupt) = (sv("received"), sv("lost"), sv("corrupt"));
-    expect(
-        corrupt == Some(0)
-            && received
-                .zip(lost)
-                .is_some_and(|(r, l)| r + l == VALIDATED && l <= 256),
-        format!(
-            "static, across the crash: received={received:?} lost={lost:?} \
-             corrupt={corrupt:?} of {VALIDATED}"
-        ),
-    );
+    across_the_crash(&out, "static", VALIDATED, &mut expect);
     let last = out
         .job_lines()
         .filter_map(|l| l.trim().strip_prefix("loop: "))

@@ -355,7 +355,7 @@ impl Domain {
             let Some(arena) = &arena else {
                 return Err(bad(format!("an allocation at {iova:#x} without an arena")));
             };
-            self.install_kept_leaves(&mut i, arena, iova, bytes)?;
+            self.install_leaves(&mut i, arena, iova, bytes, false)?;
             match e {
                 PageEntry::Delegated(c) => {
                     i.delegated.insert(iova, c);
@@ -398,30 +398,6 @@ impl Domain {
         }
         self.charge(Quota::Mappings, n)?;
         Ok(live)
-    }
-
-    /// Installs the arena leaf tables covering `[iova, iova+bytes)` *as they
-    /// are*: the client's entries in them are the device's live mappings.
-    fn install_kept_leaves(
-        &self,
-        i: &mut Inner,
-        arena: &Region,
-        iova: u64,
-        bytes: u64,
-    ) -> Result<(), DomainError> {
-        let first = (iova - IOVA_BASE) >> 21;
-        let last = (iova + bytes - 1 - IOVA_BASE) >> 21;
-        for c in first..=last {
-            let slot = i
-                .leaf_installed
-                .get_mut(c as usize)
-                .ok_or_else(|| reply(ErrorCode::NoSpace, "iova beyond the arena"))?;
-            if !*slot {
-                i.pt.install_leaf(self.mem(), IOVA_BASE + (c << 21), arena.phys + c * PAGE)?;
-                *slot = true;
-            }
-        }
-        Ok(())
     }
 
     /// A failed adoption: the new tables go; the regions stay (the device

@@ -38,6 +38,41 @@ fn unit(p: &Arc<SimPlatform>, m: &Arc<SimMachine>, carry: &[Carried]) -> Arc<Iom
     Arc::new(u)
 }
 
+/// iommud dies with `dom` attached: nothing is torn down (as after a
+/// `kill -9`), and the next iommud reads its ledger back.
+fn crash(dom: Arc<Domain>, first: Arc<Iommu>) -> (crate::ledger::Image, Region) {
+    let ledger = dom.ledger.get().unwrap().region.clone();
+    std::mem::forget(dom);
+    std::mem::forget(first);
+    let image = Ledger::open(ledger.clone())
+        .unwrap()
+        .read(IOVA_SPAN / PAGE)
+        .expect("a live ledger");
+    (image, ledger)
+}
+
+/// The next iommud's takeover: the ledger's regions taken back, and a unit
+/// that carries the device's context entry over.
+fn take_over(
+    p: &Arc<SimPlatform>,
+    m: &Arc<SimMachine>,
+    image: crate::ledger::Image,
+    ledger: Region,
+) -> (Adoption, Arc<Iommu>) {
+    let regions = image
+        .regions
+        .iter()
+        .map(|r| p.adopt_region(Some(r.phys), r.len, None).unwrap())
+        .collect();
+    let a = Adoption {
+        image,
+        ledger,
+        regions,
+    };
+    let second = unit(p, m, &crate::restart::carried(std::slice::from_ref(&a)));
+    (a, second)
+}
+
 /// The client's side of a delegated map: its own leaf entry in the arena.
 fn client_map(d: &Domain, iova: u64, phys: u64) {
     let arena = d.arena().unwrap();
@@ -74,18 +109,12 @@ fn a_crashed_iommuds_domain_is_adopted_with_its_mappings_and_reclaimed_at_reatta
         .unwrap();
     m.dma_write(SID, iovas[0], b"before").unwrap();
     m.dma_write(SID, big + (63 << 12), b"big-end").unwrap();
-    let ledger = dom.ledger.get().unwrap().region.clone();
     let old_root = dom.lock_uncounted().pt.root();
     let arena = dom.arena().unwrap();
     // iommud dies: nothing is torn down.
-    std::mem::forget(dom);
-    std::mem::forget(first);
+    let (image, ledger) = crash(dom, first);
 
     // The next iommud reads the ledger back: exactly what was recorded.
-    let image = Ledger::open((ledger).clone())
-        .unwrap()
-        .read(IOVA_SPAN / PAGE)
-        .expect("a live ledger");
     assert_eq!(image.header.sid, SID);
     assert_eq!(image.header.token, token);
     assert_eq!(image.header.owner, OWNER);
@@ -100,22 +129,7 @@ fn a_crashed_iommuds_domain_is_adopted_with_its_mappings_and_reclaimed_at_reatta
     expect.push(((big - IOVA_BASE) / PAGE, PageEntry::Mapped(64)));
     expect.sort_by_key(|e| e.0);
     assert_eq!(image.pages, expect);
-    let regions = image
-        .regions
-        .iter()
-        .map(|r| p.adopt_region(Some(r.phys), r.len, None).unwrap())
-        .collect();
-    let a = Adoption {
-        image,
-        ledger,
-        regions,
-    };
-    let carry = [Carried {
-        sid: SID,
-        did: a.image.header.did,
-        root: a.image.root,
-    }];
-    let second = unit(&p, &m, &carry);
+    let (a, second) = take_over(&p, &m, image, ledger);
     // Between the takeover and the adoption the device translates through
     // the old tables (carried context entry): no DMA meets a missing entry.
     m.dma_write(SID, iovas[0], b"carry!").expect("carried over");
@@ -264,13 +278,7 @@ fn a_static_domain_is_adopted_with_its_pools_mapped_at_the_same_iovas() {
     let (pool, _, reg) = dom.alloc_pool(64 << 10).unwrap();
     assert_ne!(reg.iova, 0);
     m.dma_write(SID, reg.iova + 0x1000, b"static").unwrap();
-    let ledger = dom.ledger.get().unwrap().region.clone();
-    std::mem::forget(dom);
-    std::mem::forget(first);
-    let image = Ledger::open(ledger.clone())
-        .unwrap()
-        .read(IOVA_SPAN / PAGE)
-        .unwrap();
+    let (image, ledger) = crash(dom, first);
     assert_eq!(image.header.token, token);
     assert!(!image.has_arena, "a validated static domain has no arena");
     assert_eq!(image.regions.len(), 1);
@@ -278,22 +286,7 @@ fn a_static_domain_is_adopted_with_its_pools_mapped_at_the_same_iovas() {
         (image.regions[0].phys, image.regions[0].iova),
         (pool.phys, reg.iova)
     );
-    let regions = image
-        .regions
-        .iter()
-        .map(|r| p.adopt_region(Some(r.phys), r.len, None).unwrap())
-        .collect();
-    let a = Adoption {
-        image,
-        ledger,
-        regions,
-    };
-    let carry = [Carried {
-        sid: SID,
-        did: a.image.header.did,
-        root: a.image.root,
-    }];
-    let second = unit(&p, &m, &carry);
+    let (a, second) = take_over(&p, &m, image, ledger);
     let d = Domain::adopt(
         second,
         &a,
@@ -337,24 +330,8 @@ fn a_domain_the_new_policy_would_not_grant_is_blocked_not_adopted() {
     let iova = dom.exchange_slot(0).unwrap();
     client_map(&dom, iova, pool.phys);
     m.dma_write(SID, iova, b"before").unwrap();
-    let ledger = dom.ledger.get().unwrap().region.clone();
-    std::mem::forget(dom);
-    std::mem::forget(first);
-    let image = Ledger::open(ledger.clone())
-        .unwrap()
-        .read(IOVA_SPAN / PAGE)
-        .unwrap();
-    let regions = image
-        .regions
-        .iter()
-        .map(|r| p.adopt_region(Some(r.phys), r.len, None).unwrap())
-        .collect();
-    let a = Adoption {
-        image,
-        ledger,
-        regions,
-    };
-    let second = unit(&p, &m, &crate::restart::carried(std::slice::from_ref(&a)));
+    let (image, ledger) = crash(dom, first);
+    let (a, second) = take_over(&p, &m, image, ledger);
     m.dma_write(SID, iova, b"carry!")
         .expect("carried until judged");
     // This start's policy is the default: validated trust for every device.

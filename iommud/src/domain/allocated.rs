@@ -16,6 +16,21 @@ impl Domain {
         let Some(arena) = i.arena.clone().filter(|_| i.strategy == Strategy::Magazine) else {
             return Ok(());
         };
+        self.install_leaves(i, &arena, iova, bytes, true)
+    }
+
+    /// Installs the arena leaf tables covering `[iova, iova+bytes)` that are
+    /// not installed yet. `fresh`: each is zeroed first (the client could
+    /// write the arena while it was not installed); an adoption keeps them
+    /// as they are (their entries are the device's live mappings).
+    pub(super) fn install_leaves(
+        &self,
+        i: &mut Inner,
+        arena: &Region,
+        iova: u64,
+        bytes: u64,
+        fresh: bool,
+    ) -> Result<(), DomainError> {
         let first = (iova - IOVA_BASE) >> 21;
         let last = (iova + bytes - 1 - IOVA_BASE) >> 21;
         for c in first..=last {
@@ -25,9 +40,10 @@ impl Domain {
                 .ok_or_else(|| reply(ErrorCode::NoSpace, "iova beyond the arena"))?;
             if !*slot {
                 let leaf = arena.phys + c * PAGE;
-                // The client could write the arena while it was not installed.
-                for k in 0..PAGE / 8 {
-                    self.mem().write_u64(leaf + 8 * k, 0)?;
+                if fresh {
+                    for k in 0..PAGE / 8 {
+                        self.mem().write_u64(leaf + 8 * k, 0)?;
+                    }
                 }
                 i.pt.install_leaf(self.mem(), IOVA_BASE + (c << 21), leaf)?;
                 *slot = true;
