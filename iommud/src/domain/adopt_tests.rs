@@ -38,6 +38,20 @@ fn unit(p: &Arc<SimPlatform>, m: &Arc<SimMachine>, carry: &[Carried]) -> Arc<Iom
     Arc::new(u)
 }
 
+/// A delegated magazine domain of [`SID`] (per-CPU flushes), charged to `account`.
+fn delegated_magazine(u: &Arc<Iommu>, account: Arc<crate::quota::Account>) -> Arc<Domain> {
+    Domain::new(
+        u.clone(),
+        SID,
+        Strategy::Magazine,
+        FlushPolicy::PerCore,
+        Trust::Delegated,
+        true,
+        account,
+    )
+    .unwrap()
+}
+
 /// iommud dies with `dom` attached: nothing is torn down (as after a
 /// `kill -9`), and the next iommud reads its ledger back.
 fn crash(dom: Arc<Domain>, first: Arc<Iommu>) -> (crate::ledger::Image, Region) {
@@ -86,16 +100,7 @@ fn client_map(d: &Domain, iova: u64, phys: u64) {
 fn a_crashed_iommuds_domain_is_adopted_with_its_mappings_and_reclaimed_at_reattach() {
     let (p, m) = platform();
     let first = unit(&p, &m, &[]);
-    let dom = Domain::new(
-        first.clone(),
-        SID,
-        Strategy::Magazine,
-        FlushPolicy::PerCore,
-        Trust::Delegated,
-        true,
-        crate::quota::Accounts::default().of(OWNER.0),
-    )
-    .unwrap();
+    let dom = delegated_magazine(&first, crate::quota::Accounts::default().of(OWNER.0));
     let token = dom.start_ledger(OWNER).expect("a ledger and a token");
     assert_ne!(token, 0);
     let (pool, _, _) = dom.alloc_pool(512 << 10).unwrap();
@@ -198,16 +203,7 @@ fn only_the_owner_with_the_token_claims_an_orphan_and_the_grace_period_ends_it()
     let (p, m) = platform();
     let u = unit(&p, &m, &[]);
     let st = State::new(u.clone(), "sim", true);
-    let d = Domain::new(
-        u.clone(),
-        SID,
-        Strategy::Magazine,
-        FlushPolicy::PerCore,
-        Trust::Delegated,
-        true,
-        st.accounts.of(OWNER.0),
-    )
-    .unwrap();
+    let d = delegated_magazine(&u, st.accounts.of(OWNER.0));
     let token = d.start_ledger(OWNER).unwrap();
     st.add_orphan(
         d.clone(),
@@ -236,16 +232,7 @@ fn only_the_owner_with_the_token_claims_an_orphan_and_the_grace_period_ends_it()
     );
     // An orphan nobody claims: its device is blocked when the grace ends.
     st.detach(SID);
-    let d2 = Domain::new(
-        u.clone(),
-        SID,
-        Strategy::Magazine,
-        FlushPolicy::PerCore,
-        Trust::Delegated,
-        true,
-        st.accounts.of(OWNER.0),
-    )
-    .unwrap();
+    let d2 = delegated_magazine(&u, st.accounts.of(OWNER.0));
     let (pool, _, _) = d2.alloc_pool(4096).unwrap();
     assert_eq!(d2.exchange(1, 0, 1).unwrap(), 1);
     let iova = d2.exchange_slot(0).unwrap();
@@ -314,16 +301,7 @@ fn a_static_domain_is_adopted_with_its_pools_mapped_at_the_same_iovas() {
 fn a_domain_the_new_policy_would_not_grant_is_blocked_not_adopted() {
     let (p, m) = platform();
     let first = unit(&p, &m, &[]);
-    let dom = Domain::new(
-        first.clone(),
-        SID,
-        Strategy::Magazine,
-        FlushPolicy::PerCore,
-        Trust::Delegated,
-        true,
-        crate::quota::Accounts::default().of(OWNER.0),
-    )
-    .unwrap();
+    let dom = delegated_magazine(&first, crate::quota::Accounts::default().of(OWNER.0));
     dom.start_ledger(OWNER).unwrap();
     let (pool, _, _) = dom.alloc_pool(4096).unwrap();
     assert_eq!(dom.exchange(1, 0, 1).unwrap(), 1);
