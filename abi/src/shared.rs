@@ -184,7 +184,12 @@ pub const TIME_SAMPLE: u64 = 16;
 /// Adds one to a counter whose only writer is the caller (a slot's counters
 /// are written under that slot's lock): a plain load and store, no bus lock.
 pub fn bump(c: &AtomicU64) {
-    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+    bump_by(c, 1);
+}
+
+/// [`bump`] by `n` (a batch counts once).
+pub fn bump_by(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
 impl CpuCounters {

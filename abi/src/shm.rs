@@ -253,6 +253,14 @@ fn write_back_kind() -> WriteBack {
 /// re-reads the entry does not miss), else CLFLUSHOPT, else CLFLUSH; then one
 /// fence so the write-backs complete before anything the device is told next.
 pub fn flush_cache_range(ptr: *const u8, len: usize) {
+    write_back_lines(ptr, len);
+    write_back_fence();
+}
+
+/// The write-backs of [`flush_cache_range`] without its fence: a batch
+/// writes back each of its entries' lines, then calls [`write_back_fence`]
+/// once for all of them.
+pub fn write_back_lines(ptr: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         let start = ptr as usize & !63;
@@ -276,20 +284,24 @@ pub fn flush_cache_range(ptr: *const u8, len: usize) {
             }
             p += 64;
         }
-        // SAFETY: fence instructions, no memory operands. SFENCE orders the weakly
-        // ordered CLWB/CLFLUSHOPT; CLFLUSH is bracketed by MFENCE as Linux does.
-        unsafe {
-            match kind {
-                WriteBack::Clflush => core::arch::x86_64::_mm_mfence(),
-                _ => core::arch::x86_64::_mm_sfence(),
-            }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (ptr, len);
+}
+
+/// Completes the write-backs issued before it ([`write_back_lines`]).
+pub fn write_back_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: fence instructions, no memory operands. SFENCE orders the weakly
+    // ordered CLWB/CLFLUSHOPT; CLFLUSH is bracketed by MFENCE as Linux does.
+    unsafe {
+        match write_back_kind() {
+            WriteBack::Clflush => core::arch::x86_64::_mm_mfence(),
+            _ => core::arch::x86_64::_mm_sfence(),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (ptr, len);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
 }
 
 #[cfg(test)]

@@ -5,9 +5,10 @@ use super::*;
 
 impl DmaDomain {
     /// Maps several buffers `(phys, len, dir)`, all or nothing, returning
-    /// their IOVAs in order. With the magazine strategy each takes the fast
-    /// path, and in caching mode one invalidation covers the whole batch
-    /// instead of one per map; with a validated strategy (global, identity,
+    /// their IOVAs in order. With the magazine strategy the batch takes the
+    /// fast path under one slot lock with one write-back fence, and in
+    /// caching mode one invalidation covers the whole batch instead of one
+    /// per map; with a validated strategy (global, identity,
     /// va) iommud gets the buffers [`MAX_BATCH`] at a time, one round trip
     /// per batch instead of one per buffer.
     pub fn map_batch(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<u64>> {
@@ -27,21 +28,8 @@ impl DmaDomain {
             }
             _ if self.rings.is_some() => return self.ring_map(bufs),
             Strategy::Magazine if self.arena.is_some() => {
-                for &(phys, len, dir) in bufs {
-                    match self.map_one(phys, len, dir, false) {
-                        Ok(iova) => out.push(iova),
-                        Err(e) => {
-                            undo(&out);
-                            return Err(e);
-                        }
-                    }
-                }
-                if self.caching_mode() && !out.is_empty() {
-                    if let Err(e) = self.call(&Request::FlushSync) {
-                        undo(&out);
-                        return Err(e);
-                    }
-                }
+                let arena = self.arena.as_ref().ok_or(Error::Dead)?;
+                return self.fast_map_batch(arena, bufs);
             }
             strategy => {
                 for chunk in bufs.chunks(MAX_BATCH) {
@@ -95,14 +83,17 @@ impl DmaDomain {
 
     /// Unmaps several mappings `(iova, len)` made by [`DmaDomain::map`] or
     /// [`DmaDomain::map_batch`], in order; a validated strategy sends them to
-    /// iommud [`MAX_BATCH`] at a time.
+    /// iommud [`MAX_BATCH`] at a time, and the delegated magazine strategy
+    /// clears them under one slot lock and, with `strict`, waits once for
+    /// one invalidation covering the batch.
     pub fn unmap_batch(&self, maps: &[(u64, usize)]) -> Result<()> {
         match self.strategy() {
             Strategy::NoIommu | Strategy::Static => Ok(()),
             _ if self.rings.is_some() => self.ring_unmap(maps),
-            Strategy::Magazine if self.arena.is_some() => maps
-                .iter()
-                .try_for_each(|&(iova, len)| self.unmap(iova, len)),
+            Strategy::Magazine if self.arena.is_some() => {
+                let arena = self.arena.as_ref().ok_or(Error::Dead)?;
+                self.fast_unmap_batch(arena, maps, true).map(|_| ())
+            }
             _ => {
                 for chunk in maps.chunks(MAX_BATCH) {
                     self.call(&Request::UnmapBatch {

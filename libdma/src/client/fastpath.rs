@@ -31,6 +31,23 @@ impl DmaDomain {
         pages: u64,
         dir: Option<Dir>,
     ) -> Result<()> {
+        self.write_ptes_unfenced(arena, iova, phys, pages, dir)?;
+        if self.flags & FLAG_COHERENT == 0 {
+            write_back_fence();
+        }
+        Ok(())
+    }
+
+    /// [`DmaDomain::write_ptes`] without the fence that completes the
+    /// write-backs: a batch writes all its entries, then fences once.
+    pub(super) fn write_ptes_unfenced(
+        &self,
+        arena: &Mapping,
+        iova: u64,
+        phys: u64,
+        pages: u64,
+        dir: Option<Dir>,
+    ) -> Result<()> {
         let first = self.pte_offset(iova)?;
         for p in 0..pages as usize {
             let at = first + 8 * p;
@@ -56,7 +73,7 @@ impl DmaDomain {
         }
         if self.flags & FLAG_COHERENT == 0 {
             // SAFETY: `first` and the entries after it are inside the arena (written above).
-            flush_cache_range(unsafe { arena.as_ptr().add(first) }, pages as usize * 8);
+            write_back_lines(unsafe { arena.as_ptr().add(first) }, pages as usize * 8);
         }
         Ok(())
     }

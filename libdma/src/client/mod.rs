@@ -19,10 +19,10 @@ use crate::proto::{
     MAX_MESSAGE, VERSION,
 };
 use crate::shared::{
-    bump, view, ClientPage, EpochPage, CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS,
+    bump, bump_by, view, ClientPage, EpochPage, CLIENT_LEN, EXCHANGE_OFFSET, EXCHANGE_SLOTS,
     MAGAZINE_IOVA_BASE, MAX_CPUS, PUBLISHED_LEN,
 };
-use crate::shm::{flush_cache_range, Mapping};
+use crate::shm::{write_back_fence, write_back_lines, Mapping};
 use std::os::fd::OwnedFd;
 #[cfg(not(target_os = "redox"))]
 use std::path::Path;
@@ -84,6 +84,7 @@ fn broken(e: &Error) -> bool {
 mod batch;
 mod buffer;
 mod conn;
+mod fastbatch;
 mod fastpath;
 mod remote;
 mod ring;
@@ -93,6 +94,7 @@ mod tests;
 pub use buffer::DmaBuffer;
 use conn::Conn;
 pub use conn::Control;
+pub use fastbatch::UnmapTicket;
 use remote::Remote;
 pub use ring::MapTicket;
 use ring::{ClientRings, RegionInfo};

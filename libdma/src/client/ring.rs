@@ -357,30 +357,67 @@ impl DmaDomain {
             Ticket::Ready(v) => return Ok(v),
             Ticket::Ring { ring, first, lens } => (ring, first, lens),
         };
-        let rings = self.rings.as_ref().ok_or(Error::Dead)?;
-        let shm = rings.ring(ring);
-        let n = lens.len() as u32;
-        let results = {
-            let mut c = rings.slots[ring].lock();
-            let end = first.wrapping_add(n);
-            if end.wrapping_sub(c.head) <= RING_ENTRIES && c.head != end {
-                // Not all consumed yet: consume up to the batch's end.
-                let r = self.reap(rings, shm, &mut c, end, None);
-                if let Err(e) = r {
-                    c.awaited.retain(|&(f, _)| f != first);
-                    return Err(e);
-                }
-            }
-            c.awaited.retain(|&(f, _)| f != first);
-            (0..n)
-                .map(|k| {
-                    c.stash
-                        .remove(&first.wrapping_add(k))
-                        .unwrap_or(Err(ErrorCode::Hardware))
-                })
-                .collect::<Vec<_>>()
-        };
+        let results = self.ring_collect(ring, first, lens.len() as u32)?;
         self.all_or_nothing(results, &lens)
+    }
+
+    /// The results of `n` awaited entries from sequence `first` on ring
+    /// `ring` (a [`MapTicket`] or an unmap ticket), waiting for them.
+    pub(super) fn ring_collect(
+        &self,
+        ring: usize,
+        first: u32,
+        n: u32,
+    ) -> Result<Vec<std::result::Result<u64, ErrorCode>>> {
+        let rings = self.rings.as_ref().ok_or(Error::Dead)?;
+        let shm = rings
+            .slots
+            .get(ring)
+            .map(|_| rings.ring(ring))
+            .ok_or(Error::Dead)?;
+        let mut c = rings.slots[ring].lock();
+        let end = first.wrapping_add(n);
+        if end.wrapping_sub(c.head) <= RING_ENTRIES && c.head != end {
+            // Not all consumed yet: consume up to the batch's end.
+            let r = self.reap(rings, shm, &mut c, end, None);
+            if let Err(e) = r {
+                c.awaited.retain(|&(f, _)| f != first);
+                return Err(e);
+            }
+        }
+        c.awaited.retain(|&(f, _)| f != first);
+        Ok((0..n)
+            .map(|k| {
+                c.stash
+                    .remove(&first.wrapping_add(k))
+                    .unwrap_or(Err(ErrorCode::Hardware))
+            })
+            .collect())
+    }
+
+    /// Submits unmaps for [`DmaDomain::unmap_batch_submit`]: with `strict`
+    /// their completions (which follow the invalidation) are awaited later;
+    /// otherwise nobody waits for them, as in [`DmaDomain::unmap_batch`].
+    pub(super) fn ring_unmap_submit(
+        &self,
+        maps: &[(u64, usize)],
+        strict: bool,
+    ) -> Result<super::fastbatch::UnmapWait> {
+        use super::fastbatch::UnmapWait;
+        if !strict {
+            self.ring_unmap_nowait(maps)?;
+            return Ok(UnmapWait::Done);
+        }
+        if maps.len() > CHUNK {
+            self.ring_unmap(maps)?;
+            return Ok(UnmapWait::Done);
+        }
+        let (ring, first) = self.submit_on(&unmap_ops(maps), true)?;
+        Ok(UnmapWait::Ring {
+            ring,
+            first,
+            n: maps.len() as u32,
+        })
     }
 
     /// Submits `ops` (at most [`CHUNK`]) on this CPU slot's ring without

@@ -92,6 +92,16 @@ pub enum PendingMaps {
     Libdma(libdma::MapTicket),
 }
 
+/// Unmaps submitted with [`DmaMapper::unmap_batch_submit`] and not completed yet.
+#[derive(Debug)]
+#[must_use = "complete the unmaps with unmap_batch_complete"]
+pub enum PendingUnmaps {
+    /// Already done (a mapper that cannot submit ahead).
+    Done,
+    /// On libdma: an invalidation or ring completions still to wait for.
+    Libdma(libdma::UnmapTicket),
+}
+
 /// How the driver obtains DMA memory and device addresses (IOVAs) for it.
 pub trait DmaMapper {
     /// Allocates `len` bytes of zeroed, physically contiguous DMA-capable memory.
@@ -145,6 +155,23 @@ pub trait DmaMapper {
     fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
         self.unmap_batch(maps, dir)
     }
+    /// Starts [`unmap_batch`](Self::unmap_batch): the mappings end before it
+    /// returns, but what `strict` waits for (their invalidation) is left to
+    /// [`unmap_batch_complete`](Self::unmap_batch_complete). In between the
+    /// driver may copy frames out of the buffers and map them again for the
+    /// same device, nothing else. The default unmaps and waits now.
+    fn unmap_batch_submit(&self, maps: &[(u64, usize)], dir: Dir) -> Result<PendingUnmaps> {
+        self.unmap_batch(maps, dir).map(|()| PendingUnmaps::Done)
+    }
+    /// Waits for an [`unmap_batch_submit`](Self::unmap_batch_submit).
+    fn unmap_batch_complete(&self, p: PendingUnmaps) -> Result<()> {
+        match p {
+            PendingUnmaps::Done => Ok(()),
+            PendingUnmaps::Libdma(_) => Err(crate::Error::Device(
+                "a libdma ticket handed to another mapper".into(),
+            )),
+        }
+    }
 }
 
 impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
@@ -171,6 +198,12 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
     }
     fn map_batch_complete(&self, p: PendingMaps) -> Result<Vec<u64>> {
         (**self).map_batch_complete(p)
+    }
+    fn unmap_batch_submit(&self, maps: &[(u64, usize)], dir: Dir) -> Result<PendingUnmaps> {
+        (**self).unmap_batch_submit(maps, dir)
+    }
+    fn unmap_batch_complete(&self, p: PendingUnmaps) -> Result<()> {
+        (**self).unmap_batch_complete(p)
     }
 }
 

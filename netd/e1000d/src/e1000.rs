@@ -705,7 +705,14 @@ impl<M: DmaMapper> E1000<M> {
             return Ok(0);
         };
         fence(Ordering::Acquire);
-        // The device is done with these buffers: unmap them before reading them.
+        // The device is done with these buffers: unmap them, and map them again
+        // (new IOVAs, the same buffers) for the slots' next frames, both submitted
+        // before the frames are read so that a mapper serving them elsewhere
+        // (iommud's rings) works while this thread copies. Each frame is copied out
+        // to `scratch` and checked there, never in the buffer, so what the device
+        // may still write through an old IOVA whose invalidation (`strict`) is in
+        // flight cannot change what was checked; the buffers go back to this same
+        // device only, and only after that invalidation completed.
         let mut unmaps = Vec::with_capacity(slots.len());
         let mut had_buffer = Vec::with_capacity(slots.len());
         for &s in &slots {
@@ -715,14 +722,22 @@ impl<M: DmaMapper> E1000<M> {
                 unmaps.push((iova, BUF_LEN));
             }
         }
-        if !unmaps.is_empty() {
-            let tu = cost::now();
-            self.mapper.unmap_batch(&unmaps, Dir::FromDevice)?;
-            self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
-            self.cost.unmap_calls += 1;
-            self.cost.unmap_entries += unmaps.len() as u64;
-            self.stats.unmaps += unmaps.len() as u64;
-        }
+        let tu = cost::now();
+        let pending_unmaps = if unmaps.is_empty() {
+            None
+        } else {
+            Some(self.mapper.unmap_batch_submit(&unmaps, Dir::FromDevice)?)
+        };
+        let tm = cost::now();
+        self.cost.unmap_ticks += tm.wrapping_sub(tu);
+        let pending_maps = {
+            let reqs: Vec<_> = slots
+                .iter()
+                .map(|&s| (&self.rx_bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))
+                .collect();
+            self.mapper.map_batch_submit(&reqs)
+        };
+        self.cost.map_ticks += cost::now().wrapping_sub(tm);
         let mut good = 0;
         for (&s, &had) in slots.iter().zip(&had_buffer) {
             let idx = usize::from(s);
@@ -746,8 +761,9 @@ impl<M: DmaMapper> E1000<M> {
                     self.scratch.resize(len, 0);
                     let src = self.rx_bufs[idx].as_ptr();
                     // SAFETY: the device wrote back DD for this slot (acquire fence above)
-                    // and the buffer is unmapped, so the device is done with it; len <=
-                    // BUF_LEN is within the buffer; the copy goes through raw pointers.
+                    // and its IOVA is unmapped; len <= BUF_LEN is within the buffer; the
+                    // copy goes through raw pointers, and everything after it reads the
+                    // copy, whatever the device does to the buffer meanwhile.
                     unsafe { ptr::copy_nonoverlapping(src, self.scratch.as_mut_ptr(), len) };
                     self.stats.rx_packets += 1;
                     self.stats.rx_bytes += len as u64;
@@ -761,22 +777,38 @@ impl<M: DmaMapper> E1000<M> {
             // if the refill below fails.
             self.rx.write(s, [0, 0]);
         }
-        // Map every buffer again, all at once, then hand the slots back.
-        let reqs: Vec<_> = slots
-            .iter()
-            .map(|&s| (&self.rx_bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))
-            .collect();
+        let tu = cost::now();
+        let unmapped = match pending_unmaps {
+            Some(p) => self.mapper.unmap_batch_complete(p),
+            None => Ok(()),
+        };
         let tm = cost::now();
-        let iovas = self.mapper.map_batch(&reqs)?;
+        self.cost.unmap_ticks += tm.wrapping_sub(tu);
+        if !unmaps.is_empty() {
+            self.cost.unmap_calls += 1;
+            self.cost.unmap_entries += unmaps.len() as u64;
+            self.stats.unmaps += unmaps.len() as u64;
+        }
+        // Then hand the slots back, all at once.
+        let iovas = pending_maps.and_then(|p| self.mapper.map_batch_complete(p))?;
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         self.cost.map_calls += 1;
         self.cost.map_entries += iovas.len() as u64;
+        if iovas.len() != slots.len() {
+            return Err(Error::Device(format!(
+                "{} IOVAs for {} RX slots",
+                iovas.len(),
+                slots.len()
+            )));
+        }
         for (&s, &iova) in slots.iter().zip(&iovas) {
             self.rx_iova[usize::from(s)] = Some(iova);
             self.rx.write(s, RxDesc::empty(iova).to_words());
         }
         self.stats.maps += iovas.len() as u64;
         self.give_back(last)?;
+        // A refused unmap is reported once the slots are back in service.
+        unmapped?;
         Ok(good)
     }
 

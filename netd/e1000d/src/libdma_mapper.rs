@@ -130,6 +130,23 @@ impl DmaMapper for LibdmaMapper {
         }
     }
 
+    fn unmap_batch_submit(&self, maps: &[(u64, usize)], _dir: Dir) -> Result<crate::PendingUnmaps> {
+        self.domain
+            .unmap_batch_submit(maps)
+            .map(crate::PendingUnmaps::Libdma)
+            .map_err(|e| err("unmap", e))
+    }
+
+    fn unmap_batch_complete(&self, p: crate::PendingUnmaps) -> Result<()> {
+        match p {
+            crate::PendingUnmaps::Done => Ok(()),
+            crate::PendingUnmaps::Libdma(t) => self
+                .domain
+                .unmap_batch_complete(t)
+                .map_err(|e| err("unmap", e)),
+        }
+    }
+
     fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
         if dir != Dir::ToDevice {
             return self.unmap_batch(maps, dir);
