@@ -98,12 +98,23 @@ impl Served {
         b.batch = batch;
         b
     }
+
+    /// The same strategy in delegated trust, `batch` maps per `map_batch`
+    /// (the fast path's batches: one slot lock and one write-back fence per
+    /// batch, and with `strict` one wait for one invalidation).
+    fn batched(strategy: Strategy, flush: FlushPolicy, batch: usize) -> Served {
+        let mut b = Served::new(strategy, flush);
+        b.strategy_label = format!("{}-b{batch}", strategy.name());
+        b.batch = batch;
+        b
+    }
 }
 
 /// iommud's ring service threads in the validated rows.
 pub const SERVICE_THREADS: usize = 2;
 
-/// Validated rows batch this many maps per request (an RX refill).
+/// Batched rows (validated, and the delegated `-b32`) take this many maps per
+/// request (an RX refill).
 pub const VALIDATED_BATCH: usize = 32;
 
 /// Every strategy × flush policy libdma knows, in its own order.
@@ -125,6 +136,15 @@ pub fn backends() -> Vec<Box<dyn Backend>> {
         for f in FlushPolicy::ALL {
             out.push(Box::new(Served::new(s, f)));
         }
+    }
+    // The delegated fast path in batches of 32 (what a NIC driver's RX
+    // refill and TX completion sweep do).
+    for f in [FlushPolicy::Strict, FlushPolicy::PerCore] {
+        out.push(Box::new(Served::batched(
+            Strategy::Magazine,
+            f,
+            VALIDATED_BATCH,
+        )));
     }
     // Validated trust through the rings, in batches of 32 and one at a time:
     // what confining a compromised driver costs on top of `magazine`, and

@@ -219,3 +219,56 @@ fn a_delegated_batch_stops_at_a_mapping_that_is_not_there() {
         .unwrap();
     assert_eq!(dev.counters().stale_hits, 0);
 }
+
+#[test]
+fn concurrent_depot_exchanges_never_hand_one_iova_to_two_threads() {
+    // Threads of one client exchange magazines with the depot through one
+    // shared area; each holds more IOVAs than its CPU's caches, so the
+    // exchanges are many and overlap. No IOVA may be live in two threads.
+    let d = Daemon::start("batch-exchange", &[]);
+    let dom = std::sync::Arc::new(
+        DmaDomain::connect(d.socket(), A, Strategy::Magazine, FlushPolicy::PerCore).unwrap(),
+    );
+    let live = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let hs: Vec<_> = (0..4)
+        .map(|t| {
+            let (dom, live) = (dom.clone(), live.clone());
+            std::thread::spawn(move || {
+                let buf = dom.alloc(4096).unwrap();
+                for round in 0..40 {
+                    let n = 200 + 37 * t;
+                    let iovas = dom
+                        .map_batch(&vec![(buf.phys, 64, Dir::ToDevice); n])
+                        .unwrap();
+                    {
+                        let mut l = live.lock().unwrap();
+                        for &v in &iovas {
+                            assert!(
+                                l.insert(v),
+                                "thread {t} round {round}: IOVA {v:#x} is live in another thread"
+                            );
+                        }
+                    }
+                    {
+                        let mut l = live.lock().unwrap();
+                        for v in &iovas {
+                            l.remove(v);
+                        }
+                    }
+                    let maps: Vec<(u64, usize)> = iovas.iter().map(|&v| (v, 64)).collect();
+                    dom.unmap_batch(&maps).unwrap();
+                    // Everything back to the depot: the next round takes
+                    // its IOVAs by exchanges again.
+                    dom.drain().unwrap();
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+    let s = dom
+        .read_path(&format!("domains/{}/stats", iommu_abi::Bdf(A)))
+        .unwrap();
+    assert!(kv(&s, "depot_exchanges") > 100, "exchanges were few: {s}");
+}

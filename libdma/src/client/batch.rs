@@ -106,8 +106,8 @@ impl DmaDomain {
     }
 
     /// [`DmaDomain::unmap_batch`] that returns once the unmaps are submitted,
-    /// whatever the flush policy (on the rings; elsewhere it is
-    /// `unmap_batch`): for buffers whose next use is by the same device in the
+    /// whatever the flush policy (on the rings and the delegated fast path;
+    /// elsewhere it is `unmap_batch`): for buffers whose next use is by the same device in the
     /// same direction, such as TX buffers, where a translation that outlives
     /// the unmap could only let the device read what the driver gives it next.
     /// A refused entry is counted in [`ClientCounts::ring_errors`].
@@ -115,6 +115,13 @@ impl DmaDomain {
         match self.strategy() {
             Strategy::NoIommu | Strategy::Static => Ok(()),
             _ if self.rings.is_some() => self.ring_unmap_nowait(maps),
+            Strategy::Magazine if self.arena.is_some() => {
+                // The entries are cleared and the batch tagged (no IOVA is
+                // reused before its invalidation); `strict`'s flush is
+                // requested, not waited for.
+                let arena = self.arena.as_ref().ok_or(Error::Dead)?;
+                self.fast_unmap_batch(arena, maps, false).map(|_| ())
+            }
             _ => self.unmap_batch(maps),
         }
     }

@@ -79,31 +79,32 @@ impl Backend for Remote<'_> {
             return Err(Error::Invalid("too many IOVAs for one exchange".into()));
         }
         self.0.stats.round_trips.fetch_add(1, Relaxed);
-        // The slots are (re)written under the connection's lock before each
-        // try: a reattach retries the exchange whole.
-        let a = self.0.with_conn(|conn| {
+        // The slots are one area for all of this client's threads: written,
+        // and the IOVAs received read back, under the connection's lock, so
+        // that no other thread's exchange overwrites them in between (which
+        // would hand one IOVA to two owners). A reattach retries it whole.
+        let got = self.0.with_conn(|conn| {
             for (k, iova) in give.iter().enumerate() {
                 self.0
                     .shared
                     .write_u64(EXCHANGE_OFFSET + 8 * k, *iova)
                     .ok_or(Error::Dead)?;
             }
-            conn.args(&Request::Exchange {
+            let a = conn.args(&Request::Exchange {
                 pages: class_pages(class),
                 returned: give.len() as u64,
                 want: want as u64,
-            })
+            })?;
+            let n = (a[0] as usize).min(want).min(EXCHANGE_SLOTS);
+            (0..n)
+                .map(|k| {
+                    self.0
+                        .shared
+                        .read_u64(EXCHANGE_OFFSET + 8 * k)
+                        .ok_or(Error::Dead)
+                })
+                .collect::<Result<Vec<u64>>>()
         })?;
-        let n = (a[0] as usize).min(want).min(EXCHANGE_SLOTS);
-        let mut got = Vec::with_capacity(n);
-        for k in 0..n {
-            got.push(
-                self.0
-                    .shared
-                    .read_u64(EXCHANGE_OFFSET + 8 * k)
-                    .ok_or(Error::Dead)?,
-            );
-        }
         Ok(Clean::from_depot(got))
     }
 
