@@ -370,12 +370,9 @@ impl DmaDomain {
         n: u32,
     ) -> Result<Vec<std::result::Result<u64, ErrorCode>>> {
         let rings = self.rings.as_ref().ok_or(Error::Dead)?;
-        let shm = rings
-            .slots
-            .get(ring)
-            .map(|_| rings.ring(ring))
-            .ok_or(Error::Dead)?;
-        let mut c = rings.slots[ring].lock();
+        let slot = rings.slots.get(ring).ok_or(Error::Dead)?;
+        let shm = rings.ring(ring);
+        let mut c = slot.lock();
         let end = first.wrapping_add(n);
         if end.wrapping_sub(c.head) <= RING_ENTRIES && c.head != end {
             // Not all consumed yet: consume up to the batch's end.
