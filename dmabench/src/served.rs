@@ -515,9 +515,22 @@ mod tests {
     fn every_strategy_and_policy_has_a_backend() {
         let b = backends();
         // Every strategy but noiommu and static x every flush policy, noiommu,
-        // static, the noncoherent row, 3 + 2 validated magazine rows, global-val32.
-        let n = (Strategy::ALL.len() - 2) * FlushPolicy::ALL.len() + 1 + 1 + 1 + 3 + 2 + 1;
+        // static, the noncoherent row, 2 delegated magazine-b32 rows, 3 + 2
+        // validated magazine rows, global-val32.
+        let n = (Strategy::ALL.len() - 2) * FlushPolicy::ALL.len() + 1 + 1 + 1 + 2 + 3 + 2 + 1;
         assert_eq!(b.len(), n);
+        let b32: Vec<(&str, &str, &str, usize)> = b
+            .iter()
+            .filter(|r| r.strategy() == "magazine-b32")
+            .map(|r| (r.strategy(), r.flush(), r.trust(), r.batch()))
+            .collect();
+        assert_eq!(
+            b32,
+            [
+                ("magazine-b32", "strict", "delegated", 32),
+                ("magazine-b32", "percore", "delegated", 32)
+            ]
+        );
         assert_eq!((b[0].strategy(), b[0].flush()), ("libdma-noiommu", "none"));
     }
 
