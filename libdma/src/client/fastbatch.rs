@@ -123,20 +123,15 @@ impl DmaDomain {
             for (s, &iova) in spans.iter().zip(&iovas).take(written) {
                 let _ = self.write_ptes_unfenced(arena, iova, 0, s.pages, None);
             }
-            if self.flags & FLAG_COHERENT == 0 {
-                write_back_fence();
-            }
-            std::sync::atomic::fence(SeqCst);
-            let tag = self.page().epoch.load(SeqCst);
+            self.complete_write_backs();
+            let tag = Remote(self).seal();
             let mut c = self.cpus[slot].lock();
             for (s, &iova) in spans.iter().zip(&iovas) {
                 c.free(s.class, iova, tag, &Remote(self));
             }
             return Err(e);
         }
-        if self.flags & FLAG_COHERENT == 0 {
-            write_back_fence();
-        }
+        self.complete_write_backs();
         let out: Vec<u64> = spans.iter().zip(&iovas).map(|(s, &i)| i + s.off).collect();
         if self.caching_mode() && !out.is_empty() {
             // CAP.CM: one invalidation makes the whole batch's new entries usable.
@@ -154,22 +149,23 @@ impl DmaDomain {
     /// the magazines, or a dry cache: [`DmaDomain::map`] handles both).
     fn map_each(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(bufs.len());
+        let undo = |out: &[u64]| {
+            for (iova, &(_, len, _)) in out.iter().zip(bufs) {
+                let _ = self.unmap(*iova, len);
+            }
+        };
         for &(phys, len, dir) in bufs {
             match self.map_one(phys, len, dir, false) {
                 Ok(iova) => out.push(iova),
                 Err(e) => {
-                    for (iova, &(_, len, _)) in out.iter().zip(bufs) {
-                        let _ = self.unmap(*iova, len);
-                    }
+                    undo(&out);
                     return Err(e);
                 }
             }
         }
         if self.caching_mode() && !out.is_empty() {
             if let Err(e) = self.call(&Request::FlushSync) {
-                for (iova, &(_, len, _)) in out.iter().zip(bufs) {
-                    let _ = self.unmap(*iova, len);
-                }
+                undo(&out);
                 return Err(e);
             }
         }
@@ -215,16 +211,13 @@ impl DmaDomain {
                 }
                 cleared += 1;
             }
-            if self.flags & FLAG_COHERENT == 0 {
-                write_back_fence();
-            }
+            self.complete_write_backs();
             // One tag for the batch, read after all its clears (percore tags
             // the magazine batch when it seals it, as `unmap` does).
             let tag = if flush == FlushPolicy::PerCore {
                 0
             } else {
-                std::sync::atomic::fence(SeqCst);
-                self.page().epoch.load(SeqCst)
+                Remote(self).seal()
             };
             for _ in 0..cleared {
                 k.note_unmap(self.page());

@@ -32,10 +32,16 @@ impl DmaDomain {
         dir: Option<Dir>,
     ) -> Result<()> {
         self.write_ptes_unfenced(arena, iova, phys, pages, dir)?;
+        self.complete_write_backs();
+        Ok(())
+    }
+
+    /// Completes the entry write-backs issued so far (one fence), on a
+    /// unit whose table walks do not snoop the caches (ECAP.C = 0).
+    pub(super) fn complete_write_backs(&self) {
         if self.flags & FLAG_COHERENT == 0 {
             write_back_fence();
         }
-        Ok(())
     }
 
     /// [`DmaDomain::write_ptes`] without the fence that completes the
