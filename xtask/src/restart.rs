@@ -280,22 +280,29 @@ fn common(
         !out.job_lines().any(|l| l.contains("-FAILED")),
         "every iommud started".into(),
     );
-    let last = out
+    final_run_intact(out, "the run after the takeover", expect);
+}
+
+/// Received, lost and corrupt of the last `loop:` line of the job lines that start
+/// with `prefix` (all of them for "").
+fn last_loop(out: &GuestOutput, prefix: &str) -> [Option<u64>; 3] {
+    let line = out
         .job_lines()
+        .filter_map(|l| l.strip_prefix(prefix))
         .filter_map(|l| l.trim().strip_prefix("loop: "))
         .last();
-    let n = |k| {
-        last.and_then(|l| kv(l, k))
+    ["received", "lost", "corrupt"].map(|k| {
+        line.and_then(|l| kv(l, k))
             .and_then(|v| v.parse::<u64>().ok())
-    };
+    })
+}
+
+/// The guest's last run (`what`) moved its whole burst intact and its e1000d exited 0.
+fn final_run_intact(out: &GuestOutput, what: &str, expect: &mut impl FnMut(bool, String)) {
+    let [received, lost, corrupt] = last_loop(out, "");
     expect(
-        n("received") == Some(BURST) && n("lost") == Some(0) && n("corrupt") == Some(0),
-        format!(
-            "the run after the takeover: received={:?} lost={:?} corrupt={:?} of {BURST}",
-            n("received"),
-            n("lost"),
-            n("corrupt")
-        ),
+        received == Some(BURST) && lost == Some(0) && corrupt == Some(0),
+        format!("{what}: received={received:?} lost={lost:?} corrupt={corrupt:?} of {BURST}"),
     );
     expect(
         out.value("AFTER-EXIT") == Some("0"),
@@ -401,17 +408,7 @@ fn across_the_crash(
     frames: u64,
     expect: &mut impl FnMut(bool, String),
 ) {
-    let prefix = format!("{tag}: ");
-    let line = out
-        .job_lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .filter_map(|l| l.trim().strip_prefix("loop: "))
-        .last();
-    let n = |k| {
-        line.and_then(|l| kv(l, k))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    let (received, lost, corrupt) = (n("received"), n("lost"), n("corrupt"));
+    let [received, lost, corrupt] = last_loop(out, &format!("{tag}: "));
     expect(
         corrupt == Some(0)
             && received
@@ -545,27 +542,7 @@ pub fn restart() -> Result<()> {
         ),
     );
     across_the_crash(&out, "static", VALIDATED, &mut expect);
-    let last = out
-        .job_lines()
-        .filter_map(|l| l.trim().strip_prefix("loop: "))
-        .last();
-    let m = |k| {
-        last.and_then(|l| kv(l, k))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    expect(
-        m("received") == Some(BURST) && m("lost") == Some(0) && m("corrupt") == Some(0),
-        format!(
-            "a new driver after the grace period: received={:?} lost={:?} corrupt={:?} of {BURST}",
-            m("received"),
-            m("lost"),
-            m("corrupt")
-        ),
-    );
-    expect(
-        out.value("AFTER-EXIT") == Some("0"),
-        format!("that e1000d exits 0 ({:?})", out.value("AFTER-EXIT")),
-    );
+    final_run_intact(&out, "a new driver after the grace period", &mut expect);
     expect(
         !out.job_lines().any(|l| l.contains("-FAILED")),
         "every iommud started".into(),
