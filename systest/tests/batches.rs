@@ -272,3 +272,79 @@ fn concurrent_depot_exchanges_never_hand_one_iova_to_two_threads() {
         .unwrap();
     assert!(kv(&s, "depot_exchanges") > 100, "exchanges were few: {s}");
 }
+
+/// Polls `ready` until it says true (or fails after 5 s).
+fn until_ready(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: never ready without unmap_batch_complete"
+        );
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn a_ready_unmap_ticket_means_the_old_iovas_are_blocked() {
+    // What e1000d's RX path relies on when it leaves a strict unmap batch
+    // outstanding after its buffers went back to the device: the ticket
+    // becomes ready by itself (submit asked for the flush), and once it says
+    // ready the dropped IOVAs are unreachable, before any complete call.
+    let policy = "[default]\ntrust = \"validated\"\nstrategies = [\"magazine\"]\n";
+    // Invalidations take 20 ms on the simulated unit: a ticket that said ready
+    // before its invalidation completed would leave the device its old IOVAs
+    // (cached in the unit's IOTLB by the previous round's traffic).
+    let slow = ["--sim-inval-latency-ns", "20000000"];
+    let fast = Daemon::start("batch-ready-fast", &slow);
+    let rings = daemon_with_policy("batch-ready-rings", policy, &slow);
+    for (d, bdf) in [(&fast, A), (&rings, 0x30)] {
+        let dom =
+            DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::Strict).unwrap();
+        let path = if dom.uses_rings() {
+            "rings"
+        } else {
+            "fast path"
+        };
+        let dev = d.machine();
+        let bufs: Vec<_> = (0..N).map(|_| dom.alloc(2048).unwrap()).collect();
+        let mut old = dom.map_batch(&reqs(&bufs)).unwrap();
+        for round in 0..10u8 {
+            let maps: Vec<(u64, usize)> = old.iter().map(|&v| (v, 2048)).collect();
+            let t = dom.unmap_batch_submit(&maps).unwrap();
+            if !dom.uses_rings() {
+                // The fast path's submit only asked for the 20 ms flush.
+                assert!(
+                    !dom.unmap_batch_ready(&t),
+                    "round {round}: ready before its invalidation"
+                );
+            }
+            let new = dom.map_batch(&reqs(&bufs)).unwrap();
+            until_ready(&format!("{path} round {round}"), || {
+                dom.unmap_batch_ready(&t)
+            });
+            all_blocked(
+                &dev,
+                bdf,
+                &dropped(&old, &new),
+                &format!("{path}: ready, before unmap_batch_complete"),
+            );
+            dom.unmap_batch_complete(t).unwrap();
+            for (k, (&iova, b)) in new.iter().zip(&bufs).enumerate() {
+                device_round_trip(&dev, bdf, iova, b, 0, &[round ^ k as u8 ^ 0x3c; 64]);
+            }
+            old = new;
+        }
+        let maps: Vec<(u64, usize)> = old.iter().map(|&v| (v, 2048)).collect();
+        dom.unmap_batch(&maps).unwrap();
+        assert_eq!(dev.counters().stale_hits, 0, "{path}");
+    }
+    // With `percore` nothing is waited for: a submitted batch is ready at once.
+    let d = Daemon::start("batch-ready-percore", &[]);
+    let dom = DmaDomain::connect(d.socket(), A, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let b = dom.alloc(2048).unwrap();
+    let iova = dom.map(b.phys, 2048, Dir::FromDevice).unwrap();
+    let t = dom.unmap_batch_submit(&[(iova, 2048)]).unwrap();
+    assert!(dom.unmap_batch_ready(&t), "percore: nothing to wait for");
+    dom.unmap_batch_complete(t).unwrap();
+}

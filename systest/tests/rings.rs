@@ -303,6 +303,32 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
         assert_eq!(got.user, 100 + k as u64);
         assert_eq!(got.result, Err(*want), "case {k}: {op:?}");
     }
+    // A region registered after the passes above (iommud keeps a copy of
+    // the regions between passes): its first entry is served, at its own
+    // offset, and a region beyond it is still refused.
+    let (_phys2, _m2) = c.pool(1 << 16);
+    let map2 = |region, offset| SqOp::Map {
+        region,
+        offset,
+        len: 64,
+        dir: Dir::ToDevice,
+        va: 0,
+    };
+    r.put(map2(1, 0x1010), 150);
+    let second = r.next();
+    assert_eq!(second.user, 150);
+    let iova2 = second.result.expect("the new region maps");
+    assert_eq!(iova2 % 4096, 0x10, "iova {iova2:#x} keeps the offset");
+    r.put(map2(2, 0), 151);
+    assert_eq!(r.next().result, Err(ErrorCode::NotOwner), "region 2");
+    r.put(
+        SqOp::Unmap {
+            iova: iova2,
+            len: 64,
+        },
+        152,
+    );
+    assert_eq!(r.next().result, Ok(0), "the new region's map was live");
     r.put(SqOp::Unmap { iova, len: 4096 }, 200);
     assert_eq!(r.next().result, Ok(0));
     r.put(SqOp::Unmap { iova, len: 4096 }, 201);

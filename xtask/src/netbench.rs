@@ -2,7 +2,8 @@
 //! guest, per IOVA strategy and flush policy and with translation off.
 //!
 //! ```text
-//! cargo xtask netbench [--packets N] [--rounds N] [--reps N] [--linux-packets N]
+//! cargo xtask netbench [--packets N] [--warmup N] [--window N] [--burst N] [--rounds N]
+//!                      [--reps N] [--linux-packets N]
 //!                      [--only NAME[,NAME...]]
 //! ```
 //! The configurations ([`configs`]: `notrans`, then `<strategy>-<flush>` for every
@@ -10,8 +11,10 @@
 //! configuration loop inside, one guest boot per (repetition, configuration), so a drift
 //! of the host (other guests starting, a slower minute) hits every configuration alike.
 //! Each boot: iommud on the emulated VT-d unit (`--no-translation` for `notrans`), then
-//! `e1000d loop --mapper libdma` with 64-byte and with 1500-byte frames (N each; every
-//! payload is checked by e1000d), then a ping-pong of `--rounds` 64-byte frames A→B→A.
+//! `e1000d loop --mapper libdma` with 64-byte and with 1500-byte frames (N each, after
+//! `--warmup` frames through the same loop that are checked but not measured, so the
+//! rate is the steady state's; every payload is checked by e1000d), then a ping-pong
+//! of `--rounds` 64-byte frames A→B→A.
 //! Each ratio is computed against the `notrans` boot of the same repetition, then the
 //! median, min and max over the repetitions are reported (packets/s likewise).
 //! e1000d's per-packet cost breakdown (`cost_ns:`: map, unmap, ring, other, total; see
@@ -20,10 +23,13 @@
 //! mode iommud reported for the domain. Writes `target/netbench/results.json`,
 //! `target/netbench/cost-table.md` (the breakdown as a Markdown table) and
 //! `target/netbench/throughput-ratio.svg` (packets/s as a ratio to `notrans`). Fails if
-//! any frame was lost or corrupt. Defaults: 4000 frames, 5 reps, 1000 rounds: 13
-//! configurations x 5 boots, about an hour on 2 vCPUs under TCG, most of it in the
-//! strict and validated rows (a blocking round trip to iommud per map and unmap,
-//! 0.25-1.5 ms each in the guest).
+//! any frame was lost or corrupt. Defaults: 20 000 frames after 2000 of warm-up, 5 reps,
+//! 1000 rounds: 13 configurations x 5 boots. The socket rows (`global`, `identity`, `va`:
+//! a blocking round trip to iommud per map and unmap, 0.25-1.5 ms each in the guest)
+//! take most of it, over an hour on 2 vCPUs under TCG; the ring, fast-path and `static`
+//! rows take a few seconds each beyond their boot. 20 000 frames: at 64 bytes
+//! translation off moves them in about 40 ms (4000 took 8 ms, too short to measure
+//! against the host's scheduling hiccups of a millisecond or more).
 //!
 //! Linux peer rows (`crate::linuxpeer`): four more boots, of a stock Debian kernel whose own
 //! intel-iommu driver runs `off`, `strict`, `lazy` or `passthrough`, spread between the
@@ -43,7 +49,9 @@ use crate::util::{json_num, workspace_root, write_json, Flags, Result};
 #[allow(dead_code)]
 pub(crate) use benchplot as plot;
 
-const USAGE: &str = "usage: cargo xtask netbench [--packets N] [--rounds N] [--reps N] \
+const USAGE: &str =
+    "usage: cargo xtask netbench [--packets N] [--warmup N] [--window N] [--burst N] \
+[--rounds N] [--reps N] \
 [--linux-packets N] [--only NAME[,NAME...]] [--nic e1000|igb|all] [--from-logs]  \
 (NAME: a configuration, `linux` or linux-MODE; --from-logs: re-read the e1000 rows from the \
 last run's guest logs, no boot)";
@@ -112,6 +120,12 @@ pub fn configs() -> Vec<Config> {
 #[derive(Clone, Debug)]
 struct Opts {
     packets: u64,
+    /// Frames e1000d sends, unmeasured, before each measured loop.
+    warmup: u64,
+    /// e1000d's `--window` (frames in flight) and `--burst` (frames handed to the
+    /// NIC at once; 0: the window).
+    window: u64,
+    burst: u64,
     rounds: u64,
     reps: u64,
     only: Vec<String>,
@@ -125,7 +139,10 @@ struct Opts {
 
 fn parse(args: &[String]) -> Result<Opts> {
     let mut o = Opts {
-        packets: 4_000,
+        packets: 20_000,
+        warmup: 2_000,
+        window: 32,
+        burst: 0,
         rounds: 1_000,
         reps: 5,
         only: Vec::new(),
@@ -137,6 +154,9 @@ fn parse(args: &[String]) -> Result<Opts> {
     while let Some(a) = f.next_flag() {
         match a {
             "--packets" => o.packets = f.number(a, 1)?,
+            "--warmup" => o.warmup = f.number(a, 0)?,
+            "--window" => o.window = f.number(a, 1)?,
+            "--burst" => o.burst = f.number(a, 0)?,
             "--rounds" => o.rounds = f.number(a, 1)?,
             "--reps" => o.reps = f.number(a, 1)?,
             "--linux-packets" => o.linux_packets = f.number(a, 1)?,
@@ -171,8 +191,9 @@ fn script(c: &Config, o: &Opts) -> String {
     for size in SIZES {
         let _ = writeln!(
             s,
-            "{base} --packets {} --size {size} || echo \"netbench: loop failed size={size}\"",
-            o.packets
+            "{base} --packets {} --warmup {} --window {} --burst {} --size {size} || \
+echo \"netbench: loop failed size={size}\"",
+            o.packets, o.warmup, o.window, o.burst
         );
     }
     let _ = writeln!(
@@ -432,6 +453,9 @@ fn to_json(
                 "cost_ns": cost,
                 "frame_bytes": size,
                 "packets_per_rep": o.packets,
+                "warmup_packets": o.warmup,
+                "window": o.window,
+                "burst": if o.burst == 0 { o.window } else { o.burst.min(o.window) },
                 "reps": m.pps.get(&size).map_or(0, |v| v.iter().filter(|x| x.is_finite()).count()),
                 "interleaved": true,
                 "pps": json_num(s.map(|s| s.0)),
@@ -576,7 +600,7 @@ pub fn run(args: &[String]) -> Result<()> {
             boot += 1;
             // Boot and settling (~15 s), plus the loops at a pessimistic 200 frames/s (the
             // validated rows ran at 250-400 frames/s with other guests on the same 2 cores).
-            let secs = 120 + (o.packets * 2 + o.rounds) / 200;
+            let secs = 120 + ((o.packets + o.warmup) * 2 + o.rounds) / 200;
             let run = GuestRun::new(format!("netbench-{}-rep{rep}", c.name), script(c, &o))
                 .package("iommud")
                 .package("e1000d")

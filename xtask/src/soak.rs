@@ -31,7 +31,7 @@
 
 use std::time::Duration;
 
-use crate::demo::{start_iommud, DemoOpts, STOP_IOMMUD};
+use crate::demo::{start_iommud_trust, DemoOpts, STOP_IOMMUD};
 use crate::guest::{self, GuestOutput, GuestRun};
 use crate::util::{workspace_root, write_json, Result};
 
@@ -104,11 +104,15 @@ echo "soak-sample: rss_kb=$rss fds=$fds pt_pages_live=$pt iovas=$iovas"
 
 /// The guest job of a soak run.
 pub fn script(o: &DemoOpts, s: &SoakOpts) -> String {
-    let mut sc = start_iommud(if o.no_translation {
-        "--no-translation"
-    } else {
-        ""
-    });
+    // The NICs' trust as asked (`--trust`), as the demo's burst gives it.
+    let mut sc = start_iommud_trust(
+        if o.no_translation {
+            "--no-translation"
+        } else {
+            ""
+        },
+        &o.trust,
+    );
     sc.push_str(&format!(
         "cat > /tmp/soak-sample.sh <<'SAMPLER-EOF'\n{SAMPLER}SAMPLER-EOF\n\
 e1000d loop --mapper libdma --strategy {} --flush {} --packets {} --size {} \
@@ -240,8 +244,8 @@ pub fn check(v: &[Sample]) -> Vec<String> {
 /// `cargo xtask demo --duration D`.
 pub fn run(o: &DemoOpts, s: &SoakOpts) -> Result<()> {
     println!(
-        "xtask demo (soak): {} s of {} B frames A -> B, bursts of {}, strategy {} flush {}, \
-a report every {} s",
+        "xtask demo (soak): {} s of {} B frames A -> B, bursts of {}, strategy {} flush {} \
+trust {}, a report every {} s",
         s.duration.as_secs(),
         o.size,
         o.packets,
@@ -251,6 +255,7 @@ a report every {} s",
             &o.strategy
         },
         o.flush,
+        o.trust,
         s.report_every.as_secs()
     );
     let mut run = GuestRun::new("demo-soak", script(o, s))
@@ -416,5 +421,13 @@ soak-sample: rss_kb={} fds=9 pt_pages_live=6 iovas=3300\n",
         assert!(sc.contains("--duration 600 --report-every 60"));
         assert!(sc.contains("soak-sample:"));
         assert!(sc.contains("iommud --platform linux"));
+        assert!(sc.contains("# e1000\ntrust = \"delegated\""), "{sc}");
+        // `--trust validated` reaches the guest policy.
+        let v = DemoOpts {
+            trust: "validated".into(),
+            ..DemoOpts::default()
+        };
+        let sc = script(&v, &s);
+        assert!(sc.contains("# e1000\ntrust = \"validated\""), "{sc}");
     }
 }

@@ -68,9 +68,13 @@ struct RingServer {
     open: [Vec<u64>; SIZE_CLASSES],
     /// Sealed batches: (tag, class, IOVAs).
     dirty: VecDeque<(u64, usize, Vec<u64>)>,
+    /// The pass buffers, kept between passes (emptied, their memory kept):
+    /// a pass in steady state allocates nothing.
+    pass: Pass,
 }
 
-/// What one pass over a ring gathered for its end.
+/// What one pass over a ring gathered for its end. Every vector is empty
+/// between passes ([`Pass::clear`]) but `regions`, a cache.
 #[derive(Default)]
 struct Pass {
     results: Vec<(u64, Result<u64, ErrorCode>)>,
@@ -84,11 +88,57 @@ struct Pass {
     /// Validated magazine unmaps, cleared at the end of the pass: (IOVA,
     /// pages, class).
     unmaps: Vec<(u64, u64, usize)>,
-    /// Registered regions, read once per pass.
+    /// The registered regions, copied when an entry names one beyond the
+    /// copy (at most once a pass; regions are only ever added, never
+    /// changed, so a copied one stays right).
     regions: Vec<Registered>,
+    /// The copy of `regions` was refreshed in this pass.
+    regions_fresh: bool,
     /// A sealed batch waits for this tag (ask for a flush).
     want: u64,
+    /// Scratch of `write_pass` and `finish_pass`: entry runs to clear, a
+    /// run's leaf entries, ranges to invalidate, their runs, descriptors.
+    clears: Vec<(u64, u64)>,
+    run: Vec<u64>,
+    ranges: Vec<(u64, u64)>,
+    runs: Vec<(u64, u64)>,
+    descs: Vec<vtd::desc::Descriptor>,
 }
+
+impl Pass {
+    /// Empties the pass for the next one (keeping the memory and the
+    /// regions' copy).
+    fn clear(&mut self) {
+        self.results.clear();
+        self.strict.clear();
+        self.fresh.clear();
+        self.maps.clear();
+        self.unmaps.clear();
+        self.regions_fresh = false;
+        self.want = 0;
+        self.clears.clear();
+        self.run.clear();
+        self.ranges.clear();
+        self.runs.clear();
+        self.descs.clear();
+    }
+
+    /// The registered region `index`, refreshing the copy once a pass when
+    /// the index is beyond it.
+    fn region(&mut self, d: &Domain, index: u32) -> Option<Registered> {
+        let k = index as usize;
+        if k >= self.regions.len() && !self.regions_fresh {
+            self.regions_fresh = true;
+            let now = d.regions.read().unwrap_or_else(|p| p.into_inner());
+            self.regions.clear();
+            self.regions.extend_from_slice(&now);
+        }
+        self.regions.get(k).copied()
+    }
+}
+
+/// Zeros to clear entries from (a run longer than this is cleared in pieces).
+const ZEROS: [u64; 64] = [0; 64];
 
 /// A validated magazine map of a pass, written at its end.
 #[derive(Clone, Copy)]
@@ -155,10 +205,18 @@ fn aligned_cover(start: u64, end: u64) -> (u64, u64) {
 
 /// Groups cleared ranges `(iova, pages)` into naturally aligned runs, joining
 /// neighbours while the joined run stays within [`MAX_RUN_PAGES`].
+#[cfg(test)]
 pub(crate) fn cover_runs(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    cover_runs_into(&mut ranges, &mut runs);
+    runs
+}
+
+/// [`cover_runs`] into `runs` (emptied first); sorts `ranges`.
+fn cover_runs_into(ranges: &mut [(u64, u64)], runs: &mut Vec<(u64, u64)>) {
     ranges.sort_unstable();
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (iova, pages) in ranges {
+    runs.clear();
+    for &(iova, pages) in ranges.iter() {
         let end = iova + pages * PAGE;
         if let Some(last) = runs.last_mut() {
             let joined = aligned_cover(last.0.min(iova), (last.0 + last.1 * PAGE).max(end));
@@ -169,7 +227,6 @@ pub(crate) fn cover_runs(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
         }
         runs.push(aligned_cover(iova, end));
     }
-    runs
 }
 
 impl Domain {
@@ -336,15 +393,8 @@ impl Domain {
         let strategy = self.strategy_now();
         let flush = FlushPolicy::from_u64(u64::from(self.page().flush.load(SeqCst)))
             .unwrap_or(FlushPolicy::Strict);
-        let mut pass = Pass {
-            results: Vec::with_capacity(n as usize),
-            regions: self
-                .regions
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            ..Pass::default()
-        };
+        let mut pass = std::mem::take(&mut st.pass);
+        pass.clear();
         let (mut rejected, mut errors) = (0, 0);
         for j in 0..n {
             let slot = &shm.sq[(st.sq_head.wrapping_add(j) % RING_ENTRIES) as usize];
@@ -371,7 +421,7 @@ impl Domain {
             stats::add(&self.stats.errors, errors);
         }
         self.finish_pass(rings, st, &mut pass, flush);
-        for (user, result) in pass.results {
+        for &(user, result) in &pass.results {
             let c = Cqe { user, result }.encode();
             let slot = &shm.cq[(st.cq_tail % RING_ENTRIES) as usize];
             for (x, v) in c.iter().enumerate().take(CQE_WORDS) {
@@ -379,6 +429,8 @@ impl Domain {
             }
             st.cq_tail = st.cq_tail.wrapping_add(1);
         }
+        pass.clear();
+        st.pass = pass;
         st.sq_head = st.sq_head.wrapping_add(n);
         shm.sq_head.0.store(st.sq_head, Release);
         shm.cq_tail.0.store(st.cq_tail, Release);
@@ -404,7 +456,7 @@ impl Domain {
                 dir,
                 va,
             } => {
-                let r = *pass.regions.get(region as usize).ok_or_else(|| {
+                let r = pass.region(self, region).ok_or_else(|| {
                     reply(
                         ErrorCode::NotOwner,
                         format!("no registered region {region}"),
@@ -572,19 +624,28 @@ impl Domain {
     /// mode's invalidation of fresh entries, and flush requests.
     fn finish_pass(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
         self.write_pass(rings, st, pass, flush);
-        let mut ranges: Vec<(u64, u64)> = pass.strict.iter().map(|&(v, p, _)| (v, p)).collect();
-        ranges.extend(pass.fresh.iter().copied());
+        let Pass {
+            strict,
+            fresh,
+            ranges,
+            runs,
+            descs,
+            ..
+        } = &mut *pass;
+        ranges.extend(strict.iter().map(|&(v, p, _)| (v, p)));
+        ranges.extend(fresh.iter().copied());
         if !ranges.is_empty() {
-            let runs = cover_runs(ranges);
-            let descs: Vec<vtd::desc::Descriptor> = if runs.len() > MAX_MASKED {
-                vec![self.unit.iotlb_domain(self.did)]
+            cover_runs_into(ranges, runs);
+            if runs.len() > MAX_MASKED {
+                descs.push(self.unit.iotlb_domain(self.did));
             } else {
                 // IH: only leaf entries changed; the arena's tables stay.
-                runs.iter()
-                    .map(|&(v, p)| self.unit.iotlb_range(self.did, v, p, true))
-                    .collect()
-            };
-            for d in &descs {
+                descs.extend(
+                    runs.iter()
+                        .map(|&(v, p)| self.unit.iotlb_range(self.did, v, p, true)),
+                );
+            }
+            for d in descs.iter() {
                 match d.decode() {
                     vtd::desc::Decoded::Iotlb {
                         g: vtd::regs::Granularity::Selective,
@@ -593,11 +654,11 @@ impl Domain {
                     _ => stats::add(&self.stats.inval_domain, 1),
                 }
             }
-            if !pass.strict.is_empty() {
-                stats::add(&self.stats.ring_strict_unmaps, pass.strict.len() as u64);
+            if !strict.is_empty() {
+                stats::add(&self.stats.ring_strict_unmaps, strict.len() as u64);
                 stats::add(&self.stats.ring_strict_invals, descs.len() as u64);
             }
-            if let Err(e) = self.unit.invalidate(&descs) {
+            if let Err(e) = self.unit.invalidate(descs) {
                 // Not invalidated: the IOVAs must never be reused, and every
                 // entry of the pass reports the failure.
                 crate::unit::log::warn(&format!(
@@ -611,7 +672,7 @@ impl Domain {
                 pass.strict.clear();
             }
         }
-        for (iova, _, class) in std::mem::take(&mut pass.strict) {
+        for (iova, _, class) in pass.strict.drain(..) {
             st.clean[class].push(iova);
         }
         // Keep the caches bounded: a full magazine goes back to the depot.
@@ -644,9 +705,10 @@ impl Domain {
             return;
         };
         let pte = |iova: u64| arena + ((iova - IOVA_BASE) >> 12) * 8;
-        // Clears: runs of neighbouring entries, one write call each.
-        let mut clears: Vec<(u64, u64)> =
-            pass.unmaps.iter().map(|&(v, p, _)| (pte(v), p)).collect();
+        // Clears: runs of neighbouring entries, one write call each (per
+        // ZEROS.len() entries).
+        let clears = &mut pass.clears;
+        clears.extend(pass.unmaps.iter().map(|&(v, p, _)| (pte(v), p)));
         clears.sort_unstable();
         let mut failed = false;
         let mut k = 0;
@@ -657,7 +719,15 @@ impl Domain {
                 n += clears[k].1;
                 k += 1;
             }
-            failed |= self.mem().write_u64s(start, &vec![0; n as usize]).is_err();
+            let mut at = 0;
+            while at < n {
+                let m = (n - at).min(ZEROS.len() as u64);
+                failed |= self
+                    .mem()
+                    .write_u64s(start + 8 * at, &ZEROS[..m as usize])
+                    .is_err();
+                at += m;
+            }
             if !self.unit.coherent() {
                 self.mem().flush(start, n * 8);
             }
@@ -671,38 +741,41 @@ impl Domain {
         for &(v, _, _) in &pass.unmaps {
             self.note(v, None);
         }
-        let unmaps = std::mem::take(&mut pass.unmaps);
+        let unmaps = &mut pass.unmaps;
         if !unmaps.is_empty() {
             stats::add(&self.stats.unmaps, unmaps.len() as u64);
         }
         match flush {
-            FlushPolicy::Strict => pass.strict.extend(unmaps),
+            FlushPolicy::Strict => pass.strict.append(unmaps),
             FlushPolicy::PerCore | FlushPolicy::Deferred if !unmaps.is_empty() => {
                 {
                     let _r = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
-                    for _ in &unmaps {
+                    for _ in unmaps.iter() {
                         self.server_unmaps.note_unmap(self.page());
                     }
                 }
-                let mut full = Vec::new();
-                for (v, _, class) in unmaps {
+                let mut full = [false; SIZE_CLASSES];
+                for (v, _, class) in unmaps.drain(..) {
                     st.open[class].push(v);
-                    if st.open[class].len() >= MAG_SIZE {
-                        full.push(class);
-                    }
+                    full[class] |= st.open[class].len() >= MAG_SIZE;
                 }
                 // Sealed after the clears above (seal fences, then reads the epoch).
-                for class in full {
+                for class in (0..SIZE_CLASSES).filter(|&c| full[c]) {
                     pass.want = pass.want.max(self.seal(st, class));
                 }
             }
-            _ => {}
+            _ => unmaps.clear(),
         }
         // Maps: entries written in runs, then live (an unmap of the same pass
         // found them not live and was refused), then completed.
-        let mut maps = std::mem::take(&mut pass.maps);
+        let Pass {
+            maps,
+            run,
+            results,
+            fresh,
+            ..
+        } = &mut *pass;
         maps.sort_unstable_by_key(|m| m.iova);
-        let mut run: Vec<u64> = Vec::with_capacity(64);
         let mut k = 0;
         while k < maps.len() {
             run.clear();
@@ -716,7 +789,7 @@ impl Domain {
                 }));
                 j += 1;
             }
-            let ok = self.mem().write_u64s(pte(start), &run).is_ok();
+            let ok = self.mem().write_u64s(pte(start), run).is_ok();
             if ok && !self.unit.coherent() {
                 self.mem().flush(pte(start), run.len() as u64 * 8);
             }
@@ -728,14 +801,14 @@ impl Domain {
                     // On record for a restarted iommud (after its entries).
                     self.note(m.iova, Some(crate::ledger::PageEntry::Live(m.pages)));
                     if self.unit.caching_mode() {
-                        pass.fresh.push((m.iova, m.pages));
+                        fresh.push((m.iova, m.pages));
                     }
                 } else {
                     let _ = self
                         .mem()
                         .write_u64s(pte(m.iova), &vec![0; m.pages as usize]);
                     st.clean[m.class].push(m.iova);
-                    if let Some(r) = pass.results.get_mut(m.at) {
+                    if let Some(r) = results.get_mut(m.at) {
                         r.1 = Err(ErrorCode::Hardware);
                     }
                 }

@@ -289,6 +289,19 @@ impl DmaDomain {
         Ok(UnmapTicket { wait })
     }
 
+    /// True if [`DmaDomain::unmap_batch_complete`] would return `t` without
+    /// waiting: nothing to wait for, the invalidation covering the batch
+    /// has completed, or the ring's completions are posted. Never blocks: a
+    /// driver that hands the buffers back to the same device only can
+    /// poll this and complete the ticket when it is ready.
+    pub fn unmap_batch_ready(&self, t: &UnmapTicket) -> bool {
+        match t.wait {
+            UnmapWait::Done => true,
+            UnmapWait::Epoch(tag) => self.page().completed.load(SeqCst) >= tag,
+            UnmapWait::Ring { ring, first, n } => self.ring_posted(ring, first, n),
+        }
+    }
+
     /// Waits for an [`DmaDomain::unmap_batch_submit`]: with `strict`, until
     /// the invalidation covering the batch has completed; on the rings, for
     /// every entry's completion (the first refusal is the error).

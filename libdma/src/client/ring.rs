@@ -392,6 +392,22 @@ impl DmaDomain {
             .collect())
     }
 
+    /// True if the `n` completions from sequence `first` on ring `ring`
+    /// are posted: collecting them would not wait. (With no rings, or a
+    /// ring that is not this domain's, collecting fails at once: true.)
+    pub(super) fn ring_posted(&self, ring: usize, first: u32, n: u32) -> bool {
+        let Some(rings) = self.rings.as_ref() else {
+            return true;
+        };
+        if ring >= rings.slots.len() {
+            return true;
+        }
+        // Sequence numbers wrap: the tail is past the batch's end when it is
+        // at least `n`, and less than half the space, ahead of `first`.
+        let ahead = rings.ring(ring).cq_tail.0.load(Acquire).wrapping_sub(first);
+        ahead >= n && ahead < 1 << 31
+    }
+
     /// Submits unmaps for [`DmaDomain::unmap_batch_submit`]: with `strict`
     /// their completions (which follow the invalidation) are awaited later;
     /// otherwise nobody waits for them, as in [`DmaDomain::unmap_batch`].

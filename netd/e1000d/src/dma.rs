@@ -172,6 +172,11 @@ pub trait DmaMapper {
             )),
         }
     }
+    /// True if [`unmap_batch_complete`](Self::unmap_batch_complete) of `p` would
+    /// not wait. Never blocks.
+    fn unmap_batch_ready(&self, p: &PendingUnmaps) -> bool {
+        matches!(p, PendingUnmaps::Done)
+    }
 }
 
 impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
@@ -204,6 +209,9 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
     }
     fn unmap_batch_complete(&self, p: PendingUnmaps) -> Result<()> {
         (**self).unmap_batch_complete(p)
+    }
+    fn unmap_batch_ready(&self, p: &PendingUnmaps) -> bool {
+        (**self).unmap_batch_ready(p)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The 82540EM driver: reset, ring setup, polled send and receive.
 
+use std::collections::VecDeque;
 use std::ptr;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +27,9 @@ pub const BUF_LEN: usize = 2048;
 /// NIC appends the CRC; no VLAN tag, RCTL.LPE off).
 pub const MAX_FRAME: usize = 1514;
 
+/// Unmap batches of the receive path that may stay outstanding after their slots
+/// went back to the NIC ([`E1000::finish_rx_refill`]); one more waits for the oldest.
+pub const RX_UNMAPS_BEHIND: usize = 4;
 const RESET_TIMEOUT: Duration = Duration::from_millis(100);
 const LINK_TIMEOUT: Duration = Duration::from_secs(2);
 const EERD_TIMEOUT: Duration = Duration::from_millis(10);
@@ -136,7 +140,15 @@ pub struct E1000<M: DmaMapper> {
     /// Slots whose descriptor points at an address nobody mapped (fault injection).
     rx_raw: Vec<bool>,
     rx_raw_done: u64,
+    /// The next RX slot to look at (the NIC's head, as far as software knows).
     rx_next: u16,
+    /// The last call's slots, their buffers unmapped and mapped again, not yet
+    /// handed back to the NIC ([`E1000::finish_rx_refill`]).
+    rx_refill: Option<RxRefill>,
+    /// Unmap batches of slots already handed back, whose completion (`strict`:
+    /// the invalidation of the old IOVAs) is still outstanding, oldest first,
+    /// with their buffer counts: at most [`RX_UNMAPS_BEHIND`].
+    rx_unmaps: VecDeque<(crate::PendingUnmaps, usize)>,
     stats: Stats,
     scratch: Vec<u8>,
     /// Time spent in the per-packet paths (see [`cost`]).
@@ -205,6 +217,8 @@ impl<M: DmaMapper> E1000<M> {
             rx_raw: vec![false; usize::from(RING_LEN)],
             rx_raw_done: 0,
             rx_next: 0,
+            rx_refill: None,
+            rx_unmaps: VecDeque::new(),
             stats: Stats {
                 maps: 2,
                 ..Stats::default()
@@ -669,10 +683,14 @@ impl<M: DmaMapper> E1000<M> {
     }
 
     /// Receives up to `max` frames, calling `f` on each (a copy out of the DMA buffer).
-    /// Each buffer is unmapped when the NIC is done with it and mapped again before it is
-    /// handed back; the slots found done in one call are unmapped together, mapped again
-    /// together (one round trip per batch where the mapper can do that) and handed back
-    /// with one tail update. Returns the number of good frames.
+    /// Each buffer is unmapped when the NIC is done with it and mapped again (a new
+    /// IOVA, the same buffer) for its slot's next frame. The slots found done in one
+    /// call are unmapped and mapped again together, both submitted before the frames are
+    /// copied out, and handed back to the NIC with one tail update at the start of the
+    /// next call (or [`finish_rx_refill`](Self::finish_rx_refill)): by then a mapper that
+    /// serves them elsewhere (iommud's rings, `strict`'s invalidation) is done, so
+    /// neither wait stalls the receive path. The NIC keeps the rest of the ring
+    /// meanwhile. Returns the number of good frames.
     pub fn recv_batch(&mut self, max: usize, f: impl FnMut(&[u8])) -> Result<usize> {
         let t0 = cost::now();
         let r = self.recv_batch_untimed(max, f);
@@ -681,6 +699,7 @@ impl<M: DmaMapper> E1000<M> {
     }
 
     fn recv_batch_untimed(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> Result<usize> {
+        self.finish_rx_refill_untimed()?;
         let n = self.rx.n;
         // The slots to process, in ring order from rx_next: done by the NIC, or left
         // without a buffer by a refill that failed (software owns those).
@@ -708,11 +727,12 @@ impl<M: DmaMapper> E1000<M> {
         // The device is done with these buffers: unmap them, and map them again
         // (new IOVAs, the same buffers) for the slots' next frames, both submitted
         // before the frames are read so that a mapper serving them elsewhere
-        // (iommud's rings) works while this thread copies. Each frame is copied out
-        // to `scratch` and checked there, never in the buffer, so what the device
-        // may still write through an old IOVA whose invalidation (`strict`) is in
-        // flight cannot change what was checked; the buffers go back to this same
-        // device only, and only after that invalidation completed.
+        // (iommud's rings) works while this thread copies, and completed by the next
+        // call. Each frame is copied out to `scratch` and checked there, never in the
+        // buffer, so what the device may still write through an old IOVA whose
+        // invalidation (`strict`) is in flight cannot change what was checked; the
+        // buffers go back to this same device only, for the same direction, and the
+        // old IOVAs are reused only after that invalidation (the mapper's rule).
         let mut unmaps = Vec::with_capacity(slots.len());
         let mut had_buffer = Vec::with_capacity(slots.len());
         for &s in &slots {
@@ -774,44 +794,127 @@ impl<M: DmaMapper> E1000<M> {
                 }
             }
             // Clear the written-back status so this slot is never processed twice, even
-            // if the refill below fails.
+            // if the refill fails.
             self.rx.write(s, [0, 0]);
         }
-        let tu = cost::now();
-        let unmapped = match pending_unmaps {
-            Some(p) => self.mapper.unmap_batch_complete(p),
-            None => Ok(()),
-        };
-        let tm = cost::now();
-        self.cost.unmap_ticks += tm.wrapping_sub(tu);
-        if !unmaps.is_empty() {
-            self.cost.unmap_calls += 1;
-            self.cost.unmap_entries += unmaps.len() as u64;
-            self.stats.unmaps += unmaps.len() as u64;
+        match pending_maps {
+            Ok(maps) => {
+                // The scan goes on past these slots; the NIC gets them back later.
+                self.rx_next = ring::next(last, n);
+                self.rx_refill = Some(RxRefill {
+                    slots,
+                    unmaps: pending_unmaps,
+                    n_unmaps: unmaps.len(),
+                    maps,
+                });
+            }
+            Err(e) => {
+                // Nothing mapped: finish the unmaps, and leave the slots unfilled for
+                // the next call to map again (its scan starts at them).
+                let tu = cost::now();
+                let r = pending_unmaps.map_or(Ok(()), |p| self.mapper.unmap_batch_complete(p));
+                self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
+                self.count_unmaps(unmaps.len());
+                r?;
+                return Err(e);
+            }
         }
-        // Then hand the slots back, all at once.
-        let iovas = pending_maps.and_then(|p| self.mapper.map_batch_complete(p))?;
+        Ok(good)
+    }
+
+    /// Hands the last [`recv_batch`](Self::recv_batch)'s slots back to the NIC (waits
+    /// for their buffers' new maps, writes their descriptors and moves the tail once)
+    /// and completes every outstanding unmap of the receive path (`strict`: waits for
+    /// the invalidations). `recv_batch` does the first part as it starts; call this
+    /// to give the NIC its whole ring back, and have every unmap done, while no
+    /// receive follows soon.
+    pub fn finish_rx_refill(&mut self) -> Result<()> {
+        let t0 = cost::now();
+        let r = self
+            .finish_rx_refill_untimed()
+            .and(self.complete_rx_unmaps(true));
+        self.cost.driver_ticks += cost::now().wrapping_sub(t0);
+        r
+    }
+
+    /// The first part of [`finish_rx_refill`](Self::finish_rx_refill); then the unmap
+    /// batches that are done by now, or more than [`RX_UNMAPS_BEHIND`] behind, are
+    /// completed. The others stay outstanding: their buffers went back to this same
+    /// device, for the same direction, at new IOVAs, so an old IOVA still in its IOTLB
+    /// reaches nothing the device may not reach anyway, and the old IOVAs are not
+    /// reused before their invalidation (the mapper's rule; docs/ARCHITECTURE.md,
+    /// "Batches").
+    fn finish_rx_refill_untimed(&mut self) -> Result<()> {
+        let Some(r) = self.rx_refill.take() else {
+            return self.complete_rx_unmaps(false);
+        };
+        let (Some(&first), Some(&last)) = (r.slots.first(), r.slots.last()) else {
+            return self.complete_rx_unmaps(false);
+        };
+        if let Some(p) = r.unmaps {
+            self.rx_unmaps.push_back((p, r.n_unmaps));
+        }
+        let tm = cost::now();
+        let iovas = self.mapper.map_batch_complete(r.maps);
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
+        let iovas = match iovas {
+            Ok(v) if v.len() == r.slots.len() => v,
+            other => {
+                // The slots stay unfilled: the next scan starts at them again.
+                self.rx_next = first;
+                return Err(match other {
+                    Err(e) => e,
+                    Ok(v) => {
+                        Error::Device(format!("{} IOVAs for {} RX slots", v.len(), r.slots.len()))
+                    }
+                });
+            }
+        };
         self.cost.map_calls += 1;
         self.cost.map_entries += iovas.len() as u64;
-        if iovas.len() != slots.len() {
-            return Err(Error::Device(format!(
-                "{} IOVAs for {} RX slots",
-                iovas.len(),
-                slots.len()
-            )));
-        }
-        for (&s, &iova) in slots.iter().zip(&iovas) {
+        for (&s, &iova) in r.slots.iter().zip(&iovas) {
             self.rx_iova[usize::from(s)] = Some(iova);
             self.rx.write(s, RxDesc::empty(iova).to_words());
         }
         self.stats.maps += iovas.len() as u64;
-        self.give_back(last)?;
+        // The last slot becomes the held-back one, releasing the previous one.
+        fence(Ordering::SeqCst);
+        self.regs.write32(regs::RDT, u32::from(last))?;
         // A refused unmap is reported once the slots are back in service.
-        unmapped?;
-        Ok(good)
+        self.complete_rx_unmaps(false)
     }
 
+    /// Completes the receive path's outstanding unmap batches: all of them
+    /// (`all`), else those done by now and any beyond [`RX_UNMAPS_BEHIND`]. The first
+    /// refusal is the error, after every batch taken was completed.
+    fn complete_rx_unmaps(&mut self, all: bool) -> Result<()> {
+        let mut first_err = Ok(());
+        while let Some((p, _)) = self.rx_unmaps.front() {
+            if !all && self.rx_unmaps.len() <= RX_UNMAPS_BEHIND && !self.mapper.unmap_batch_ready(p)
+            {
+                break;
+            }
+            let Some((p, n)) = self.rx_unmaps.pop_front() else {
+                break;
+            };
+            let tu = cost::now();
+            let r = self.mapper.unmap_batch_complete(p);
+            self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
+            self.count_unmaps(n);
+            if first_err.is_ok() {
+                first_err = r;
+            }
+        }
+        first_err
+    }
+
+    fn count_unmaps(&mut self, n: usize) {
+        if n > 0 {
+            self.cost.unmap_calls += 1;
+            self.cost.unmap_entries += n as u64;
+            self.stats.unmaps += n as u64;
+        }
+    }
     /// Fault injection: points the next RX descriptor the NIC will fill at `addr`, an
     /// address this driver did not map (its own buffer is unmapped first). The next frame
     /// that arrives is DMA'd there: blocked by the IOMMU, or written over whatever lives
@@ -820,6 +923,7 @@ impl<M: DmaMapper> E1000<M> {
     ///
     /// Call it with the receive path idle (every completed frame already received).
     pub fn post_rx_unmapped(&mut self, addr: u64) -> Result<()> {
+        self.finish_rx_refill()?;
         let i = self.rx_next;
         let idx = usize::from(i);
         if let Some(iova) = self.rx_iova[idx].take() {
@@ -848,14 +952,6 @@ impl<M: DmaMapper> E1000<M> {
         self.rx_raw_done
     }
 
-    /// Slot `i` is refilled: it becomes the held-back slot, releasing the previous one.
-    fn give_back(&mut self, i: u16) -> Result<()> {
-        fence(Ordering::SeqCst);
-        self.regs.write32(regs::RDT, u32::from(i))?;
-        self.rx_next = ring::next(i, self.rx.n);
-        Ok(())
-    }
-
     /// The driver's counters plus the NIC's (statistics registers are clear-on-read and
     /// are accumulated here).
     pub fn stats(&mut self) -> Result<Stats> {
@@ -878,6 +974,16 @@ impl<M: DmaMapper> E1000<M> {
             }
             *slot = TxSlot::Free;
         }
+        if let Some(r) = self.rx_refill.take() {
+            // The NIC is reset: complete the last refill without handing it back.
+            if let Some(p) = r.unmaps {
+                self.rx_unmaps.push_back((p, r.n_unmaps));
+            }
+            for iova in self.mapper.map_batch_complete(r.maps)? {
+                self.mapper.unmap(iova, BUF_LEN, Dir::FromDevice)?;
+            }
+        }
+        self.complete_rx_unmaps(true)?;
         for iova in self.rx_iova.iter_mut() {
             if let Some(iova) = iova.take() {
                 self.mapper.unmap(iova, BUF_LEN, Dir::FromDevice)?;
@@ -924,6 +1030,19 @@ fn reset(regs: &MmioRegion) -> Result<()> {
         (c | ctrl::SLU | ctrl::ASDE) & !(ctrl::LRST | ctrl::PHY_RST),
     )?;
     Ok(())
+}
+
+/// RX slots a [`E1000::recv_batch`] emptied: their buffers' unmaps and new maps are
+/// submitted, the slots not yet handed back to the NIC.
+#[derive(Debug)]
+struct RxRefill {
+    /// In ring order, the first at the old `rx_next`.
+    slots: Vec<u16>,
+    unmaps: Option<crate::PendingUnmaps>,
+    /// Buffers in `unmaps`.
+    n_unmaps: usize,
+    /// One new map per slot.
+    maps: crate::PendingMaps,
 }
 
 /// Frames copied into TX buffers whose maps are on their way ([`E1000::tx_prepare`]).

@@ -147,6 +147,13 @@ impl DmaMapper for LibdmaMapper {
         }
     }
 
+    fn unmap_batch_ready(&self, p: &crate::PendingUnmaps) -> bool {
+        match p {
+            crate::PendingUnmaps::Done => true,
+            crate::PendingUnmaps::Libdma(t) => self.domain.unmap_batch_ready(t),
+        }
+    }
+
     fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
         if dir != Dir::ToDevice {
             return self.unmap_batch(maps, dir);

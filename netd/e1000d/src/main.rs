@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! e1000d loop --tx 0000:00:01.0 --rx 0000:00:02.0 [--packets N] [--size BYTES]
-//!             [--window W] [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR]
+//!             [--window W] [--burst B] [--warmup N] [--mapper phys|libdma] [--ping-pong]
+//!             [--bad-iova ADDR]
 //!             [--strategy global|magazine] [--flush strict|percore] [--socket PATH]
 //!             [--canary [--canary-only]] [--then SHELL-COMMAND] [--bad-iova-at N]
 //!             [--duration SECS [--report-every SECS] [--report-cmd SHELL-COMMAND]]
@@ -10,7 +11,8 @@
 //! e1000d info BDF
 //! ```
 //! `loop` sends N sequence-numbered, checksummed frames from the TX NIC to the RX NIC
-//! (QEMU hub) with up to W in flight, verifies each one and prints
+//! (QEMU hub) with up to W in flight, at most B (default W) handed to the NIC at once,
+//! verifies each one and prints
 //! `loop: sent=N received=N corrupt=0 lost=0 duplicate=0 foreign=0 pps=<float>`;
 //! it exits 1 if any frame was lost or corrupt. `--ping-pong` instead echoes each frame
 //! back (A→B→A) and prints round-trip p50/p99 in µs.
@@ -62,10 +64,10 @@ use libdma::{DmaDomain, FlushPolicy, Strategy};
 type Nic = E1000<Box<dyn DmaMapper>>;
 
 const USAGE: &str =
-    "usage: e1000d loop --tx BDF --rx BDF [--packets N] [--size BYTES] [--window W] \
+    "usage: e1000d loop --tx BDF --rx BDF [--packets N] [--size BYTES] [--window W] [--burst B] \
 [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
 [--flush strict|percore] [--socket PATH] [--canary [--canary-only]] [--then CMD] [--bad-iova-at N] \
-[--duration SECS [--report-every SECS] [--report-cmd CMD]]\n       \
+[--warmup N] [--duration SECS [--report-every SECS] [--report-cmd CMD]]\n       \
 e1000d storm --nic BDF [--iova ADDR] [--descriptors N] [--seconds S] [--mapper ..] [--strategy ..]\n       \
 e1000d info BDF";
 
@@ -78,13 +80,18 @@ const PROBE_SEQ: u64 = u64::MAX;
 /// frames after `open` arrive about 1 s late.
 const SETTLE: Duration = Duration::from_secs(5);
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct LoopOpts {
     tx: String,
     rx: String,
     packets: u64,
+    /// Frames sent and checked before the measured burst, not reported.
+    warmup: u64,
     size: usize,
     window: u64,
+    /// Most frames handed to the NIC at once (0: the window). Below the window,
+    /// the next burst goes out while the previous one is received.
+    burst: u64,
     mapper: String,
     ping_pong: bool,
     bad_iova: Option<u64>,
@@ -121,8 +128,10 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
         tx: "0000:00:01.0".into(),
         rx: "0000:00:02.0".into(),
         packets: 10_000,
+        warmup: 0,
         size: 1500,
         window: 32,
+        burst: 0,
         mapper: "phys".into(),
         ping_pong: false,
         bad_iova: None,
@@ -145,8 +154,10 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
             Long("tx") => o.tx = val(&mut p)?,
             Long("rx") => o.rx = val(&mut p)?,
             Long("packets") => o.packets = parse_u64(&val(&mut p)?)?,
+            Long("warmup") => o.warmup = parse_u64(&val(&mut p)?)?,
             Long("size") => o.size = parse_u64(&val(&mut p)?)? as usize,
             Long("window") => o.window = parse_u64(&val(&mut p)?)?.max(1),
+            Long("burst") => o.burst = parse_u64(&val(&mut p)?)?,
             Long("mapper") => o.mapper = val(&mut p)?,
             Long("ping-pong") => o.ping_pong = true,
             Long("bad-iova") => o.bad_iova = Some(parse_u64(&val(&mut p)?)?),
@@ -460,7 +471,7 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
     } else if let Some(d) = o.duration {
         soak(o, d, &mut a, &mut b)?
     } else {
-        burst(o, &mut a, &mut b, true)?.ok()
+        warm_up(o, &mut a, &mut b)? && burst(o, &mut a, &mut b, true)?.ok()
     };
     for (nic, d) in [(&a, &da), (&b, &db)] {
         if let Some(d) = d {
@@ -475,6 +486,34 @@ fn run_loop(o: &LoopOpts) -> Result<bool, String> {
         }
     }
     Ok(ok && canary_changed == 0)
+}
+
+/// `o.warmup` frames through the same loop before the measured burst, so that what
+/// it measures is the steady state: the code paths already run once (under QEMU's
+/// TCG the first run of a path translates it), the IOVA caches filled and iommud's
+/// service threads awake. Every frame is checked as in the burst; true if all arrived
+/// intact.
+fn warm_up(o: &LoopOpts, a: &mut Nic, b: &mut Nic) -> Result<bool, String> {
+    if o.warmup == 0 {
+        return Ok(true);
+    }
+    let w = LoopOpts {
+        packets: o.warmup,
+        bad_iova: None,
+        bad_iova_at: None,
+        ..o.clone()
+    };
+    let start = Instant::now();
+    let r = burst(&w, a, b, false)?;
+    println!(
+        "warmup: sent={} received={} lost={} corrupt={} elapsed_s={:.3}",
+        w.packets,
+        r.received,
+        r.lost,
+        r.corrupt,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(r.ok())
 }
 
 /// What one burst moved.
@@ -575,10 +614,16 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
                 Err(err) => return Err(format!("{}: bad-iova: {err}", a.bdf())),
             }
         }
-        // Up to a window of frames at once: one map request, one tail write. The
-        // maps are submitted first and collected after the RX work, so a mapper that
-        // serves them elsewhere (iommud's rings) works while this thread receives.
-        let room = o.window.saturating_sub(in_flight).min(o.packets - sent);
+        // Up to a burst of frames at once, within the window: one map request, one
+        // tail write. The maps are submitted first and collected after the RX work, so
+        // a mapper that serves them elsewhere (iommud's rings) works while this thread
+        // receives (the previous burst's frames, when the window holds two bursts).
+        let burst = if o.burst == 0 { o.window } else { o.burst };
+        let room = o
+            .window
+            .saturating_sub(in_flight)
+            .min(burst)
+            .min(o.packets - sent);
         let mut tx = None;
         if room > 0 {
             frames.resize_with(room as usize, || {
@@ -616,6 +661,8 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
             last_progress = now;
         }
     }
+    // The last receive's slots back to the NIC (their maps count in the cost).
+    b.finish_rx_refill().map_err(e)?;
     let loop_ns = start.elapsed().as_nanos() as f64;
     let cost = a.cost().plus(&b.cost());
     a.flush_tx(Duration::from_secs(1)).map_err(e)?;
@@ -648,13 +695,14 @@ map_calls={} unmap_calls={} size={}",
     print_stats("rx", b)?;
     println!(
         "loop: sent={sent} received={} corrupt={} lost={lost} duplicate={} foreign={} pps={pps:.1} \
-size={} window={} mapper={} elapsed_s={elapsed:.3} first_rx_ms={:.3} max_gap_ms={:.3}",
+size={} window={} burst={} mapper={} elapsed_s={elapsed:.3} first_rx_ms={:.3} max_gap_ms={:.3}",
         t.received,
         t.corrupt,
         t.duplicate,
         t.foreign,
         o.size,
         o.window,
+        if o.burst == 0 { o.window } else { o.burst.min(o.window) },
         o.mapper,
         first_rx.map_or(f64::NAN, |f| f.duration_since(start).as_secs_f64() * 1e3),
         max_gap.as_secs_f64() * 1e3
@@ -883,6 +931,17 @@ mod tests {
         assert_eq!(o.bad_iova_at, Some(500));
         assert_eq!(o.duration, Some(Duration::from_secs(600)));
         assert_eq!(o.report_every, Duration::from_secs(60));
+        assert_eq!(o.warmup, 0);
+        let o = parse_loop(&args("--packets 4000 --warmup 0x800")).expect("valid warm-up");
+        assert_eq!((o.packets, o.warmup), (4000, 2048));
+        assert_eq!(
+            (o.window, o.burst),
+            (32, 0),
+            "a burst is the window by default"
+        );
+        let o = parse_loop(&args("--window 64 --burst 32")).expect("valid burst");
+        assert_eq!((o.window, o.burst), (64, 32));
+        assert!(parse_loop(&args("--warmup many")).is_err());
     }
 
     #[test]
