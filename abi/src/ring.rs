@@ -73,28 +73,47 @@ const _: () = assert!(std::mem::offset_of!(RingShm, sq) == HEADER_BYTES);
 const _: () = assert!(RING_BYTES.is_multiple_of(4096));
 const _: () = assert!(RING_ENTRIES.is_power_of_two());
 
+/// A map: `len` bytes at `offset` of registered region `region`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapArgs {
+    /// Registered region (DMA pool) index, in allocation order.
+    pub region: u32,
+    /// Byte offset in the region.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Direction.
+    pub dir: Dir,
+    /// The client's address of the buffer (the `va` strategy's IOVA; 0 otherwise).
+    pub va: u64,
+}
+
 /// What a submission entry asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SqOp {
-    /// Map `len` bytes at `offset` of registered region `region`.
-    Map {
-        /// Registered region (DMA pool) index, in allocation order.
-        region: u32,
-        /// Byte offset in the region.
-        offset: u64,
-        /// Bytes.
-        len: u64,
-        /// Direction.
-        dir: Dir,
-        /// The client's address of the buffer (the `va` strategy's IOVA; 0 otherwise).
-        va: u64,
-    },
+    /// Map a buffer of a registered region.
+    Map(MapArgs),
     /// Unmap what a map returned (same `len`).
     Unmap {
         /// The IOVA a map returned.
         iova: u64,
         /// Its length.
         len: u64,
+    },
+    /// An unmap and a map in one entry (a NIC's RX refill: the buffer the
+    /// device filled goes back at a new IOVA). The map's bounds are checked
+    /// first: a remap that could never map unmaps nothing. Otherwise, once
+    /// it completes, `old` is not mapped any more (refused if it was not
+    /// mapped, and then nothing is mapped), and on success the completion
+    /// carries the new IOVA. With `strict`, the completion follows the
+    /// invalidation of `old`, as an unmap's does.
+    Remap {
+        /// The IOVA a map returned, to unmap.
+        old: u64,
+        /// Its length.
+        old_len: u64,
+        /// The new map.
+        map: MapArgs,
     },
 }
 
@@ -109,6 +128,7 @@ pub struct Sqe {
 
 const OP_MAP: u64 = 1;
 const OP_UNMAP: u64 = 2;
+const OP_REMAP: u64 = 3;
 
 /// Why a submission entry cannot be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -123,26 +143,21 @@ pub enum SqeError {
 
 impl Sqe {
     /// The entry's words: w0 = op (bits 7:0) | dir (15:8) | region (63:32),
-    /// w1 = offset or IOVA, w2 = length, w3 = va, w4 = user, w5..7 = 0.
+    /// w1 = offset or IOVA, w2 = length, w3 = va, w4 = user, w5 = the old
+    /// IOVA and w6 its length (remap), w7 = 0.
     pub fn encode(&self) -> [u64; SQE_WORDS] {
         let mut w = [0u64; SQE_WORDS];
         match self.op {
-            SqOp::Map {
-                region,
-                offset,
-                len,
-                dir,
-                va,
-            } => {
-                w[0] = OP_MAP | (dir as u64) << 8 | u64::from(region) << 32;
-                w[1] = offset;
-                w[2] = len;
-                w[3] = va;
-            }
+            SqOp::Map(m) => m.put(OP_MAP, &mut w),
             SqOp::Unmap { iova, len } => {
                 w[0] = OP_UNMAP;
                 w[1] = iova;
                 w[2] = len;
+            }
+            SqOp::Remap { old, old_len, map } => {
+                map.put(OP_REMAP, &mut w);
+                w[5] = old;
+                w[6] = old_len;
             }
         }
         w[4] = self.user;
@@ -152,23 +167,41 @@ impl Sqe {
     /// Decodes a private copy of an entry's words (hostile: any value).
     pub fn decode(w: &[u64; SQE_WORDS]) -> Result<Sqe, SqeError> {
         let op = match w[0] & 0xff {
-            OP_MAP => {
-                let d = (w[0] >> 8) & 0xff;
-                SqOp::Map {
-                    region: (w[0] >> 32) as u32,
-                    offset: w[1],
-                    len: w[2],
-                    dir: Dir::from_u64(d).ok_or(SqeError::Dir(d))?,
-                    va: w[3],
-                }
-            }
+            OP_MAP => SqOp::Map(MapArgs::take(w)?),
             OP_UNMAP => SqOp::Unmap {
                 iova: w[1],
                 len: w[2],
             },
+            OP_REMAP => SqOp::Remap {
+                old: w[5],
+                old_len: w[6],
+                map: MapArgs::take(w)?,
+            },
             other => return Err(SqeError::Op(other)),
         };
         Ok(Sqe { op, user: w[4] })
+    }
+}
+
+impl MapArgs {
+    /// Writes `op` and the map into an entry's words w0..w3.
+    fn put(&self, op: u64, w: &mut [u64; SQE_WORDS]) {
+        w[0] = op | (self.dir as u64) << 8 | u64::from(self.region) << 32;
+        w[1] = self.offset;
+        w[2] = self.len;
+        w[3] = self.va;
+    }
+
+    /// The map of an entry's words w0..w3 (hostile: any value).
+    fn take(w: &[u64; SQE_WORDS]) -> Result<MapArgs, SqeError> {
+        let d = (w[0] >> 8) & 0xff;
+        Ok(MapArgs {
+            region: (w[0] >> 32) as u32,
+            offset: w[1],
+            len: w[2],
+            dir: Dir::from_u64(d).ok_or(SqeError::Dir(d))?,
+            va: w[3],
+        })
     }
 }
 
@@ -234,13 +267,13 @@ mod tests {
     #[test]
     fn entries_encode_by_hand() {
         let m = Sqe {
-            op: SqOp::Map {
+            op: SqOp::Map(MapArgs {
                 region: 3,
                 offset: 0x1234,
                 len: 1500,
                 dir: Dir::FromDevice,
                 va: 0x7f00_0000_1000,
-            },
+            }),
             user: 99,
         };
         let w = m.encode();
@@ -256,6 +289,38 @@ mod tests {
         };
         assert_eq!(u.encode(), [2, 0x4000_2000, 64, 0, 7, 0, 0, 0]);
         assert_eq!(Sqe::decode(&u.encode()), Ok(u));
+        let r = Sqe {
+            op: SqOp::Remap {
+                old: 0x4000_3000,
+                old_len: 2048,
+                map: MapArgs {
+                    region: 2,
+                    offset: 0x800,
+                    len: 2048,
+                    dir: Dir::FromDevice,
+                    va: 0,
+                },
+            },
+            user: 11,
+        };
+        assert_eq!(
+            r.encode(),
+            [
+                3 | 2 << 8 | 2 << 32,
+                0x800,
+                2048,
+                0,
+                11,
+                0x4000_3000,
+                2048,
+                0
+            ]
+        );
+        assert_eq!(Sqe::decode(&r.encode()), Ok(r));
+        assert_eq!(
+            Sqe::decode(&[3 | 9 << 8, 0, 0, 0, 0, 0, 0, 0]),
+            Err(SqeError::Dir(9))
+        );
         assert_eq!(Sqe::decode(&[9, 0, 0, 0, 0, 0, 0, 0]), Err(SqeError::Op(9)));
         assert_eq!(
             Sqe::decode(&[1 | 7 << 8, 0, 0, 0, 0, 0, 0, 0]),

@@ -6,7 +6,7 @@
 //! registered pool (read back from the domain's page table through the unit).
 #![no_main]
 
-use iommu_abi::ring::{ring_at, Cqe, SqOp, CQE_WORDS, RING_ENTRIES, SQE_WORDS};
+use iommu_abi::ring::{ring_at, Cqe, MapArgs, SqOp, CQE_WORDS, RING_ENTRIES, SQE_WORDS};
 use iommud::domain::Domain;
 use iommud::platform::sim::{SimMmio, SimPlatform};
 use iommud::policy::Trust;
@@ -99,13 +99,13 @@ fuzz_target!(|data: &[u8]| {
                 let t = ring.sq_tail.0.load(Relaxed);
                 let v = word(rec);
                 let op = if v & 1 == 0 {
-                    SqOp::Map {
+                    SqOp::Map(MapArgs {
                         region: (v >> 1 & 3) as u32,
                         offset: (v >> 3) % (2 * POOL),
                         len: (v >> 24) % (40 << 12),
                         dir: libdma::Dir::Bidirectional,
                         va: 0,
-                    }
+                    })
                 } else {
                     SqOp::Unmap {
                         iova: (1 << 30) + ((v >> 1) % (1 << 24)),

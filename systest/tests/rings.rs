@@ -7,7 +7,7 @@
 mod common;
 
 use common::{daemon_with_policy, kv, RawClient};
-use iommu_abi::ring::{ring_at, Cqe, SqOp, Sqe, CQE_WORDS, RING_BYTES, RING_ENTRIES};
+use iommu_abi::ring::{ring_at, Cqe, MapArgs, SqOp, Sqe, CQE_WORDS, RING_BYTES, RING_ENTRIES};
 use iommu_abi::Bdf;
 use libdma::proto::{ErrorCode, Request};
 use libdma::{Control, Dir, DmaDomain, FlushPolicy, Strategy};
@@ -254,12 +254,14 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
     // A domain gets its rings once.
     let e = c.call(&Request::SetupRings { rings: 1 }).unwrap_err();
     assert_eq!(e.0, ErrorCode::Busy, "{}", e.1);
-    let map = |offset, len| SqOp::Map {
-        region: 0,
-        offset,
-        len,
-        dir: Dir::FromDevice,
-        va: 0,
+    let map = |offset, len| {
+        SqOp::Map(MapArgs {
+            region: 0,
+            offset,
+            len,
+            dir: Dir::FromDevice,
+            va: 0,
+        })
     };
     r.put(map(0, 4096), 1);
     let good = r.next();
@@ -270,13 +272,13 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
         // Beyond the region, a region that does not exist, offset overflow.
         (map((1 << 20) - 4096, 8192), ErrorCode::NotOwner),
         (
-            SqOp::Map {
+            SqOp::Map(MapArgs {
                 region: 7,
                 offset: 0,
                 len: 64,
                 dir: Dir::ToDevice,
                 va: 0,
-            },
+            }),
             ErrorCode::NotOwner,
         ),
         (map(u64::MAX - 10, 64), ErrorCode::NotOwner),
@@ -307,12 +309,14 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
     // the regions between passes): its first entry is served, at its own
     // offset, and a region beyond it is still refused.
     let (_phys2, _m2) = c.pool(1 << 16);
-    let map2 = |region, offset| SqOp::Map {
-        region,
-        offset,
-        len: 64,
-        dir: Dir::ToDevice,
-        va: 0,
+    let map2 = |region, offset| {
+        SqOp::Map(MapArgs {
+            region,
+            offset,
+            len: 64,
+            dir: Dir::ToDevice,
+            va: 0,
+        })
     };
     r.put(map2(1, 0x1010), 150);
     let second = r.next();
@@ -333,11 +337,79 @@ fn hostile_ring_entries_are_refused_and_iommud_survives() {
     assert_eq!(r.next().result, Ok(0));
     r.put(SqOp::Unmap { iova, len: 4096 }, 201);
     assert_eq!(r.next().result, Err(ErrorCode::NotOwner), "double unmap");
+    // Remaps (unmap and map in one entry): bounds first, then the unmap.
+    let maps_done = |c: &Control| {
+        kv(
+            &c.read(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
+                .unwrap(),
+            "maps",
+        )
+    };
+    let ctl = Control::connect(d.socket()).unwrap();
+    r.put(map(0, 4096), 400);
+    let m1 = r.next().result.expect("a map");
+    let remap = |old, offset, len| SqOp::Remap {
+        old,
+        old_len: 4096,
+        map: MapArgs {
+            region: 0,
+            offset,
+            len,
+            dir: Dir::FromDevice,
+            va: 0,
+        },
+    };
+    // Out of the region's bounds: refused, and `m1` is still mapped.
+    r.put(remap(m1, (1 << 20) - 4096, 8192), 401);
+    assert_eq!(
+        r.next().result,
+        Err(ErrorCode::NotOwner),
+        "remap out of bounds"
+    );
+    let before = maps_done(&ctl);
+    // An old IOVA that is not mapped: refused, and nothing is mapped.
+    r.put(remap(m1 + (64 << 12), 0x2000, 4096), 402);
+    assert_eq!(
+        r.next().result,
+        Err(ErrorCode::NotOwner),
+        "remap of nothing"
+    );
+    assert_eq!(maps_done(&ctl), before, "a refused remap mapped nothing");
+    // The real one: `m1` goes, a new IOVA comes with the offset's page.
+    r.put(remap(m1, 0x2000, 4096), 403);
+    let m2 = r.next().result.expect("a remap");
+    assert_ne!(m2, m1);
+    assert_eq!(maps_done(&ctl), before + 1);
+    // Twice: `m1` is gone; so is an unmap of it.
+    r.put(remap(m1, 0x3000, 4096), 404);
+    assert_eq!(r.next().result, Err(ErrorCode::NotOwner), "remap twice");
+    r.put(
+        SqOp::Unmap {
+            iova: m1,
+            len: 4096,
+        },
+        405,
+    );
+    assert_eq!(r.next().result, Err(ErrorCode::NotOwner), "m1 was unmapped");
+    r.put(
+        SqOp::Unmap {
+            iova: m2,
+            len: 4096,
+        },
+        406,
+    );
+    assert_eq!(r.next().result, Ok(0), "m2 was live");
     // Garbage words: unknown op and direction.
     r.put_words([0xee, 0, 0, 0, 300, 0, 0, 0]);
     assert_eq!(r.next().result, Err(ErrorCode::Invalid));
     r.put_words([1 | 9 << 8, 0, 64, 0, 301, 0, 0, 0]);
     assert_eq!(r.next().result, Err(ErrorCode::Invalid));
+    r.put_words([3 | 9 << 8, 0, 64, 0, 302, m2, 4096, 0]);
+    assert_eq!(
+        r.next().result,
+        Err(ErrorCode::Invalid),
+        "remap, bad direction"
+    );
     // A tail far ahead: iommud takes at most one ring's worth, answers
     // each (the entries are leftovers and zeros: refused or mapped), and
     // never writes a completion the client has not freed.

@@ -707,9 +707,9 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// Queue pairs measured on igb.
 pub const IGB_QUEUES: [u16; 2] = [1, 2];
-/// igb loops move this many times `--packets` frames: a 4000-frame igb loop lasts
-/// only tens of milliseconds here, too short to time.
-pub const IGB_PACKET_FACTOR: u64 = 5;
+/// igb loops move this many times `--packets` frames (20 000 by default, as
+/// before the e1000 default went from 4000 to 20 000).
+pub const IGB_PACKET_FACTOR: u64 = 1;
 
 /// The guest job of one configuration's igb rows: iommud (translation off for
 /// `notrans`), then per repetition `igbd loop` for every queue count and frame size
@@ -895,6 +895,7 @@ netbench: loop failed size=64
     #[test]
     fn script_runs_every_size_once_and_one_ping_pong() {
         let o = parse(&["--reps".into(), "2".into(), "--packets".into(), "7".into()]).unwrap();
+        assert_eq!((o.warmup, o.window, o.burst), (2000, 32, 0), "defaults");
         assert_eq!(parse(&[]).unwrap().reps, 5, "at least 5 reps by default");
         let s = script(&configs()[0], &o);
         assert!(s.contains("--no-translation"));
@@ -903,7 +904,7 @@ netbench: loop failed size=64
         assert_eq!(s.matches("failed size=64").count(), 1);
         assert_eq!(s.matches("failed size=1500").count(), 1);
         assert_eq!(s.matches("--ping-pong").count(), 1);
-        assert!(s.contains("--packets 7 --size 1500"));
+        assert!(s.contains("--packets 7 --warmup 2000 --window 32 --burst 0 --size 1500"));
         assert!(parse(&["--reps".into(), "0".into()]).is_err());
     }
 

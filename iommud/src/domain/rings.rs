@@ -29,7 +29,9 @@
 //! a size class) goes through the same request handling as the socket path.
 
 use super::*;
-use iommu_abi::ring::{ring_at, Cqe, RingShm, SqOp, Sqe, CQE_WORDS, RING_BYTES, RING_ENTRIES};
+use iommu_abi::ring::{
+    ring_at, Cqe, MapArgs, RingShm, SqOp, Sqe, CQE_WORDS, RING_BYTES, RING_ENTRIES,
+};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
 
@@ -449,30 +451,25 @@ impl Domain {
         op: SqOp,
     ) -> Result<u64, DomainError> {
         match op {
-            SqOp::Map {
-                region,
-                offset,
-                len,
-                dir,
-                va,
-            } => {
-                let r = pass.region(self, region).ok_or_else(|| {
-                    reply(
-                        ErrorCode::NotOwner,
-                        format!("no registered region {region}"),
-                    )
-                })?;
-                if len == 0
-                    || len > MAX_MAP_LEN
-                    || offset.checked_add(len).is_none_or(|e| e > r.len)
-                {
-                    return Err(reply(
-                        ErrorCode::NotOwner,
-                        format!(
-                            "region {region}: offset {offset:#x} length {len:#x} out of bounds"
-                        ),
-                    ));
-                }
+            SqOp::Remap { old, old_len, map } => {
+                // A remap that could never map unmaps nothing.
+                self.ring_target(pass, &map)?;
+                let unmap = SqOp::Unmap {
+                    iova: old,
+                    len: old_len,
+                };
+                self.ring_op(rings, st, pass, strategy, unmap)?;
+                self.ring_op(rings, st, pass, strategy, SqOp::Map(map))
+            }
+            SqOp::Map(m) => {
+                let MapArgs {
+                    offset,
+                    len,
+                    dir,
+                    va,
+                    ..
+                } = m;
+                let r = self.ring_target(pass, &m)?;
                 let phys = r.phys + offset;
                 match strategy {
                     Strategy::Static if r.iova != 0 => Ok(r.iova + offset),
@@ -496,6 +493,30 @@ impl Domain {
                 self.unmap(iova, len).map(|()| 0)
             }
         }
+    }
+
+    /// The registered region a map entry names, if `[offset, offset+len)`
+    /// lies inside it.
+    fn ring_target(&self, pass: &mut Pass, m: &MapArgs) -> Result<Registered, DomainError> {
+        let MapArgs {
+            region,
+            offset,
+            len,
+            ..
+        } = *m;
+        let r = pass.region(self, region).ok_or_else(|| {
+            reply(
+                ErrorCode::NotOwner,
+                format!("no registered region {region}"),
+            )
+        })?;
+        if len == 0 || len > MAX_MAP_LEN || offset.checked_add(len).is_none_or(|e| e > r.len) {
+            return Err(reply(
+                ErrorCode::NotOwner,
+                format!("region {region}: offset {offset:#x} length {len:#x} out of bounds"),
+            ));
+        }
+        Ok(r)
     }
 
     fn ring_map(

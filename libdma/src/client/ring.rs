@@ -11,7 +11,7 @@
 
 use super::*;
 use crate::ring::{
-    ring_at, Cqe, RingShm, SqOp, Sqe, CQE_WORDS, MAX_RINGS, RING_BYTES, RING_ENTRIES,
+    ring_at, Cqe, MapArgs, RingShm, SqOp, Sqe, CQE_WORDS, MAX_RINGS, RING_BYTES, RING_ENTRIES,
 };
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{Ordering::Acquire, Ordering::Release};
@@ -249,6 +249,11 @@ impl DmaDomain {
 
     /// The ring entries mapping `bufs` (registered region, offset, length).
     fn map_ops(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<SqOp>> {
+        Ok(self.map_args(bufs)?.into_iter().map(SqOp::Map).collect())
+    }
+
+    /// What mapping `bufs` asks of iommud: registered region, offset, length.
+    fn map_args(&self, bufs: &[(u64, usize, Dir)]) -> Result<Vec<MapArgs>> {
         let strategy = self.strategy();
         let mut ops = Vec::with_capacity(bufs.len());
         for &(phys, len, dir) in bufs {
@@ -256,7 +261,7 @@ impl DmaDomain {
                 return Err(Error::Invalid("zero-length map".into()));
             }
             let r = self.region_of(phys, len as u64)?;
-            ops.push(SqOp::Map {
+            ops.push(MapArgs {
                 region: r.index,
                 offset: phys - r.phys,
                 len: len as u64,
@@ -348,6 +353,65 @@ impl DmaDomain {
                 lens: bufs.iter().map(|b| b.1).collect(),
             },
         })
+    }
+
+    /// Unmaps `old[k]` and maps `bufs[k]` in one ring entry each (a NIC's
+    /// RX refill: the buffers the device filled, mapped again at new IOVAs),
+    /// half the entries of [`DmaDomain::unmap_batch_submit`] followed by
+    /// [`DmaDomain::map_batch_submit`], which is what it does off the rings
+    /// (or for `static`). Collect the new IOVAs with
+    /// [`DmaDomain::map_batch_complete`], all or nothing; complete the
+    /// returned [`UnmapTicket`] as for `unmap_batch_submit`. On the rings the
+    /// unmaps complete with the maps (with `strict`, after the invalidation
+    /// of the old IOVAs), and when the maps fail the old IOVAs are unmapped
+    /// all the same (a remap always ends its old mapping, except that one
+    /// whose new map is out of the region's bounds unmaps nothing, and is a
+    /// caller's bug: `old` must be what a map returned). Until then the same
+    /// rules hold as for `unmap_batch_submit`: the driver may read what it
+    /// copies out of the buffers, nothing else.
+    pub fn remap_batch_submit(
+        &self,
+        old: &[(u64, usize)],
+        bufs: &[(u64, usize, Dir)],
+    ) -> Result<(super::fastbatch::UnmapTicket, MapTicket)> {
+        if old.len() != bufs.len() {
+            return Err(Error::Invalid(format!(
+                "{} unmaps for {} maps in a remap batch",
+                old.len(),
+                bufs.len()
+            )));
+        }
+        if self.rings.is_none()
+            || matches!(self.strategy(), Strategy::NoIommu | Strategy::Static)
+            || bufs.is_empty()
+            || bufs.len() > CHUNK
+        {
+            let u = self.unmap_batch_submit(old)?;
+            return Ok((u, self.map_batch_submit(bufs)?));
+        }
+        let ops: Vec<SqOp> = self
+            .map_args(bufs)?
+            .into_iter()
+            .zip(old)
+            .map(|(map, &(iova, old_len))| SqOp::Remap {
+                old: iova,
+                old_len: old_len as u64,
+                map,
+            })
+            .collect();
+        let (ring, first) = self.submit_on(&ops, true)?;
+        Ok((
+            super::fastbatch::UnmapTicket {
+                wait: super::fastbatch::UnmapWait::Done,
+            },
+            MapTicket {
+                inner: Ticket::Ring {
+                    ring,
+                    first,
+                    lens: bufs.iter().map(|b| b.1).collect(),
+                },
+            },
+        ))
     }
 
     /// The IOVAs of a [`DmaDomain::map_batch_submit`], all or nothing (a

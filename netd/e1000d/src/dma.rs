@@ -177,6 +177,19 @@ pub trait DmaMapper {
     fn unmap_batch_ready(&self, p: &PendingUnmaps) -> bool {
         matches!(p, PendingUnmaps::Done)
     }
+    /// An RX refill: [`unmap_batch_submit`](Self::unmap_batch_submit) of `unmaps`,
+    /// then [`map_batch_submit`](Self::map_batch_submit) of `reqs` (the same
+    /// buffers, one each), whose result is the second value. A mapper that can
+    /// do both in one request per buffer (iommud's rings) does.
+    fn remap_batch_submit(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> Result<(PendingUnmaps, Result<PendingMaps>)> {
+        let u = self.unmap_batch_submit(unmaps, dir)?;
+        Ok((u, self.map_batch_submit(reqs)))
+    }
 }
 
 impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
@@ -212,6 +225,14 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
     }
     fn unmap_batch_ready(&self, p: &PendingUnmaps) -> bool {
         (**self).unmap_batch_ready(p)
+    }
+    fn remap_batch_submit(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> Result<(PendingUnmaps, Result<PendingMaps>)> {
+        (**self).remap_batch_submit(unmaps, reqs, dir)
     }
 }
 

@@ -65,6 +65,16 @@ fn to_libdma(d: Dir) -> libdma::Dir {
     }
 }
 
+/// libdma's `(phys, len, dir)` of each request, its range checked.
+fn phys_bufs(reqs: &[(&DmaBuf, usize, usize, Dir)]) -> Result<Vec<(u64, usize, libdma::Dir)>> {
+    reqs.iter()
+        .map(|&(buf, offset, len, dir)| {
+            buf.check_range(offset, len)?;
+            Ok((buf.phys() + offset as u64, len, to_libdma(dir)))
+        })
+        .collect()
+}
+
 impl DmaMapper for LibdmaMapper {
     fn alloc(&self, len: usize) -> Result<DmaBuf> {
         let b = self.domain.alloc(len).map_err(|e| err("alloc", e))?;
@@ -94,11 +104,7 @@ impl DmaMapper for LibdmaMapper {
     /// One round trip per 64 buffers with a validated strategy, one
     /// invalidation per batch for magazines in caching mode.
     fn map_batch(&self, reqs: &[(&DmaBuf, usize, usize, Dir)]) -> Result<Vec<u64>> {
-        let mut bufs = Vec::with_capacity(reqs.len());
-        for &(buf, offset, len, dir) in reqs {
-            buf.check_range(offset, len)?;
-            bufs.push((buf.phys() + offset as u64, len, to_libdma(dir)));
-        }
+        let bufs = phys_bufs(reqs)?;
         self.domain.map_batch(&bufs).map_err(|e| err("map", e))
     }
 
@@ -110,11 +116,7 @@ impl DmaMapper for LibdmaMapper {
         &self,
         reqs: &[(&DmaBuf, usize, usize, Dir)],
     ) -> Result<crate::PendingMaps> {
-        let mut bufs = Vec::with_capacity(reqs.len());
-        for &(buf, offset, len, dir) in reqs {
-            buf.check_range(offset, len)?;
-            bufs.push((buf.phys() + offset as u64, len, to_libdma(dir)));
-        }
+        let bufs = phys_bufs(reqs)?;
         self.domain
             .map_batch_submit(&bufs)
             .map(crate::PendingMaps::Libdma)
@@ -145,6 +147,29 @@ impl DmaMapper for LibdmaMapper {
                 .unmap_batch_complete(t)
                 .map_err(|e| err("unmap", e)),
         }
+    }
+
+    /// On iommud's rings one entry per buffer (unmap and map together);
+    /// elsewhere the two submissions.
+    fn remap_batch_submit(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> Result<(crate::PendingUnmaps, Result<crate::PendingMaps>)> {
+        if !self.domain.uses_rings() {
+            let u = self.unmap_batch_submit(unmaps, dir)?;
+            return Ok((u, self.map_batch_submit(reqs)));
+        }
+        let bufs = phys_bufs(reqs)?;
+        let (u, m) = self
+            .domain
+            .remap_batch_submit(unmaps, &bufs)
+            .map_err(|e| err("remap", e))?;
+        Ok((
+            crate::PendingUnmaps::Libdma(u),
+            Ok(crate::PendingMaps::Libdma(m)),
+        ))
     }
 
     fn unmap_batch_ready(&self, p: &crate::PendingUnmaps) -> bool {
