@@ -131,24 +131,28 @@ pub fn guest_policy(trust: &str) -> String {
 }
 
 /// Shell lines that start iommud (extra arguments `args`) with
-/// [`GUEST_POLICY`] and wait for its socket.
+/// [`GUEST_POLICY`] and wait for its socket; iommud's threads run where the
+/// guest's scheduler puts them (the functional guest tests).
 pub fn start_iommud(args: &str) -> String {
-    start_iommud_trust(args, "delegated")
+    iommud_lines(args, "delegated", "")
 }
 
-/// [`start_iommud`] with the e1000 NICs in `trust` (see [`guest_policy`]).
-///
-/// The guest has 2 vCPUs: iommud runs on CPU 1 (`taskset -c 1`: its ring service
-/// thread, and the threads that answer requests and flush, which otherwise wake up
-/// on whichever CPU and preempt the driver there) and the demo's and netbench's
+/// [`start_iommud`] with the e1000 NICs in `trust` (see [`guest_policy`]), for the
+/// jobs that measure: iommud runs on CPU 1 (`taskset -c 1`: its ring service thread,
+/// and the threads that answer requests and flush, which otherwise wake up on
+/// whichever CPU and preempt the driver there) and the demo's and netbench's
 /// drivers run on CPU 0 (`taskset -c 0`), as a deployment would give iommud a core
 /// of its own (docs/PERFORMANCE.md).
 pub fn start_iommud_trust(args: &str, trust: &str) -> String {
+    iommud_lines(args, trust, "taskset -c 1 ")
+}
+
+fn iommud_lines(args: &str, trust: &str, prefix: &str) -> String {
     let policy = guest_policy(trust);
     format!(
         r#"cat > /run/iommud.toml <<'POLICY-EOF'
 {policy}POLICY-EOF
-taskset -c 1 iommud --platform linux --socket /run/iommud.sock --config /run/iommud.toml --service-cpus 1 {args} > /tmp/iommud.log 2>&1 &
+{prefix}iommud --platform linux --socket /run/iommud.sock --config /run/iommud.toml --service-cpus 1 {args} > /tmp/iommud.log 2>&1 &
 i=0; while [ ! -S /run/iommud.sock ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 if [ ! -S /run/iommud.sock ]; then echo "iommud did not start"; cat /tmp/iommud.log; exit 3; fi
 "#

@@ -320,7 +320,13 @@ fn run<M: DmaMapper + Send + Sync + 'static>(
         // first measured job, so its counters are the job's own.
         std::thread::sleep(Duration::from_millis(100));
     }
-    for job in &o.jobs {
+    for (k, job) in o.jobs.iter().enumerate() {
+        if k > 0 && dom.is_some() {
+            // As after the fill: the previous job's last unmaps are flushed by
+            // iommud's timer before this job's counters start, so its
+            // invalidations are its own.
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let before = domain_stats(dom.as_deref(), &sbdf);
         let maps0: u64 = workers.iter_mut().map(|w| w.queue().maps).sum();
         let rt0 = dom.as_ref().map_or(0, |d| d.counts().round_trips);
