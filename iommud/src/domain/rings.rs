@@ -395,8 +395,8 @@ impl Domain {
         let strategy = self.strategy_now();
         let flush = FlushPolicy::from_u64(u64::from(self.page().flush.load(SeqCst)))
             .unwrap_or(FlushPolicy::Strict);
+        // Empty: every pass leaves it cleared.
         let mut pass = std::mem::take(&mut st.pass);
-        pass.clear();
         let (mut rejected, mut errors) = (0, 0);
         for j in 0..n {
             let slot = &shm.sq[(st.sq_head.wrapping_add(j) % RING_ENTRIES) as usize];

@@ -335,17 +335,27 @@ impl DmaDomain {
     /// [`DmaDomain::map_batch_complete`]. Meanwhile the driver can do other
     /// work (a TX batch's maps travel while it handles its RX ring).
     pub fn map_batch_submit(&self, bufs: &[(u64, usize, Dir)]) -> Result<MapTicket> {
-        if self.rings.is_none()
-            || matches!(self.strategy(), Strategy::NoIommu | Strategy::Static)
-            || bufs.is_empty()
-            || bufs.len() > CHUNK
-        {
+        if !self.submits_ahead(bufs.len()) {
             return Ok(MapTicket {
                 inner: Ticket::Ready(self.map_batch(bufs)?),
             });
         }
-        let ops = self.map_ops(bufs)?;
-        let (ring, first) = self.submit_on(&ops, true)?;
+        self.submit_maps(&self.map_ops(bufs)?, bufs)
+    }
+
+    /// True if a batch of `n` maps goes to the rings as one submission
+    /// collected later; otherwise the submit calls map at once.
+    fn submits_ahead(&self, n: usize) -> bool {
+        self.rings.is_some()
+            && !matches!(self.strategy(), Strategy::NoIommu | Strategy::Static)
+            && n > 0
+            && n <= CHUNK
+    }
+
+    /// Submits `ops`, whose completions are the maps of `bufs`, for
+    /// [`DmaDomain::map_batch_complete`].
+    fn submit_maps(&self, ops: &[SqOp], bufs: &[(u64, usize, Dir)]) -> Result<MapTicket> {
+        let (ring, first) = self.submit_on(ops, true)?;
         Ok(MapTicket {
             inner: Ticket::Ring {
                 ring,
@@ -381,11 +391,7 @@ impl DmaDomain {
                 bufs.len()
             )));
         }
-        if self.rings.is_none()
-            || matches!(self.strategy(), Strategy::NoIommu | Strategy::Static)
-            || bufs.is_empty()
-            || bufs.len() > CHUNK
-        {
+        if !self.submits_ahead(bufs.len()) {
             let u = self.unmap_batch_submit(old)?;
             return Ok((u, self.map_batch_submit(bufs)?));
         }
@@ -399,18 +405,12 @@ impl DmaDomain {
                 map,
             })
             .collect();
-        let (ring, first) = self.submit_on(&ops, true)?;
+        let maps = self.submit_maps(&ops, bufs)?;
         Ok((
             super::fastbatch::UnmapTicket {
                 wait: super::fastbatch::UnmapWait::Done,
             },
-            MapTicket {
-                inner: Ticket::Ring {
-                    ring,
-                    first,
-                    lens: bufs.iter().map(|b| b.1).collect(),
-                },
-            },
+            maps,
         ))
     }
 
