@@ -255,6 +255,16 @@ fn run(state: &Arc<State>, w: &Worker) {
             let timeout = if w.wake.is_some() { SLEEP_MS } else { 10 };
             // SAFETY: `fds` is a live array of `fds.len()` pollfds.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if n == 0 {
+                // Woken by the timeout, not by a client: one pass, and back
+                // to sleep at once unless it finds entries (spinning after
+                // every timeout would cost an idle daemon 2 ms a second).
+                for d in &doms {
+                    d.set_ring_idle(false);
+                }
+                last_work = Instant::now().checked_sub(svc.spin).unwrap_or(last_work);
+                continue;
+            }
             if n > 0 {
                 let wake_fd = w.wake.as_ref().map(|f| f.as_raw_fd());
                 for p in &fds {

@@ -80,6 +80,13 @@ pub struct DomainStats {
     /// Invalidations issued for strict ring batches (page-selective with
     /// address masks, or domain-selective when that is cheaper).
     pub ring_strict_invals: AtomicU64,
+    /// Time the service threads spent in passes over this domain's rings
+    /// that found work (ns): the server's side of the ring path.
+    pub ring_busy_ns: AtomicU64,
+    /// Of `ring_busy_ns`: writing and clearing entries at a pass's end.
+    pub ring_write_ns: AtomicU64,
+    /// Of `ring_busy_ns`: the passes' invalidations (issued and waited for).
+    pub ring_inval_ns: AtomicU64,
     /// Flushes made by the epoch timer.
     pub timer_flushes: AtomicU64,
     /// The latest the epoch timer ran a flush after its deadline (ns).

@@ -355,6 +355,21 @@ fn a_ready_unmap_ticket_means_the_old_iovas_are_blocked() {
                 waited >= 3,
                 "{path}: only {waited} of 10 tickets were pending"
             );
+        } else {
+            // The service thread's time counters: every strict batch's
+            // invalidation took the unit's 20 ms, inside the passes' time.
+            let stats = dom
+                .read_path(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
+                .unwrap();
+            let (busy, write, inval) = (
+                kv(&stats, "ring_busy_ns"),
+                kv(&stats, "ring_write_ns"),
+                kv(&stats, "ring_inval_ns"),
+            );
+            let invals = kv(&stats, "ring_strict_invalidations");
+            assert!(invals >= 10, "{stats}");
+            assert!(inval >= invals * 20_000_000, "{stats}");
+            assert!(busy >= write + inval && write > 0, "{stats}");
         }
         let maps: Vec<(u64, usize)> = old.iter().map(|&v| (v, 2048)).collect();
         dom.unmap_batch(&maps).unwrap();

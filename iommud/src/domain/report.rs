@@ -94,6 +94,9 @@ impl Domain {
                 "ring_strict_invalidations",
                 stats::get(&s.ring_strict_invals),
             )
+            .kv("ring_busy_ns", stats::get(&s.ring_busy_ns))
+            .kv("ring_write_ns", stats::get(&s.ring_write_ns))
+            .kv("ring_inval_ns", stats::get(&s.ring_inval_ns))
             .kv("timer_flushes", stats::get(&s.timer_flushes))
             .kv("timer_late_max_ns", stats::get(&s.timer_late_max_ns))
             .kv("timer_lock_busy", stats::get(&s.timer_lock_busy))

@@ -34,6 +34,12 @@ use iommu_abi::ring::{
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::time::Instant;
+
+/// A duration in ns, for the time counters.
+fn nanos(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
 
 /// Entries one pass takes from one ring (fairness between rings and domains).
 pub const PASS_BUDGET: u32 = 64;
@@ -392,6 +398,7 @@ impl Domain {
         if n == 0 {
             return 0;
         }
+        let started = Instant::now();
         let strategy = self.strategy_now();
         let flush = FlushPolicy::from_u64(u64::from(self.page().flush.load(SeqCst)))
             .unwrap_or(FlushPolicy::Strict);
@@ -438,6 +445,7 @@ impl Domain {
         shm.cq_tail.0.store(st.cq_tail, Release);
         stats::add(&self.stats.ring_entries, u64::from(n));
         stats::add(&self.stats.ring_passes, 1);
+        stats::add(&self.stats.ring_busy_ns, nanos(started.elapsed()));
         n
     }
 
@@ -644,7 +652,9 @@ impl Domain {
     /// The end of a pass: the strict batch's one invalidation, the caching
     /// mode's invalidation of fresh entries, and flush requests.
     fn finish_pass(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
+        let t = Instant::now();
         self.write_pass(rings, st, pass, flush);
+        stats::add(&self.stats.ring_write_ns, nanos(t.elapsed()));
         let Pass {
             strict,
             fresh,
@@ -679,7 +689,10 @@ impl Domain {
                 stats::add(&self.stats.ring_strict_unmaps, strict.len() as u64);
                 stats::add(&self.stats.ring_strict_invals, descs.len() as u64);
             }
-            if let Err(e) = self.unit.invalidate(descs) {
+            let t = Instant::now();
+            let r = self.unit.invalidate(descs);
+            stats::add(&self.stats.ring_inval_ns, nanos(t.elapsed()));
+            if let Err(e) = r {
                 // Not invalidated: the IOVAs must never be reused, and every
                 // entry of the pass reports the failure.
                 crate::unit::log::warn(&format!(

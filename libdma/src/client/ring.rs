@@ -39,7 +39,44 @@ struct RingClient {
     /// first sequence number and length.
     awaited: Vec<(u32, u32)>,
     /// Completions of awaited batches consumed before their owner came.
-    stash: std::collections::HashMap<u32, std::result::Result<u64, ErrorCode>>,
+    stash: Stash,
+}
+
+/// A completion's result as the ring reports it.
+type Completion = std::result::Result<u64, ErrorCode>;
+
+/// The completions of awaited batches, by sequence number: a slot per ring
+/// entry (no hashing on the path of every completion), and a map for the
+/// rare sequence number whose slot an older, still uncollected completion
+/// holds (a ticket collected more than a ring's worth of entries late).
+#[derive(Default)]
+struct Stash {
+    slots: Vec<Option<(u32, Completion)>>,
+    overflow: std::collections::HashMap<u32, Completion>,
+}
+
+impl Stash {
+    fn insert(&mut self, seq: u32, r: Completion) {
+        if self.slots.is_empty() {
+            self.slots = vec![None; RING_ENTRIES as usize];
+        }
+        let slot = &mut self.slots[(seq % RING_ENTRIES) as usize];
+        match slot {
+            None => *slot = Some((seq, r)),
+            Some(_) => {
+                self.overflow.insert(seq, r);
+            }
+        }
+    }
+
+    fn remove(&mut self, seq: u32) -> Option<Completion> {
+        if let Some(slot) = self.slots.get_mut((seq % RING_ENTRIES) as usize) {
+            if matches!(slot, Some((s, _)) if *s == seq) {
+                return slot.take().map(|(_, r)| r);
+            }
+        }
+        self.overflow.remove(&seq)
+    }
 }
 
 /// Maps submitted with [`DmaDomain::map_batch_submit`], to be collected with
@@ -450,7 +487,7 @@ impl DmaDomain {
         Ok((0..n)
             .map(|k| {
                 c.stash
-                    .remove(&first.wrapping_add(k))
+                    .remove(first.wrapping_add(k))
                     .unwrap_or(Err(ErrorCode::Hardware))
             })
             .collect())
@@ -656,5 +693,34 @@ impl DmaDomain {
             ring.cq_head.0.store(c.head, Release);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stash_keeps_every_completion_until_its_owner_takes_it() {
+        let mut s = Stash::default();
+        s.insert(5, Ok(0x1000));
+        // A ring's worth later the same slot: kept apart, not overwritten.
+        s.insert(5 + RING_ENTRIES, Ok(0x2000));
+        s.insert(6, Err(ErrorCode::NotOwner));
+        assert_eq!(s.overflow.len(), 1);
+        assert_eq!(s.remove(5 + RING_ENTRIES), Some(Ok(0x2000)));
+        assert_eq!(s.remove(5), Some(Ok(0x1000)));
+        assert_eq!(s.remove(5), None, "taken once");
+        assert_eq!(s.remove(6), Some(Err(ErrorCode::NotOwner)));
+        // A sequence number never stashed, in an empty and in a taken slot.
+        assert_eq!(s.remove(7), None);
+        assert_eq!(s.remove(6 + RING_ENTRIES), None);
+        // Sequence numbers wrap around u32.
+        s.insert(u32::MAX, Ok(1));
+        s.insert(0, Ok(2));
+        assert_eq!(
+            (s.remove(0), s.remove(u32::MAX)),
+            (Some(Ok(2)), Some(Ok(1)))
+        );
     }
 }

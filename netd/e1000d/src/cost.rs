@@ -10,6 +10,8 @@
 //!   descriptor reads and writes, frame copies, fences and the tail/doorbell MMIO writes.
 //!   Under QEMU a doorbell write runs the device model (and its DMA through the emulated
 //!   VT-d unit) in the writing vCPU, so that time lands here too;
+//! * `map_tx`, `map_rx`: the `map` column split by NIC (the sender's TX maps, the
+//!   receiver's RX refills);
 //! * `other`: the rest of the loop (building and verifying frames, polling an idle ring).
 //!
 //! Time stamps are TSC reads on x86_64 (a few ns, no system call: a clock read per

@@ -678,9 +678,12 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
         return Ok(result);
     }
     let c = cost.per_packet(loop_ns, t.received, e1000d::cost::ticks_per_ns());
+    // The map column split by NIC: the sender's TX maps, the receiver's RX refills.
+    let per_frame =
+        |ticks: u64| ticks as f64 / e1000d::cost::ticks_per_ns() / t.received.max(1) as f64;
     println!(
         "cost_ns: map={:.0} unmap={:.0} ring={:.0} other={:.0} total={:.0} batch={:.2} \
-map_calls={} unmap_calls={} size={}",
+map_calls={} unmap_calls={} size={} map_tx={:.0} map_rx={:.0}",
         c.map,
         c.unmap,
         c.ring,
@@ -689,7 +692,9 @@ map_calls={} unmap_calls={} size={}",
         cost.batch(),
         cost.map_calls,
         cost.unmap_calls,
-        o.size
+        o.size,
+        per_frame(a.cost().map_ticks),
+        per_frame(b.cost().map_ticks),
     );
     print_stats("tx", a)?;
     print_stats("rx", b)?;
