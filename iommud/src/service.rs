@@ -192,9 +192,13 @@ fn run(state: &Arc<State>, w: &Worker) {
             // A bug reached through one client's ring must not stop the others.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.serve_rings(w.index)))
             {
-                Ok(n) => {
+                Ok((n, deferred)) => {
                     // An idle epoch timer learns of iommud's own unmaps now.
-                    if n > 0 && d.timer_idle() {
+                    // Only then: the timer thread outranks this one on its
+                    // CPU, and waking it after every pass (a strict batch, a
+                    // batch of maps: nothing for it to do) cost the next
+                    // pass tens of microseconds under TCG (docs/PERFORMANCE.md).
+                    if deferred && d.timer_idle() {
                         state.timer.kick();
                     }
                     work += n

@@ -456,7 +456,8 @@ impl State {
                     .fold(0u64, |a, c| a.saturating_add(stats::get(&c.refused))),
             )
             .kv("malformed", stats::get(&sec.malformed))
-            .kv("internal_errors", stats::get(&sec.internal_errors));
+            .kv("internal_errors", stats::get(&sec.internal_errors))
+            .kv("timer_kicks", stats::get(&self.timer.kicks));
         self.unit.stats.render(&mut t);
         t.0
     }

@@ -55,11 +55,14 @@ pub const IDLE_SCAN: Duration = Duration::from_nanos(iommu_abi::shared::IDLE_SCA
 pub struct Wake {
     kicked: Mutex<bool>,
     cv: Condvar,
+    /// Kicks so far (`timer_kicks` in the daemon's stats).
+    pub kicks: std::sync::atomic::AtomicU64,
 }
 
 impl Wake {
     /// Wakes the sleeper now (or makes its next sleep return at once).
     pub fn kick(&self) {
+        stats::add(&self.kicks, 1);
         *self.kicked.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.cv.notify_all();
     }

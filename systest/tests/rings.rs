@@ -569,3 +569,48 @@ fn two_service_threads_share_a_domains_rings() {
     );
     assert_eq!(d.machine().counters().stale_hits, 0);
 }
+
+#[test]
+fn only_passes_that_leave_unmaps_to_the_timer_wake_it() {
+    // The epoch timer outranks the service thread on its CPU: a pass that
+    // leaves it nothing (strict unmaps, invalidated in the pass; maps) must
+    // not wake it, and one that leaves it percore unmaps must, or their
+    // IOVAs would wait for its idle scan.
+    let d = daemon_with_policy("rings-kicks", VALIDATED, &[]);
+    let kicks = |dom: &DmaDomain| kv(&dom.read_path("stats").unwrap(), "timer_kicks");
+    let burst = |dom: &DmaDomain, b: &libdma::DmaBuffer| {
+        let bufs: Vec<(u64, usize, Dir)> = (0..8)
+            .map(|k| (b.phys + k * 512, 512, Dir::FromDevice))
+            .collect();
+        let iovas = dom.map_batch(&bufs).unwrap();
+        let maps: Vec<(u64, usize)> = iovas.iter().map(|&v| (v, 512)).collect();
+        dom.unmap_batch(&maps).unwrap();
+    };
+    let strict =
+        DmaDomain::connect(d.socket(), 0x48, Strategy::Magazine, FlushPolicy::Strict).unwrap();
+    assert!(strict.uses_rings());
+    let b = strict.alloc(4096).unwrap();
+    burst(&strict, &b);
+    // Let any kick from setting the domain up pass.
+    std::thread::sleep(Duration::from_millis(100));
+    let k0 = kicks(&strict);
+    for _ in 0..50 {
+        burst(&strict, &b);
+    }
+    let strict_kicks = kicks(&strict) - k0;
+    assert_eq!(strict_kicks, 0, "strict passes woke the epoch timer");
+    let percore =
+        DmaDomain::connect(d.socket(), 0x50, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let pb = percore.alloc(4096).unwrap();
+    let k1 = kicks(&percore);
+    burst(&percore, &pb);
+    // Its unmaps are served without a wait (percore): give the pass time.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kicks(&percore) == k1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        kicks(&percore) > k1,
+        "percore ring unmaps did not wake the idle timer"
+    );
+}

@@ -104,6 +104,8 @@ struct Pass {
     regions_fresh: bool,
     /// A sealed batch waits for this tag (ask for a flush).
     want: u64,
+    /// Unmaps were left to the epoch timer (`percore`, `deferred`).
+    deferred: bool,
     /// Scratch of `write_pass` and `finish_pass`: entry runs to clear, a
     /// run's leaf entries, ranges to invalidate, their runs, descriptors.
     clears: Vec<(u64, u64)>,
@@ -124,6 +126,7 @@ impl Pass {
         self.unmaps.clear();
         self.regions_fresh = false;
         self.want = 0;
+        self.deferred = false;
         self.clears.clear();
         self.run.clear();
         self.ranges.clear();
@@ -365,38 +368,42 @@ impl Domain {
 
     /// One pass over every ring, from ring `first` on (service threads
     /// sharing a domain start at different rings): returns the entries
-    /// served. A ring another service thread is serving is skipped.
-    pub fn serve_rings(&self, first: usize) -> u32 {
+    /// served, and whether the passes left unmaps to the epoch timer
+    /// (`percore`, `deferred`: their IOVAs wait for its flush). A ring
+    /// another service thread is serving is skipped.
+    pub fn serve_rings(&self, first: usize) -> (u32, bool) {
         let Some(rings) = self.rings.get() else {
-            return 0;
+            return (0, false);
         };
-        let mut served = 0;
+        let (mut served, mut deferred) = (0, false);
         for j in 0..rings.count() {
             let k = (first + j) % rings.count();
             let Ok(mut st) = rings.servers[k].try_lock() else {
                 continue;
             };
             if self.is_dead() {
-                return served;
+                break;
             }
-            served += self.serve_ring(rings, k, &mut st);
+            let (n, d) = self.serve_ring(rings, k, &mut st);
+            served += n;
+            deferred |= d;
         }
-        served
+        (served, deferred)
     }
 
-    fn serve_ring(&self, rings: &Rings, k: usize, st: &mut RingServer) -> u32 {
+    fn serve_ring(&self, rings: &Rings, k: usize, st: &mut RingServer) -> (u32, bool) {
         let shm = rings.ring(k);
         // The client's indices are hostile: bounded here, never trusted.
         let tail = shm.sq_tail.0.load(Acquire);
         let avail = tail.wrapping_sub(st.sq_head).min(RING_ENTRIES);
         if avail == 0 {
-            return 0;
+            return (0, false);
         }
         let used = st.cq_tail.wrapping_sub(shm.cq_head.0.load(Acquire));
         let free = RING_ENTRIES.saturating_sub(used);
         let n = avail.min(free).min(PASS_BUDGET);
         if n == 0 {
-            return 0;
+            return (0, false);
         }
         let started = Instant::now();
         let strategy = self.strategy_now();
@@ -430,6 +437,7 @@ impl Domain {
             stats::add(&self.stats.errors, errors);
         }
         self.finish_pass(rings, st, &mut pass, flush);
+        let deferred = pass.deferred;
         for &(user, result) in &pass.results {
             let c = Cqe { user, result }.encode();
             let slot = &shm.cq[(st.cq_tail % RING_ENTRIES) as usize];
@@ -446,7 +454,7 @@ impl Domain {
         stats::add(&self.stats.ring_entries, u64::from(n));
         stats::add(&self.stats.ring_passes, 1);
         stats::add(&self.stats.ring_busy_ns, nanos(started.elapsed()));
-        n
+        (n, deferred)
     }
 
     /// One entry. Errors become the entry's completion.
@@ -782,6 +790,7 @@ impl Domain {
         match flush {
             FlushPolicy::Strict => pass.strict.append(unmaps),
             FlushPolicy::PerCore | FlushPolicy::Deferred if !unmaps.is_empty() => {
+                pass.deferred = true;
                 {
                     let _r = self.record_lock.lock().unwrap_or_else(|p| p.into_inner());
                     for _ in unmaps.iter() {

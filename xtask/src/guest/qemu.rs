@@ -13,10 +13,18 @@ use super::{GuestOutput, GuestRun, EXIT_MARKER, HUGEPAGES};
 use crate::util::{describe, guest_dir, mkdirs, Result};
 
 /// The kernel command line: keep the guest kernel off the VT-d unit so userspace owns it.
+///
+/// `tsc=reliable`: under TCG the kernel's boot-time check finds the two vCPUs' TSCs
+/// "unsynchronized" and falls back to the HPET, and then every clock read in userspace
+/// (`clock_gettime`, Rust's `Instant::now`) is a system call and an MMIO read that QEMU
+/// serves under its global lock, so one vCPU's clock read waits while the other runs a
+/// device model (a NIC's whole transmit, tens of microseconds). QEMU's TCG TSC is the
+/// host's, which is synchronized; hardware and KVM guests have a stable clock anyway
+/// (docs/PERFORMANCE.md, "The guest's clock").
 pub fn kernel_cmdline(run: &GuestRun) -> String {
     let mut s = run.kernel_cmdline.clone().unwrap_or_else(|| {
         format!(
-        "console=ttyS0 intel_iommu=off intremap=off iomem=relaxed hugepagesz=2M hugepages={HUGEPAGES} panic=-1 quiet"
+        "console=ttyS0 intel_iommu=off intremap=off iomem=relaxed hugepagesz=2M hugepages={HUGEPAGES} panic=-1 quiet tsc=reliable"
     )
     });
     if run.nvme_disk.is_some() {
