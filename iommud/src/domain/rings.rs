@@ -20,8 +20,11 @@
 //! come from magazines carved from contiguous ranges, so a ring's batch
 //! usually falls in one or two masked runs. With `percore` and `deferred`,
 //! cleared IOVAs are batched per ring and size class, tagged with iommud's
-//! epoch when a batch is sealed, and reused once an invalidation covers the
-//! tag (the epoch protocol of `iommu_abi::shared`, run entirely by iommud).
+//! epoch when a batch (a magazine's worth) is sealed, and reused once an
+//! invalidation covers the tag (the epoch protocol of `iommu_abi::shared`,
+//! run entirely by iommud). The service thread flushes the domain itself
+//! right after the pass that sealed a batch has posted its completions; the
+//! epoch timer only bounds the wait of batches not yet full.
 //!
 //! **Static.** A map returns the pool's IOVA plus the offset.
 //!
@@ -50,8 +53,6 @@ const MAX_MASKED: usize = 4;
 const MAX_RUN_PAGES: u64 = 512;
 /// Clean IOVAs a ring keeps per class before giving a magazine back.
 const KEEP_CLEAN: usize = 2 * MAG_SIZE;
-/// Sealed batches a ring lets wait before it flushes the domain itself.
-const MAX_WAITING: usize = 4;
 
 /// A client's rings and iommud's private state for each.
 pub struct Rings {
@@ -104,6 +105,8 @@ struct Pass {
     regions_fresh: bool,
     /// A sealed batch waits for this tag (ask for a flush).
     want: u64,
+    /// Flush the domain once the pass's completions are posted.
+    flush_after: bool,
     /// Unmaps were left to the epoch timer (`percore`, `deferred`).
     deferred: bool,
     /// Scratch of `write_pass` and `finish_pass`: entry runs to clear, a
@@ -127,6 +130,7 @@ impl Pass {
         self.regions_fresh = false;
         self.want = 0;
         self.deferred = false;
+        self.flush_after = false;
         self.clears.clear();
         self.run.clear();
         self.ranges.clear();
@@ -437,7 +441,7 @@ impl Domain {
             stats::add(&self.stats.errors, errors);
         }
         self.finish_pass(rings, st, &mut pass, flush);
-        let deferred = pass.deferred;
+        let (deferred, flush_after) = (pass.deferred, pass.flush_after);
         for &(user, result) in &pass.results {
             let c = Cqe { user, result }.encode();
             let slot = &shm.cq[(st.cq_tail % RING_ENTRIES) as usize];
@@ -451,6 +455,13 @@ impl Domain {
         st.sq_head = st.sq_head.wrapping_add(n);
         shm.sq_head.0.store(st.sq_head, Release);
         shm.cq_tail.0.store(st.cq_tail, Release);
+        if flush_after {
+            // The sealed batches become clean for this ring's next maps.
+            if let Err(e) = self.flush() {
+                crate::unit::log::warn(&format!("{}: ring flush failed: {e}", Bdf(self.sid)));
+            }
+            self.recycle(st);
+        }
         stats::add(&self.stats.ring_entries, u64::from(n));
         stats::add(&self.stats.ring_passes, 1);
         stats::add(&self.stats.ring_busy_ns, nanos(started.elapsed()));
@@ -725,18 +736,11 @@ impl Domain {
                 self.depot_give(class, back);
             }
         }
-        if pass.want != 0 {
-            if st.dirty.len() >= MAX_WAITING {
-                // The epoch timer is behind: flush here rather than let the
-                // ring run dry.
-                if let Err(e) = self.flush() {
-                    crate::unit::log::warn(&format!("{}: ring flush failed: {e}", Bdf(self.sid)));
-                }
-                self.recycle(st);
-            } else {
-                self.server_wanted.fetch_max(pass.want, SeqCst);
-            }
-        }
+        // A sealed batch: this thread flushes once the pass's completions are
+        // out (`serve_ring`), off their path and without waking the epoch
+        // timer, which would preempt it on its CPU. Should that flush fail,
+        // the timer's deadline on the noted unmaps still covers them.
+        pass.flush_after |= pass.want != 0;
     }
 
     /// The pass's entry writes, a run of neighbouring entries at a time: the
