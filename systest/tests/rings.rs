@@ -614,3 +614,55 @@ fn only_passes_that_leave_unmaps_to_the_timer_wake_it() {
         "percore ring unmaps did not wake the idle timer"
     );
 }
+
+#[test]
+fn a_percore_ring_flushes_its_own_sealed_batch_without_the_timer() {
+    // A magazine's worth of unmaps (128 one-page buffers) seals a batch: the
+    // service thread flushes the domain itself once the pass's completions
+    // are out. The epoch timer (which would preempt it on its CPU) has then
+    // nothing left to flush.
+    let d = daemon_with_policy("rings-sealed", VALIDATED, &[]);
+    let bdf = 0x58;
+    let dom =
+        DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    assert!(dom.uses_rings());
+    let stat = |key: &str| {
+        kv(
+            &dom.read_path(&format!("domains/{}/stats", Bdf(bdf)))
+                .unwrap(),
+            key,
+        )
+    };
+    let n = iommu_abi::classes::MAG_SIZE;
+    let pool = dom.alloc(n * 4096).unwrap();
+    let bufs: Vec<(u64, usize, Dir)> = (0..n as u64)
+        .map(|k| (pool.phys + k * 4096, 4096, Dir::ToDevice))
+        .collect();
+    let iovas = dom.map_batch(&bufs).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let (inv0, timed0) = (stat("invalidations"), stat("timer_flushes"));
+    let maps: Vec<(u64, usize)> = iovas.iter().map(|&v| (v, 4096)).collect();
+    dom.unmap_batch(&maps).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat("invalidations") == inv0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Past the timer's 10 ms deadline for the noted unmaps.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        stat("invalidations"),
+        inv0 + 1,
+        "one flush for the sealed batch"
+    );
+    assert_eq!(
+        stat("timer_flushes"),
+        timed0,
+        "the service thread flushed, not the timer"
+    );
+    assert_eq!(
+        stat("epoch_completed") + 1,
+        stat("epoch"),
+        "{}",
+        stat("epoch")
+    );
+}
