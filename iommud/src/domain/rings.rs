@@ -103,9 +103,11 @@ struct Pass {
     regions: Vec<Registered>,
     /// The copy of `regions` was refreshed in this pass.
     regions_fresh: bool,
-    /// A sealed batch waits for this tag (ask for a flush).
-    want: u64,
-    /// Flush the domain once the pass's completions are posted.
+    /// A batch was sealed: flush the domain once the pass's completions
+    /// are posted (`serve_ring`), off their path and without waking the
+    /// epoch timer, which would preempt the service thread on its CPU.
+    /// Should that flush fail, the timer's deadline on the noted unmaps
+    /// still covers them.
     flush_after: bool,
     /// Unmaps were left to the epoch timer (`percore`, `deferred`).
     deferred: bool,
@@ -128,7 +130,6 @@ impl Pass {
         self.maps.clear();
         self.unmaps.clear();
         self.regions_fresh = false;
-        self.want = 0;
         self.deferred = false;
         self.flush_after = false;
         self.clears.clear();
@@ -616,14 +617,13 @@ impl Domain {
 
     /// Seals a ring's open batch of `class`: tagged with iommud's epoch read
     /// after its clears (`iommu_abi::shared`).
-    fn seal(&self, st: &mut RingServer, class: usize) -> u64 {
+    fn seal(&self, st: &mut RingServer, class: usize) {
         std::sync::atomic::fence(SeqCst);
         let tag = self.epoch();
         let batch = std::mem::take(&mut st.open[class]);
         if !batch.is_empty() {
             st.dirty.push_back((tag, class, batch));
         }
-        tag
     }
 
     /// Moves sealed batches an invalidation has covered to the clean caches.
@@ -668,8 +668,9 @@ impl Domain {
         Ok(())
     }
 
-    /// The end of a pass: the strict batch's one invalidation, the caching
-    /// mode's invalidation of fresh entries, and flush requests.
+    /// The end of a pass: the entry writes, the strict batch's one
+    /// invalidation, the caching mode's invalidation of fresh entries, and
+    /// the clean caches kept bounded.
     fn finish_pass(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
         let t = Instant::now();
         self.write_pass(rings, st, pass, flush);
@@ -736,11 +737,6 @@ impl Domain {
                 self.depot_give(class, back);
             }
         }
-        // A sealed batch: this thread flushes once the pass's completions are
-        // out (`serve_ring`), off their path and without waking the epoch
-        // timer, which would preempt it on its CPU. Should that flush fail,
-        // the timer's deadline on the noted unmaps still covers them.
-        pass.flush_after |= pass.want != 0;
     }
 
     /// The pass's entry writes, a run of neighbouring entries at a time: the
@@ -808,7 +804,8 @@ impl Domain {
                 }
                 // Sealed after the clears above (seal fences, then reads the epoch).
                 for class in (0..SIZE_CLASSES).filter(|&c| full[c]) {
-                    pass.want = pass.want.max(self.seal(st, class));
+                    self.seal(st, class);
+                    pass.flush_after = true;
                 }
             }
             _ => unmaps.clear(),
