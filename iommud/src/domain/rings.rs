@@ -454,6 +454,10 @@ impl Domain {
         pass.clear();
         st.pass = pass;
         st.sq_head = st.sq_head.wrapping_add(n);
+        // Counted before the completions are published: a client that saw
+        // them finds them counted.
+        stats::add(&self.stats.ring_entries, u64::from(n));
+        stats::add(&self.stats.ring_passes, 1);
         shm.sq_head.0.store(st.sq_head, Release);
         shm.cq_tail.0.store(st.cq_tail, Release);
         if flush_after {
@@ -463,8 +467,6 @@ impl Domain {
             }
             self.recycle(st);
         }
-        stats::add(&self.stats.ring_entries, u64::from(n));
-        stats::add(&self.stats.ring_passes, 1);
         stats::add(&self.stats.ring_busy_ns, nanos(started.elapsed()));
         (n, deferred)
     }
