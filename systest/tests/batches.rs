@@ -19,11 +19,7 @@ const N: usize = 16;
 const RACE: u64 = 2;
 
 fn invalidations(dom: &DmaDomain, bdf: u16) -> u64 {
-    kv(
-        &dom.read_path(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
-            .unwrap(),
-        "invalidations",
-    )
+    kv(&common::domain_stats(dom, bdf), "invalidations")
 }
 
 fn reqs(bufs: &[libdma::DmaBuffer]) -> Vec<(u64, usize, Dir)> {
@@ -133,13 +129,7 @@ fn submitted_unmaps_on_the_rings_complete_after_their_invalidation() {
     let dev = d.machine();
     let bufs: Vec<_> = (0..N).map(|_| dom.alloc(2048).unwrap()).collect();
     let mut old = dom.map_batch(&reqs(&bufs)).unwrap();
-    let stat = |key: &str| {
-        kv(
-            &dom.read_path(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
-                .unwrap(),
-            key,
-        )
-    };
+    let stat = |key: &str| kv(&common::domain_stats(&dom, bdf), key);
     for round in 0..20u8 {
         let (unmaps, invals) = (
             stat("ring_strict_unmaps"),
@@ -211,9 +201,7 @@ fn a_delegated_batch_stops_at_a_mapping_that_is_not_there() {
         dom.map_batch(&bad),
         Err(libdma::Error::Invalid(_))
     ));
-    let s = dom
-        .read_path(&format!("domains/{}/stats", iommu_abi::Bdf(A)))
-        .unwrap();
+    let s = common::domain_stats(&dom, A);
     assert_eq!(kv(&s, "maps"), 4, "the refused batch mapped nothing: {s}");
     dom.unmap_batch(&[(iovas[2], 2048), (iovas[3], 2048)])
         .unwrap();
@@ -267,9 +255,7 @@ fn concurrent_depot_exchanges_never_hand_one_iova_to_two_threads() {
     for h in hs {
         h.join().unwrap();
     }
-    let s = dom
-        .read_path(&format!("domains/{}/stats", iommu_abi::Bdf(A)))
-        .unwrap();
+    let s = common::domain_stats(&dom, A);
     assert!(kv(&s, "depot_exchanges") > 100, "exchanges were few: {s}");
 }
 
@@ -358,9 +344,7 @@ fn a_ready_unmap_ticket_means_the_old_iovas_are_blocked() {
         } else {
             // The service thread's time counters: every strict batch's
             // invalidation took the unit's 20 ms, inside the passes' time.
-            let stats = dom
-                .read_path(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
-                .unwrap();
+            let stats = common::domain_stats(&dom, bdf);
             let (busy, write, inval) = (
                 kv(&stats, "ring_busy_ns"),
                 kv(&stats, "ring_write_ns"),
@@ -394,13 +378,7 @@ fn remaps_take_one_ring_entry_per_buffer_and_leave_no_stale_iova() {
     for (d, bdf) in both_paths("batch-remap", &[]) {
         let (dom, path) = strict_domain(&d, bdf);
         let dev = d.machine();
-        let stat = |key: &str| {
-            kv(
-                &dom.read_path(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
-                    .unwrap(),
-                key,
-            )
-        };
+        let stat = |key: &str| kv(&common::domain_stats(&dom, bdf), key);
         let bufs: Vec<_> = (0..N).map(|_| dom.alloc(2048).unwrap()).collect();
         let mut old = dom.map_batch(&reqs(&bufs)).unwrap();
         for round in 0..20u8 {

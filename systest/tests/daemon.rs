@@ -6,7 +6,6 @@
 mod common;
 
 use common::{kv, Daemon};
-use iommu_abi::Bdf;
 use libdma::proto::{ErrorCode, Reply, Request};
 use libdma::{Dir, DmaDomain, FlushPolicy, Strategy};
 use std::time::{Duration, Instant};
@@ -389,9 +388,7 @@ fn batches_map_in_one_round_trip_and_all_or_nothing() {
             Err(libdma::Error::Invalid(_)) if strategy == Strategy::Va => {}
             other => panic!("{strategy:?}: bad batch gave {other:?}"),
         }
-        let s = dom
-            .read_path(&format!("domains/{}/stats", Bdf(sid)))
-            .unwrap();
+        let s = common::domain_stats(&dom, sid);
         assert_eq!(kv(&s, "mapped"), 0, "{strategy:?}: {s}");
         assert_eq!(kv(&s, "refcounted_pages"), 0, "{strategy:?}: {s}");
     }

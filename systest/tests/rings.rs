@@ -78,9 +78,7 @@ fn exercise(d: &common::Daemon, bdf: u16, s: Strategy, f: FlushPolicy, threads: 
     // Every entry submitted has completed (unmaps nobody waited for too).
     dom.drain().unwrap();
     let c = dom.counts();
-    let stats = dom
-        .read_path(&format!("domains/{}/stats", Bdf(bdf)))
-        .unwrap();
+    let stats = common::domain_stats(&dom, bdf);
     // Setup only: hello, attach, rings, pools, and this read.
     assert!(
         c.round_trips <= 10,
@@ -484,9 +482,7 @@ fn a_sleeping_service_thread_is_woken_by_the_doorbell() {
         dom.unmap(iova, 4096).unwrap();
         worst = worst.max(t.elapsed());
     }
-    let stats = dom
-        .read_path(&format!("domains/{}/stats", Bdf(bdf)))
-        .unwrap();
+    let stats = common::domain_stats(&dom, bdf);
     println!(
         "worst map+unmap after a sleep: {worst:?}; doorbells {} sleeps {}",
         kv(&stats, "ring_doorbells"),
@@ -626,13 +622,7 @@ fn a_percore_ring_flushes_its_own_sealed_batch_without_the_timer() {
     let dom =
         DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
     assert!(dom.uses_rings());
-    let stat = |key: &str| {
-        kv(
-            &dom.read_path(&format!("domains/{}/stats", Bdf(bdf)))
-                .unwrap(),
-            key,
-        )
-    };
+    let stat = |key: &str| kv(&common::domain_stats(&dom, bdf), key);
     let n = iommu_abi::classes::MAG_SIZE;
     let pool = dom.alloc(n * 4096).unwrap();
     let bufs: Vec<(u64, usize, Dir)> = (0..n as u64)

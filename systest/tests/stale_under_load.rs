@@ -55,9 +55,7 @@ fn load_client() {
     }
     // The last unmaps are flushed by iommud's timer within 10 ms.
     std::thread::sleep(Duration::from_millis(60));
-    let s = dom
-        .read_path(&format!("domains/{}/stats", iommu_abi::Bdf(c.bdf)))
-        .unwrap();
+    let s = common::domain_stats(&dom, c.bdf);
     println!(
         "RESULT pairs {pairs} max {} late {} mean {} unmaps {} timer_flushes {} wakeups {}",
         kv(&s, "stale_window_max_ns"),

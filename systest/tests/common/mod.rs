@@ -395,3 +395,9 @@ pub fn write_result(name: &str, text: &str) {
         println!("figures written to {}", dir.join(name).display());
     }
 }
+
+/// The `key value` statistics of `dom`'s device `bdf` (`domains/<bdf>/stats`).
+pub fn domain_stats(dom: &libdma::DmaDomain, bdf: u16) -> String {
+    dom.read_path(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
+        .unwrap()
+}
