@@ -656,3 +656,56 @@ fn a_percore_ring_flushes_its_own_sealed_batch_without_the_timer() {
         stat("epoch")
     );
 }
+
+#[test]
+fn a_map_ticket_is_ready_exactly_when_its_completions_are_posted() {
+    // A driver polls `map_batch_ready` to hand buffers to its device only
+    // once their IOVAs are there. With iommud stopped (SIGSTOP) nothing is
+    // served: the ticket stays not ready; once iommud runs again it turns
+    // ready, and collecting it then does not wait.
+    let d = daemon_with_policy("rings-ready", VALIDATED, &[]);
+    let bdf = 0x68;
+    let dom = DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::Strict).unwrap();
+    assert!(dom.uses_rings());
+    let bufs: Vec<(u64, usize, Dir)> = (0..4)
+        .map(|_| (dom.alloc(4096).unwrap().phys, 4096, Dir::ToDevice))
+        .collect();
+    // Warm: the service thread has served this ring once.
+    let v = dom.map_batch(&bufs).unwrap();
+    let maps: Vec<(u64, usize)> = v.iter().map(|&i| (i, 4096)).collect();
+    dom.unmap_batch(&maps).unwrap();
+    let pid = d.child.id() as libc::pid_t;
+    // SAFETY: signals to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // Stopped once every thread is (state T in /proc/<pid>/task/*/stat).
+    let all_stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| {
+            d.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')))
+            })
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !all_stopped() {
+        assert!(Instant::now() < deadline, "iommud did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t = dom.map_batch_submit(&bufs).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = dom.map_batch_ready(&t);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    assert!(!stopped, "ready although iommud was stopped");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !dom.map_batch_ready(&t) {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut iovas = dom.map_batch_complete(t).unwrap();
+    iovas.sort_unstable();
+    iovas.dedup();
+    assert_eq!(iovas.len(), 4, "four distinct IOVAs");
+    let maps: Vec<(u64, usize)> = iovas.iter().map(|&i| (i, 4096)).collect();
+    dom.unmap_batch(&maps).unwrap();
+}

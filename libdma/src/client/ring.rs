@@ -462,6 +462,19 @@ impl DmaDomain {
         self.all_or_nothing(results, &lens)
     }
 
+    /// True if [`DmaDomain::map_batch_complete`] of `t` would not wait for
+    /// iommud: every completion of the batch is posted (or it was mapped at
+    /// once). Never blocks; a driver polls it to hand buffers to its device
+    /// only once their IOVAs are there, doing other work meanwhile.
+    pub fn map_batch_ready(&self, t: &MapTicket) -> bool {
+        match &t.inner {
+            Ticket::Ready(_) => true,
+            Ticket::Ring { ring, first, lens } => {
+                self.ring_posted(*ring, *first, lens.len() as u32)
+            }
+        }
+    }
+
     /// The results of `n` awaited entries from sequence `first` on ring
     /// `ring` (a [`MapTicket`] or an unmap ticket), waiting for them.
     pub(super) fn ring_collect(
