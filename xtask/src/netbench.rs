@@ -2,8 +2,8 @@
 //! guest, per IOVA strategy and flush policy and with translation off.
 //!
 //! ```text
-//! cargo xtask netbench [--packets N] [--warmup N] [--window N] [--burst N] [--rounds N]
-//!                      [--reps N] [--linux-packets N]
+//! cargo xtask netbench [--packets N] [--warmup N] [--window N] [--burst N] [--no-tx-ahead]
+//!                      [--rounds N] [--reps N] [--linux-packets N]
 //!                      [--only NAME[,NAME...]]
 //! ```
 //! The configurations ([`configs`]: `notrans`, then `<strategy>-<flush>` for every
@@ -51,7 +51,7 @@ pub(crate) use benchplot as plot;
 
 const USAGE: &str =
     "usage: cargo xtask netbench [--packets N] [--warmup N] [--window N] [--burst N] \
-[--rounds N] [--reps N] \
+[--no-tx-ahead] [--rounds N] [--reps N] \
 [--linux-packets N] [--only NAME[,NAME...]] [--nic e1000|igb|all] [--from-logs]  \
 (NAME: a configuration, `linux` or linux-MODE; --from-logs: re-read the e1000 rows from the \
 last run's guest logs, no boot)";
@@ -126,6 +126,9 @@ struct Opts {
     /// NIC at once; 0: the window).
     window: u64,
     burst: u64,
+    /// e1000d prepares each burst as soon as the previous one went out (its
+    /// default); `--no-tx-ahead` passes its `--no-tx-ahead`.
+    tx_ahead: bool,
     rounds: u64,
     reps: u64,
     only: Vec<String>,
@@ -143,6 +146,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         warmup: 2_000,
         window: 32,
         burst: 0,
+        tx_ahead: true,
         rounds: 1_000,
         reps: 5,
         only: Vec::new(),
@@ -157,6 +161,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--warmup" => o.warmup = f.number(a, 0)?,
             "--window" => o.window = f.number(a, 1)?,
             "--burst" => o.burst = f.number(a, 0)?,
+            "--no-tx-ahead" => o.tx_ahead = false,
             "--rounds" => o.rounds = f.number(a, 1)?,
             "--reps" => o.reps = f.number(a, 1)?,
             "--linux-packets" => o.linux_packets = f.number(a, 1)?,
@@ -191,9 +196,13 @@ fn script(c: &Config, o: &Opts) -> String {
     for size in SIZES {
         let _ = writeln!(
             s,
-            "{base} --packets {} --warmup {} --window {} --burst {} --size {size} || \
+            "{base} --packets {} --warmup {} --window {} --burst {}{} --size {size} || \
 echo \"netbench: loop failed size={size}\"",
-            o.packets, o.warmup, o.window, o.burst
+            o.packets,
+            o.warmup,
+            o.window,
+            o.burst,
+            if o.tx_ahead { "" } else { " --no-tx-ahead" }
         );
     }
     let _ = writeln!(
@@ -456,6 +465,7 @@ fn to_json(
                 "warmup_packets": o.warmup,
                 "window": o.window,
                 "burst": if o.burst == 0 { o.window } else { o.burst.min(o.window) },
+                "tx_ahead": o.tx_ahead,
                 "reps": m.pps.get(&size).map_or(0, |v| v.iter().filter(|x| x.is_finite()).count()),
                 "interleaved": true,
                 "pps": json_num(s.map(|s| s.0)),
@@ -905,6 +915,10 @@ netbench: loop failed size=64
         assert_eq!(s.matches("failed size=1500").count(), 1);
         assert_eq!(s.matches("--ping-pong").count(), 1);
         assert!(s.contains("--packets 7 --warmup 2000 --window 32 --burst 0 --size 1500"));
+        let mut no_ahead = o.clone();
+        no_ahead.tx_ahead = false;
+        let s = script(&configs()[0], &no_ahead);
+        assert_eq!(s.matches("--burst 0 --no-tx-ahead --size").count(), 2);
         assert!(parse(&["--reps".into(), "0".into()]).is_err());
     }
 

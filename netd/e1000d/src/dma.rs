@@ -148,12 +148,31 @@ pub trait DmaMapper {
             )),
         }
     }
+    /// True if [`map_batch_complete`](Self::map_batch_complete) of `p` would
+    /// not wait. Never blocks.
+    fn map_batch_ready(&self, p: &PendingMaps) -> bool {
+        matches!(p, PendingMaps::Ready(_))
+    }
     /// [`unmap_batch`](Self::unmap_batch) for buffers whose next use is by the
     /// same device in the same direction (TX buffers): the mapper may return
     /// before the unmaps are invalidated, since a stale translation could only
     /// let the device read what the driver is about to hand it anyway.
     fn unmap_batch_nowait(&self, maps: &[(u64, usize)], dir: Dir) -> Result<()> {
         self.unmap_batch(maps, dir)
+    }
+    /// [`unmap_batch_nowait`](Self::unmap_batch_nowait) of `unmaps`, then
+    /// [`map_batch_submit`](Self::map_batch_submit) of `reqs` (as many), whose
+    /// ticket it returns: a TX sweep and the next burst's maps. A mapper that can
+    /// unmap and map in one request per pair (iommud's rings) does; the unmaps
+    /// then complete with the maps.
+    fn remap_batch_nowait(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> Result<PendingMaps> {
+        self.unmap_batch_nowait(unmaps, dir)?;
+        self.map_batch_submit(reqs)
     }
     /// Starts [`unmap_batch`](Self::unmap_batch): the mappings end before it
     /// returns, but what `strict` waits for (their invalidation) is left to
@@ -225,6 +244,17 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
     }
     fn unmap_batch_ready(&self, p: &PendingUnmaps) -> bool {
         (**self).unmap_batch_ready(p)
+    }
+    fn map_batch_ready(&self, p: &PendingMaps) -> bool {
+        (**self).map_batch_ready(p)
+    }
+    fn remap_batch_nowait(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> Result<PendingMaps> {
+        (**self).remap_batch_nowait(unmaps, reqs, dir)
     }
     fn remap_batch_submit(
         &self,

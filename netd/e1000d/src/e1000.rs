@@ -30,6 +30,12 @@ pub const MAX_FRAME: usize = 1514;
 /// Unmap batches of the receive path that may stay outstanding after their slots
 /// went back to the NIC ([`E1000::finish_rx_refill`]); one more waits for the oldest.
 pub const RX_UNMAPS_BEHIND: usize = 4;
+/// RX refills (a receive call's emptied slots, their buffers mapped again) that may
+/// wait for their new IOVAs while the NIC keeps the rest of the ring: a receive call
+/// hands back those whose maps are done, and waits for the oldest only when this
+/// many are outstanding. Two refills of up to 64 slots leave the NIC at least half
+/// of its 256 descriptors.
+pub const RX_REFILLS_BEHIND: usize = 2;
 const RESET_TIMEOUT: Duration = Duration::from_millis(100);
 const LINK_TIMEOUT: Duration = Duration::from_secs(2);
 const EERD_TIMEOUT: Duration = Duration::from_millis(10);
@@ -142,9 +148,10 @@ pub struct E1000<M: DmaMapper> {
     rx_raw_done: u64,
     /// The next RX slot to look at (the NIC's head, as far as software knows).
     rx_next: u16,
-    /// The last call's slots, their buffers unmapped and mapped again, not yet
-    /// handed back to the NIC ([`E1000::finish_rx_refill`]).
-    rx_refill: Option<RxRefill>,
+    /// Receive calls' slots, their buffers unmapped and mapped again, not yet
+    /// handed back to the NIC, oldest first: at most [`RX_REFILLS_BEHIND`]. They
+    /// lie in ring order from the oldest's first slot to `rx_next`.
+    rx_refills: VecDeque<RxRefill>,
     /// Unmap batches of slots already handed back, whose completion (`strict`:
     /// the invalidation of the old IOVAs) is still outstanding, oldest first,
     /// with their buffer counts: at most [`RX_UNMAPS_BEHIND`].
@@ -217,7 +224,7 @@ impl<M: DmaMapper> E1000<M> {
             rx_raw: vec![false; usize::from(RING_LEN)],
             rx_raw_done: 0,
             rx_next: 0,
-            rx_refill: None,
+            rx_refills: VecDeque::new(),
             rx_unmaps: VecDeque::new(),
             stats: Stats {
                 maps: 2,
@@ -500,6 +507,23 @@ impl<M: DmaMapper> E1000<M> {
     /// [`reap_tx`](Self::reap_tx) without the driver-time stamp (for callers that
     /// take their own).
     fn reap_tx_untimed(&mut self) -> Result<usize> {
+        let (done, unmaps) = self.tx_done();
+        if done.is_empty() {
+            return Ok(0);
+        }
+        if !unmaps.is_empty() {
+            let tu = cost::now();
+            // TX buffers: their next use is this device reading them again.
+            self.mapper.unmap_batch_nowait(&unmaps, Dir::ToDevice)?;
+            self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
+        }
+        self.tx_reaped(&done, unmaps.len());
+        Ok(done.len())
+    }
+
+    /// The TX descriptors the NIC has finished (DD set), from `tx_clean` on, and
+    /// their buffers' mappings: to unmap, then [`tx_reaped`](Self::tx_reaped).
+    fn tx_done(&self) -> (Vec<u16>, Vec<(u64, usize)>) {
         let mut done = Vec::new();
         let mut i = self.tx_clean;
         while !ring::is_empty(i, self.tx_tail) {
@@ -507,37 +531,36 @@ impl<M: DmaMapper> E1000<M> {
             if d.sta & tx_sta::DD == 0 {
                 break;
             }
-            if d.sta & (tx_sta::EC | tx_sta::LC) != 0 {
-                self.stats.tx_errors += 1;
-            }
             done.push(i);
             i = ring::next(i, self.tx.n);
         }
-        if done.is_empty() {
-            return Ok(0);
-        }
         fence(Ordering::Acquire);
-        let unmaps: Vec<(u64, usize)> = done
+        let unmaps = done
             .iter()
             .filter_map(|&i| match self.tx_slots[usize::from(i)] {
                 TxSlot::Mapped { iova, len } => Some((iova, len)),
                 _ => None,
             })
             .collect();
-        if !unmaps.is_empty() {
-            let tu = cost::now();
-            // TX buffers: their next use is this device reading them again.
-            self.mapper.unmap_batch_nowait(&unmaps, Dir::ToDevice)?;
-            self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
+        (done, unmaps)
+    }
+
+    /// Frees the slots of a [`tx_done`](Self::tx_done) whose `unmapped` buffers
+    /// were unmapped (submitted), and counts them.
+    fn tx_reaped(&mut self, done: &[u16], unmapped: usize) {
+        if unmapped > 0 {
             self.cost.unmap_calls += 1;
-            self.cost.unmap_entries += unmaps.len() as u64;
-            self.stats.unmaps += unmaps.len() as u64;
+            self.cost.unmap_entries += unmapped as u64;
+            self.stats.unmaps += unmapped as u64;
         }
-        for &i in &done {
+        for &i in done {
+            let d = TxDesc::from_words(self.tx.read(i));
+            if d.sta & (tx_sta::EC | tx_sta::LC) != 0 {
+                self.stats.tx_errors += 1;
+            }
             self.tx_slots[usize::from(i)] = TxSlot::Free;
+            self.tx_clean = ring::next(i, self.tx.n);
         }
-        self.tx_clean = i;
-        Ok(done.len())
     }
 
     /// Sends several frames like [`send`](Self::send), with one map request for all of
@@ -553,7 +576,9 @@ impl<M: DmaMapper> E1000<M> {
     /// ring has room for into their TX buffers and submits their maps, without waiting
     /// for the IOVAs. [`tx_post`](Self::tx_post) collects them and hands the frames to
     /// the NIC; in between the driver may do other work (its RX ring) while the maps
-    /// are served. Nothing else may send in between.
+    /// are served. Nothing else may send in between. The slots the NIC finished are
+    /// reaped here, their unmaps submitted with the maps, a pair per request where
+    /// the mapper can ([`DmaMapper::remap_batch_nowait`]).
     pub fn tx_prepare(&mut self, frames: &[&[u8]]) -> Result<TxBatch> {
         for f in frames {
             if f.len() > MAX_FRAME {
@@ -573,8 +598,10 @@ impl<M: DmaMapper> E1000<M> {
     }
 
     fn tx_prepare_untimed(&mut self, frames: &[&[u8]]) -> Result<TxBatch> {
-        self.reap_tx_untimed()?;
-        let room = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight());
+        // The slots the NIC finished are reaped with this batch: their unmaps go
+        // with its maps (one remap entry per pair on iommud's rings).
+        let (done, unmaps) = self.tx_done();
+        let room = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight() - done.len());
         let n = frames.len().min(room);
         if n == 0 {
             self.stats.tx_ring_full += 1;
@@ -594,9 +621,48 @@ impl<M: DmaMapper> E1000<M> {
             lens.push(f.len());
             slot = ring::next(slot, self.tx.n);
         }
+        // As many unmaps as maps go in pairs, the rest on their own (the device
+        // reads these buffers again next, so nobody waits for their unmaps).
+        let k = unmaps.len().min(n);
         let tm = cost::now();
-        let pending = self.mapper.map_batch_submit(&reqs)?;
+        if unmaps.len() > k {
+            // Nothing else submitted yet: on failure the slots stay unreaped.
+            self.mapper
+                .unmap_batch_nowait(&unmaps[k..], Dir::ToDevice)?;
+        }
+        let paired = if k > 0 {
+            Some(
+                self.mapper
+                    .remap_batch_nowait(&unmaps[..k], &reqs[..k], Dir::ToDevice),
+            )
+        } else {
+            None
+        };
+        let rest = (n > k && !matches!(paired, Some(Err(_))))
+            .then(|| self.mapper.map_batch_submit(&reqs[k..]));
+        drop(reqs);
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
+        // Every unmap was submitted (or refused, or its mapper failed: retrying
+        // would not help): the slots are reaped.
+        self.tx_reaped(&done, unmaps.len());
+        let mut pending = Vec::with_capacity(2);
+        let mut failed = None;
+        for r in paired.into_iter().chain(rest) {
+            match r {
+                Ok(p) => pending.push(p),
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(e) = failed {
+            // No batch for the caller: what was mapped is unmapped again.
+            for p in pending {
+                if let Ok(v) = self.mapper.map_batch_complete(p) {
+                    let maps: Vec<(u64, usize)> = v.into_iter().zip(lens.iter().copied()).collect();
+                    let _ = self.mapper.unmap_batch(&maps, Dir::ToDevice);
+                }
+            }
+            return Err(e);
+        }
         Ok(TxBatch {
             lens,
             pending,
@@ -622,7 +688,10 @@ impl<M: DmaMapper> E1000<M> {
         }
         let n = b.lens.len();
         let tm = cost::now();
-        let iovas = self.mapper.map_batch_complete(b.pending)?;
+        let mut iovas = Vec::with_capacity(n);
+        for p in b.pending {
+            iovas.extend(self.mapper.map_batch_complete(p)?);
+        }
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         self.cost.map_calls += 1;
         self.cost.map_entries += n as u64;
@@ -686,11 +755,13 @@ impl<M: DmaMapper> E1000<M> {
     /// Each buffer is unmapped when the NIC is done with it and mapped again (a new
     /// IOVA, the same buffer) for its slot's next frame. The slots found done in one
     /// call are unmapped and mapped again together, both submitted before the frames are
-    /// copied out, and handed back to the NIC with one tail update at the start of the
-    /// next call (or [`finish_rx_refill`](Self::finish_rx_refill)): by then a mapper that
-    /// serves them elsewhere (iommud's rings, `strict`'s invalidation) is done, so
-    /// neither wait stalls the receive path. The NIC keeps the rest of the ring
-    /// meanwhile. Returns the number of good frames.
+    /// copied out, and handed back to the NIC with one tail update by a later call,
+    /// the first to find their new IOVAs there (or, with [`RX_REFILLS_BEHIND`] refills
+    /// outstanding, the one that waits for the oldest; or
+    /// [`finish_rx_refill`](Self::finish_rx_refill)): a mapper that serves them
+    /// elsewhere (iommud's rings, `strict`'s invalidation) does so while this thread
+    /// receives, so neither wait stalls the receive path. The NIC keeps the rest of
+    /// the ring meanwhile. Returns the number of good frames.
     pub fn recv_batch(&mut self, max: usize, f: impl FnMut(&[u8])) -> Result<usize> {
         let t0 = cost::now();
         let r = self.recv_batch_untimed(max, f);
@@ -699,14 +770,19 @@ impl<M: DmaMapper> E1000<M> {
     }
 
     fn recv_batch_untimed(&mut self, max: usize, mut f: impl FnMut(&[u8])) -> Result<usize> {
-        self.finish_rx_refill_untimed()?;
+        self.hand_back_refills(false)?;
         let n = self.rx.n;
         // The slots to process, in ring order from rx_next: done by the NIC, or left
-        // without a buffer by a refill that failed (software owns those).
+        // without a buffer by a refill that failed (software owns those). The scan
+        // ends before the oldest outstanding refill (a whole ring's wrap away).
+        let pending = self
+            .rx_refills
+            .front()
+            .and_then(|r| r.slots.first().copied());
         let mut slots: Vec<u16> = Vec::new();
         let mut i = self.rx_next;
         let mut frames = 0;
-        while frames < max && slots.len() < usize::from(n) {
+        while frames < max && slots.len() < usize::from(n) && Some(i) != pending {
             let idx = usize::from(i);
             let unfilled = self.rx_iova[idx].is_none() && !self.rx_raw[idx];
             if !unfilled {
@@ -811,7 +887,7 @@ impl<M: DmaMapper> E1000<M> {
             Ok(maps) => {
                 // The scan goes on past these slots; the NIC gets them back later.
                 self.rx_next = ring::next(last, n);
-                self.rx_refill = Some(RxRefill {
+                self.rx_refills.push_back(RxRefill {
                     slots,
                     unmaps: pending_unmaps,
                     n_unmaps: unmaps.len(),
@@ -832,45 +908,85 @@ impl<M: DmaMapper> E1000<M> {
         Ok(good)
     }
 
-    /// Hands the last [`recv_batch`](Self::recv_batch)'s slots back to the NIC (waits
-    /// for their buffers' new maps, writes their descriptors and moves the tail once)
+    /// Hands every outstanding [`recv_batch`](Self::recv_batch) refill back to the NIC
+    /// (waits for their buffers' new maps, writes their descriptors and moves the tail)
     /// and completes every outstanding unmap of the receive path (`strict`: waits for
-    /// the invalidations). `recv_batch` does the first part as it starts; call this
-    /// to give the NIC its whole ring back, and have every unmap done, while no
-    /// receive follows soon.
+    /// the invalidations). `recv_batch` hands back, as it starts, the refills whose maps
+    /// are done; call this to give the NIC its whole ring back, and have every unmap
+    /// done, while no receive follows soon.
     pub fn finish_rx_refill(&mut self) -> Result<()> {
         let t0 = cost::now();
         let r = self
-            .finish_rx_refill_untimed()
+            .hand_back_refills(true)
             .and(self.complete_rx_unmaps(true));
         self.cost.driver_ticks += cost::now().wrapping_sub(t0);
         r
     }
 
-    /// The first part of [`finish_rx_refill`](Self::finish_rx_refill); then the unmap
-    /// batches that are done by now, or more than [`RX_UNMAPS_BEHIND`] behind, are
-    /// completed. The others stay outstanding: their buffers went back to this same
-    /// device, for the same direction, at new IOVAs, so an old IOVA still in its IOTLB
-    /// reaches nothing the device may not reach anyway, and the old IOVAs are not
-    /// reused before their invalidation (the mapper's rule; docs/ARCHITECTURE.md,
-    /// "Batches").
-    fn finish_rx_refill_untimed(&mut self) -> Result<()> {
-        let Some(r) = self.rx_refill.take() else {
-            return self.complete_rx_unmaps(false);
+    /// Hands outstanding refills back to the NIC, oldest first (the tail only moves
+    /// forward): all of them (`all`), else those whose maps are done and, while
+    /// [`RX_REFILLS_BEHIND`] or more are outstanding, the oldest (waiting for it).
+    /// Then the unmap batches that are done by now, or more than [`RX_UNMAPS_BEHIND`]
+    /// behind, are completed; the others stay outstanding: their buffers went back to
+    /// this same device, for the same direction, at new IOVAs, so an old IOVA still in
+    /// its IOTLB reaches nothing the device may not reach anyway, and the old IOVAs
+    /// are not reused before their invalidation (the mapper's rule;
+    /// docs/ARCHITECTURE.md, "Batches").
+    fn hand_back_refills(&mut self, all: bool) -> Result<()> {
+        let mut last = None;
+        while let Some(r) = self.rx_refills.front() {
+            if !all
+                && self.rx_refills.len() < RX_REFILLS_BEHIND
+                && !self.mapper.map_batch_ready(&r.maps)
+            {
+                break;
+            }
+            let Some(r) = self.rx_refills.pop_front() else {
+                break;
+            };
+            match self.refill_slots(r) {
+                Ok(Some(s)) => last = Some(s),
+                Ok(None) => {}
+                Err(e) => {
+                    self.abandon_refills();
+                    // What was refilled before the failure still goes back.
+                    self.write_rdt(last)?;
+                    return Err(e);
+                }
+            }
+        }
+        self.write_rdt(last)?;
+        // A refused unmap is reported once the slots are back in service.
+        self.complete_rx_unmaps(false)
+    }
+
+    /// Moves the RX tail to `last` (the last refilled slot becomes the held-back
+    /// one, releasing the previous one), if any.
+    fn write_rdt(&mut self, last: Option<u16>) -> Result<()> {
+        let Some(last) = last else {
+            return Ok(());
         };
-        let (Some(&first), Some(&last)) = (r.slots.first(), r.slots.last()) else {
-            return self.complete_rx_unmaps(false);
-        };
+        fence(Ordering::SeqCst);
+        self.regs.write32(regs::RDT, u32::from(last))?;
+        Ok(())
+    }
+
+    /// Collects one refill's new IOVAs and writes its slots' descriptors (the tail
+    /// is the caller's); returns its last slot. On a failed map the slots stay
+    /// unfilled, and the next scan starts at them again.
+    fn refill_slots(&mut self, r: RxRefill) -> Result<Option<u16>> {
         if let Some(p) = r.unmaps {
             self.rx_unmaps.push_back((p, r.n_unmaps));
         }
+        let (Some(&first), Some(&last)) = (r.slots.first(), r.slots.last()) else {
+            return Ok(None);
+        };
         let tm = cost::now();
         let iovas = self.mapper.map_batch_complete(r.maps);
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         let iovas = match iovas {
             Ok(v) if v.len() == r.slots.len() => v,
             other => {
-                // The slots stay unfilled: the next scan starts at them again.
                 self.rx_next = first;
                 return Err(match other {
                     Err(e) => e,
@@ -887,11 +1003,25 @@ impl<M: DmaMapper> E1000<M> {
             self.rx.write(s, RxDesc::empty(iova).to_words());
         }
         self.stats.maps += iovas.len() as u64;
-        // The last slot becomes the held-back one, releasing the previous one.
-        fence(Ordering::SeqCst);
-        self.regs.write32(regs::RDT, u32::from(last))?;
-        // A refused unmap is reported once the slots are back in service.
-        self.complete_rx_unmaps(false)
+        Ok(Some(last))
+    }
+
+    /// After a refill failed (its slots unfilled, `rx_next` at its first): the later
+    /// refills cannot go back before it (the tail only moves forward), so their new
+    /// maps are undone and their slots left unfilled too, for the next scan, which
+    /// starts at the failed refill's first slot, to map them all again.
+    fn abandon_refills(&mut self) {
+        while let Some(r) = self.rx_refills.pop_front() {
+            if let Some(p) = r.unmaps {
+                self.rx_unmaps.push_back((p, r.n_unmaps));
+            }
+            if let Ok(iovas) = self.mapper.map_batch_complete(r.maps) {
+                let maps: Vec<(u64, usize)> = iovas.iter().map(|&v| (v, BUF_LEN)).collect();
+                if let Err(e) = self.mapper.unmap_batch(&maps, Dir::FromDevice) {
+                    eprintln!("e1000d: {}: undoing an RX refill: {e}", self.bdf);
+                }
+            }
+        }
     }
 
     /// Completes the receive path's outstanding unmap batches: all of them
@@ -984,8 +1114,8 @@ impl<M: DmaMapper> E1000<M> {
             }
             *slot = TxSlot::Free;
         }
-        if let Some(r) = self.rx_refill.take() {
-            // The NIC is reset: complete the last refill without handing it back.
+        while let Some(r) = self.rx_refills.pop_front() {
+            // The NIC is reset: complete the refills without handing them back.
             if let Some(p) = r.unmaps {
                 self.rx_unmaps.push_back((p, r.n_unmaps));
             }
@@ -1060,7 +1190,15 @@ struct RxRefill {
 #[must_use = "post the batch with E1000::tx_post"]
 pub struct TxBatch {
     lens: Vec<usize>,
-    pending: crate::PendingMaps,
+    /// The maps paired with the reaped slots' unmaps, then any others.
+    pending: Vec<crate::PendingMaps>,
     /// The ring's tail when prepared (the slots it filled start there).
     tail: u16,
+}
+
+impl TxBatch {
+    /// How many frames it holds (the ring may have had room for fewer than asked).
+    pub fn frames(&self) -> usize {
+        self.lens.len()
+    }
 }

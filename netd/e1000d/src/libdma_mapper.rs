@@ -172,6 +172,38 @@ impl DmaMapper for LibdmaMapper {
         ))
     }
 
+    /// On iommud's rings, for TX buffers, one remap entry per pair (the unmaps
+    /// complete with the maps; nobody waits for them alone).
+    fn remap_batch_nowait(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> Result<crate::PendingMaps> {
+        if !self.domain.uses_rings() || dir != Dir::ToDevice || unmaps.len() != reqs.len() {
+            self.unmap_batch_nowait(unmaps, dir)?;
+            return self.map_batch_submit(reqs);
+        }
+        let bufs = phys_bufs(reqs)?;
+        let (u, m) = self
+            .domain
+            .remap_batch_submit(unmaps, &bufs)
+            .map_err(|e| err("remap", e))?;
+        // On the rings this ticket is done already (the unmaps complete with the
+        // maps); a batch libdma maps at once has its unmaps completed here.
+        self.domain
+            .unmap_batch_complete(u)
+            .map_err(|e| err("unmap", e))?;
+        Ok(crate::PendingMaps::Libdma(m))
+    }
+
+    fn map_batch_ready(&self, p: &crate::PendingMaps) -> bool {
+        match p {
+            crate::PendingMaps::Ready(_) => true,
+            crate::PendingMaps::Libdma(t) => self.domain.map_batch_ready(t),
+        }
+    }
+
     fn unmap_batch_ready(&self, p: &crate::PendingUnmaps) -> bool {
         match p {
             crate::PendingUnmaps::Done => true,

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! e1000d loop --tx 0000:00:01.0 --rx 0000:00:02.0 [--packets N] [--size BYTES]
-//!             [--window W] [--burst B] [--warmup N] [--mapper phys|libdma] [--ping-pong]
+//!             [--window W] [--burst B] [--no-tx-ahead] [--warmup N]
+//!             [--mapper phys|libdma] [--ping-pong]
 //!             [--bad-iova ADDR]
 //!             [--strategy global|magazine] [--flush strict|percore] [--socket PATH]
 //!             [--canary [--canary-only]] [--then SHELL-COMMAND] [--bad-iova-at N]
@@ -32,6 +33,12 @@
 //! sends a frame, and prints `canary: addr=<hex> bdf=<bdf> changed_bytes=N`: with the
 //! IOMMU translating, N must be 0 (the write is blocked and shows up in iommud's faults).
 //!
+//! The next burst is prepared (copied into its TX buffers, its maps submitted) as soon
+//! as the previous one went out, and handed to the NIC once the window has room for it:
+//! a mapper that serves maps elsewhere (iommud's rings) maps it while this thread
+//! receives. `--no-tx-ahead` prepares a burst only once the window has room (its maps
+//! are then served while this thread receives only what is still in flight).
+//!
 //! `--bad-iova-at N` posts the `--bad-iova` descriptor in the middle of the burst, after
 //! N frames were sent, instead of before it.
 //!
@@ -50,6 +57,7 @@
 //! `--canary-only` runs just that step, with no settling before it and no burst after it
 //! (exit 0 iff the canary is intact): for NICs that must not be able to DMA at all.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -65,7 +73,7 @@ type Nic = E1000<Box<dyn DmaMapper>>;
 
 const USAGE: &str =
     "usage: e1000d loop --tx BDF --rx BDF [--packets N] [--size BYTES] [--window W] [--burst B] \
-[--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
+[--no-tx-ahead] [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
 [--flush strict|percore] [--socket PATH] [--canary [--canary-only]] [--then CMD] [--bad-iova-at N] \
 [--warmup N] [--duration SECS [--report-every SECS] [--report-cmd CMD]]\n       \
 e1000d storm --nic BDF [--iova ADDR] [--descriptors N] [--seconds S] [--mapper ..] [--strategy ..]\n       \
@@ -92,6 +100,10 @@ struct LoopOpts {
     /// Most frames handed to the NIC at once (0: the window). Below the window,
     /// the next burst goes out while the previous one is received.
     burst: u64,
+    /// Prepare the next burst (copy, submit its maps) as soon as the last went
+    /// out, and hand it to the NIC once the window has room (`--no-tx-ahead`:
+    /// only once it has room).
+    tx_ahead: bool,
     mapper: String,
     ping_pong: bool,
     bad_iova: Option<u64>,
@@ -132,6 +144,7 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
         size: 1500,
         window: 32,
         burst: 0,
+        tx_ahead: true,
         mapper: "phys".into(),
         ping_pong: false,
         bad_iova: None,
@@ -158,6 +171,7 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
             Long("size") => o.size = parse_u64(&val(&mut p)?)? as usize,
             Long("window") => o.window = parse_u64(&val(&mut p)?)?.max(1),
             Long("burst") => o.burst = parse_u64(&val(&mut p)?)?,
+            Long("no-tx-ahead") => o.tx_ahead = false,
             Long("mapper") => o.mapper = val(&mut p)?,
             Long("ping-pong") => o.ping_pong = true,
             Long("bad-iova") => o.bad_iova = Some(parse_u64(&val(&mut p)?)?),
@@ -585,7 +599,23 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
     let mut seen = vec![false; n];
     let mut t = Tally::default();
     let (dst, src) = (b.mac(), a.mac());
-    let mut frames: Vec<Vec<u8>> = Vec::new();
+    // The frames to send next, built in sequence (the application's side of the
+    // loop): a burst's worth is built after each receive, so a burst is copied
+    // and mapped the moment the previous one went out.
+    let burst_len = if o.burst == 0 { o.window } else { o.burst };
+    let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut built: u64 = 0;
+    let mut build = |queue: &mut VecDeque<Vec<u8>>, spare: &mut Vec<Vec<u8>>| {
+        while (queue.len() as u64) < burst_len && built < o.packets {
+            let mut f = spare
+                .pop()
+                .unwrap_or_else(|| Vec::with_capacity(payload::ETH_HDR + o.size));
+            payload::build(dst, src, built, o.size, &mut f);
+            queue.push_back(f);
+            built += 1;
+        }
+    };
     let mut sent: u64 = 0;
     let mut written_off: u64 = 0;
     let start = Instant::now();
@@ -594,6 +624,8 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
     let mut first_rx: Option<Instant> = None;
     let mut max_gap = Duration::ZERO;
     let mut bad_pending = o.bad_iova.zip(o.bad_iova_at);
+    // The next burst, prepared ahead (see the loop).
+    let mut tx: Option<e1000d::TxBatch> = None;
     a.reset_cost();
     b.reset_cost();
     loop {
@@ -602,7 +634,20 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
         if sent == o.packets && in_flight == 0 {
             break;
         }
-        if let Some((iova, at)) = bad_pending.filter(|(_, at)| sent >= *at) {
+        // Up to a burst of frames at once, within the window: one map request, one
+        // tail write. A burst is prepared (copied, its maps submitted) ahead, as soon
+        // as the previous one went out, and posted once the window has room for all
+        // of it; its maps are collected only then, so a mapper that serves them
+        // elsewhere (iommud's rings) works while this thread receives.
+        let room = o.window.saturating_sub(in_flight);
+        if let Some(batch) = tx.take_if(|b| b.frames() as u64 <= room) {
+            sent += a
+                .tx_post(batch)
+                .map_err(|err| format!("{}: send #{sent}: {err}", a.bdf()))?
+                as u64;
+        }
+        if let Some((iova, at)) = bad_pending.filter(|(_, at)| tx.is_none() && sent >= *at) {
+            a.reap_tx().map_err(e)?;
             match a.send_unmapped(iova, 64) {
                 Ok(()) => {
                     bad_pending = None;
@@ -614,41 +659,35 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
                 Err(err) => return Err(format!("{}: bad-iova: {err}", a.bdf())),
             }
         }
-        // Up to a burst of frames at once, within the window: one map request, one
-        // tail write. The maps are submitted first and collected after the RX work, so
-        // a mapper that serves them elsewhere (iommud's rings) works while this thread
-        // receives (the previous burst's frames, when the window holds two bursts).
-        let burst = if o.burst == 0 { o.window } else { o.burst };
-        let room = o
-            .window
-            .saturating_sub(in_flight)
-            .min(burst)
-            .min(o.packets - sent);
-        let mut tx = None;
-        if room > 0 {
-            frames.resize_with(room as usize, || {
-                Vec::with_capacity(payload::ETH_HDR + o.size)
-            });
-            for (k, f) in frames.iter_mut().enumerate() {
-                payload::build(dst, src, sent + k as u64, o.size, f);
-            }
-            let refs: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+        // Without --tx-ahead, or with a bad descriptor to post (which must not
+        // land between a prepared batch and its post), only what fits now.
+        let fits = if o.tx_ahead && bad_pending.is_none() {
+            burst_len.min(o.window)
+        } else {
+            o.window.saturating_sub(sent.saturating_sub(accounted))
+        };
+        if queue.is_empty() {
+            build(&mut queue, &mut spare);
+        }
+        let want = burst_len.min(fits).min(queue.len() as u64) as usize;
+        if tx.is_none() && want > 0 {
+            let refs: Vec<&[u8]> = queue.iter().take(want).map(|f| f.as_slice()).collect();
+            // It reaps what the NIC finished, those unmaps paired with its maps.
             match a.tx_prepare(&refs) {
-                Ok(batch) => tx = Some(batch),
+                Ok(batch) => {
+                    spare.extend(queue.drain(..batch.frames()));
+                    tx = Some(batch);
+                }
                 Err(Error::RingFull { .. }) => {}
                 Err(err) => return Err(format!("{}: send #{sent}: {err}", a.bdf())),
             }
+        } else {
+            a.reap_tx().map_err(e)?;
         }
         let got = b
             .recv_batch(64, |f| t.classify(&mut seen, f))
             .map_err(|err| format!("{}: recv: {err}", b.bdf()))?;
-        if let Some(batch) = tx {
-            sent += a
-                .tx_post(batch)
-                .map_err(|err| format!("{}: send #{sent}: {err}", a.bdf()))?
-                as u64;
-        }
-        a.reap_tx().map_err(e)?;
+        build(&mut queue, &mut spare);
         let now = Instant::now();
         if got > 0 {
             first_rx.get_or_insert(now);
@@ -946,6 +985,8 @@ mod tests {
         );
         let o = parse_loop(&args("--window 64 --burst 32")).expect("valid burst");
         assert_eq!((o.window, o.burst), (64, 32));
+        assert!(o.tx_ahead, "bursts are prepared ahead by default");
+        assert!(!parse_loop(&args("--no-tx-ahead")).unwrap().tx_ahead);
         assert!(parse_loop(&args("--warmup many")).is_err());
     }
 
