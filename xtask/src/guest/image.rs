@@ -33,7 +33,14 @@ pub fn build_binaries(packages: &[String]) -> Result<Vec<PathBuf>> {
         .env("CARGO_TARGET_DIR", build_dir())
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["build", "--release", "--target", GUEST_TARGET, "--bins"])
+        .args([
+            "build",
+            "--profile",
+            "guest",
+            "--target",
+            GUEST_TARGET,
+            "--bins",
+        ])
         .args(["--message-format", "json-render-diagnostics"]);
     for p in packages {
         cmd.args(["-p", p]);
