@@ -638,12 +638,18 @@ impl<M: DmaMapper> E1000<M> {
         } else {
             None
         };
+        if matches!(paired, Some(Err(_))) {
+            // Whether or not the failed request got to them, the paired buffers
+            // are unmapped on their own (a second unmap is refused, harmlessly):
+            // a reaped slot's buffer never stays reachable.
+            let _ = self.mapper.unmap_batch_nowait(&unmaps[..k], Dir::ToDevice);
+        }
         let rest = (n > k && !matches!(paired, Some(Err(_))))
             .then(|| self.mapper.map_batch_submit(&reqs[k..]));
         drop(reqs);
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
-        // Every unmap was submitted (or refused, or its mapper failed: retrying
-        // would not help): the slots are reaped.
+        // Every unmap was submitted (or refused: retrying would not help): the
+        // slots are reaped.
         self.tx_reaped(&done, unmaps.len());
         let mut pending = Vec::with_capacity(2);
         let mut failed = None;
