@@ -130,6 +130,17 @@ const OP_MAP: u64 = 1;
 const OP_UNMAP: u64 = 2;
 const OP_REMAP: u64 = 3;
 
+/// w0 bit 16: the client collects this entry's completion later, not at
+/// once (a NIC's RX refill). iommud may then hold a `strict` pass made only
+/// of such entries, its entries written and its IOVAs not reused, and issue
+/// its invalidation and post its completions after serving other work, for
+/// at most [`LAZY_HOLD_US`] by default (docs/ARCHITECTURE.md, "Rings and
+/// service threads"). It changes nothing else about the entry.
+pub const SQE_LAZY: u64 = 1 << 16;
+/// The longest iommud holds a lazy pass by default (µs; its
+/// `--lazy-hold-us`).
+pub const LAZY_HOLD_US: u64 = 200;
+
 /// Why a submission entry cannot be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SqeError {
@@ -142,6 +153,21 @@ pub enum SqeError {
 }
 
 impl Sqe {
+    /// [`Sqe::encode`], with [`SQE_LAZY`] set if `lazy`.
+    pub fn encode_lazy(&self, lazy: bool) -> [u64; SQE_WORDS] {
+        let mut w = self.encode();
+        if lazy {
+            w[0] |= SQE_LAZY;
+        }
+        w
+    }
+
+    /// Whether an entry's words carry [`SQE_LAZY`] (hostile words: only a
+    /// hint about the client's own completions).
+    pub fn is_lazy(w: &[u64; SQE_WORDS]) -> bool {
+        w[0] & SQE_LAZY != 0
+    }
+
     /// The entry's words: w0 = op (bits 7:0) | dir (15:8) | region (63:32),
     /// w1 = offset or IOVA, w2 = length, w3 = va, w4 = user, w5 = the old
     /// IOVA and w6 its length (remap), w7 = 0.
@@ -280,6 +306,13 @@ mod tests {
         assert_eq!(w[0], 1 | 2 << 8 | 3 << 32);
         assert_eq!(&w[1..5], &[0x1234, 1500, 0x7f00_0000_1000, 99]);
         assert_eq!(Sqe::decode(&w), Ok(m));
+        // The lazy hint is bit 16 of w0 and changes nothing else.
+        let l = m.encode_lazy(true);
+        assert_eq!(l[0], w[0] | 0x1_0000);
+        assert_eq!(&l[1..], &w[1..]);
+        assert!(Sqe::is_lazy(&l) && !Sqe::is_lazy(&w));
+        assert_eq!(Sqe::decode(&l), Ok(m));
+        assert_eq!(m.encode_lazy(false), w);
         let u = Sqe {
             op: SqOp::Unmap {
                 iova: 0x4000_2000,

@@ -5,13 +5,15 @@
 //! iommud [--platform sim|linux] [--socket PATH] [--config FILE] [--no-translation]
 //!        [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] [--sim-mem-mb N]
 //!        [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST]
-//!        [--state-dir DIR] [--grace-ms N]
+//!        [--lazy-hold-us N] [--state-dir DIR] [--grace-ms N]
 //! ```
 //! `--service-threads` (default 1) threads serve the clients' rings, each
 //! polling `--ring-spin-us` (default 2000) after the last entry before it
 //! sleeps on the doorbells, pinned to the CPUs of `--service-cpus` (e.g. `1`
 //! or `2,3`; default: not pinned) (docs/ARCHITECTURE.md, "Rings and service
-//! threads").
+//! threads"). A `strict` pass of lazy entries (a NIC's RX refill) is held,
+//! its invalidation and completions after other work, for at most
+//! `--lazy-hold-us` (default 200, at most 10 s; 0: never held).
 //! `--state-dir` (linux) is where the memory the unit may reach lives, in
 //! files that outlive the process (default: `iommud/` on the hugetlbfs mount,
 //! else `/dev/shm/iommud`; see `crate::persist`). A restarted iommud adopts
@@ -49,6 +51,7 @@ struct Args {
     config: Option<PathBuf>,
     service_threads: usize,
     ring_spin_us: u64,
+    lazy_hold_us: u64,
     service_cpus: Vec<usize>,
     state_dir: Option<PathBuf>,
     grace_ms: u64,
@@ -57,7 +60,7 @@ struct Args {
 const USAGE: &str = "usage: iommud [--platform sim|linux] [--socket PATH] [--config FILE] \
 [--no-translation] [--no-reclaim] [--caching-mode] [--coherent] [--sim-inval-latency-ns N] \
 [--sim-mem-mb N] [--timeout-ms N] [--service-threads N] [--ring-spin-us N] [--service-cpus LIST] \
-[--state-dir DIR] [--grace-ms N]";
+[--lazy-hold-us N] [--state-dir DIR] [--grace-ms N]";
 
 fn parse_args() -> Result<Args, String> {
     use lexopt::prelude::*;
@@ -74,6 +77,7 @@ fn parse_args() -> Result<Args, String> {
         config: None,
         service_threads: 1,
         ring_spin_us: crate::service::DEFAULT_SPIN.as_micros() as u64,
+        lazy_hold_us: iommu_abi::ring::LAZY_HOLD_US,
         service_cpus: Vec::new(),
         state_dir: None,
         grace_ms: crate::state::DEFAULT_GRACE.as_millis() as u64,
@@ -103,6 +107,7 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             Long("ring-spin-us") => a.ring_spin_us = p.value().map_err(e)?.parse().map_err(e)?,
+            Long("lazy-hold-us") => a.lazy_hold_us = p.value().map_err(e)?.parse().map_err(e)?,
             Long("service-cpus") => {
                 let v = p.value().map_err(e)?.string().map_err(e)?;
                 a.service_cpus = v
@@ -226,6 +231,7 @@ fn run(a: Args) -> Result<(), String> {
         Duration::from_micros(a.ring_spin_us.min(1_000_000)),
     );
     state.service.cpus = a.service_cpus;
+    state.service.lazy_hold = Duration::from_micros(a.lazy_hold_us.min(10_000_000));
     crate::unit::log::info(&policy.describe());
     state.set_policy(policy);
     let state = Arc::new(state);

@@ -49,6 +49,8 @@ pub struct Service {
     started: AtomicBool,
     /// CPUs to pin the threads to (thread k on `cpus[k % len]`); empty: none.
     pub cpus: Vec<usize>,
+    /// The longest a pass of lazy entries is held (`Domain::serve_rings`).
+    pub lazy_hold: Duration,
 }
 
 impl Service {
@@ -69,6 +71,7 @@ impl Service {
             stopping: AtomicBool::new(false),
             started: AtomicBool::new(false),
             cpus: Vec::new(),
+            lazy_hold: Duration::from_micros(iommu_abi::ring::LAZY_HOLD_US),
         }
     }
 
@@ -177,6 +180,9 @@ fn run(state: &Arc<State>, w: &Worker) {
     let mut doms: Vec<Arc<Domain>> = Vec::new();
     let mut seen = u64::MAX;
     let mut last_work = Instant::now();
+    // When this thread last started a pass that did work: a pass held
+    // before that goes on (its invalidation follows that work).
+    let mut other_work: Option<Instant> = None;
     while !svc.stopping.load(SeqCst) && !state.stop.load(SeqCst) {
         let g = w.generation.load(SeqCst);
         if g != seen {
@@ -187,12 +193,23 @@ fn run(state: &Arc<State>, w: &Worker) {
         }
         let mut work = 0u32;
         let mut dead = false;
+        let mut held = false;
         for d in &doms {
             dead |= d.is_dead();
+            let at = Instant::now();
             // A bug reached through one client's ring must not stop the others.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.serve_rings(w.index)))
-            {
-                Ok((n, deferred)) => {
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                d.serve_rings(w.index, other_work, svc.lazy_hold)
+            })) {
+                Ok(crate::domain::Served {
+                    entries: n,
+                    deferred,
+                    held: h,
+                }) => {
+                    held |= h;
+                    if n > 0 {
+                        other_work = Some(at);
+                    }
                     // An idle epoch timer learns of iommud's own unmaps now.
                     // Only then: the timer thread outranks this one on its
                     // CPU, and waking it after every pass (a strict batch, a
@@ -218,7 +235,8 @@ fn run(state: &Arc<State>, w: &Worker) {
             continue;
         }
         let idle = last_work.elapsed();
-        if idle < svc.spin {
+        // A held pass is never slept on: its bound is microseconds.
+        if idle < svc.spin || held {
             // Right after work the next entry is likely microseconds away:
             // look without giving the CPU up; later, yield between looks so a
             // client on this CPU runs.

@@ -87,6 +87,9 @@ pub struct DomainStats {
     pub ring_write_ns: AtomicU64,
     /// Of `ring_busy_ns`: the passes' invalidations (issued and waited for).
     pub ring_inval_ns: AtomicU64,
+    /// Passes of lazy entries held (their invalidation and completions after
+    /// other work; `iommu_abi::ring::SQE_LAZY`).
+    pub ring_held: AtomicU64,
     /// Flushes made by the epoch timer.
     pub timer_flushes: AtomicU64,
     /// The latest the epoch timer ran a flush after its deadline (ns).

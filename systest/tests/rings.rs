@@ -709,3 +709,60 @@ fn a_map_ticket_is_ready_exactly_when_its_completions_are_posted() {
     let maps: Vec<(u64, usize)> = iovas.iter().map(|&i| (i, 4096)).collect();
     dom.unmap_batch(&maps).unwrap();
 }
+
+#[test]
+fn a_lazy_strict_refill_is_held_until_other_work_and_its_iovas_wait_for_it() {
+    // RX refills marked lazy (`remap_batch_submit_lazy`): with `strict`,
+    // iommud writes their entries at once but holds the pass's
+    // invalidation and completions until it has served other work, at most
+    // `--lazy-hold-us` (10 s here, so only the other work can end it).
+    let d = daemon_with_policy("rings-lazy", VALIDATED, &["--lazy-hold-us", "10000000"]);
+    let (a_bdf, b_bdf) = (0x70, 0x78);
+    let a = DmaDomain::connect(d.socket(), a_bdf, Strategy::Magazine, FlushPolicy::Strict).unwrap();
+    let b = DmaDomain::connect(d.socket(), b_bdf, Strategy::Magazine, FlushPolicy::Strict).unwrap();
+    assert!(a.uses_rings() && b.uses_rings());
+    let dev = machine(d.socket());
+    let stat = |dom: &DmaDomain, bdf, key: &str| kv(&common::domain_stats(dom, bdf), key);
+    let bufs: Vec<_> = (0..4).map(|_| a.alloc(4096).unwrap()).collect();
+    let req: Vec<(u64, usize, Dir)> = bufs
+        .iter()
+        .map(|b| (b.phys, 4096, Dir::Bidirectional))
+        .collect();
+    let old = a.map_batch(&req).unwrap();
+    let olds: Vec<(u64, usize)> = old.iter().map(|&v| (v, 4096)).collect();
+    let (held0, inv0) = (
+        stat(&a, a_bdf, "ring_held"),
+        stat(&a, a_bdf, "ring_strict_invalidations"),
+    );
+    let (u, t) = a.remap_batch_submit_lazy(&olds, &req).unwrap();
+    // Held: its entries are cleared (the device is refused at the old
+    // IOVAs), but neither invalidated nor completed.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stat(&a, a_bdf, "ring_held") == held0 {
+        assert!(Instant::now() < deadline, "never held");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!a.map_batch_ready(&t), "completed while held");
+    assert_eq!(stat(&a, a_bdf, "ring_strict_invalidations"), inv0);
+    let mut byte = [0u8; 1];
+    assert!(dev.dma_read(a_bdf, old[0], &mut byte).is_err());
+    // Other work (another domain's map) lets it go.
+    let other = b.alloc(4096).unwrap();
+    let v = b.map(other.phys, 4096, Dir::ToDevice).unwrap();
+    // Well within the 10 s bound.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !a.map_batch_ready(&t) {
+        assert!(Instant::now() < deadline, "still held after other work");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    a.unmap_batch_complete(u).unwrap();
+    let new = a.map_batch_complete(t).unwrap();
+    assert_eq!(stat(&a, a_bdf, "ring_strict_invalidations"), inv0 + 1);
+    for (k, (&iova, buf)) in new.iter().zip(&bufs).enumerate() {
+        common::device_round_trip(&dev, a_bdf, iova, buf, 0, &[k as u8 ^ 0x5a; 16]);
+    }
+    let maps: Vec<(u64, usize)> = new.iter().map(|&v| (v, 4096)).collect();
+    a.unmap_batch(&maps).unwrap();
+    b.unmap(v, 4096).unwrap();
+}

@@ -97,6 +97,7 @@ impl Domain {
             .kv("ring_busy_ns", stats::get(&s.ring_busy_ns))
             .kv("ring_write_ns", stats::get(&s.ring_write_ns))
             .kv("ring_inval_ns", stats::get(&s.ring_inval_ns))
+            .kv("ring_held", stats::get(&s.ring_held))
             .kv("timer_flushes", stats::get(&s.timer_flushes))
             .kv("timer_late_max_ns", stats::get(&s.timer_late_max_ns))
             .kv("timer_lock_busy", stats::get(&s.timer_lock_busy))

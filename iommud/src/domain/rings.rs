@@ -37,7 +37,7 @@ use iommu_abi::ring::{
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A duration in ns, for the time counters.
 fn nanos(d: std::time::Duration) -> u64 {
@@ -78,8 +78,33 @@ struct RingServer {
     /// Sealed batches: (tag, class, IOVAs).
     dirty: VecDeque<(u64, usize, Vec<u64>)>,
     /// The pass buffers, kept between passes (emptied, their memory kept):
-    /// a pass in steady state allocates nothing.
+    /// a pass in steady state allocates nothing. While a pass is held they
+    /// hold it.
     pass: Pass,
+    /// A pass of lazy entries whose entries are written and whose
+    /// invalidation and completions wait (`Sqe::is_lazy`): no other pass of
+    /// this ring starts meanwhile.
+    held: Option<Held>,
+}
+
+/// A held pass: its entry count, when it was held, and until when at most.
+#[derive(Clone, Copy)]
+struct Held {
+    n: u32,
+    at: Instant,
+    until: Instant,
+}
+
+/// What one or more passes did (`Domain::serve_rings`).
+#[derive(Clone, Copy, Default)]
+pub struct Served {
+    /// Entries completed.
+    pub entries: u32,
+    /// Unmaps were left to the epoch timer (`percore`, `deferred`).
+    pub deferred: bool,
+    /// A pass is held (lazy entries): the service thread must look again
+    /// within its bound, not sleep.
+    pub held: bool,
 }
 
 /// What one pass over a ring gathered for its end. Every vector is empty
@@ -111,7 +136,7 @@ struct Pass {
     flush_after: bool,
     /// Unmaps were left to the epoch timer (`percore`, `deferred`).
     deferred: bool,
-    /// Scratch of `write_pass` and `finish_pass`: entry runs to clear, a
+    /// Scratch of `write_pass` and `write_phase`: entry runs to clear, a
     /// run's leaf entries, ranges to invalidate, their runs, descriptors.
     clears: Vec<(u64, u64)>,
     run: Vec<u64>,
@@ -372,15 +397,18 @@ impl Domain {
     }
 
     /// One pass over every ring, from ring `first` on (service threads
-    /// sharing a domain start at different rings): returns the entries
-    /// served, and whether the passes left unmaps to the epoch timer
-    /// (`percore`, `deferred`: their IOVAs wait for its flush). A ring
+    /// sharing a domain start at different rings): the entries completed,
+    /// whether the passes left unmaps to the epoch timer (`percore`,
+    /// `deferred`: their IOVAs wait for its flush), and whether a pass is
+    /// held. A held pass goes on (its invalidation, its completions) once
+    /// the service thread has started other work after holding it
+    /// (`other_work`: when it last did) or `hold` has passed. A ring
     /// another service thread is serving is skipped.
-    pub fn serve_rings(&self, first: usize) -> (u32, bool) {
+    pub fn serve_rings(&self, first: usize, other_work: Option<Instant>, hold: Duration) -> Served {
+        let mut out = Served::default();
         let Some(rings) = self.rings.get() else {
-            return (0, false);
+            return out;
         };
-        let (mut served, mut deferred) = (0, false);
         for j in 0..rings.count() {
             let k = (first + j) % rings.count();
             let Ok(mut st) = rings.servers[k].try_lock() else {
@@ -389,26 +417,47 @@ impl Domain {
             if self.is_dead() {
                 break;
             }
-            let (n, d) = self.serve_ring(rings, k, &mut st);
-            served += n;
-            deferred |= d;
+            let s = self.serve_ring(rings, k, &mut st, other_work, hold);
+            out.entries += s.entries;
+            out.deferred |= s.deferred;
+            out.held |= s.held;
         }
-        (served, deferred)
+        out
     }
 
-    fn serve_ring(&self, rings: &Rings, k: usize, st: &mut RingServer) -> (u32, bool) {
+    fn serve_ring(
+        &self,
+        rings: &Rings,
+        k: usize,
+        st: &mut RingServer,
+        other_work: Option<Instant>,
+        hold: Duration,
+    ) -> Served {
         let shm = rings.ring(k);
+        if let Some(h) = st.held {
+            let now = Instant::now();
+            if now < h.until && other_work.is_none_or(|t| t <= h.at) {
+                return Served {
+                    held: true,
+                    ..Served::default()
+                };
+            }
+            st.held = None;
+            let mut pass = std::mem::take(&mut st.pass);
+            self.invalidate_pass(st, &mut pass);
+            return self.post_pass(shm, st, pass, h.n, now);
+        }
         // The client's indices are hostile: bounded here, never trusted.
         let tail = shm.sq_tail.0.load(Acquire);
         let avail = tail.wrapping_sub(st.sq_head).min(RING_ENTRIES);
         if avail == 0 {
-            return (0, false);
+            return Served::default();
         }
         let used = st.cq_tail.wrapping_sub(shm.cq_head.0.load(Acquire));
         let free = RING_ENTRIES.saturating_sub(used);
         let n = avail.min(free).min(PASS_BUDGET);
         if n == 0 {
-            return (0, false);
+            return Served::default();
         }
         let started = Instant::now();
         let strategy = self.strategy_now();
@@ -417,11 +466,13 @@ impl Domain {
         // Empty: every pass leaves it cleared.
         let mut pass = std::mem::take(&mut st.pass);
         let (mut rejected, mut errors) = (0, 0);
+        let mut lazy = true;
         for j in 0..n {
             let slot = &shm.sq[(st.sq_head.wrapping_add(j) % RING_ENTRIES) as usize];
             // One private copy of the entry, then decisions only on the copy.
             let w: [u64; iommu_abi::ring::SQE_WORDS] =
                 std::array::from_fn(|x| slot[x].load(Relaxed));
+            lazy &= Sqe::is_lazy(&w);
             let r = match Sqe::decode(&w) {
                 Ok(sqe) => self.ring_op(rings, st, &mut pass, strategy, sqe.op),
                 Err(e) => {
@@ -441,7 +492,39 @@ impl Domain {
         if errors > 0 {
             stats::add(&self.stats.errors, errors);
         }
-        self.finish_pass(rings, st, &mut pass, flush);
+        self.write_phase(rings, st, &mut pass, flush);
+        if lazy && !pass.descs.is_empty() && !hold.is_zero() {
+            // Every entry lazy, an invalidation due: its entries are written
+            // and its IOVAs are in no cache; the invalidation and the
+            // completions wait for other work, or the bound.
+            stats::add(&self.stats.ring_held, 1);
+            stats::add(&self.stats.ring_busy_ns, nanos(started.elapsed()));
+            st.pass = pass;
+            let now = Instant::now();
+            st.held = Some(Held {
+                n,
+                at: now,
+                until: now + hold,
+            });
+            return Served {
+                held: true,
+                ..Served::default()
+            };
+        }
+        self.invalidate_pass(st, &mut pass);
+        self.post_pass(shm, st, pass, n, started)
+    }
+
+    /// The end of a pass: its completions posted, its entries consumed and
+    /// counted, and a sealed batch's flush (`Pass::flush_after`).
+    fn post_pass(
+        &self,
+        shm: &RingShm,
+        st: &mut RingServer,
+        mut pass: Pass,
+        n: u32,
+        started: Instant,
+    ) -> Served {
         let (deferred, flush_after) = (pass.deferred, pass.flush_after);
         for &(user, result) in &pass.results {
             let c = Cqe { user, result }.encode();
@@ -468,7 +551,11 @@ impl Domain {
             self.recycle(st);
         }
         stats::add(&self.stats.ring_busy_ns, nanos(started.elapsed()));
-        (n, deferred)
+        Served {
+            entries: n,
+            deferred,
+            held: false,
+        }
     }
 
     /// One entry. Errors become the entry's completion.
@@ -670,10 +757,11 @@ impl Domain {
         Ok(())
     }
 
-    /// The end of a pass: the entry writes, the strict batch's one
-    /// invalidation, the caching mode's invalidation of fresh entries, and
-    /// the clean caches kept bounded.
-    fn finish_pass(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
+    /// The first part of a pass's end: the entry writes, and the
+    /// descriptors of the strict batch's one invalidation and of the caching
+    /// mode's invalidation of fresh entries (`Pass::descs`, empty if none is
+    /// due).
+    fn write_phase(&self, rings: &Rings, st: &mut RingServer, pass: &mut Pass, flush: FlushPolicy) {
         let t = Instant::now();
         self.write_pass(rings, st, pass, flush);
         stats::add(&self.stats.ring_write_ns, nanos(t.elapsed()));
@@ -698,7 +786,14 @@ impl Domain {
                         .map(|&(v, p)| self.unit.iotlb_range(self.did, v, p, true)),
                 );
             }
-            for d in descs.iter() {
+        }
+    }
+
+    /// The rest of a pass's end: its invalidation (if due), after which the
+    /// strict batch's IOVAs are clean, and the clean caches kept bounded.
+    fn invalidate_pass(&self, st: &mut RingServer, pass: &mut Pass) {
+        if !pass.descs.is_empty() {
+            for d in pass.descs.iter() {
                 match d.decode() {
                     vtd::desc::Decoded::Iotlb {
                         g: vtd::regs::Granularity::Selective,
@@ -707,12 +802,12 @@ impl Domain {
                     _ => stats::add(&self.stats.inval_domain, 1),
                 }
             }
-            if !strict.is_empty() {
-                stats::add(&self.stats.ring_strict_unmaps, strict.len() as u64);
-                stats::add(&self.stats.ring_strict_invals, descs.len() as u64);
+            if !pass.strict.is_empty() {
+                stats::add(&self.stats.ring_strict_unmaps, pass.strict.len() as u64);
+                stats::add(&self.stats.ring_strict_invals, pass.descs.len() as u64);
             }
             let t = Instant::now();
-            let r = self.unit.invalidate(descs);
+            let r = self.unit.invalidate(&pass.descs);
             stats::add(&self.stats.ring_inval_ns, nanos(t.elapsed()));
             if let Err(e) = r {
                 // Not invalidated: the IOVAs must never be reused, and every

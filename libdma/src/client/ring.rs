@@ -377,7 +377,7 @@ impl DmaDomain {
                 inner: Ticket::Ready(self.map_batch(bufs)?),
             });
         }
-        self.submit_maps(&self.map_ops(bufs)?, bufs)
+        self.submit_maps(&self.map_ops(bufs)?, bufs, false)
     }
 
     /// True if a batch of `n` maps goes to the rings as one submission
@@ -391,8 +391,13 @@ impl DmaDomain {
 
     /// Submits `ops`, whose completions are the maps of `bufs`, for
     /// [`DmaDomain::map_batch_complete`].
-    fn submit_maps(&self, ops: &[SqOp], bufs: &[(u64, usize, Dir)]) -> Result<MapTicket> {
-        let (ring, first) = self.submit_on(ops, true)?;
+    fn submit_maps(
+        &self,
+        ops: &[SqOp],
+        bufs: &[(u64, usize, Dir)],
+        lazy: bool,
+    ) -> Result<MapTicket> {
+        let (ring, first) = self.submit_on(ops, true, lazy)?;
         Ok(MapTicket {
             inner: Ticket::Ring {
                 ring,
@@ -421,6 +426,28 @@ impl DmaDomain {
         old: &[(u64, usize)],
         bufs: &[(u64, usize, Dir)],
     ) -> Result<(super::fastbatch::UnmapTicket, MapTicket)> {
+        self.remap_submit(old, bufs, false)
+    }
+
+    /// [`DmaDomain::remap_batch_submit`] for a refill the driver collects
+    /// later (a NIC's RX refill handed back at a later receive): its entries
+    /// carry [`iommu_abi::ring::SQE_LAZY`], so with `strict` iommud may hold
+    /// their pass, and its invalidation, for up to
+    /// [`iommu_abi::ring::LAZY_HOLD_US`] while it serves other work first.
+    pub fn remap_batch_submit_lazy(
+        &self,
+        old: &[(u64, usize)],
+        bufs: &[(u64, usize, Dir)],
+    ) -> Result<(super::fastbatch::UnmapTicket, MapTicket)> {
+        self.remap_submit(old, bufs, true)
+    }
+
+    fn remap_submit(
+        &self,
+        old: &[(u64, usize)],
+        bufs: &[(u64, usize, Dir)],
+        lazy: bool,
+    ) -> Result<(super::fastbatch::UnmapTicket, MapTicket)> {
         if old.len() != bufs.len() {
             return Err(Error::Invalid(format!(
                 "{} unmaps for {} maps in a remap batch",
@@ -442,7 +469,7 @@ impl DmaDomain {
                 map,
             })
             .collect();
-        let maps = self.submit_maps(&ops, bufs)?;
+        let maps = self.submit_maps(&ops, bufs, lazy)?;
         Ok((
             super::fastbatch::UnmapTicket {
                 wait: super::fastbatch::UnmapWait::Done,
@@ -539,7 +566,7 @@ impl DmaDomain {
             self.ring_unmap(maps)?;
             return Ok(UnmapWait::Done);
         }
-        let (ring, first) = self.submit_on(&unmap_ops(maps), true)?;
+        let (ring, first) = self.submit_on(&unmap_ops(maps), true, false)?;
         Ok(UnmapWait::Ring {
             ring,
             first,
@@ -550,7 +577,7 @@ impl DmaDomain {
     /// Submits `ops` (at most [`CHUNK`]) on this CPU slot's ring without
     /// waiting; with `awaited`, their completions are kept for a later
     /// collector. Returns the ring and the first sequence number.
-    fn submit_on(&self, ops: &[SqOp], awaited: bool) -> Result<(usize, u32)> {
+    fn submit_on(&self, ops: &[SqOp], awaited: bool, lazy: bool) -> Result<(usize, u32)> {
         let rings = self.rings.as_ref().ok_or(Error::Dead)?;
         let k = self.slot() % rings.slots.len();
         let ring = rings.ring(k);
@@ -564,13 +591,21 @@ impl DmaDomain {
         if awaited {
             c.awaited.push((first, n));
         }
-        self.publish(rings, ring, &mut c, ops);
+        self.publish(rings, ring, &mut c, ops, lazy);
         Ok((k, first))
     }
 
-    /// Writes `ops` at the tail, publishes it, and rings the doorbell if the
-    /// service thread sleeps.
-    fn publish(&self, rings: &ClientRings, ring: &RingShm, c: &mut RingClient, ops: &[SqOp]) {
+    /// Writes `ops` at the tail (each with [`iommu_abi::ring::SQE_LAZY`] if
+    /// `lazy`), publishes it, and rings the doorbell if the service thread
+    /// sleeps.
+    fn publish(
+        &self,
+        rings: &ClientRings,
+        ring: &RingShm,
+        c: &mut RingClient,
+        ops: &[SqOp],
+        lazy: bool,
+    ) {
         let first = c.tail;
         for (j, op) in ops.iter().enumerate() {
             let seq = first.wrapping_add(j as u32);
@@ -578,7 +613,7 @@ impl DmaDomain {
                 op: *op,
                 user: u64::from(seq),
             }
-            .encode();
+            .encode_lazy(lazy);
             let slot = &ring.sq[(seq % RING_ENTRIES) as usize];
             for (x, v) in w.iter().enumerate() {
                 slot[x].store(*v, Relaxed);
@@ -610,7 +645,7 @@ impl DmaDomain {
                 self.reap(rings, ring, &mut c, target, None)?;
             }
             let first = c.tail;
-            self.publish(rings, ring, &mut c, chunk);
+            self.publish(rings, ring, &mut c, chunk, false);
             if wait {
                 let target = c.tail;
                 self.reap(rings, ring, &mut c, target, Some((first, &mut out)))?;

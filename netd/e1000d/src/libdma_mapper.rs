@@ -149,8 +149,10 @@ impl DmaMapper for LibdmaMapper {
         }
     }
 
-    /// On iommud's rings one entry per buffer (unmap and map together);
-    /// elsewhere the two submissions.
+    /// On iommud's rings one entry per buffer (unmap and map together),
+    /// marked lazy: the driver collects a refill at a later receive, so a
+    /// `strict` iommud may first serve other work (the TX maps the driver
+    /// waits for); elsewhere the two submissions.
     fn remap_batch_submit(
         &self,
         unmaps: &[(u64, usize)],
@@ -164,7 +166,7 @@ impl DmaMapper for LibdmaMapper {
         let bufs = phys_bufs(reqs)?;
         let (u, m) = self
             .domain
-            .remap_batch_submit(unmaps, &bufs)
+            .remap_batch_submit_lazy(unmaps, &bufs)
             .map_err(|e| err("remap", e))?;
         Ok((
             crate::PendingUnmaps::Libdma(u),
