@@ -180,7 +180,7 @@ fn run(state: &Arc<State>, w: &Worker) {
     let mut doms: Vec<Arc<Domain>> = Vec::new();
     let mut seen = u64::MAX;
     let mut last_work = Instant::now();
-    // When this thread last started a pass that did work: a pass held
+    // When this thread last finished passes that did work: a pass held
     // before that goes on (its invalidation follows that work).
     let mut other_work: Option<Instant> = None;
     while !svc.stopping.load(SeqCst) && !state.stop.load(SeqCst) {
@@ -196,7 +196,6 @@ fn run(state: &Arc<State>, w: &Worker) {
         let mut held = false;
         for d in &doms {
             dead |= d.is_dead();
-            let at = Instant::now();
             // A bug reached through one client's ring must not stop the others.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 d.serve_rings(w.index, other_work, svc.lazy_hold)
@@ -208,7 +207,9 @@ fn run(state: &Arc<State>, w: &Worker) {
                 }) => {
                     held |= h;
                     if n > 0 {
-                        other_work = Some(at);
+                        // This thread serves one pass after another: work
+                        // that ended now began after any pass held before.
+                        other_work = Some(Instant::now());
                     }
                     // An idle epoch timer learns of iommud's own unmaps now.
                     // Only then: the timer thread outranks this one on its

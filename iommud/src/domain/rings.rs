@@ -401,8 +401,8 @@ impl Domain {
     /// whether the passes left unmaps to the epoch timer (`percore`,
     /// `deferred`: their IOVAs wait for its flush), and whether a pass is
     /// held. A held pass goes on (its invalidation, its completions) once
-    /// the service thread has started other work after holding it
-    /// (`other_work`: when it last did) or `hold` has passed. A ring
+    /// the service thread has done other work after holding it
+    /// (`other_work`: when it last finished some) or `hold` has passed. A ring
     /// another service thread is serving is skipped.
     pub fn serve_rings(&self, first: usize, other_work: Option<Instant>, hold: Duration) -> Served {
         let mut out = Served::default();
