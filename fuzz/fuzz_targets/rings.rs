@@ -1,7 +1,8 @@
 //! A validated magazine domain's rings fed arbitrary memory: the input is a
 //! series of records (one selector byte, then words) that write submission
 //! entries, the submission tail and the completion head exactly as a hostile
-//! client could, each followed by a pass of iommud's ring service. Nothing
+//! client could (the lazy hint included), each followed by passes of iommud's
+//! ring service (a held lazy pass released by the later ones). Nothing
 //! may panic, and every map iommud completes must point into the client's
 //! registered pool (read back from the domain's page table through the unit).
 #![no_main]
@@ -112,7 +113,8 @@ fuzz_target!(|data: &[u8]| {
                         len: (v >> 40) % (40 << 12),
                     }
                 };
-                let e = iommu_abi::ring::Sqe { op, user: v }.encode();
+                // Bit 63: the lazy hint (a strict pass of lazy entries is held).
+                let e = iommu_abi::ring::Sqe { op, user: v }.encode_lazy(v >> 63 == 1);
                 let slot = &ring.sq[(t % RING_ENTRIES) as usize];
                 for (x, val) in e.iter().enumerate() {
                     slot[x].store(*val, Relaxed);
@@ -123,8 +125,12 @@ fuzz_target!(|data: &[u8]| {
             2 => ring.sq_tail.0.store(word(rec) as u32, Release),
             _ => ring.cq_head.0.store(word(rec) as u32, Release),
         }
-        for _ in 0..4 {
-            w.dom.serve_rings(0);
+        // The first pass may hold a lazy pass (no other work yet); the next
+        // ones come after "other work", which releases it.
+        let hold = std::time::Duration::from_secs(1);
+        w.dom.serve_rings(0, None, hold);
+        for _ in 0..3 {
+            w.dom.serve_rings(0, Some(std::time::Instant::now()), hold);
         }
         // Consume what iommud completed, checking every successful map.
         let mut head = w.head.lock().unwrap_or_else(|p| p.into_inner());
