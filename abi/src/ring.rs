@@ -137,6 +137,16 @@ const OP_REMAP: u64 = 3;
 /// at most [`LAZY_HOLD_US`] by default (docs/ARCHITECTURE.md, "Rings and
 /// service threads"). It changes nothing else about the entry.
 pub const SQE_LAZY: u64 = 1 << 16;
+/// w0 bit 17, on a remap entry: the client lets iommud keep the old IOVA
+/// when the new buffer is the same memory, in the same direction, as the
+/// old mapping (a recycled RX or TX buffer). Under `percore` or `deferred`
+/// iommud then answers with the old IOVA and changes no entry: the device
+/// reaches exactly the pages it could reach through the old, not yet
+/// invalidated, mapping anyway. Never honoured under `strict`, whose unmap
+/// promises the old IOVA is dead (docs/ARCHITECTURE.md, "Kept remaps").
+pub const SQE_KEEP: u64 = 1 << 17;
+/// The hint bits a client may set in w0 ([`SQE_LAZY`], [`SQE_KEEP`]).
+pub const SQE_HINTS: u64 = SQE_LAZY | SQE_KEEP;
 /// The longest iommud holds a lazy pass by default (µs; its
 /// `--lazy-hold-us`).
 pub const LAZY_HOLD_US: u64 = 200;
@@ -153,12 +163,11 @@ pub enum SqeError {
 }
 
 impl Sqe {
-    /// [`Sqe::encode`], with [`SQE_LAZY`] set if `lazy`.
-    pub fn encode_lazy(&self, lazy: bool) -> [u64; SQE_WORDS] {
+    /// [`Sqe::encode`], with the hint bits of `hints` ([`SQE_HINTS`]; others
+    /// are dropped) set in w0.
+    pub fn encode_hinted(&self, hints: u64) -> [u64; SQE_WORDS] {
         let mut w = self.encode();
-        if lazy {
-            w[0] |= SQE_LAZY;
-        }
+        w[0] |= hints & SQE_HINTS;
         w
     }
 
@@ -166,6 +175,12 @@ impl Sqe {
     /// hint about the client's own completions).
     pub fn is_lazy(w: &[u64; SQE_WORDS]) -> bool {
         w[0] & SQE_LAZY != 0
+    }
+
+    /// Whether an entry's words carry [`SQE_KEEP`] (hostile words: it can
+    /// only let iommud answer a remap with the client's own old IOVA).
+    pub fn is_keep(w: &[u64; SQE_WORDS]) -> bool {
+        w[0] & SQE_KEEP != 0
     }
 
     /// The entry's words: w0 = op (bits 7:0) | dir (15:8) | region (63:32),
@@ -306,13 +321,19 @@ mod tests {
         assert_eq!(w[0], 1 | 2 << 8 | 3 << 32);
         assert_eq!(&w[1..5], &[0x1234, 1500, 0x7f00_0000_1000, 99]);
         assert_eq!(Sqe::decode(&w), Ok(m));
-        // The lazy hint is bit 16 of w0 and changes nothing else.
-        let l = m.encode_lazy(true);
+        // The lazy hint is bit 16 of w0, the keep hint bit 17; they change
+        // nothing else, and no other bit passes as a hint.
+        let l = m.encode_hinted(SQE_LAZY);
         assert_eq!(l[0], w[0] | 0x1_0000);
         assert_eq!(&l[1..], &w[1..]);
-        assert!(Sqe::is_lazy(&l) && !Sqe::is_lazy(&w));
+        assert!(Sqe::is_lazy(&l) && !Sqe::is_lazy(&w) && !Sqe::is_keep(&l));
         assert_eq!(Sqe::decode(&l), Ok(m));
-        assert_eq!(m.encode_lazy(false), w);
+        let k = m.encode_hinted(SQE_KEEP);
+        assert_eq!(k[0], w[0] | 0x2_0000);
+        assert!(Sqe::is_keep(&k) && !Sqe::is_lazy(&k));
+        assert_eq!(Sqe::decode(&k), Ok(m));
+        assert_eq!(m.encode_hinted(0), w);
+        assert_eq!(m.encode_hinted(!0)[0], w[0] | 0x3_0000);
         let u = Sqe {
             op: SqOp::Unmap {
                 iova: 0x4000_2000,

@@ -1,10 +1,12 @@
 //! A validated magazine domain's rings fed arbitrary memory: the input is a
 //! series of records (one selector byte, then words) that write submission
 //! entries, the submission tail and the completion head exactly as a hostile
-//! client could (the lazy hint included), each followed by passes of iommud's
-//! ring service (a held lazy pass released by the later ones). Nothing
-//! may panic, and every map iommud completes must point into the client's
-//! registered pool (read back from the domain's page table through the unit).
+//! client could (the lazy and keep hints included), each followed by passes
+//! of iommud's ring service (a held lazy pass released by the later ones).
+//! The input's first byte picks the domain: `strict` (lazy passes held) or
+//! `percore` (remaps kept). Nothing may panic, and every map iommud completes
+//! must point into the client's registered pool (read back from the domain's
+//! page table through the unit).
 #![no_main]
 
 use iommu_abi::ring::{ring_at, Cqe, MapArgs, SqOp, CQE_WORDS, RING_ENTRIES, SQE_WORDS};
@@ -22,18 +24,24 @@ use std::sync::{Arc, Mutex, OnceLock};
 struct World {
     dom: Arc<Domain>,
     plat: Arc<SimPlatform>,
+    sid: u16,
     rings: libdma::shm::Mapping,
     pool: (u64, u64),
     /// The client's view of the completion ring (what it consumed).
     head: Mutex<u32>,
 }
 
-const SID: u16 = 0x10;
 const POOL: u64 = 64 << 10;
 
-fn world() -> &'static World {
-    static W: OnceLock<World> = OnceLock::new();
-    W.get_or_init(|| {
+fn world(percore: bool) -> &'static World {
+    static STRICT: OnceLock<World> = OnceLock::new();
+    static PERCORE: OnceLock<World> = OnceLock::new();
+    let (w, sid, flush) = if percore {
+        (&PERCORE, 0x18, FlushPolicy::PerCore)
+    } else {
+        (&STRICT, 0x10, FlushPolicy::Strict)
+    };
+    w.get_or_init(|| {
         iommud::unit::log::set_quiet(true);
         let plat = Arc::new(
             SimPlatform::new(vtd::sim::SimConfig {
@@ -47,9 +55,9 @@ fn world() -> &'static World {
         let st = State::new(unit.clone(), "sim", true);
         let dom = Domain::new(
             unit,
-            SID,
+            sid,
             Strategy::Magazine,
-            FlushPolicy::Strict,
+            flush,
             Trust::Validated,
             true,
             st.accounts.of(1000),
@@ -62,6 +70,7 @@ fn world() -> &'static World {
         World {
             dom,
             plat,
+            sid,
             rings: map,
             pool: (region.phys, region.len),
             head: Mutex::new(0),
@@ -77,7 +86,10 @@ fn word(b: &[u8]) -> u64 {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let w = world();
+    let Some((&pick, data)) = data.split_first() else {
+        return;
+    };
+    let w = world(pick & 1 == 1);
     // SAFETY: the mapping covers one ring and lives as long as the world.
     let ring = unsafe { ring_at(w.rings.as_ptr(), 0) };
     let mut rest = data;
@@ -95,26 +107,40 @@ fuzz_target!(|data: &[u8]| {
                 }
                 ring.sq_tail.0.store(t.wrapping_add(1), Release);
             }
-            // A well-formed map or unmap around the pool, fuzzed offsets.
+            // A well-formed map, unmap or remap around the pool, fuzzed
+            // offsets (remaps' old IOVAs near the first magazine's, so that
+            // some are live and the keep hint has something to keep).
             1 => {
                 let t = ring.sq_tail.0.load(Relaxed);
                 let v = word(rec);
-                let op = if v & 1 == 0 {
-                    SqOp::Map(MapArgs {
-                        region: (v >> 1 & 3) as u32,
-                        offset: (v >> 3) % (2 * POOL),
-                        len: (v >> 24) % (40 << 12),
-                        dir: libdma::Dir::Bidirectional,
-                        va: 0,
-                    })
-                } else {
-                    SqOp::Unmap {
-                        iova: (1 << 30) + ((v >> 1) % (1 << 24)),
-                        len: (v >> 40) % (40 << 12),
-                    }
+                let map = MapArgs {
+                    region: (v >> 2 & 3) as u32,
+                    offset: (v >> 4) % (2 * POOL),
+                    len: (v >> 24) % (40 << 12),
+                    dir: if v >> 61 & 1 == 1 {
+                        libdma::Dir::ToDevice
+                    } else {
+                        libdma::Dir::Bidirectional
+                    },
+                    va: 0,
                 };
-                // Bit 63: the lazy hint (a strict pass of lazy entries is held).
-                let e = iommu_abi::ring::Sqe { op, user: v }.encode_lazy(v >> 63 == 1);
+                let op = match v & 3 {
+                    0 => SqOp::Map(map),
+                    1 => SqOp::Unmap {
+                        iova: (1 << 30) + ((v >> 2) % (1 << 24)),
+                        len: (v >> 40) % (40 << 12),
+                    },
+                    _ => SqOp::Remap {
+                        old: (1 << 30) + ((v >> 8) % 64) * 4096 + (v >> 14 & 0xfff),
+                        old_len: (v >> 40) % (40 << 12),
+                        map,
+                    },
+                };
+                // Bit 63: the lazy hint (a strict pass of lazy entries is
+                // held); bit 62: the keep hint (a percore remap may keep).
+                let hints = (v >> 63) * iommu_abi::ring::SQE_LAZY
+                    | (v >> 62 & 1) * iommu_abi::ring::SQE_KEEP;
+                let e = iommu_abi::ring::Sqe { op, user: v }.encode_hinted(hints);
                 let slot = &ring.sq[(t % RING_ENTRIES) as usize];
                 for (x, val) in e.iter().enumerate() {
                     slot[x].store(*val, Relaxed);
@@ -144,7 +170,7 @@ fuzz_target!(|data: &[u8]| {
             // pass already unmapped it.
             if let Ok(iova) = Cqe::decode(&c).result {
                 if iova != 0 {
-                    if let Ok(t) = w.plat.machine().translate_uncached(SID, iova) {
+                    if let Ok(t) = w.plat.machine().translate_uncached(w.sid, iova) {
                         assert!(
                             !(t.read || t.write)
                                 || (t.phys >= w.pool.0 && t.phys < w.pool.0 + w.pool.1),

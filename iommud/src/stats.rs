@@ -90,6 +90,9 @@ pub struct DomainStats {
     /// Passes of lazy entries held (their invalidation and completions after
     /// other work; `iommu_abi::ring::SQE_LAZY`).
     pub ring_held: AtomicU64,
+    /// Remap entries answered with their old IOVA, no entry changed
+    /// (`iommu_abi::ring::SQE_KEEP` under `percore` or `deferred`).
+    pub ring_kept: AtomicU64,
     /// Flushes made by the epoch timer.
     pub timer_flushes: AtomicU64,
     /// The latest the epoch timer ran a flush after its deadline (ns).

@@ -12,5 +12,7 @@ pub mod magazine;
 pub use iommu_abi::transport;
 pub use iommu_abi::{proof, proto, ring, shared, shm, Bdf};
 
-pub use client::{Control, DmaBuffer, DmaDomain, Error, MapTicket, UnmapTicket, DEFAULT_SOCKET};
+pub use client::{
+    Control, DmaBuffer, DmaDomain, Error, MapTicket, RemapHints, UnmapTicket, DEFAULT_SOCKET,
+};
 pub use proto::{Dir, FlushPolicy, Strategy};

@@ -98,6 +98,7 @@ impl Domain {
             .kv("ring_write_ns", stats::get(&s.ring_write_ns))
             .kv("ring_inval_ns", stats::get(&s.ring_inval_ns))
             .kv("ring_held", stats::get(&s.ring_held))
+            .kv("ring_kept", stats::get(&s.ring_kept))
             .kv("timer_flushes", stats::get(&s.timer_flushes))
             .kv("timer_late_max_ns", stats::get(&s.timer_late_max_ns))
             .kv("timer_lock_busy", stats::get(&s.timer_lock_busy))

@@ -136,6 +136,8 @@ struct Pass {
     flush_after: bool,
     /// Unmaps were left to the epoch timer (`percore`, `deferred`).
     deferred: bool,
+    /// Remaps kept at their old IOVA (counted once per pass).
+    kept: u64,
     /// Scratch of `write_pass` and `write_phase`: entry runs to clear, a
     /// run's leaf entries, ranges to invalidate, their runs, descriptors.
     clears: Vec<(u64, u64)>,
@@ -157,6 +159,7 @@ impl Pass {
         self.regions_fresh = false;
         self.deferred = false;
         self.flush_after = false;
+        self.kept = 0;
         self.clears.clear();
         self.run.clear();
         self.ranges.clear();
@@ -473,8 +476,10 @@ impl Domain {
             let w: [u64; iommu_abi::ring::SQE_WORDS] =
                 std::array::from_fn(|x| slot[x].load(Relaxed));
             lazy &= Sqe::is_lazy(&w);
+            // A kept remap changes nothing a strict unmap must end.
+            let keep = Sqe::is_keep(&w) && flush != FlushPolicy::Strict;
             let r = match Sqe::decode(&w) {
-                Ok(sqe) => self.ring_op(rings, st, &mut pass, strategy, sqe.op),
+                Ok(sqe) => self.ring_op(rings, st, &mut pass, strategy, sqe.op, keep),
                 Err(e) => {
                     rejected += 1;
                     Err(reply(ErrorCode::Invalid, e.to_string()))
@@ -526,6 +531,9 @@ impl Domain {
         started: Instant,
     ) -> Served {
         let (deferred, flush_after) = (pass.deferred, pass.flush_after);
+        if pass.kept > 0 {
+            stats::add(&self.stats.ring_kept, pass.kept);
+        }
         for &(user, result) in &pass.results {
             let c = Cqe { user, result }.encode();
             let slot = &shm.cq[(st.cq_tail % RING_ENTRIES) as usize];
@@ -566,17 +574,26 @@ impl Domain {
         pass: &mut Pass,
         strategy: Strategy,
         op: SqOp,
+        keep: bool,
     ) -> Result<u64, DomainError> {
         match op {
             SqOp::Remap { old, old_len, map } => {
                 // A remap that could never map unmaps nothing.
-                self.ring_target(pass, &map)?;
+                let r = self.ring_target(pass, &map)?;
+                if keep && strategy == Strategy::Magazine {
+                    if let Some(iova) =
+                        self.ring_keep(rings, old, old_len, r.phys + map.offset, &map)
+                    {
+                        pass.kept += 1;
+                        return Ok(iova);
+                    }
+                }
                 let unmap = SqOp::Unmap {
                     iova: old,
                     len: old_len,
                 };
-                self.ring_op(rings, st, pass, strategy, unmap)?;
-                self.ring_op(rings, st, pass, strategy, SqOp::Map(map))
+                self.ring_op(rings, st, pass, strategy, unmap, false)?;
+                self.ring_op(rings, st, pass, strategy, SqOp::Map(map), false)
             }
             SqOp::Map(m) => {
                 let MapArgs {
@@ -610,6 +627,48 @@ impl Domain {
                 self.unmap(iova, len).map(|()| 0)
             }
         }
+    }
+
+    /// A kept remap (docs/ARCHITECTURE.md, "Kept remaps"): `old` if it is a
+    /// live ring mapping of exactly the pages and direction the entry asks
+    /// for at `phys` (the same in-page offset, the same number of pages,
+    /// every arena entry the leaf a map would write), else `None` (then the
+    /// remap unmaps and maps). Decided from iommud's own memory only: the
+    /// live table and the arena, which no client can write. The mapping is
+    /// taken for the check, like an unmap takes it, and given back: an
+    /// unmap of the same IOVA racing on another ring is refused meanwhile.
+    fn ring_keep(
+        &self,
+        rings: &Rings,
+        old: u64,
+        old_len: u64,
+        phys: u64,
+        m: &MapArgs,
+    ) -> Option<u64> {
+        let arena = rings.arena?;
+        let off = phys % PAGE;
+        if old % PAGE != off
+            || old_len == 0
+            || old_len > MAX_MAP_LEN
+            || !(IOVA_BASE..IOVA_BASE + IOVA_SPAN).contains(&old)
+        {
+            return None;
+        }
+        let pages = (off + m.len).div_ceil(PAGE);
+        if (off + old_len).div_ceil(PAGE) != pages || size_class(pages).is_none() {
+            return None;
+        }
+        let base = old - off;
+        let slot = rings.live.get(((base - IOVA_BASE) / PAGE) as usize)?;
+        slot.compare_exchange(pages as u8, 0, SeqCst, SeqCst).ok()?;
+        let first = arena + ((base - IOVA_BASE) >> 12) * 8;
+        let holds = (0..pages).all(|p| {
+            // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
+            let want = vtd::entry::SlPte::new(phys - off + p * PAGE, m.dir.read(), m.dir.write()).0;
+            self.mem().read_u64(first + 8 * p).is_ok_and(|v| v == want)
+        });
+        slot.store(pages as u8, Release);
+        holds.then_some(old)
     }
 
     /// The registered region a map entry names, if `[offset, offset+len)`

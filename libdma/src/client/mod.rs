@@ -96,8 +96,8 @@ use conn::Conn;
 pub use conn::Control;
 pub use fastbatch::UnmapTicket;
 use remote::Remote;
-pub use ring::MapTicket;
 use ring::{ClientRings, RegionInfo};
+pub use ring::{MapTicket, RemapHints};
 
 struct Pool {
     map: Mapping,
@@ -137,6 +137,9 @@ pub struct ClientStats {
     pub reattaches: AtomicU64,
     /// Ring entries iommud refused that nobody waited for (unmaps).
     pub ring_errors: AtomicU64,
+    /// Remap pairs kept at their old IOVA here (delegated trust; iommud
+    /// counts those of the rings as `ring_kept`).
+    pub kept: AtomicU64,
 }
 
 /// A snapshot of [`ClientStats`].
@@ -148,6 +151,8 @@ pub struct ClientCounts {
     pub wakeups: u64,
     /// Ring entries refused that nobody waited for.
     pub ring_errors: u64,
+    /// Remap pairs kept at their old IOVA by libdma (delegated trust).
+    pub kept: u64,
 }
 
 /// A driver's handle on its device's protection domain.
@@ -519,6 +524,7 @@ impl DmaDomain {
             round_trips: self.stats.round_trips.load(Relaxed),
             wakeups: self.stats.wakeups.load(Relaxed),
             ring_errors: self.stats.ring_errors.load(Relaxed),
+            kept: self.stats.kept.load(Relaxed),
         }
     }
 

@@ -79,12 +79,48 @@ impl Stash {
     }
 }
 
+/// Hints on a remap batch ([`DmaDomain::remap_batch_submit_hinted`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RemapHints {
+    /// The driver collects the new IOVAs at a later call, not at once (a
+    /// NIC's RX refill): [`iommu_abi::ring::SQE_LAZY`].
+    pub lazy: bool,
+    /// A pair whose new buffer is the memory, and the direction, of its old
+    /// mapping may keep the old IOVA under `percore` or `deferred`, no entry
+    /// changed (a recycled buffer; docs/ARCHITECTURE.md, "Kept remaps"):
+    /// [`iommu_abi::ring::SQE_KEEP`]. Never under `strict`.
+    pub keep: bool,
+}
+
+impl RemapHints {
+    /// The hints as ring entry bits.
+    fn bits(self) -> u64 {
+        let mut b = 0;
+        if self.lazy {
+            b |= iommu_abi::ring::SQE_LAZY;
+        }
+        if self.keep {
+            b |= iommu_abi::ring::SQE_KEEP;
+        }
+        b
+    }
+}
+
 /// Maps submitted with [`DmaDomain::map_batch_submit`], to be collected with
 /// [`DmaDomain::map_batch_complete`].
 #[derive(Debug)]
 #[must_use = "collect the IOVAs (and unmap them) with map_batch_complete"]
 pub struct MapTicket {
     inner: Ticket,
+}
+
+impl MapTicket {
+    /// A ticket whose IOVAs are known already.
+    fn ready(iovas: Vec<u64>) -> MapTicket {
+        MapTicket {
+            inner: Ticket::Ready(iovas),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -377,7 +413,7 @@ impl DmaDomain {
                 inner: Ticket::Ready(self.map_batch(bufs)?),
             });
         }
-        self.submit_maps(&self.map_ops(bufs)?, bufs, false)
+        self.submit_maps(&self.map_ops(bufs)?, bufs, 0)
     }
 
     /// True if a batch of `n` maps goes to the rings as one submission
@@ -395,9 +431,9 @@ impl DmaDomain {
         &self,
         ops: &[SqOp],
         bufs: &[(u64, usize, Dir)],
-        lazy: bool,
+        hints: u64,
     ) -> Result<MapTicket> {
-        let (ring, first) = self.submit_on(ops, true, lazy)?;
+        let (ring, first) = self.submit_on(ops, true, hints)?;
         Ok(MapTicket {
             inner: Ticket::Ring {
                 ring,
@@ -426,7 +462,7 @@ impl DmaDomain {
         old: &[(u64, usize)],
         bufs: &[(u64, usize, Dir)],
     ) -> Result<(super::fastbatch::UnmapTicket, MapTicket)> {
-        self.remap_submit(old, bufs, false)
+        self.remap_batch_submit_hinted(old, bufs, RemapHints::default())
     }
 
     /// [`DmaDomain::remap_batch_submit`] for a refill the driver collects
@@ -439,14 +475,19 @@ impl DmaDomain {
         old: &[(u64, usize)],
         bufs: &[(u64, usize, Dir)],
     ) -> Result<(super::fastbatch::UnmapTicket, MapTicket)> {
-        self.remap_submit(old, bufs, true)
+        let hints = RemapHints {
+            lazy: true,
+            keep: false,
+        };
+        self.remap_batch_submit_hinted(old, bufs, hints)
     }
 
-    fn remap_submit(
+    /// [`DmaDomain::remap_batch_submit`] with `hints` ([`RemapHints`]).
+    pub fn remap_batch_submit_hinted(
         &self,
         old: &[(u64, usize)],
         bufs: &[(u64, usize, Dir)],
-        lazy: bool,
+        hints: RemapHints,
     ) -> Result<(super::fastbatch::UnmapTicket, MapTicket)> {
         if old.len() != bufs.len() {
             return Err(Error::Invalid(format!(
@@ -456,6 +497,11 @@ impl DmaDomain {
             )));
         }
         if !self.submits_ahead(bufs.len()) {
+            if hints.keep {
+                if let Some(r) = self.remap_kept_locally(old, bufs)? {
+                    return Ok(r);
+                }
+            }
             let u = self.unmap_batch_submit(old)?;
             return Ok((u, self.map_batch_submit(bufs)?));
         }
@@ -469,13 +515,127 @@ impl DmaDomain {
                 map,
             })
             .collect();
-        let maps = self.submit_maps(&ops, bufs, lazy)?;
+        let maps = self.submit_maps(&ops, bufs, hints.bits())?;
         Ok((
             super::fastbatch::UnmapTicket {
                 wait: super::fastbatch::UnmapWait::Done,
             },
             maps,
         ))
+    }
+
+    /// A kept remap of the delegated magazine strategy under `percore` or
+    /// `deferred` (docs/ARCHITECTURE.md, "Kept remaps"): a pair whose new
+    /// buffer is the memory, and the direction, the old IOVA's entries
+    /// already hold keeps that IOVA, no entry written; the other pairs are
+    /// unmapped and mapped. `None` where keeping does not apply (another
+    /// strategy or policy, no arena, a buffer over the largest size class).
+    fn remap_kept_locally(
+        &self,
+        old: &[(u64, usize)],
+        bufs: &[(u64, usize, Dir)],
+    ) -> Result<Option<(super::fastbatch::UnmapTicket, MapTicket)>> {
+        let Some(arena) = self.arena.as_ref() else {
+            return Ok(None);
+        };
+        if self.strategy() != Strategy::Magazine
+            || self.flush_policy() == FlushPolicy::Strict
+            || self.rings.is_some()
+            || self.page().dead.load(Relaxed) != 0
+        {
+            return Ok(None);
+        }
+        let kept: Vec<bool> = old
+            .iter()
+            .zip(bufs)
+            .map(|(&(iova, old_len), &(phys, len, dir))| {
+                self.entries_hold(arena, iova, old_len, phys, len, dir)
+            })
+            .collect();
+        let n_kept = kept.iter().filter(|&&k| k).count();
+        if n_kept == 0 {
+            return Ok(None);
+        }
+        self.stats.kept.fetch_add(n_kept as u64, Relaxed);
+        let rest_old: Vec<(u64, usize)> = old
+            .iter()
+            .zip(&kept)
+            .filter(|(_, &k)| !k)
+            .map(|(o, _)| *o)
+            .collect();
+        let rest_bufs: Vec<(u64, usize, Dir)> = bufs
+            .iter()
+            .zip(&kept)
+            .filter(|(_, &k)| !k)
+            .map(|(b, _)| *b)
+            .collect();
+        let u = self.unmap_batch_submit(&rest_old)?;
+        let mut fresh = if rest_bufs.is_empty() {
+            Vec::new()
+        } else {
+            match self.map_batch(&rest_bufs) {
+                Ok(v) => v,
+                Err(e) => {
+                    // The kept buffers stay mapped at their IOVAs, as a
+                    // refused map leaves a remap's old mapping unmapped:
+                    // unmap them too, so the batch fails as a whole.
+                    let keep_old: Vec<(u64, usize)> = old
+                        .iter()
+                        .zip(&kept)
+                        .filter(|(_, &k)| k)
+                        .map(|(o, _)| *o)
+                        .collect();
+                    let _ = self.unmap_batch(&keep_old);
+                    let _ = self.unmap_batch_complete(u);
+                    return Err(e);
+                }
+            }
+        }
+        .into_iter();
+        let iovas = old
+            .iter()
+            .zip(bufs)
+            .zip(&kept)
+            .map(|((&(iova, _), &(phys, _, _)), &k)| {
+                if k {
+                    Ok(iova - iova % PAGE + phys % PAGE)
+                } else {
+                    fresh.next().ok_or(Error::Dead)
+                }
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(Some((u, MapTicket::ready(iovas))))
+    }
+
+    /// Whether the arena's entries at `iova` (mapped for `old_len` bytes)
+    /// already map `len` bytes at `phys` for `dir`: the same in-page offset,
+    /// the same pages, each entry exactly the leaf a map would write. Reads
+    /// this client's own arena only.
+    fn entries_hold(
+        &self,
+        arena: &Mapping,
+        iova: u64,
+        old_len: usize,
+        phys: u64,
+        len: usize,
+        dir: Dir,
+    ) -> bool {
+        let off = phys % PAGE;
+        if iova % PAGE != off || iova < MAGAZINE_IOVA_BASE || len == 0 || old_len == 0 {
+            return false;
+        }
+        let pages = (off + len as u64).div_ceil(PAGE);
+        if (off + old_len as u64).div_ceil(PAGE) != pages || size_class(pages).is_none() {
+            return false;
+        }
+        let Ok(first) = self.pte_offset(iova - off) else {
+            return false;
+        };
+        (0..pages).all(|p| {
+            // VT-d 3.x §9.8: second-level leaf: address 51:12, W bit 1, R bit 0.
+            let want = vtd::entry::SlPte::new(phys - off + p * PAGE, dir.read(), dir.write()).0;
+            arena.read_u64(first + 8 * p as usize) == Some(want)
+        })
     }
 
     /// The IOVAs of a [`DmaDomain::map_batch_submit`], all or nothing (a
@@ -566,7 +726,7 @@ impl DmaDomain {
             self.ring_unmap(maps)?;
             return Ok(UnmapWait::Done);
         }
-        let (ring, first) = self.submit_on(&unmap_ops(maps), true, false)?;
+        let (ring, first) = self.submit_on(&unmap_ops(maps), true, 0)?;
         Ok(UnmapWait::Ring {
             ring,
             first,
@@ -577,7 +737,7 @@ impl DmaDomain {
     /// Submits `ops` (at most [`CHUNK`]) on this CPU slot's ring without
     /// waiting; with `awaited`, their completions are kept for a later
     /// collector. Returns the ring and the first sequence number.
-    fn submit_on(&self, ops: &[SqOp], awaited: bool, lazy: bool) -> Result<(usize, u32)> {
+    fn submit_on(&self, ops: &[SqOp], awaited: bool, hints: u64) -> Result<(usize, u32)> {
         let rings = self.rings.as_ref().ok_or(Error::Dead)?;
         let k = self.slot() % rings.slots.len();
         let ring = rings.ring(k);
@@ -591,12 +751,12 @@ impl DmaDomain {
         if awaited {
             c.awaited.push((first, n));
         }
-        self.publish(rings, ring, &mut c, ops, lazy);
+        self.publish(rings, ring, &mut c, ops, hints);
         Ok((k, first))
     }
 
-    /// Writes `ops` at the tail (each with [`iommu_abi::ring::SQE_LAZY`] if
-    /// `lazy`), publishes it, and rings the doorbell if the service thread
+    /// Writes `ops` at the tail (each with the hint bits `hints`,
+    /// [`iommu_abi::ring::SQE_HINTS`]), publishes it, and rings the doorbell if the service thread
     /// sleeps.
     fn publish(
         &self,
@@ -604,7 +764,7 @@ impl DmaDomain {
         ring: &RingShm,
         c: &mut RingClient,
         ops: &[SqOp],
-        lazy: bool,
+        hints: u64,
     ) {
         let first = c.tail;
         for (j, op) in ops.iter().enumerate() {
@@ -613,7 +773,7 @@ impl DmaDomain {
                 op: *op,
                 user: u64::from(seq),
             }
-            .encode_lazy(lazy);
+            .encode_hinted(hints);
             let slot = &ring.sq[(seq % RING_ENTRIES) as usize];
             for (x, v) in w.iter().enumerate() {
                 slot[x].store(*v, Relaxed);
@@ -645,7 +805,7 @@ impl DmaDomain {
                 self.reap(rings, ring, &mut c, target, None)?;
             }
             let first = c.tail;
-            self.publish(rings, ring, &mut c, chunk, false);
+            self.publish(rings, ring, &mut c, chunk, 0);
             if wait {
                 let target = c.tail;
                 self.reap(rings, ring, &mut c, target, Some((first, &mut out)))?;
