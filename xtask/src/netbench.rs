@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo xtask netbench [--packets N] [--warmup N] [--window N] [--burst N] [--no-tx-ahead]
+//!                      [--tx-depth N]
 //!                      [--rounds N] [--reps N] [--linux-packets N]
 //!                      [--only NAME[,NAME...]]
 //! ```
@@ -24,7 +25,7 @@
 //! `target/netbench/cost-table.md` (the breakdown as a Markdown table) and
 //! `target/netbench/throughput-ratio.svg` (packets/s as a ratio to `notrans`). Fails if
 //! any frame was lost or corrupt. Defaults: 20 000 frames after 2000 of warm-up, 5 reps,
-//! 1000 rounds: 13 configurations x 5 boots. The socket rows (`global`, `identity`, `va`:
+//! 1000 rounds: 15 configurations x 5 boots. The socket rows (`global`, `identity`, `va`:
 //! a blocking round trip to iommud per map and unmap, 0.25-1.5 ms each in the guest)
 //! take most of it, over an hour on 2 vCPUs under TCG; the ring, fast-path and `static`
 //! rows take a few seconds each beyond their boot. 20 000 frames: at 64 bytes
@@ -51,7 +52,7 @@ pub(crate) use benchplot as plot;
 
 const USAGE: &str =
     "usage: cargo xtask netbench [--packets N] [--warmup N] [--window N] [--burst N] \
-[--no-tx-ahead] [--rounds N] [--reps N] \
+[--no-tx-ahead] [--tx-depth N] [--rounds N] [--reps N] \
 [--linux-packets N] [--only NAME[,NAME...]] [--nic e1000|igb|all] [--from-logs]  \
 (NAME: a configuration, `linux` or linux-MODE; --from-logs: re-read the e1000 rows from the \
 last run's guest logs, no boot)";
@@ -73,6 +74,9 @@ pub struct Config {
     /// The trust mode the domain runs in (`delegated`, `validated`; `none` without
     /// translation); the results take iommud's own report where it printed one.
     pub trust: &'static str,
+    /// A recycled buffer's remap may keep its IOVA (e1000d's default; false:
+    /// `--no-keep`, every remap a new IOVA; docs/ARCHITECTURE.md, "Kept remaps").
+    pub keep: bool,
 }
 
 /// Every configuration, the translation-off baseline first. The one list: a new row
@@ -91,6 +95,7 @@ pub fn configs() -> Vec<Config> {
         flush,
         translate,
         trust: if translate { trust } else { "none" },
+        keep: true,
     };
     let mut v = vec![c("notrans".into(), "magazine", "percore", false, "none")];
     for strategy in crate::demo::STRATEGIES {
@@ -114,6 +119,16 @@ pub fn configs() -> Vec<Config> {
         ));
     }
     v.push(c("static".into(), "static", "percore", true, "validated"));
+    // The percore rows again with a new IOVA for every remap: what keeping a
+    // recycled buffer's IOVA saves.
+    for (name, trust) in [
+        ("magazine-percore-rotate", "delegated"),
+        ("magazine-val-percore-rotate", "validated"),
+    ] {
+        let mut r = c(name.into(), "magazine", "percore", true, trust);
+        r.keep = false;
+        v.push(r);
+    }
     v
 }
 
@@ -129,6 +144,8 @@ struct Opts {
     /// e1000d prepares each burst as soon as the previous one went out (its
     /// default); `--no-tx-ahead` passes its `--no-tx-ahead`.
     tx_ahead: bool,
+    /// e1000d's `--tx-depth` (bursts prepared ahead; its default 1).
+    tx_depth: u64,
     rounds: u64,
     reps: u64,
     only: Vec<String>,
@@ -147,6 +164,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         window: 32,
         burst: 0,
         tx_ahead: true,
+        tx_depth: 1,
         rounds: 1_000,
         reps: 5,
         only: Vec::new(),
@@ -162,6 +180,7 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--window" => o.window = f.number(a, 1)?,
             "--burst" => o.burst = f.number(a, 0)?,
             "--no-tx-ahead" => o.tx_ahead = false,
+            "--tx-depth" => o.tx_depth = f.number(a, 1)?,
             "--rounds" => o.rounds = f.number(a, 1)?,
             "--reps" => o.reps = f.number(a, 1)?,
             "--linux-packets" => o.linux_packets = f.number(a, 1)?,
@@ -190,18 +209,21 @@ fn script(c: &Config, o: &Opts) -> String {
         },
     );
     let base = format!(
-        "taskset -c 0 e1000d loop --mapper libdma --strategy {} --flush {}",
-        c.strategy, c.flush
+        "taskset -c 0 e1000d loop --mapper libdma --strategy {} --flush {}{}",
+        c.strategy,
+        c.flush,
+        if c.keep { "" } else { " --no-keep" }
     );
     for size in SIZES {
         let _ = writeln!(
             s,
-            "{base} --packets {} --warmup {} --window {} --burst {}{} --size {size} || \
+            "{base} --packets {} --warmup {} --window {} --burst {} --tx-depth {}{} --size {size} || \
 echo \"netbench: loop failed size={size}\"",
             o.packets,
             o.warmup,
             o.window,
             o.burst,
+            o.tx_depth,
             if o.tx_ahead { "" } else { " --no-tx-ahead" }
         );
     }
@@ -466,6 +488,8 @@ fn to_json(
                 "window": o.window,
                 "burst": if o.burst == 0 { o.window } else { o.burst.min(o.window) },
                 "tx_ahead": o.tx_ahead,
+                "tx_depth": if o.tx_ahead { o.tx_depth } else { 0 },
+                "keep": c.keep,
                 "reps": m.pps.get(&size).map_or(0, |v| v.iter().filter(|x| x.is_finite()).count()),
                 "interleaved": true,
                 "pps": json_num(s.map(|s| s.0)),
@@ -914,11 +938,26 @@ netbench: loop failed size=64
         assert_eq!(s.matches("failed size=64").count(), 1);
         assert_eq!(s.matches("failed size=1500").count(), 1);
         assert_eq!(s.matches("--ping-pong").count(), 1);
-        assert!(s.contains("--packets 7 --warmup 2000 --window 32 --burst 0 --size 1500"));
+        assert!(
+            s.contains("--packets 7 --warmup 2000 --window 32 --burst 0 --tx-depth 1 --size 1500")
+        );
         let mut no_ahead = o.clone();
         no_ahead.tx_ahead = false;
         let s = script(&configs()[0], &no_ahead);
-        assert_eq!(s.matches("--burst 0 --no-tx-ahead --size").count(), 2);
+        assert_eq!(
+            s.matches("--burst 0 --tx-depth 1 --no-tx-ahead --size")
+                .count(),
+            2
+        );
+        let two = parse(&["--tx-depth".into(), "2".into()]).unwrap();
+        assert!(script(&configs()[0], &two).contains("--tx-depth 2 --size 64"));
+        // The rotate rows pass --no-keep, the others do not.
+        let rotate = configs()
+            .into_iter()
+            .find(|c| c.name == "magazine-val-percore-rotate")
+            .unwrap();
+        assert_eq!(script(&rotate, &o).matches("--no-keep").count(), 3);
+        assert!(!script(&configs()[1], &o).contains("--no-keep"));
         assert!(parse(&["--reps".into(), "0".into()]).is_err());
     }
 

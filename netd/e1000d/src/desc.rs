@@ -94,6 +94,20 @@ impl TxDesc {
         }
     }
 
+    /// [`TxDesc::frame`] without RS: the NIC writes nothing back for it. A batch
+    /// of frames sets RS on its last descriptor only; the NIC processes
+    /// descriptors in ring order, so that one's DD means the whole batch is done
+    /// (8254x SDM 3.3.3.1: RS asks for status on this descriptor only). One DMA
+    /// write per batch instead of per frame.
+    pub fn frame_unreported(addr: u64, len: u16) -> Self {
+        TxDesc {
+            addr,
+            len,
+            cmd: tx_cmd::EOP | tx_cmd::IFCS,
+            ..TxDesc::default()
+        }
+    }
+
     /// The two little-endian words as stored in the ring.
     pub fn to_words(&self) -> [u64; 2] {
         let hi = u64::from(self.len)
@@ -222,6 +236,18 @@ mod tests {
                 0x00, // CSS
                 0x00, 0x00, // special
             ]
+        );
+    }
+
+    #[test]
+    fn an_unreported_frame_lacks_only_rs() {
+        // CMD = EOP|IFCS = 0b0011 = 0x03: byte 11, bits 24-31 of the second word.
+        let d = TxDesc::frame_unreported(0x0000_0001_2345_6000, 60);
+        assert_eq!(d.to_bytes()[11], 0x03);
+        assert_eq!(d.to_words()[1], 60 | 0x03 << 24);
+        assert_eq!(
+            TxDesc::frame(0x0000_0001_2345_6000, 60).to_words()[1],
+            60 | 0x0B << 24
         );
     }
 

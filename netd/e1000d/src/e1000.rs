@@ -119,10 +119,12 @@ impl Ring {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TxSlot {
     Free,
-    /// A packet buffer mapped at `iova` for `len` bytes.
+    /// Packet buffer `buf` (an index into `tx_bufs`) mapped at `iova` for
+    /// `len` bytes.
     Mapped {
         iova: u64,
         len: usize,
+        buf: u16,
     },
     /// A descriptor pointing at an address nobody mapped (fault injection).
     Raw,
@@ -137,9 +139,14 @@ pub struct E1000<M: DmaMapper> {
     mac: [u8; 6],
     tx: Ring,
     tx_bufs: Vec<DmaBuf>,
+    /// The TX buffers no slot holds (indices into `tx_bufs`), unmapped; the
+    /// last one freed is used first.
+    tx_free: Vec<u16>,
     tx_slots: Vec<TxSlot>,
     tx_tail: u16,
     tx_clean: u16,
+    /// Frames of prepared batches not yet posted: ring slots they will take.
+    tx_reserved: usize,
     rx: Ring,
     rx_bufs: Vec<DmaBuf>,
     rx_iova: Vec<Option<u64>>,
@@ -211,9 +218,11 @@ impl<M: DmaMapper> E1000<M> {
                 n: RING_LEN,
             },
             tx_bufs,
+            tx_free: (0..RING_LEN).rev().collect(),
             tx_slots: vec![TxSlot::Free; usize::from(RING_LEN)],
             tx_tail: 0,
             tx_clean: 0,
+            tx_reserved: 0,
             rx: Ring {
                 mem: rx_mem,
                 iova: rx_iova,
@@ -412,13 +421,19 @@ impl<M: DmaMapper> E1000<M> {
         }
         let t0 = cost::now();
         self.check_tx_room()?;
-        let i = usize::from(self.tx_tail);
-        let buf = self.tx_bufs[i];
-        // SAFETY: buf is valid for BUF_LEN >= frame.len() bytes; slot i is Free (between
-        // clean and tail is the device's; tail is not), so the device does not read it now.
+        let b = self.take_tx_buf()?;
+        let buf = self.tx_bufs[usize::from(b)];
+        // SAFETY: buf is valid for BUF_LEN >= frame.len() bytes; it is free (no slot
+        // holds it, and it is unmapped), so the device does not read it now.
         unsafe { ptr::copy_nonoverlapping(frame.as_ptr(), buf.as_ptr(), frame.len()) };
         let tm = cost::now();
-        let iova = self.mapper.map(&buf, 0, frame.len(), Dir::ToDevice)?;
+        let iova = match self.mapper.map(&buf, 0, frame.len(), Dir::ToDevice) {
+            Ok(v) => v,
+            Err(e) => {
+                self.tx_free.push(b);
+                return Err(e);
+            }
+        };
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         self.cost.map_calls += 1;
         self.cost.map_entries += 1;
@@ -429,6 +444,7 @@ impl<M: DmaMapper> E1000<M> {
             TxSlot::Mapped {
                 iova,
                 len: frame.len(),
+                buf: b,
             },
         )?;
         self.stats.tx_packets += 1;
@@ -507,7 +523,7 @@ impl<M: DmaMapper> E1000<M> {
     /// [`reap_tx`](Self::reap_tx) without the driver-time stamp (for callers that
     /// take their own).
     fn reap_tx_untimed(&mut self) -> Result<usize> {
-        let (done, unmaps) = self.tx_done();
+        let (done, unmaps, bufs) = self.tx_done();
         if done.is_empty() {
             return Ok(0);
         }
@@ -518,31 +534,47 @@ impl<M: DmaMapper> E1000<M> {
             self.cost.unmap_ticks += cost::now().wrapping_sub(tu);
         }
         self.tx_reaped(&done, unmaps.len());
+        self.tx_free.extend(bufs);
         Ok(done.len())
     }
 
+    /// A free TX buffer (the one freed last).
+    fn take_tx_buf(&mut self) -> Result<u16> {
+        // More buffers than slots: a slot with room always finds one.
+        self.tx_free
+            .pop()
+            .ok_or_else(|| Error::Device("no free TX buffer".into()))
+    }
+
     /// The TX descriptors the NIC has finished (DD set), from `tx_clean` on, and
-    /// their buffers' mappings: to unmap, then [`tx_reaped`](Self::tx_reaped).
-    fn tx_done(&self) -> (Vec<u16>, Vec<(u64, usize)>) {
-        let mut done = Vec::new();
+    /// their buffers' mappings and indices: to unmap, then
+    /// [`tx_reaped`](Self::tx_reaped); the buffers are free once unmapped.
+    #[allow(clippy::type_complexity)]
+    fn tx_done(&self) -> (Vec<u16>, Vec<(u64, usize)>, Vec<u16>) {
+        // Only a batch's last descriptor asks for DD (RS); the NIC works in ring
+        // order, so everything up to the last DD written back is done.
+        let mut seen = Vec::new();
+        let mut upto = 0;
         let mut i = self.tx_clean;
         while !ring::is_empty(i, self.tx_tail) {
+            seen.push(i);
             let d = TxDesc::from_words(self.tx.read(i));
-            if d.sta & tx_sta::DD == 0 {
-                break;
+            if d.sta & tx_sta::DD != 0 {
+                upto = seen.len();
             }
-            done.push(i);
             i = ring::next(i, self.tx.n);
         }
+        seen.truncate(upto);
+        let done = seen;
         fence(Ordering::Acquire);
-        let unmaps = done
+        let (unmaps, bufs) = done
             .iter()
             .filter_map(|&i| match self.tx_slots[usize::from(i)] {
-                TxSlot::Mapped { iova, len } => Some((iova, len)),
+                TxSlot::Mapped { iova, len, buf } => Some(((iova, len), buf)),
                 _ => None,
             })
-            .collect();
-        (done, unmaps)
+            .unzip();
+        (done, unmaps, bufs)
     }
 
     /// Frees the slots of a [`tx_done`](Self::tx_done) whose `unmapped` buffers
@@ -576,9 +608,13 @@ impl<M: DmaMapper> E1000<M> {
     /// ring has room for into their TX buffers and submits their maps, without waiting
     /// for the IOVAs. [`tx_post`](Self::tx_post) collects them and hands the frames to
     /// the NIC; in between the driver may do other work (its RX ring) while the maps
-    /// are served. Nothing else may send in between. The slots the NIC finished are
-    /// reaped here, their unmaps submitted with the maps, a pair per request where
-    /// the mapper can ([`DmaMapper::remap_batch_nowait`]).
+    /// are served. Several batches may be prepared before the first is posted; each
+    /// takes ring slots (set aside when it was prepared) at the tail when it is
+    /// posted. Nothing else may send in
+    /// between. The slots the NIC finished are reaped here, their unmaps submitted
+    /// with the maps, a pair per request where the mapper can
+    /// ([`DmaMapper::remap_batch_nowait`]), each new frame in the buffer of the unmap
+    /// it is paired with.
     pub fn tx_prepare(&mut self, frames: &[&[u8]]) -> Result<TxBatch> {
         for f in frames {
             if f.len() > MAX_FRAME {
@@ -599,9 +635,13 @@ impl<M: DmaMapper> E1000<M> {
 
     fn tx_prepare_untimed(&mut self, frames: &[&[u8]]) -> Result<TxBatch> {
         // The slots the NIC finished are reaped with this batch: their unmaps go
-        // with its maps (one remap entry per pair on iommud's rings).
-        let (done, unmaps) = self.tx_done();
-        let room = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight() - done.len());
+        // with its maps (one remap entry per pair on iommud's rings), each new
+        // frame in the buffer of the unmap it is paired with, so that a mapper
+        // may keep that buffer's IOVA (docs/ARCHITECTURE.md, "Kept remaps").
+        let (done, unmaps, reaped) = self.tx_done();
+        let room = usize::from(self.tx.n - 1)
+            .saturating_sub(self.tx_in_flight() - done.len())
+            .saturating_sub(self.tx_reserved);
         let n = frames.len().min(room);
         if n == 0 {
             self.stats.tx_ring_full += 1;
@@ -609,21 +649,31 @@ impl<M: DmaMapper> E1000<M> {
                 slots: usize::from(self.tx.n - 1),
             });
         }
-        let mut slot = self.tx_tail;
-        let mut reqs = Vec::with_capacity(n);
-        let mut lens = Vec::with_capacity(n);
-        for f in &frames[..n] {
-            let buf = &self.tx_bufs[usize::from(slot)];
-            // SAFETY: buf is valid for BUF_LEN >= f.len() bytes; the slot is free (the
-            // ring had room for it), so the device does not read it now.
-            unsafe { ptr::copy_nonoverlapping(f.as_ptr(), buf.as_ptr(), f.len()) };
-            reqs.push((buf, 0, f.len(), Dir::ToDevice));
-            lens.push(f.len());
-            slot = ring::next(slot, self.tx.n);
-        }
         // As many unmaps as maps go in pairs, the rest on their own (the device
         // reads these buffers again next, so nobody waits for their unmaps).
         let k = unmaps.len().min(n);
+        let mut bufs: Vec<u16> = reaped[..k].to_vec();
+        while bufs.len() < n {
+            match self.take_tx_buf() {
+                Ok(b) => bufs.push(b),
+                Err(e) => {
+                    self.tx_free.extend(bufs.drain(k..));
+                    return Err(e);
+                }
+            }
+        }
+        let mut reqs = Vec::with_capacity(n);
+        let mut lens = Vec::with_capacity(n);
+        for (f, &b) in frames[..n].iter().zip(&bufs) {
+            let buf = &self.tx_bufs[usize::from(b)];
+            // SAFETY: buf is valid for BUF_LEN >= f.len() bytes. It is free, or its
+            // slot's descriptor is done (DD): the device has read it, and at most
+            // reads it again through its old mapping, which it is about to be
+            // handed anyway (a TX buffer, the same device and direction).
+            unsafe { ptr::copy_nonoverlapping(f.as_ptr(), buf.as_ptr(), f.len()) };
+            reqs.push((buf, 0, f.len(), Dir::ToDevice));
+            lens.push(f.len());
+        }
         let tm = cost::now();
         if unmaps.len() > k {
             // Nothing else submitted yet: on failure the slots stay unreaped.
@@ -649,8 +699,9 @@ impl<M: DmaMapper> E1000<M> {
         drop(reqs);
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         // Every unmap was submitted (or refused: retrying would not help): the
-        // slots are reaped.
+        // slots are reaped; buffers not paired with a map are free.
         self.tx_reaped(&done, unmaps.len());
+        self.tx_free.extend_from_slice(&reaped[k..]);
         let mut pending = Vec::with_capacity(2);
         let mut failed = None;
         for r in paired.into_iter().chain(rest) {
@@ -667,12 +718,14 @@ impl<M: DmaMapper> E1000<M> {
                     let _ = self.mapper.unmap_batch(&maps, Dir::ToDevice);
                 }
             }
+            self.tx_free.extend(bufs);
             return Err(e);
         }
+        self.tx_reserved += n;
         Ok(TxBatch {
             lens,
+            bufs,
             pending,
-            tail: self.tx_tail,
         })
     }
 
@@ -687,31 +740,49 @@ impl<M: DmaMapper> E1000<M> {
     }
 
     fn tx_post_untimed(&mut self, b: TxBatch) -> Result<usize> {
-        if b.tail != self.tx_tail {
-            return Err(Error::Device(
-                "a TX batch was posted after another send".into(),
-            ));
-        }
         let n = b.lens.len();
+        // Its slots were set aside when it was prepared; it takes them now.
+        self.tx_reserved = self.tx_reserved.saturating_sub(n);
+        let free = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight());
         let tm = cost::now();
         let mut iovas = Vec::with_capacity(n);
+        let mut failed = None;
         for p in b.pending {
-            iovas.extend(self.mapper.map_batch_complete(p)?);
+            // Every ticket is collected, so none is left outstanding.
+            match self.mapper.map_batch_complete(p) {
+                Ok(v) => iovas.extend(v),
+                Err(e) => failed = Some(e),
+            }
         }
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         self.cost.map_calls += 1;
         self.cost.map_entries += n as u64;
-        if iovas.len() != n {
-            return Err(Error::Device(format!(
-                "{} IOVAs for {n} frames",
-                iovas.len()
+        if failed.is_none() && n > free {
+            failed = Some(Error::Device(format!(
+                "a TX batch of {n} frames posted with {free} slots free (another send in between)"
             )));
         }
+        if failed.is_some() || iovas.len() != n {
+            // Nothing goes out: what was mapped is unmapped, the buffers are free.
+            let maps: Vec<(u64, usize)> =
+                iovas.iter().copied().zip(b.lens.iter().copied()).collect();
+            let _ = self.mapper.unmap_batch(&maps, Dir::ToDevice);
+            self.tx_free.extend(b.bufs);
+            return Err(failed.unwrap_or_else(|| {
+                Error::Device(format!("{} IOVAs for {n} frames", iovas.len()))
+            }));
+        }
         self.stats.maps += n as u64;
-        for (&len, &iova) in b.lens.iter().zip(&iovas) {
+        for (k, ((&len, &iova), &buf)) in b.lens.iter().zip(&iovas).zip(&b.bufs).enumerate() {
             let i = self.tx_tail;
-            self.tx.write(i, TxDesc::frame(iova, len as u16).to_words());
-            self.tx_slots[usize::from(i)] = TxSlot::Mapped { iova, len };
+            // Status (DD) for the batch's last descriptor only (`tx_done`).
+            let d = if k + 1 == n {
+                TxDesc::frame(iova, len as u16)
+            } else {
+                TxDesc::frame_unreported(iova, len as u16)
+            };
+            self.tx.write(i, d.to_words());
+            self.tx_slots[usize::from(i)] = TxSlot::Mapped { iova, len, buf };
             self.tx_tail = ring::next(i, self.tx.n);
             self.stats.tx_packets += 1;
             self.stats.tx_bytes += len as u64;
@@ -1115,8 +1186,9 @@ impl<M: DmaMapper> E1000<M> {
         self.regs.write32(regs::TCTL, 0)?;
         reset(&self.regs)?;
         for slot in self.tx_slots.iter_mut() {
-            if let TxSlot::Mapped { iova, len } = *slot {
+            if let TxSlot::Mapped { iova, len, buf } = *slot {
                 self.mapper.unmap(iova, len, Dir::ToDevice)?;
+                self.tx_free.push(buf);
             }
             *slot = TxSlot::Free;
         }
@@ -1196,10 +1268,10 @@ struct RxRefill {
 #[must_use = "post the batch with E1000::tx_post"]
 pub struct TxBatch {
     lens: Vec<usize>,
+    /// The frames' buffers (indices into the NIC's TX buffers).
+    bufs: Vec<u16>,
     /// The maps paired with the reaped slots' unmaps, then any others.
     pending: Vec<crate::PendingMaps>,
-    /// The ring's tail when prepared (the slots it filled start there).
-    tail: u16,
 }
 
 impl TxBatch {

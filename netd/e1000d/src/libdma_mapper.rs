@@ -9,7 +9,6 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use libdma::DmaDomain;
-#[cfg(not(target_os = "redox"))]
 use libdma::{FlushPolicy, Strategy};
 
 use crate::dma::{Dir, DmaBuf, DmaMapper};
@@ -18,6 +17,10 @@ use crate::{Error, Result};
 /// A NIC's DMA through its iommud domain.
 pub struct LibdmaMapper {
     domain: Arc<DmaDomain>,
+    /// Remaps let a recycled buffer keep its IOVA under `percore` and
+    /// `deferred` ([`libdma::RemapHints::keep`]); on unless
+    /// [`with_keep`](Self::with_keep) turned it off.
+    keep: bool,
 }
 
 fn err(op: &'static str, e: libdma::Error) -> Error {
@@ -40,6 +43,7 @@ impl LibdmaMapper {
             DmaDomain::connect(socket, bdf, strategy, flush).map_err(|e| err("attach", e))?;
         Ok(LibdmaMapper {
             domain: Arc::new(domain),
+            keep: true,
         })
     }
 
@@ -48,7 +52,24 @@ impl LibdmaMapper {
     pub fn from_domain(domain: DmaDomain) -> Self {
         LibdmaMapper {
             domain: Arc::new(domain),
+            keep: true,
         }
+    }
+
+    /// Whether remaps may keep a recycled buffer's IOVA (docs/ARCHITECTURE.md,
+    /// "Kept remaps"); `false` gives every remap a new IOVA, as under `strict`.
+    pub fn with_keep(mut self, keep: bool) -> Self {
+        self.keep = keep;
+        self
+    }
+
+    /// Whether libdma itself may keep IOVAs here: the delegated magazine
+    /// under `percore` or `deferred` (on the rings iommud decides).
+    fn keeps_locally(&self) -> bool {
+        self.keep
+            && !self.domain.uses_rings()
+            && self.domain.strategy() == Strategy::Magazine
+            && self.domain.flush_policy() != FlushPolicy::Strict
     }
 
     /// The domain (for its stats paths and counters).
@@ -159,14 +180,18 @@ impl DmaMapper for LibdmaMapper {
         reqs: &[(&DmaBuf, usize, usize, Dir)],
         dir: Dir,
     ) -> Result<(crate::PendingUnmaps, Result<crate::PendingMaps>)> {
-        if !self.domain.uses_rings() {
+        if !self.domain.uses_rings() && !self.keeps_locally() {
             let u = self.unmap_batch_submit(unmaps, dir)?;
             return Ok((u, self.map_batch_submit(reqs)));
         }
         let bufs = phys_bufs(reqs)?;
+        let hints = libdma::RemapHints {
+            lazy: true,
+            keep: self.keep,
+        };
         let (u, m) = self
             .domain
-            .remap_batch_submit_lazy(unmaps, &bufs)
+            .remap_batch_submit_hinted(unmaps, &bufs, hints)
             .map_err(|e| err("remap", e))?;
         Ok((
             crate::PendingUnmaps::Libdma(u),
@@ -182,14 +207,21 @@ impl DmaMapper for LibdmaMapper {
         reqs: &[(&DmaBuf, usize, usize, Dir)],
         dir: Dir,
     ) -> Result<crate::PendingMaps> {
-        if !self.domain.uses_rings() || dir != Dir::ToDevice || unmaps.len() != reqs.len() {
+        if (!self.domain.uses_rings() && !self.keeps_locally())
+            || dir != Dir::ToDevice
+            || unmaps.len() != reqs.len()
+        {
             self.unmap_batch_nowait(unmaps, dir)?;
             return self.map_batch_submit(reqs);
         }
         let bufs = phys_bufs(reqs)?;
+        let hints = libdma::RemapHints {
+            lazy: false,
+            keep: self.keep,
+        };
         let (u, m) = self
             .domain
-            .remap_batch_submit(unmaps, &bufs)
+            .remap_batch_submit_hinted(unmaps, &bufs, hints)
             .map_err(|e| err("remap", e))?;
         // On the rings this ticket is done already (the unmaps complete with the
         // maps); a batch libdma maps at once has its unmaps completed here.

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! e1000d loop --tx 0000:00:01.0 --rx 0000:00:02.0 [--packets N] [--size BYTES]
-//!             [--window W] [--burst B] [--no-tx-ahead] [--warmup N]
+//!             [--window W] [--burst B] [--no-tx-ahead] [--tx-depth D] [--no-keep]
+//!             [--warmup N]
 //!             [--mapper phys|libdma] [--ping-pong]
 //!             [--bad-iova ADDR]
 //!             [--strategy global|magazine] [--flush strict|percore] [--socket PATH]
@@ -36,8 +37,16 @@
 //! The next burst is prepared (copied into its TX buffers, its maps submitted) as soon
 //! as the previous one went out, and handed to the NIC once the window has room for it:
 //! a mapper that serves maps elsewhere (iommud's rings) maps it while this thread
-//! receives. `--no-tx-ahead` prepares a burst only once the window has room (its maps
-//! are then served while this thread receives only what is still in flight).
+//! receives. `--tx-depth D` prepares up to D bursts ahead (default 1), each submitted
+//! as soon as the one D before it went out. `--no-tx-ahead` prepares a burst only once
+//! the window has room (its maps are then served while this thread receives only what
+//! is still in flight).
+//!
+//! A buffer the driver unmaps and maps again at once (an RX slot's refill, a reaped TX
+//! buffer carrying the next frame) may keep its IOVA under `percore` (and `deferred`):
+//! the device reaches exactly the pages it could reach through the old, not yet
+//! invalidated, mapping (docs/ARCHITECTURE.md, "Kept remaps"). `--no-keep` gives every
+//! such remap a new IOVA, as `strict` always does.
 //!
 //! `--bad-iova-at N` posts the `--bad-iova` descriptor in the middle of the burst, after
 //! N frames were sent, instead of before it.
@@ -73,7 +82,7 @@ type Nic = E1000<Box<dyn DmaMapper>>;
 
 const USAGE: &str =
     "usage: e1000d loop --tx BDF --rx BDF [--packets N] [--size BYTES] [--window W] [--burst B] \
-[--no-tx-ahead] [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
+[--no-tx-ahead] [--tx-depth D] [--no-keep] [--mapper phys|libdma] [--ping-pong] [--bad-iova ADDR] [--strategy global|magazine] \
 [--flush strict|percore] [--socket PATH] [--canary [--canary-only]] [--then CMD] [--bad-iova-at N] \
 [--warmup N] [--duration SECS [--report-every SECS] [--report-cmd CMD]]\n       \
 e1000d storm --nic BDF [--iova ADDR] [--descriptors N] [--seconds S] [--mapper ..] [--strategy ..]\n       \
@@ -104,6 +113,10 @@ struct LoopOpts {
     /// out, and hand it to the NIC once the window has room (`--no-tx-ahead`:
     /// only once it has room).
     tx_ahead: bool,
+    /// Bursts prepared ahead at most (`--tx-depth`, default 1: the next one).
+    tx_depth: usize,
+    /// Remaps of a recycled buffer may keep its IOVA (`--no-keep`: never).
+    keep: bool,
     mapper: String,
     ping_pong: bool,
     bad_iova: Option<u64>,
@@ -145,6 +158,8 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
         window: 32,
         burst: 0,
         tx_ahead: true,
+        tx_depth: 1,
+        keep: true,
         mapper: "phys".into(),
         ping_pong: false,
         bad_iova: None,
@@ -172,6 +187,8 @@ fn parse_loop(args: &[String]) -> Result<LoopOpts, String> {
             Long("window") => o.window = parse_u64(&val(&mut p)?)?.max(1),
             Long("burst") => o.burst = parse_u64(&val(&mut p)?)?,
             Long("no-tx-ahead") => o.tx_ahead = false,
+            Long("no-keep") => o.keep = false,
+            Long("tx-depth") => o.tx_depth = parse_u64(&val(&mut p)?)?.clamp(1, 8) as usize,
             Long("mapper") => o.mapper = val(&mut p)?,
             Long("ping-pong") => o.ping_pong = true,
             Long("bad-iova") => o.bad_iova = Some(parse_u64(&val(&mut p)?)?),
@@ -238,6 +255,7 @@ fn make_mapper(o: &LoopOpts, bdf: &str) -> Result<Mapper, String> {
             let m = DmaDomain::open(sid, o.strategy, o.flush)
                 .map(LibdmaMapper::from_domain)
                 .map_err(|e| format!("{bdf}: iommu scheme: {e}"))?;
+            let m = m.with_keep(o.keep);
             let d = m.domain();
             Ok((Box::new(m), Some(d)))
         }
@@ -281,8 +299,8 @@ fn print_domain(bdf: &str, d: &DmaDomain) {
     }
     let c = d.counts();
     println!(
-        "domain {bdf} client_round_trips {} client_wakeups {}",
-        c.round_trips, c.wakeups
+        "domain {bdf} client_round_trips {} client_wakeups {} client_kept {}",
+        c.round_trips, c.wakeups, c.kept
     );
 }
 
@@ -624,8 +642,9 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
     let mut first_rx: Option<Instant> = None;
     let mut max_gap = Duration::ZERO;
     let mut bad_pending = o.bad_iova.zip(o.bad_iova_at);
-    // The next burst, prepared ahead (see the loop).
-    let mut tx: Option<e1000d::TxBatch> = None;
+    // The next bursts, prepared ahead (see the loop), oldest first.
+    let mut tx: VecDeque<e1000d::TxBatch> = VecDeque::new();
+    let depth = if o.tx_ahead { o.tx_depth.max(1) } else { 1 };
     a.reset_cost();
     b.reset_cost();
     loop {
@@ -640,13 +659,15 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
         // of it; its maps are collected only then, so a mapper that serves them
         // elsewhere (iommud's rings) works while this thread receives.
         let room = o.window.saturating_sub(in_flight);
-        if let Some(batch) = tx.take_if(|b| b.frames() as u64 <= room) {
-            sent += a
-                .tx_post(batch)
-                .map_err(|err| format!("{}: send #{sent}: {err}", a.bdf()))?
-                as u64;
+        if tx.front().is_some_and(|b| b.frames() as u64 <= room) {
+            if let Some(batch) = tx.pop_front() {
+                sent += a
+                    .tx_post(batch)
+                    .map_err(|err| format!("{}: send #{sent}: {err}", a.bdf()))?
+                    as u64;
+            }
         }
-        if let Some((iova, at)) = bad_pending.filter(|(_, at)| tx.is_none() && sent >= *at) {
+        if let Some((iova, at)) = bad_pending.filter(|(_, at)| tx.is_empty() && sent >= *at) {
             a.reap_tx().map_err(e)?;
             match a.send_unmapped(iova, 64) {
                 Ok(()) => {
@@ -666,22 +687,29 @@ fn burst(o: &LoopOpts, a: &mut Nic, b: &mut Nic, report: bool) -> Result<Burst, 
         } else {
             o.window.saturating_sub(sent.saturating_sub(accounted))
         };
-        if queue.is_empty() {
-            build(&mut queue, &mut spare);
-        }
-        let want = burst_len.min(fits).min(queue.len() as u64) as usize;
-        if tx.is_none() && want > 0 {
+        let depth = if bad_pending.is_some() { 1 } else { depth };
+        let mut prepared = false;
+        while tx.len() < depth {
+            if queue.is_empty() {
+                build(&mut queue, &mut spare);
+            }
+            let want = burst_len.min(fits).min(queue.len() as u64) as usize;
+            if want == 0 {
+                break;
+            }
             let refs: Vec<&[u8]> = queue.iter().take(want).map(|f| f.as_slice()).collect();
             // It reaps what the NIC finished, those unmaps paired with its maps.
             match a.tx_prepare(&refs) {
                 Ok(batch) => {
                     spare.extend(queue.drain(..batch.frames()));
-                    tx = Some(batch);
+                    tx.push_back(batch);
+                    prepared = true;
                 }
-                Err(Error::RingFull { .. }) => {}
+                Err(Error::RingFull { .. }) => break,
                 Err(err) => return Err(format!("{}: send #{sent}: {err}", a.bdf())),
             }
-        } else {
+        }
+        if !prepared {
             a.reap_tx().map_err(e)?;
         }
         let got = b
@@ -987,6 +1015,11 @@ mod tests {
         assert_eq!((o.window, o.burst), (64, 32));
         assert!(o.tx_ahead, "bursts are prepared ahead by default");
         assert!(!parse_loop(&args("--no-tx-ahead")).unwrap().tx_ahead);
+        assert!(o.keep, "remaps may keep IOVAs by default");
+        assert_eq!(o.tx_depth, 1, "one burst prepared ahead by default");
+        assert_eq!(parse_loop(&args("--tx-depth 2")).unwrap().tx_depth, 2);
+        assert_eq!(parse_loop(&args("--tx-depth 0")).unwrap().tx_depth, 1);
+        assert!(!parse_loop(&args("--no-keep")).unwrap().keep);
         assert!(parse_loop(&args("--warmup many")).is_err());
     }
 
