@@ -21,6 +21,26 @@ pub fn size_class(pages: u64) -> Option<usize> {
     Some(pages.next_power_of_two().trailing_zeros() as usize)
 }
 
+/// Where a remap may keep its old IOVA (docs/ARCHITECTURE.md, "Kept
+/// remaps"): the old mapping at `old` (`old_len` bytes) and the new buffer
+/// (`len` bytes at `phys`) have the same in-page offset and the same number
+/// of pages, within a size class. Returns the old mapping's page-aligned
+/// IOVA and its pages; the caller still checks that each leaf entry there
+/// is exactly the one the new map would write. Both sides (iommud's rings,
+/// libdma's delegated fast path) decide with this.
+pub fn keep_span(old: u64, old_len: u64, phys: u64, len: u64) -> Option<(u64, u64)> {
+    let off = phys % PAGE;
+    if old % PAGE != off || old_len == 0 || len == 0 {
+        return None;
+    }
+    let pages = off.checked_add(len)?.div_ceil(PAGE);
+    if off.checked_add(old_len)?.div_ceil(PAGE) != pages {
+        return None;
+    }
+    size_class(pages)?;
+    Some((old - off, pages))
+}
+
 /// Pages in size class `class`.
 pub fn class_pages(class: usize) -> u64 {
     1 << class
@@ -40,5 +60,34 @@ mod tests {
         assert_eq!(size_class(0), None);
         assert_eq!(size_class(33), None);
         assert_eq!(class_pages(SIZE_CLASSES - 1), 32);
+    }
+
+    #[test]
+    fn a_kept_remap_needs_the_same_offset_and_pages() {
+        // 2 KiB at offset 0x800 of a page, mapped at IOVA 0x4000_1800.
+        assert_eq!(
+            keep_span(0x4000_1800, 2048, 0x9000_0800, 2048),
+            Some((0x4000_1000, 1))
+        );
+        // A shorter frame in the same page keeps; one spilling into the next does not.
+        assert_eq!(
+            keep_span(0x4000_1800, 2048, 0x9000_0800, 60),
+            Some((0x4000_1000, 1))
+        );
+        assert_eq!(keep_span(0x4000_1800, 2048, 0x9000_0800, 2049), None);
+        // Another in-page offset, zero lengths, beyond the largest class, overflow.
+        assert_eq!(keep_span(0x4000_1000, 2048, 0x9000_0800, 2048), None);
+        assert_eq!(keep_span(0x4000_1800, 0, 0x9000_0800, 2048), None);
+        assert_eq!(keep_span(0x4000_1800, 2048, 0x9000_0800, 0), None);
+        assert_eq!(
+            keep_span(0x4000_0000, 33 * PAGE, 0x9000_0000, 33 * PAGE),
+            None
+        );
+        assert_eq!(keep_span(0x4000_0800, u64::MAX, 0x9000_0800, 2048), None);
+        // 3 pages: class 2 (4 pages), kept whole.
+        assert_eq!(
+            keep_span(0x4001_0000, 3 * PAGE, 0x9001_0000, 3 * PAGE),
+            Some((0x4001_0000, 3))
+        );
     }
 }

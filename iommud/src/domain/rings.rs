@@ -646,19 +646,11 @@ impl Domain {
         m: &MapArgs,
     ) -> Option<u64> {
         let arena = rings.arena?;
+        if old_len > MAX_MAP_LEN || !(IOVA_BASE..IOVA_BASE + IOVA_SPAN).contains(&old) {
+            return None;
+        }
+        let (base, pages) = iommu_abi::classes::keep_span(old, old_len, phys, m.len)?;
         let off = phys % PAGE;
-        if old % PAGE != off
-            || old_len == 0
-            || old_len > MAX_MAP_LEN
-            || !(IOVA_BASE..IOVA_BASE + IOVA_SPAN).contains(&old)
-        {
-            return None;
-        }
-        let pages = (off + m.len).div_ceil(PAGE);
-        if (off + old_len).div_ceil(PAGE) != pages || size_class(pages).is_none() {
-            return None;
-        }
-        let base = old - off;
         let slot = rings.live.get(((base - IOVA_BASE) / PAGE) as usize)?;
         slot.compare_exchange(pages as u8, 0, SeqCst, SeqCst).ok()?;
         let first = arena + ((base - IOVA_BASE) >> 12) * 8;

@@ -620,15 +620,13 @@ impl DmaDomain {
         len: usize,
         dir: Dir,
     ) -> bool {
+        let Some((base, pages)) =
+            iommu_abi::classes::keep_span(iova, old_len as u64, phys, len as u64)
+        else {
+            return false;
+        };
         let off = phys % PAGE;
-        if iova % PAGE != off || iova < MAGAZINE_IOVA_BASE || len == 0 || old_len == 0 {
-            return false;
-        }
-        let pages = (off + len as u64).div_ceil(PAGE);
-        if (off + old_len as u64).div_ceil(PAGE) != pages || size_class(pages).is_none() {
-            return false;
-        }
-        let Ok(first) = self.pte_offset(iova - off) else {
+        let Ok(first) = self.pte_offset(base) else {
             return false;
         };
         (0..pages).all(|p| {
