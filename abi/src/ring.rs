@@ -15,6 +15,11 @@
 //! sleeps, so either it sees the new tail or the client sees 0 (no lost
 //! wake-up).
 //!
+//! **Waiting.** A client waiting for completions spins briefly, then yields
+//! between looks; on the CPU named by `server_cpu` (where iommud pinned the
+//! ring's home service thread) it yields at once, since that thread needs
+//! the CPU to complete the entries.
+//!
 //! **Completing.** Every entry gets exactly one [`Cqe`], in order. iommud
 //! writes it at its own `cq_tail`, then publishes `cq_tail` (release); the
 //! client consumes and advances `cq_head`. An honest client never has more
@@ -61,7 +66,13 @@ pub struct RingShm {
     pub sq_head: Index,
     /// Completions written (iommud writes; a copy for the client).
     pub cq_tail: Index,
-    _pad: [AtomicU64; (HEADER_BYTES - 4 * 64) / 8],
+    /// The CPU the ring's home service thread is pinned to, plus one (0:
+    /// not pinned). iommud writes it; it is advice for the client only (a
+    /// waiter on that very CPU yields at once instead of spinning, since
+    /// the thread that completes its entries needs that CPU), never read
+    /// back by iommud.
+    pub server_cpu: Index,
+    _pad: [AtomicU64; (HEADER_BYTES - 5 * 64) / 8],
     /// Submission entries.
     pub sq: [[AtomicU64; SQE_WORDS]; RING_ENTRIES as usize],
     /// Completion entries.
@@ -302,6 +313,7 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RingShm, cq_head), 64);
         assert_eq!(std::mem::offset_of!(RingShm, sq_head), 128);
         assert_eq!(std::mem::offset_of!(RingShm, cq_tail), 192);
+        assert_eq!(std::mem::offset_of!(RingShm, server_cpu), 256);
         assert_eq!(std::mem::offset_of!(RingShm, cq), 4096 + 16384);
     }
 

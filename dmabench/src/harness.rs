@@ -503,7 +503,7 @@ fn timed(r: &mut dyn PairRunner, pages: u64, budget: Duration, batch: u64) -> Th
 }
 
 /// CPUs this process may run on.
-fn allowed_cpus() -> Vec<usize> {
+pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: cpu_set_t is plain data (all-zero is the empty set);
     // sched_getaffinity writes at most size_of::<cpu_set_t>() bytes into it.
     unsafe {

@@ -86,15 +86,55 @@ impl Served {
     }
 
     /// The same strategy in validated trust, `batch` maps per request (the
-    /// ring path: iommud checks every map and writes every entry).
+    /// ring path: iommud checks every map and writes every entry). One ring
+    /// service thread per CPU, pinned to it: each CPU serves the rings of
+    /// the client threads pinned beside it, handing over to them at once
+    /// (docs/ARCHITECTURE.md, "Rings and service threads": placement), so
+    /// the cost per thread is what one CPU spends per pair.
     fn validated(strategy: Strategy, flush: FlushPolicy, batch: usize) -> Served {
+        let cpus: Vec<usize> = crate::harness::allowed_cpus()
+            .into_iter()
+            .take(16)
+            .collect();
+        let list: Vec<String> = cpus.iter().map(|c| c.to_string()).collect();
+        Served::through_rings(
+            strategy,
+            flush,
+            batch,
+            format!("{}-val{batch}", strategy.name()),
+            [
+                "--service-threads".to_string(),
+                cpus.len().max(1).to_string(),
+                "--service-cpus".to_string(),
+                list.join(","),
+            ],
+        )
+    }
+
+    /// Validated trust with [`SERVICE_THREADS`] service threads left to the
+    /// scheduler (`-val<batch>-float`): with one client thread, its service
+    /// thread finds a CPU of its own, as io_uring's SQPOLL thread would.
+    fn validated_floating(strategy: Strategy, flush: FlushPolicy, batch: usize) -> Served {
+        Served::through_rings(
+            strategy,
+            flush,
+            batch,
+            format!("{}-val{batch}-float", strategy.name()),
+            ["--service-threads".to_string(), SERVICE_THREADS.to_string()],
+        )
+    }
+
+    fn through_rings(
+        strategy: Strategy,
+        flush: FlushPolicy,
+        batch: usize,
+        label: String,
+        service: impl IntoIterator<Item = String>,
+    ) -> Served {
         let mut b = Served::new(strategy, flush);
-        b.strategy_label = format!("{}-val{batch}", strategy.name());
+        b.strategy_label = label;
         b.trust = "validated";
-        // One ring service thread per CPU of this machine (2), as a client
-        // thread per CPU has a ring of its own.
-        b.daemon_args.push("--service-threads".into());
-        b.daemon_args.push(SERVICE_THREADS.to_string());
+        b.daemon_args.extend(service);
         b.batch = batch;
         b
     }
@@ -119,10 +159,17 @@ pub const VALIDATED_BATCH: usize = 32;
 
 /// Every strategy × flush policy libdma knows, in its own order.
 pub fn backends() -> Vec<Box<dyn Backend>> {
-    let mut out: Vec<Box<dyn Backend>> = Vec::new();
+    rows()
+        .into_iter()
+        .map(|b| Box::new(b) as Box<dyn Backend>)
+        .collect()
+}
+
+fn rows() -> Vec<Served> {
+    let mut out: Vec<Served> = Vec::new();
     for s in Strategy::ALL {
         if s == Strategy::NoIommu {
-            out.push(Box::new(Served::new(s, FlushPolicy::ALL[0])));
+            out.push(Served::new(s, FlushPolicy::ALL[0]));
             continue;
         }
         if s == Strategy::Static {
@@ -130,40 +177,39 @@ pub fn backends() -> Vec<Box<dyn Backend>> {
             let mut b = Served::validated(s, FlushPolicy::PerCore, 1);
             b.strategy_label = "static".into();
             b.flush_label = "none".into();
-            out.push(Box::new(b));
+            out.push(b);
             continue;
         }
         for f in FlushPolicy::ALL {
-            out.push(Box::new(Served::new(s, f)));
+            out.push(Served::new(s, f));
         }
     }
     // The delegated fast path in batches of 32 (what a NIC driver's RX
     // refill and TX completion sweep do).
     for f in [FlushPolicy::Strict, FlushPolicy::PerCore] {
-        out.push(Box::new(Served::batched(
-            Strategy::Magazine,
-            f,
-            VALIDATED_BATCH,
-        )));
+        out.push(Served::batched(Strategy::Magazine, f, VALIDATED_BATCH));
     }
     // Validated trust through the rings, in batches of 32 and one at a time:
     // what confining a compromised driver costs on top of `magazine`, and
     // `static` (pools mapped once) as the floor of per-buffer protection.
     for f in FlushPolicy::ALL {
-        out.push(Box::new(Served::validated(
+        out.push(Served::validated(Strategy::Magazine, f, VALIDATED_BATCH));
+    }
+    for f in [FlushPolicy::Strict, FlushPolicy::PerCore] {
+        out.push(Served::validated_floating(
             Strategy::Magazine,
             f,
             VALIDATED_BATCH,
-        )));
+        ));
     }
     for f in [FlushPolicy::Strict, FlushPolicy::PerCore] {
-        out.push(Box::new(Served::validated(Strategy::Magazine, f, 1)));
+        out.push(Served::validated(Strategy::Magazine, f, 1));
     }
-    out.push(Box::new(Served::validated(
+    out.push(Served::validated(
         Strategy::Global,
         FlushPolicy::Strict,
         VALIDATED_BATCH,
-    )));
+    ));
     // The research's design once more on a unit with ECAP.C = 0 (QEMU's),
     // where every entry write is followed by a cache-line write-back: the
     // cost of the write-back is the difference to `magazine / percore`.
@@ -171,7 +217,7 @@ pub fn backends() -> Vec<Box<dyn Backend>> {
         let mut b = Served::new(Strategy::Magazine, f);
         b.strategy_label = "magazine-noncoherent".into();
         b.daemon_args = Vec::new();
-        out.push(Box::new(b));
+        out.push(b);
     }
     out
 }
@@ -515,10 +561,46 @@ mod tests {
     fn every_strategy_and_policy_has_a_backend() {
         let b = backends();
         // Every strategy but noiommu and static x every flush policy, noiommu,
-        // static, the noncoherent row, 2 delegated magazine-b32 rows, 3 + 2
-        // validated magazine rows, global-val32.
-        let n = (Strategy::ALL.len() - 2) * FlushPolicy::ALL.len() + 1 + 1 + 1 + 2 + 3 + 2 + 1;
+        // static, the noncoherent row, 2 delegated magazine-b32 rows, 3 + 2 + 2
+        // validated magazine rows (-val32, -val32-float, -val1), global-val32.
+        let n = (Strategy::ALL.len() - 2) * FlushPolicy::ALL.len() + 1 + 1 + 1 + 2 + 3 + 2 + 2 + 1;
         assert_eq!(b.len(), n);
+        // A coherent unit (as the peers assume), and one pinned service
+        // thread per allowed CPU, but in the -float rows.
+        let cpus = crate::harness::allowed_cpus();
+        let list = cpus
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let threads = cpus.len().to_string();
+        let pinned = [
+            "--coherent",
+            "--service-threads",
+            threads.as_str(),
+            "--service-cpus",
+            list.as_str(),
+        ];
+        let float = ["--coherent", "--service-threads", "2"];
+        for name in [
+            "magazine-val32",
+            "magazine-val1",
+            "global-val32",
+            "magazine-val32-float",
+        ] {
+            let all = rows();
+            let mine: Vec<&Served> = all.iter().filter(|r| r.strategy_label == name).collect();
+            assert!(!mine.is_empty(), "{name}");
+            for r in mine {
+                let want: &[&str] = if name.ends_with("-float") {
+                    &float
+                } else {
+                    &pinned
+                };
+                assert_eq!(r.daemon_args, want, "{name}");
+                assert_eq!(r.trust, "validated", "{name}");
+            }
+        }
         let b32: Vec<(&str, &str, &str, usize)> = b
             .iter()
             .filter(|r| r.strategy() == "magazine-b32")

@@ -154,9 +154,9 @@ fuzz_target!(|data: &[u8]| {
         // The first pass may hold a lazy pass (no other work yet); the next
         // ones come after "other work", which releases it.
         let hold = std::time::Duration::from_secs(1);
-        w.dom.serve_rings(0, None, hold);
+        w.dom.serve_rings(&iommud::domain::Passer::SOLE, None, hold);
         for _ in 0..3 {
-            w.dom.serve_rings(0, Some(std::time::Instant::now()), hold);
+            w.dom.serve_rings(&iommud::domain::Passer::SOLE, Some(std::time::Instant::now()), hold);
         }
         // Consume what iommud completed, checking every successful map.
         let mut head = w.head.lock().unwrap_or_else(|p| p.into_inner());

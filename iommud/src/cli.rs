@@ -10,8 +10,9 @@
 //! `--service-threads` (default 1) threads serve the clients' rings, each
 //! polling `--ring-spin-us` (default 2000) after the last entry before it
 //! sleeps on the doorbells, pinned to the CPUs of `--service-cpus` (e.g. `1`
-//! or `2,3`; default: not pinned) (docs/ARCHITECTURE.md, "Rings and service
-//! threads"). A `strict` pass of lazy entries (a NIC's RX refill) is held,
+//! or `2,3`: thread `k` on the `k`-th; default: not pinned), each ring served
+//! by its home thread, the one on its clients' CPU where there is one
+//! (docs/ARCHITECTURE.md, "Rings and service threads"). A `strict` pass of lazy entries (a NIC's RX refill) is held,
 //! its invalidation and completions after other work, for at most
 //! `--lazy-hold-us` (default 200, at most 10 s; 0: never held).
 //! `--state-dir` (linux) is where the memory the unit may reach lives, in

@@ -10,7 +10,10 @@
 //! descriptor. A client rings its doorbell only when it saw no thread
 //! awake, so in steady state neither side makes a system call. A domain
 //! with several rings is served by as many threads as it has rings (at
-//! most all of them), each starting its passes at another ring.
+//! most all of them): each ring has a home thread, the one that serves it
+//! while awake (with pinned threads, the one on the CPU of the ring's
+//! clients). A thread passing finds the rings of sleeping threads too,
+//! serves them and wakes their home thread.
 
 use crate::domain::Domain;
 use crate::state::State;
@@ -26,7 +29,8 @@ use std::time::{Duration, Instant};
 /// that a quiet system sleeps at once (docs/PERFORMANCE.md).
 pub const DEFAULT_SPIN: Duration = Duration::from_millis(2);
 /// How long after the last entry a service thread looks without yielding
-/// (short: the client may be waiting on this very CPU).
+/// (short: the client may be waiting on this very CPU). Not at all after
+/// completing entries for clients on its own CPU: they need it now.
 const HOT: Duration = Duration::from_micros(3);
 /// Longest sleep without a doorbell (to notice a stop).
 const SLEEP_MS: i32 = 1000;
@@ -38,6 +42,9 @@ struct Worker {
     domains: Mutex<Vec<Arc<Domain>>>,
     generation: AtomicU64,
     wake: Option<OwnedFd>,
+    /// It sleeps (or is about to): another thread serves its rings and
+    /// wakes it.
+    asleep: AtomicBool,
 }
 
 /// The service threads.
@@ -64,6 +71,7 @@ impl Service {
                         domains: Mutex::default(),
                         generation: AtomicU64::new(0),
                         wake: crate::platform::shm::eventfd().ok(),
+                        asleep: AtomicBool::new(false),
                     })
                 })
                 .collect(),
@@ -82,8 +90,7 @@ impl Service {
         }
         for (k, w) in state.service.workers.iter().enumerate() {
             let (st, w) = (state.clone(), w.clone());
-            let cpu = (!state.service.cpus.is_empty())
-                .then(|| state.service.cpus[k % state.service.cpus.len()]);
+            let cpu = state.service.cpu_of(k);
             std::thread::Builder::new()
                 .name(format!("iommud-svc{k}"))
                 .spawn(move || {
@@ -96,24 +103,40 @@ impl Service {
         Ok(())
     }
 
-    /// Serves `d`'s rings from now on, on the least loaded threads (one per
-    /// ring, at most every thread).
+    /// The CPU thread `k` is pinned to, if any.
+    fn cpu_of(&self, k: usize) -> Option<usize> {
+        (!self.cpus.is_empty()).then(|| self.cpus[k % self.cpus.len()])
+    }
+
+    /// Serves `d`'s rings from now on: each ring gets a home thread
+    /// ([`homes`]), and those threads take the domain in their lists.
     pub fn add(&self, d: Arc<Domain>) {
         let rings = d.rings().map_or(1, |r| r.count());
-        let load = |w: &Arc<Worker>| {
-            w.domains
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .filter(|d| !d.is_dead())
-                .count()
-        };
-        let mut order: Vec<&Arc<Worker>> = self.workers.iter().collect();
-        order.sort_by_key(|w| load(w));
-        let chosen = &order[..rings.min(order.len()).max(1)];
+        let loads: Vec<usize> = self
+            .workers
+            .iter()
+            .map(|w| {
+                w.domains
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .filter(|d| !d.is_dead())
+                    .count()
+            })
+            .collect();
+        let cpus: Vec<Option<usize>> = (0..self.workers.len()).map(|k| self.cpu_of(k)).collect();
+        let home = homes(rings, &loads, &cpus);
+        d.set_ring_homes(&home.iter().map(|&h| (h, cpus[h])).collect::<Vec<_>>());
+        let mut chosen: Vec<&Arc<Worker>> = Vec::new();
+        for &h in &home {
+            if !chosen.iter().any(|w| w.index == h) {
+                chosen.push(&self.workers[h]);
+            }
+        }
         // Counted awake before any of them can sleep with it in its list.
         d.set_ring_servers(chosen.len() as u32);
         for w in chosen {
+            w.asleep.store(false, SeqCst);
             w.domains
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -130,6 +153,34 @@ impl Service {
             ring(w.wake.as_ref());
         }
     }
+}
+
+/// The home thread of each of `rings` rings, given each thread's load
+/// (domains served) and the CPU it is pinned to. Clients use ring
+/// `cpu % rings`, so ring `k` goes to the least loaded thread pinned to a
+/// CPU of ring `k` (that thread then shares its CPU with the ring's
+/// clients and hands over to them at once); failing that, to the least
+/// loaded thread, and as many distinct threads as there are rings.
+pub fn homes(rings: usize, loads: &[usize], cpus: &[Option<usize>]) -> Vec<usize> {
+    let threads = loads.len().min(cpus.len());
+    if threads == 0 {
+        return vec![0; rings];
+    }
+    let mut load: Vec<usize> = loads[..threads].to_vec();
+    let mut out = Vec::with_capacity(rings);
+    for k in 0..rings {
+        let on_cpu = (0..threads)
+            .filter(|&t| cpus[t].is_some_and(|c| c % rings == k))
+            .min_by_key(|&t| (load[t], t));
+        let t = on_cpu.unwrap_or_else(|| {
+            (0..threads)
+                .min_by_key(|&t| (out.contains(&t), load[t], t))
+                .unwrap_or(0)
+        });
+        load[t] += 1;
+        out.push(t);
+    }
+    out
 }
 
 /// Pins the calling thread to `cpu` (a dedicated core, as io_uring's
@@ -183,6 +234,15 @@ fn run(state: &Arc<State>, w: &Worker) {
     // When this thread last finished passes that did work: a pass held
     // before that goes on (its invalidation follows that work).
     let mut other_work: Option<Instant> = None;
+    // The last passes that did work completed entries for clients on this
+    // thread's CPU.
+    let mut local = false;
+    let asleep = |t: usize| svc.workers.get(t).is_some_and(|w| w.asleep.load(SeqCst));
+    let me = crate::domain::Passer {
+        index: w.index,
+        cpu: svc.cpu_of(w.index),
+        asleep: &asleep,
+    };
     while !svc.stopping.load(SeqCst) && !state.stop.load(SeqCst) {
         let g = w.generation.load(SeqCst);
         if g != seen {
@@ -194,18 +254,24 @@ fn run(state: &Arc<State>, w: &Worker) {
         let mut work = 0u32;
         let mut dead = false;
         let mut held = false;
+        let mut woke = 0u32;
+        let mut local_now = false;
         for d in &doms {
             dead |= d.is_dead();
             // A bug reached through one client's ring must not stop the others.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                d.serve_rings(w.index, other_work, svc.lazy_hold)
+                d.serve_rings(&me, other_work, svc.lazy_hold)
             })) {
                 Ok(crate::domain::Served {
                     entries: n,
                     deferred,
                     held: h,
+                    local: l,
+                    woke: woken,
                 }) => {
                     held |= h;
+                    local_now |= l;
+                    woke |= woken;
                     if n > 0 {
                         // This thread serves one pass after another: work
                         // that ended now began after any pass held before.
@@ -231,8 +297,16 @@ fn run(state: &Arc<State>, w: &Worker) {
             // Drop torn-down domains (their memory goes with the last Arc).
             w.generation.fetch_add(1, SeqCst);
         }
+        // Wake the home threads whose rings this pass found asleep (once:
+        // the flag is theirs again from now on).
+        for t in (0..svc.workers.len().min(32)).filter(|t| woke & (1 << t) != 0) {
+            if svc.workers[t].asleep.swap(false, SeqCst) {
+                ring(svc.workers[t].wake.as_ref());
+            }
+        }
         if work > 0 {
             last_work = Instant::now();
+            local = local_now;
             continue;
         }
         let idle = last_work.elapsed();
@@ -241,7 +315,7 @@ fn run(state: &Arc<State>, w: &Worker) {
             // Right after work the next entry is likely microseconds away:
             // look without giving the CPU up; later, yield between looks so a
             // client on this CPU runs.
-            if idle < HOT {
+            if idle < HOT && !local {
                 for _ in 0..64 {
                     std::hint::spin_loop();
                 }
@@ -255,8 +329,11 @@ fn run(state: &Arc<State>, w: &Worker) {
         for d in &doms {
             d.set_ring_idle(true);
         }
+        w.asleep.store(true, SeqCst);
         std::sync::atomic::fence(SeqCst);
-        let pending = doms.iter().any(|d| d.rings().is_some_and(|r| r.pending()));
+        let pending = doms
+            .iter()
+            .any(|d| d.rings().is_some_and(|r| r.pending(&me)));
         if !pending {
             let mut fds: Vec<libc::pollfd> = Vec::with_capacity(doms.len() + 1);
             if let Some(f) = &w.wake {
@@ -305,9 +382,39 @@ fn run(state: &Arc<State>, w: &Worker) {
                 }
             }
         }
+        w.asleep.store(false, SeqCst);
         for d in &doms {
             d.set_ring_idle(false);
         }
         last_work = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::homes;
+
+    #[test]
+    fn a_ring_goes_home_to_the_thread_pinned_on_its_clients_cpu() {
+        // Clients on CPU k use ring k % rings.
+        assert_eq!(homes(2, &[0, 0], &[Some(0), Some(1)]), vec![0, 1]);
+        assert_eq!(homes(2, &[0, 0], &[Some(1), Some(0)]), vec![1, 0]);
+        // Pinned to CPUs 2 and 3 of a 2-ring client: 2 % 2 = ring 0.
+        assert_eq!(homes(2, &[5, 0], &[Some(2), Some(3)]), vec![0, 1]);
+        // The only thread, pinned to CPU 1 (the guest's layout): every ring.
+        assert_eq!(homes(2, &[0], &[Some(1)]), vec![0, 0]);
+        // Two threads on CPU 1: the less loaded one.
+        assert_eq!(homes(2, &[3, 1], &[Some(1), Some(1)]), vec![1, 1]);
+    }
+
+    #[test]
+    fn unpinned_threads_share_the_rings_least_loaded_first() {
+        assert_eq!(homes(2, &[3, 0], &[None, None]), vec![1, 0]);
+        assert_eq!(homes(4, &[0, 0], &[None, None]), vec![0, 1, 0, 1]);
+        assert_eq!(homes(1, &[2, 1, 0], &[None, None, None]), vec![2]);
+        // More threads than rings: one thread per ring.
+        assert_eq!(homes(2, &[0, 0, 0], &[None, None, None]), vec![0, 1]);
+        // No thread known: ring 0's default.
+        assert_eq!(homes(3, &[], &[]), vec![0, 0, 0]);
     }
 }

@@ -75,6 +75,9 @@ pub struct DomainStats {
     pub ring_sleeps: AtomicU64,
     /// Doorbells rung by the client (eventfd wake-ups seen).
     pub ring_doorbells: AtomicU64,
+    /// Ring passes with entries made by a thread other than the ring's
+    /// home, which slept (it is woken).
+    pub ring_helped: AtomicU64,
     /// Strict ring unmaps invalidated, and the invalidations that covered them.
     pub ring_strict_unmaps: AtomicU64,
     /// Invalidations issued for strict ring batches (page-selective with

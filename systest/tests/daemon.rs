@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{kv, Daemon};
+use common::{kv, pin_to_cpu, Daemon};
 use libdma::proto::{ErrorCode, Reply, Request};
 use libdma::{Dir, DmaDomain, FlushPolicy, Strategy};
 use std::time::{Duration, Instant};
@@ -273,15 +273,6 @@ fn socket_server_answers_the_shared_scheme_table() {
             (Err(libdma::Error::Server { code, .. }), Err(w)) => assert_eq!(code, *w, "{path}"),
             (got, _) => panic!("{path}: got {got:?}, want {want:?}"),
         }
-    }
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 

@@ -80,7 +80,7 @@ mod timer_tests;
 pub use timer::{Budget, TimerFlush, FLUSH_BUDGET_BURST, FLUSH_BUDGET_PER_MS, TIMER_MIN_GAP};
 
 pub use adopt::Adoption;
-pub use rings::{Rings, Served};
+pub use rings::{Passer, Rings, Served};
 
 /// First IOVA handed out (IOVA 0 is never used, so a zeroed descriptor faults).
 pub const IOVA_BASE: u64 = iommu_abi::shared::MAGAZINE_IOVA_BASE;

@@ -89,6 +89,7 @@ impl Domain {
             .kv("ring_passes", stats::get(&s.ring_passes))
             .kv("ring_sleeps", stats::get(&s.ring_sleeps))
             .kv("ring_doorbells", stats::get(&s.ring_doorbells))
+            .kv("ring_helped", stats::get(&s.ring_helped))
             .kv("ring_strict_unmaps", stats::get(&s.ring_strict_unmaps))
             .kv(
                 "ring_strict_invalidations",

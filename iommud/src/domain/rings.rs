@@ -36,7 +36,9 @@ use iommu_abi::ring::{
     ring_at, Cqe, MapArgs, RingShm, SqOp, Sqe, CQE_WORDS, RING_BYTES, RING_ENTRIES,
 };
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering::Acquire, Ordering::Relaxed, Ordering::Release};
+use std::sync::atomic::{
+    AtomicU8, AtomicUsize, Ordering::Acquire, Ordering::Relaxed, Ordering::Release,
+};
 use std::time::{Duration, Instant};
 
 /// A duration in ns, for the time counters.
@@ -60,6 +62,9 @@ pub struct Rings {
     /// The doorbell the client writes when the service thread sleeps.
     pub doorbell: Arc<OwnedFd>,
     servers: Vec<Mutex<RingServer>>,
+    /// Each ring's home service thread (its index): the one thread that
+    /// serves the ring while it is awake (`Domain::serve_rings`).
+    homes: Box<[AtomicUsize]>,
     /// Validated magazine: for each IOVA page of the span, the page count of
     /// the live ring mapping starting there (0: none).
     live: Box<[AtomicU8]>,
@@ -95,11 +100,44 @@ struct Held {
     until: Instant,
 }
 
+/// The service thread passing over a domain's rings (`Domain::serve_rings`).
+pub struct Passer<'a> {
+    /// Its index.
+    pub index: usize,
+    /// The CPU it is pinned to, if any.
+    pub cpu: Option<usize>,
+    /// Whether service thread `i` sleeps: its rings are then served by any
+    /// thread passing, which wakes it.
+    pub asleep: &'a dyn Fn(usize) -> bool,
+}
+
+impl Passer<'_> {
+    /// Service thread 0, the home of every ring nobody assigned, with no
+    /// other thread (tests, the fuzz target).
+    pub const SOLE: Passer<'static> = Passer {
+        index: 0,
+        cpu: None,
+        asleep: &|_| false,
+    };
+
+    /// Whether this thread serves a ring whose home is `home`: its own, or
+    /// a sleeping thread's.
+    pub fn serves(&self, home: usize) -> bool {
+        home == self.index || (self.asleep)(home)
+    }
+}
+
 /// What one or more passes did (`Domain::serve_rings`).
 #[derive(Clone, Copy, Default)]
 pub struct Served {
     /// Entries completed.
     pub entries: u32,
+    /// Entries were completed on a ring whose clients run on the passing
+    /// thread's CPU: they need that CPU now.
+    pub local: bool,
+    /// Sleeping service threads (bit `i`: thread `i`) whose rings this pass
+    /// served: to be woken, so that each ring is served by its home again.
+    pub woke: u32,
     /// Unmaps were left to the epoch timer (`percore`, `deferred`).
     pub deferred: bool,
     /// A pass is held (lazy entries): the service thread must look again
@@ -214,13 +252,21 @@ impl Rings {
         self.servers.len()
     }
 
-    /// True if some ring has entries iommud could take now: entries beyond
+    /// Ring `k`'s home service thread.
+    pub fn home(&self, k: usize) -> usize {
+        self.homes.get(k).map_or(0, |h| h.load(Relaxed))
+    }
+
+    /// True if some ring `by` serves has entries iommud could take now: entries beyond
     /// iommud's own head, and room for their completions. The client's
     /// indices (hostile) decide only whether to look, never what is done;
     /// a client that stops consuming completions, or moves its copies of
     /// iommud's indices, cannot keep a service thread awake.
-    pub fn pending(&self) -> bool {
+    pub fn pending(&self, by: &Passer<'_>) -> bool {
         (0..self.count()).any(|k| {
+            if !by.serves(self.home(k)) {
+                return false;
+            }
             let Ok(st) = self.servers[k].try_lock() else {
                 // Being served right now.
                 return true;
@@ -308,6 +354,7 @@ impl Domain {
             shm,
             doorbell: Arc::new(doorbell),
             servers: (0..n).map(|_| Mutex::default()).collect(),
+            homes: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             live: (0..live_len).map(|_| AtomicU8::new(0)).collect(),
             arena: arena.filter(|_| validated_magazine),
         };
@@ -358,6 +405,7 @@ impl Domain {
             shm,
             doorbell: Arc::new(doorbell),
             servers: (0..n).map(|_| Mutex::default()).collect(),
+            homes: (0..n).map(|_| AtomicUsize::new(0)).collect(),
             live: (0..(IOVA_SPAN / PAGE) as usize)
                 .map(|_| AtomicU8::new(0))
                 .collect(),
@@ -399,21 +447,50 @@ impl Domain {
         self.page().ring_awake.store(n, SeqCst);
     }
 
-    /// One pass over every ring, from ring `first` on (service threads
-    /// sharing a domain start at different rings): the entries completed,
-    /// whether the passes left unmaps to the epoch timer (`percore`,
-    /// `deferred`: their IOVAs wait for its flush), and whether a pass is
-    /// held. A held pass goes on (its invalidation, its completions) once
-    /// the service thread has done other work after holding it
-    /// (`other_work`: when it last finished some) or `hold` has passed. A ring
-    /// another service thread is serving is skipped.
-    pub fn serve_rings(&self, first: usize, other_work: Option<Instant>, hold: Duration) -> Served {
+    /// Sets each ring's home service thread, and tells the client the CPU
+    /// it is pinned to (`homes[k]`: thread index, CPU). Rings beyond
+    /// `homes` keep theirs.
+    pub fn set_ring_homes(&self, homes: &[(usize, Option<usize>)]) {
+        let Some(rings) = self.rings.get() else {
+            return;
+        };
+        for (k, &(thread, cpu)) in homes.iter().enumerate().take(rings.count()) {
+            rings.homes[k].store(thread, Relaxed);
+            let cpu = cpu.and_then(|c| u32::try_from(c + 1).ok()).unwrap_or(0);
+            rings.ring(k).server_cpu.0.store(cpu, Release);
+        }
+    }
+
+    /// One pass over the rings `by` serves (its own, and those of sleeping
+    /// threads): the entries completed, whether the passes left unmaps to
+    /// the epoch timer (`percore`, `deferred`: their IOVAs wait for its
+    /// flush), and whether a pass is held. A held pass goes on (its
+    /// invalidation, its completions) once the service thread has done
+    /// other work after holding it (`other_work`: when it last finished
+    /// some) or `hold` has passed. A ring another service thread is serving
+    /// is skipped.
+    ///
+    /// Each ring has one home thread, so two clients on two CPUs are served
+    /// by two threads at once; were any thread to take any ring, the first
+    /// awake would serve them all while the others slept
+    /// (docs/ARCHITECTURE.md, "Rings and service threads").
+    pub fn serve_rings(
+        &self,
+        by: &Passer<'_>,
+        other_work: Option<Instant>,
+        hold: Duration,
+    ) -> Served {
         let mut out = Served::default();
         let Some(rings) = self.rings.get() else {
             return out;
         };
-        for j in 0..rings.count() {
-            let k = (first + j) % rings.count();
+        let count = rings.count();
+        for j in 0..count {
+            let k = (by.index + j) % count;
+            let home = rings.home(k);
+            if !by.serves(home) {
+                continue;
+            }
             let Ok(mut st) = rings.servers[k].try_lock() else {
                 continue;
             };
@@ -424,6 +501,16 @@ impl Domain {
             out.entries += s.entries;
             out.deferred |= s.deferred;
             out.held |= s.held;
+            if s.entries > 0 {
+                // Clients pick ring `cpu % count` (libdma's CPU slot).
+                out.local |= by.cpu.is_some_and(|c| c % count == k);
+                if home != by.index {
+                    stats::add(&self.stats.ring_helped, 1);
+                    if home < 32 {
+                        out.woke |= 1 << home;
+                    }
+                }
+            }
         }
         out
     }
@@ -562,7 +649,7 @@ impl Domain {
         Served {
             entries: n,
             deferred,
-            held: false,
+            ..Served::default()
         }
     }
 

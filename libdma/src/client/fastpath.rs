@@ -4,16 +4,22 @@
 
 use super::*;
 
+/// The CPU the calling thread runs on (`None` where the platform cannot
+/// say).
+pub(super) fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu has no preconditions.
+    #[cfg(not(target_os = "redox"))]
+    let cpu = unsafe { libc::sched_getcpu() };
+    #[cfg(target_os = "redox")]
+    let cpu = -1;
+    usize::try_from(cpu).ok()
+}
+
 impl DmaDomain {
     pub(super) fn slot(&self) -> usize {
-        // SAFETY: sched_getcpu has no preconditions.
-        #[cfg(not(target_os = "redox"))]
-        let cpu = unsafe { libc::sched_getcpu() };
         // relibc has no sched_getcpu (libc 0.2.191's redox module): every
         // thread uses slot 0, so threads on several CPUs share its lock.
-        #[cfg(target_os = "redox")]
-        let cpu = 0;
-        usize::try_from(cpu).unwrap_or(0) % self.cpus.len()
+        current_cpu().unwrap_or(0) % self.cpus.len()
     }
 
     pub(super) fn pte_offset(&self, iova: u64) -> Result<usize> {

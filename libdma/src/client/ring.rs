@@ -839,11 +839,14 @@ impl DmaDomain {
         let mut start = Instant::now();
         let mut probe = start + PROBE_AFTER;
         let mut looks = 0u32;
+        // A waiter on the CPU of the ring's home service thread yields at
+        // once: spinning there only delays the thread that completes it.
+        let spin = if on_server_cpu(ring) { 0 } else { SPIN_LOOKS };
         while c.head != target {
             let avail = ring.cq_tail.0.load(Acquire);
             if avail == c.head {
                 looks = looks.saturating_add(1);
-                if looks < SPIN_LOOKS {
+                if looks < spin {
                     std::hint::spin_loop();
                 } else {
                     std::thread::yield_now();
@@ -900,6 +903,14 @@ impl DmaDomain {
         }
         Ok(())
     }
+}
+
+/// Whether the calling thread runs on the CPU iommud pinned the ring's
+/// home service thread to (`RingShm::server_cpu`, advice iommud writes).
+fn on_server_cpu(ring: &RingShm) -> bool {
+    let server = ring.server_cpu.0.load(Relaxed);
+    server != 0
+        && super::fastpath::current_cpu().is_some_and(|c| u32::try_from(c + 1) == Ok(server))
 }
 
 #[cfg(test)]

@@ -401,3 +401,13 @@ pub fn domain_stats(dom: &libdma::DmaDomain, bdf: u16) -> String {
     dom.read_path(&format!("domains/{}/stats", iommu_abi::Bdf(bdf)))
         .unwrap()
 }
+
+/// Pins the calling thread to `cpu` (best effort).
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
