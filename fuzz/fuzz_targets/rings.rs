@@ -156,7 +156,11 @@ fuzz_target!(|data: &[u8]| {
         let hold = std::time::Duration::from_secs(1);
         w.dom.serve_rings(&iommud::domain::Passer::SOLE, None, hold);
         for _ in 0..3 {
-            w.dom.serve_rings(&iommud::domain::Passer::SOLE, Some(std::time::Instant::now()), hold);
+            w.dom.serve_rings(
+                &iommud::domain::Passer::SOLE,
+                Some(std::time::Instant::now()),
+                hold,
+            );
         }
         // Consume what iommud completed, checking every successful map.
         let mut head = w.head.lock().unwrap_or_else(|p| p.into_inner());
