@@ -220,3 +220,30 @@ fn a_delegated_percore_remap_keeps_locally_and_strict_does_not() {
         dom.unmap_batch(&maps).unwrap();
     }
 }
+
+/// A delegated batch whose other pair cannot be mapped fails as a whole:
+/// the pair that would have been kept is unmapped too, and nothing is
+/// counted as kept.
+#[test]
+fn a_failed_delegated_batch_counts_no_kept_remap() {
+    let d = Daemon::start("kept-failed", &[]);
+    let bdf = 0xa8;
+    let dom =
+        DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
+    let bufs: Vec<_> = (0..2).map(|_| dom.alloc(4096).unwrap()).collect();
+    let req: Vec<(u64, usize, Dir)> = bufs
+        .iter()
+        .map(|b| (b.phys, 2048, Dir::Bidirectional))
+        .collect();
+    let old = dom.map_batch(&req).unwrap();
+    let olds: Vec<(u64, usize)> = old.iter().map(|&v| (v, 2048)).collect();
+    // Pair 0 is the same mapping again; pair 1 asks for zero bytes.
+    let again = [
+        (bufs[0].phys, 2048, Dir::Bidirectional),
+        (bufs[1].phys, 0, Dir::Bidirectional),
+    ];
+    assert!(dom.remap_batch_submit_hinted(&olds, &again, KEEP).is_err());
+    assert_eq!(dom.counts().kept, 0, "a failed batch keeps nothing");
+    // Pair 0's old IOVA went with the batch: unmapping it again is refused.
+    assert!(dom.unmap(old[0], 2048).is_err(), "old IOVA still mapped");
+}

@@ -556,7 +556,6 @@ impl DmaDomain {
         if n_kept == 0 {
             return Ok(None);
         }
-        self.stats.kept.fetch_add(n_kept as u64, Relaxed);
         let rest_old: Vec<(u64, usize)> = old
             .iter()
             .zip(&kept)
@@ -604,6 +603,8 @@ impl DmaDomain {
                 }
             })
             .collect::<Result<Vec<u64>>>()?;
+        // Counted once the whole batch stands (a failed rest unmaps them).
+        self.stats.kept.fetch_add(n_kept as u64, Relaxed);
         Ok(Some((u, MapTicket::ready(iovas))))
     }
 
