@@ -24,6 +24,17 @@ fn machine(socket: &std::path::Path) -> vtd::sim::SimMachine {
     vtd::sim::SimMachine::open(m.as_fd(), s.as_fd()).unwrap()
 }
 
+/// `n` fresh buffers, each mapped for its first 2048 bytes, both ways.
+fn mapped(dom: &DmaDomain, n: usize) -> (Vec<libdma::DmaBuffer>, Vec<u64>) {
+    let bufs: Vec<_> = (0..n).map(|_| dom.alloc(4096).unwrap()).collect();
+    let req: Vec<(u64, usize, Dir)> = bufs
+        .iter()
+        .map(|b| (b.phys, 2048, Dir::Bidirectional))
+        .collect();
+    let old = dom.map_batch(&req).unwrap();
+    (bufs, old)
+}
+
 /// Four remaps of four mappings, one batch with the keep hint:
 /// 0: the same buffer, same direction (keepable);
 /// 1: the same buffer, another direction;
@@ -31,12 +42,7 @@ fn machine(socket: &std::path::Path) -> vtd::sim::SimMachine {
 /// 3: buffer 3's mapping remapped onto buffer 0's memory.
 /// Returns the old and the new IOVAs, and the buffers.
 fn remap_four(dom: &DmaDomain) -> (Vec<u64>, Vec<u64>, Vec<libdma::DmaBuffer>) {
-    let bufs: Vec<_> = (0..4).map(|_| dom.alloc(4096).unwrap()).collect();
-    let req: Vec<(u64, usize, Dir)> = bufs
-        .iter()
-        .map(|b| (b.phys, 2048, Dir::Bidirectional))
-        .collect();
-    let old = dom.map_batch(&req).unwrap();
+    let (bufs, old) = mapped(dom, 4);
     let olds: Vec<(u64, usize)> = old.iter().map(|&v| (v, 2048)).collect();
     let again = vec![
         (bufs[0].phys, 2048, Dir::Bidirectional),
@@ -230,12 +236,7 @@ fn a_failed_delegated_batch_counts_no_kept_remap() {
     let bdf = 0xa8;
     let dom =
         DmaDomain::connect(d.socket(), bdf, Strategy::Magazine, FlushPolicy::PerCore).unwrap();
-    let bufs: Vec<_> = (0..2).map(|_| dom.alloc(4096).unwrap()).collect();
-    let req: Vec<(u64, usize, Dir)> = bufs
-        .iter()
-        .map(|b| (b.phys, 2048, Dir::Bidirectional))
-        .collect();
-    let old = dom.map_batch(&req).unwrap();
+    let (bufs, old) = mapped(&dom, 2);
     let olds: Vec<(u64, usize)> = old.iter().map(|&v| (v, 2048)).collect();
     // Pair 0 is the same mapping again; pair 1 asks for zero bytes.
     let again = [
