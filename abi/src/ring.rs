@@ -39,6 +39,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 pub const RING_ENTRIES: u32 = 256;
 /// Rings one client may have (one per CPU slot).
 pub const MAX_RINGS: usize = 8;
+
+/// The ring a client uses on CPU slot `slot` when it has `rings` rings (one
+/// per CPU slot, fewer past [`MAX_RINGS`]): libdma submits there, and
+/// iommud gives the ring a home service thread on such a CPU.
+pub fn ring_of_cpu(slot: usize, rings: usize) -> usize {
+    slot % rings.max(1)
+}
 /// Bytes of a ring's header (the four indices, each on its own cache line).
 pub const HEADER_BYTES: usize = 4096;
 /// Words (u64) of a submission entry: 64 bytes, one cache line.
@@ -315,6 +322,15 @@ mod tests {
         assert_eq!(std::mem::offset_of!(RingShm, cq_tail), 192);
         assert_eq!(std::mem::offset_of!(RingShm, server_cpu), 256);
         assert_eq!(std::mem::offset_of!(RingShm, cq), 4096 + 16384);
+    }
+
+    #[test]
+    fn a_cpu_slot_uses_its_ring_modulo_the_rings() {
+        assert_eq!(ring_of_cpu(0, 2), 0);
+        assert_eq!(ring_of_cpu(1, 2), 1);
+        assert_eq!(ring_of_cpu(9, 8), 1);
+        assert_eq!(ring_of_cpu(5, 1), 0);
+        assert_eq!(ring_of_cpu(3, 0), 0, "no rings: never a division by zero");
     }
 
     #[test]

@@ -582,13 +582,13 @@ mod tests {
             list.as_str(),
         ];
         let float = ["--coherent", "--service-threads", "2"];
+        let all = rows();
         for name in [
             "magazine-val32",
             "magazine-val1",
             "global-val32",
             "magazine-val32-float",
         ] {
-            let all = rows();
             let mine: Vec<&Served> = all.iter().filter(|r| r.strategy_label == name).collect();
             assert!(!mine.is_empty(), "{name}");
             for r in mine {

@@ -157,7 +157,7 @@ impl Service {
 
 /// The home thread of each of `rings` rings, given each thread's load
 /// (domains served) and the CPU it is pinned to. Clients use ring
-/// `cpu % rings`, so ring `k` goes to the least loaded thread pinned to a
+/// [`iommu_abi::ring::ring_of_cpu`], so ring `k` goes to the least loaded thread pinned to a
 /// CPU of ring `k` (that thread then shares its CPU with the ring's
 /// clients and hands over to them at once); failing that, to the least
 /// loaded thread, and as many distinct threads as there are rings.
@@ -170,7 +170,7 @@ pub fn homes(rings: usize, loads: &[usize], cpus: &[Option<usize>]) -> Vec<usize
     let mut out = Vec::with_capacity(rings);
     for k in 0..rings {
         let on_cpu = (0..threads)
-            .filter(|&t| cpus[t].is_some_and(|c| c % rings == k))
+            .filter(|&t| cpus[t].is_some_and(|c| iommu_abi::ring::ring_of_cpu(c, rings) == k))
             .min_by_key(|&t| (load[t], t));
         let t = on_cpu.unwrap_or_else(|| {
             (0..threads)

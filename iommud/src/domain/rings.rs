@@ -502,8 +502,9 @@ impl Domain {
             out.deferred |= s.deferred;
             out.held |= s.held;
             if s.entries > 0 {
-                // Clients pick ring `cpu % count` (libdma's CPU slot).
-                out.local |= by.cpu.is_some_and(|c| c % count == k);
+                out.local |= by
+                    .cpu
+                    .is_some_and(|c| iommu_abi::ring::ring_of_cpu(c, count) == k);
                 if home != by.index {
                     stats::add(&self.stats.ring_helped, 1);
                     if home < 32 {

@@ -738,7 +738,7 @@ impl DmaDomain {
     /// collector. Returns the ring and the first sequence number.
     fn submit_on(&self, ops: &[SqOp], awaited: bool, hints: u64) -> Result<(usize, u32)> {
         let rings = self.rings.as_ref().ok_or(Error::Dead)?;
-        let k = self.slot() % rings.slots.len();
+        let k = crate::ring::ring_of_cpu(self.slot(), rings.slots.len());
         let ring = rings.ring(k);
         let mut c = rings.slots[k].lock();
         let n = ops.len() as u32;
@@ -792,7 +792,7 @@ impl DmaDomain {
     /// entry's result (else an empty list once all are submitted).
     fn submit(&self, ops: &[SqOp], wait: bool) -> Result<Vec<std::result::Result<u64, ErrorCode>>> {
         let rings = self.rings.as_ref().ok_or(Error::Dead)?;
-        let k = self.slot() % rings.slots.len();
+        let k = crate::ring::ring_of_cpu(self.slot(), rings.slots.len());
         let ring = rings.ring(k);
         let mut c = rings.slots[k].lock();
         let mut out = Vec::with_capacity(if wait { ops.len() } else { 0 });
