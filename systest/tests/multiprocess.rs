@@ -65,7 +65,9 @@ fn client_process() {
     run(true);
     let before_client = dom.counts();
     let before = dom.read_path(&stats_path).unwrap();
+    let t0 = std::time::Instant::now();
     run(false);
+    let elapsed_ms = t0.elapsed().as_millis();
     let after = dom.read_path(&stats_path).unwrap();
     let after_client = dom.counts();
     let pairs = (per_thread * THREADS) as f64;
@@ -74,8 +76,11 @@ fn client_process() {
     let rt = after_client.round_trips - before_client.round_trips - 1;
     let wake = after_client.wakeups - before_client.wakeups;
     let inval = kv(&after, "invalidations") - kv(&before, "invalidations");
+    // The epoch timer's flushes (10 ms bound on a batch's age) come with time, not
+    // with pairs: a slow or loaded host makes more of them per pair.
+    let timer = kv(&after, "timer_flushes") - kv(&before, "timer_flushes");
     println!(
-        "RESULT bdf={bdf} strategy={} pairs={pairs} rt_per_1k={:.3} wake_per_1k={:.3} inval_per_1k={:.3} server_rt={}",
+        "RESULT bdf={bdf} strategy={} pairs={pairs} rt_per_1k={:.3} wake_per_1k={:.3} inval_per_1k={:.3} server_rt={} timer_flushes={timer} elapsed_ms={elapsed_ms}",
         strategy.name(),
         per_1k(rt),
         per_1k(wake),
@@ -95,7 +100,11 @@ fn client_process() {
 struct Outcome {
     rt: f64,
     wake: f64,
+    /// Invalidations per 1000 pairs.
     inval: f64,
+    /// The epoch timer's flushes, and the measured run's length.
+    timer_flushes: f64,
+    elapsed_ms: f64,
 }
 
 fn run_processes(strategy: &str) -> Vec<Outcome> {
@@ -173,6 +182,8 @@ fn run_processes(strategy: &str) -> Vec<Outcome> {
             rt: field("rt_per_1k"),
             wake: field("wake_per_1k"),
             inval: field("inval_per_1k"),
+            timer_flushes: field("timer_flushes"),
+            elapsed_ms: field("elapsed_ms"),
         });
     }
     // The daemon's view: no stale translation was ever used, nothing left attached.
@@ -195,9 +206,18 @@ fn magazine_strategy_makes_almost_no_ipc_or_invalidations() {
             "one-way wake-ups per 1000 pairs: {}",
             o.wake
         );
+        // The figure is per pair: what the pairs cause (magazine turnover, about one
+        // flush per 128 unmaps per CPU). The stale window's bound adds at most one
+        // flush per 10 ms of the run whatever the pairs do, so a slow or loaded host
+        // (a longer run) adds more per pair: that share is credited, no more.
+        let pairs = (PAIRS / PROCESSES) as f64;
+        let window_flushes = (o.elapsed_ms / 10.0).min(o.timer_flushes);
+        let per_pair = o.inval - window_flushes * 1000.0 / pairs;
         assert!(
-            o.inval <= 10.0,
-            "IOTLB invalidations per 1000 pairs: {}",
+            per_pair <= 10.0,
+            "IOTLB invalidations per 1000 pairs: {per_pair:.2} beyond the {window_flushes} \
+the 10 ms bound may add in {} ms ({:.2} in all)",
+            o.elapsed_ms,
             o.inval
         );
     }
