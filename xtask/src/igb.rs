@@ -126,6 +126,9 @@ pub struct IgbResult {
     /// domain and once in the RX NIC's).
     pub round_trips_per_k_domain: Option<f64>,
     pub invalidations_per_k_domain: Option<f64>,
+    /// Remaps libdma kept at their old IOVA, both domains, per frame sent (each frame
+    /// has two chances: its TX buffer and its RX buffer).
+    pub kept_per_frame: Option<f64>,
     pub out: GuestOutput,
 }
 
@@ -169,6 +172,7 @@ pub fn parse(out: GuestOutput, name: &str) -> Result<IgbResult> {
         invalidations_per_k: per_k("invalidations"),
         round_trips_per_k_domain: per_k_dom("ipc_round_trips"),
         invalidations_per_k_domain: per_k_dom("invalidations"),
+        kept_per_frame: per_k("client_kept").map(|k| k / 1000.0),
         out,
     })
 }
@@ -270,6 +274,14 @@ pub fn check(o: &IgbOpts, r: &IgbResult) -> Vec<String> {
                 None => bad.push(format!("no {what} in the domain stats")),
             }
         }
+        // Every RX refill and nearly every TX buffer is the same buffer mapped again
+        // (docs/ARCHITECTURE.md, "Kept remaps"): well over one kept remap per frame.
+        match r.kept_per_frame {
+            Some(k) if k >= 1.0 => {}
+            k => bad.push(format!(
+                "kept remaps per frame {k:?} (want >= 1: RX refills and TX buffers keep their IOVAs)"
+            )),
+        }
     }
     bad
 }
@@ -347,11 +359,12 @@ pub fn test(strategy: &str, flush: &str, queues: u16, cm: bool, packets: u64) ->
     let r = run_igb(&o, &name)?;
     println!("{}", summary(&o, &r));
     println!(
-        "  per 1000 frames: ipc_round_trips={} invalidations={} (both domains, whole run), {} and {} (busier domain, measured loop); CPUs {:?}; log {}",
+        "  per 1000 frames: ipc_round_trips={} invalidations={} (both domains, whole run), {} and {} (busier domain, measured loop); kept remaps per frame {}; CPUs {:?}; log {}",
         ratio(r.round_trips_per_k),
         ratio(r.invalidations_per_k),
         ratio(r.round_trips_per_k_domain),
         ratio(r.invalidations_per_k_domain),
+        ratio(r.kept_per_frame),
         r.cpus,
         r.out.log_path.display()
     );
@@ -508,6 +521,7 @@ loop: queues=2 sent=10 received=10 corrupt=0 lost=0 duplicate=0 misrouted=0 pps=
         assert_eq!(r.invalidations_per_k, Some(300.0));
         assert_eq!(r.round_trips_per_k_domain, Some(100.0));
         assert_eq!(r.invalidations_per_k_domain, Some(300.0));
+        assert_eq!(r.kept_per_frame, None);
         let o = IgbOpts {
             demo: DemoOpts {
                 packets: 10,
@@ -518,7 +532,17 @@ loop: queues=2 sent=10 received=10 corrupt=0 lost=0 duplicate=0 misrouted=0 pps=
         assert!(summary(&o, &r)
             .starts_with("demo: nic=igb queues=2 strategy=magazine sent=10 received=10"));
         let bad = check(&o, &r);
-        assert_eq!(bad.len(), 2, "{bad:?}"); // round trips and invalidations too high
+        // Round trips and invalidations too high, and no kept remaps.
+        assert_eq!(bad.len(), 3, "{bad:?}");
+        assert!(bad[2].starts_with("kept remaps per frame None"), "{bad:?}");
+        let kept = GuestOutput::from_console(
+            "GUEST-START\nqueue: q=0 cpu=0 sent=5 received=5\nqueue: q=1 cpu=1 sent=5 received=5\n\
+domain 00:01.0 client_kept 12\ndomain 00:03.0 client_kept 10\n\
+loop: queues=2 sent=10 received=10 corrupt=0 lost=0 misrouted=0 pps=99.5\nGUEST-EXIT 0\n",
+        );
+        let r = parse(kept, "t").expect("parsed");
+        assert_eq!(r.kept_per_frame, Some(2.2));
+        assert!(!check(&o, &r).iter().any(|b| b.contains("kept")));
         assert!(loop_cmd(&o, "").contains("--queues 2 --packets 5"));
         let a = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
         assert_eq!(

@@ -759,10 +759,11 @@ fn igb_script(c: &Config, o: &Opts) -> String {
             for size in SIZES {
                 let _ = writeln!(
                     s,
-                    "igbd loop --tx {TX} --rx {RX} --mapper libdma --strategy {} --flush {} --queues {q} \
+                    "igbd loop --tx {TX} --rx {RX} --mapper libdma --strategy {} --flush {}{} --queues {q} \
 --packets {} --size {size} || echo \"netbench: igb loop failed q={q} size={size}\"",
                     c.strategy,
                     c.flush,
+                    if c.keep { "" } else { " --no-keep" },
                     (o.packets * IGB_PACKET_FACTOR / u64::from(q)).max(1)
                 );
             }
@@ -984,6 +985,16 @@ loop: queues=2 sent=10 received=9 corrupt=0 lost=1 pps=170.0 size=64\n";
         );
         assert_eq!(s.matches("igbd loop").count(), 2 * 2 * 2);
         assert!(s.contains("--queues 2 --packets 10000 --size 64"));
+        assert!(!s.contains("--no-keep"));
+        // The rotate rows pass --no-keep to igbd too.
+        let rotate = configs()
+            .into_iter()
+            .find(|c| c.name == "magazine-percore-rotate")
+            .expect("rotate row");
+        assert_eq!(
+            igb_script(&rotate, &o).matches("--no-keep").count(),
+            2 * 2 * 2
+        );
         assert!(parse(&["--nic".into(), "ixgbe".into()]).is_err());
     }
 

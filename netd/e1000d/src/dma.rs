@@ -102,6 +102,17 @@ pub enum PendingUnmaps {
     Libdma(libdma::UnmapTicket),
 }
 
+/// When a driver collects the maps of an RX refill
+/// ([`DmaMapper::remap_batch_submit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collect {
+    /// At a later receive call: the mapper may let the refill wait while it
+    /// serves other work first (iommud's lazy ring entries).
+    Later,
+    /// Within the same receive call: the mapper serves it at once.
+    Now,
+}
+
 /// How the driver obtains DMA memory and device addresses (IOVAs) for it.
 pub trait DmaMapper {
     /// Allocates `len` bytes of zeroed, physically contiguous DMA-capable memory.
@@ -199,12 +210,14 @@ pub trait DmaMapper {
     /// An RX refill: [`unmap_batch_submit`](Self::unmap_batch_submit) of `unmaps`,
     /// then [`map_batch_submit`](Self::map_batch_submit) of `reqs` (the same
     /// buffers, one each), whose result is the second value. A mapper that can
-    /// do both in one request per buffer (iommud's rings) does.
+    /// do both in one request per buffer (iommud's rings) does. `collect` says
+    /// when the driver will ask for the maps.
     fn remap_batch_submit(
         &self,
         unmaps: &[(u64, usize)],
         reqs: &[(&DmaBuf, usize, usize, Dir)],
         dir: Dir,
+        _collect: Collect,
     ) -> Result<(PendingUnmaps, Result<PendingMaps>)> {
         let u = self.unmap_batch_submit(unmaps, dir)?;
         Ok((u, self.map_batch_submit(reqs)))
@@ -261,8 +274,9 @@ impl<T: DmaMapper + ?Sized> DmaMapper for Box<T> {
         unmaps: &[(u64, usize)],
         reqs: &[(&DmaBuf, usize, usize, Dir)],
         dir: Dir,
+        collect: Collect,
     ) -> Result<(PendingUnmaps, Result<PendingMaps>)> {
-        (**self).remap_batch_submit(unmaps, reqs, dir)
+        (**self).remap_batch_submit(unmaps, reqs, dir, collect)
     }
 }
 

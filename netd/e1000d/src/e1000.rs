@@ -9,7 +9,7 @@ use linuxhw::mmio::MmioRegion;
 
 use crate::cost::{self, Cost};
 use crate::desc::{rx_err, rx_sta, tx_sta, RxDesc, TxDesc, DESC_LEN};
-use crate::dma::{Dir, DmaBuf, DmaMapper};
+use crate::dma::{Collect, Dir, DmaBuf, DmaMapper};
 use crate::regs::{self, ctrl, eerd, rah, rctl, stat, status, tctl, tipg};
 use crate::ring;
 use crate::{Error, Result};
@@ -704,17 +704,22 @@ impl<M: DmaMapper> E1000<M> {
         self.tx_free.extend_from_slice(&reaped[k..]);
         let mut pending = Vec::with_capacity(2);
         let mut failed = None;
-        for r in paired.into_iter().chain(rest) {
+        for (r, range) in paired
+            .into_iter()
+            .zip(Some(0..k))
+            .chain(rest.zip(Some(k..n)))
+        {
             match r {
-                Ok(p) => pending.push(p),
+                Ok(p) => pending.push((p, range)),
                 Err(e) => failed = Some(e),
             }
         }
         if let Some(e) = failed {
             // No batch for the caller: what was mapped is unmapped again.
-            for p in pending {
+            for (p, range) in pending {
                 if let Ok(v) = self.mapper.map_batch_complete(p) {
-                    let maps: Vec<(u64, usize)> = v.into_iter().zip(lens.iter().copied()).collect();
+                    let maps: Vec<(u64, usize)> =
+                        v.into_iter().zip(lens[range].iter().copied()).collect();
                     let _ = self.mapper.unmap_batch(&maps, Dir::ToDevice);
                 }
             }
@@ -745,12 +750,26 @@ impl<M: DmaMapper> E1000<M> {
         self.tx_reserved = self.tx_reserved.saturating_sub(n);
         let free = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight());
         let tm = cost::now();
-        let mut iovas = Vec::with_capacity(n);
+        let mut iovas = vec![0u64; n];
+        // What was mapped, to unmap if the batch does not go out.
+        let mut mapped: Vec<(u64, usize)> = Vec::with_capacity(n);
         let mut failed = None;
-        for p in b.pending {
+        for (p, range) in b.pending {
             // Every ticket is collected, so none is left outstanding.
             match self.mapper.map_batch_complete(p) {
-                Ok(v) => iovas.extend(v),
+                Ok(v) => {
+                    if v.len() != range.len() {
+                        failed = Some(Error::Device(format!(
+                            "{} IOVAs for {} frames",
+                            v.len(),
+                            range.len()
+                        )));
+                    }
+                    for (iova, j) in v.into_iter().zip(range) {
+                        iovas[j] = iova;
+                        mapped.push((iova, b.lens[j]));
+                    }
+                }
                 Err(e) => failed = Some(e),
             }
         }
@@ -762,15 +781,11 @@ impl<M: DmaMapper> E1000<M> {
                 "a TX batch of {n} frames posted with {free} slots free (another send in between)"
             )));
         }
-        if failed.is_some() || iovas.len() != n {
+        if let Some(e) = failed {
             // Nothing goes out: what was mapped is unmapped, the buffers are free.
-            let maps: Vec<(u64, usize)> =
-                iovas.iter().copied().zip(b.lens.iter().copied()).collect();
-            let _ = self.mapper.unmap_batch(&maps, Dir::ToDevice);
+            let _ = self.mapper.unmap_batch(&mapped, Dir::ToDevice);
             self.tx_free.extend(b.bufs);
-            return Err(failed.unwrap_or_else(|| {
-                Error::Device(format!("{} IOVAs for {n} frames", iovas.len()))
-            }));
+            return Err(e);
         }
         self.stats.maps += n as u64;
         for (k, ((&len, &iova), &buf)) in b.lens.iter().zip(&iovas).zip(&b.bufs).enumerate() {
@@ -903,9 +918,9 @@ impl<M: DmaMapper> E1000<M> {
             // Every slot had a buffer: unmap and map again in one request each
             // where the mapper can (its time counts as mapping).
             let tm = cost::now();
-            let (u, m) = self
-                .mapper
-                .remap_batch_submit(&unmaps, &reqs, Dir::FromDevice)?;
+            let (u, m) =
+                self.mapper
+                    .remap_batch_submit(&unmaps, &reqs, Dir::FromDevice, Collect::Later)?;
             self.cost.map_ticks += cost::now().wrapping_sub(tm);
             (Some(u), m)
         } else {
@@ -1270,8 +1285,9 @@ pub struct TxBatch {
     lens: Vec<usize>,
     /// The frames' buffers (indices into the NIC's TX buffers).
     bufs: Vec<u16>,
-    /// The maps paired with the reaped slots' unmaps, then any others.
-    pending: Vec<crate::PendingMaps>,
+    /// The maps paired with the reaped slots' unmaps, then any others, each
+    /// with the frames (indices into `lens`) it maps.
+    pending: Vec<(crate::PendingMaps, std::ops::Range<usize>)>,
 }
 
 impl TxBatch {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use libdma::DmaDomain;
 use libdma::{FlushPolicy, Strategy};
 
-use crate::dma::{Dir, DmaBuf, DmaMapper};
+use crate::dma::{Collect, Dir, DmaBuf, DmaMapper};
 use crate::{Error, Result};
 
 /// A NIC's DMA through its iommud domain.
@@ -171,14 +171,16 @@ impl DmaMapper for LibdmaMapper {
     }
 
     /// On iommud's rings one entry per buffer (unmap and map together),
-    /// marked lazy: the driver collects a refill at a later receive, so a
-    /// `strict` iommud may first serve other work (the TX maps the driver
-    /// waits for); elsewhere the two submissions.
+    /// marked lazy when the driver collects the refill at a later receive
+    /// ([`Collect::Later`]), so a `strict` iommud may first serve other work
+    /// (the TX maps the driver waits for); elsewhere the two submissions,
+    /// or, for the delegated magazine, kept remaps where they apply.
     fn remap_batch_submit(
         &self,
         unmaps: &[(u64, usize)],
         reqs: &[(&DmaBuf, usize, usize, Dir)],
         dir: Dir,
+        collect: Collect,
     ) -> Result<(crate::PendingUnmaps, Result<crate::PendingMaps>)> {
         if !self.domain.uses_rings() && !self.keeps_locally() {
             let u = self.unmap_batch_submit(unmaps, dir)?;
@@ -186,7 +188,7 @@ impl DmaMapper for LibdmaMapper {
         }
         let bufs = phys_bufs(reqs)?;
         let hints = libdma::RemapHints {
-            lazy: true,
+            lazy: collect == Collect::Later,
             keep: self.keep,
         };
         let (u, m) = self

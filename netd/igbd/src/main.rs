@@ -15,7 +15,7 @@ use igbd::Igb;
 
 const USAGE: &str = "usage: igbd loop --tx BDF --rx BDF [--queues N] [--packets N] [--size BYTES] \
 [--window W] [--mapper phys|libdma] [--strategy S] [--flush F] [--socket PATH] [--no-pin] \
-[--bad-iova ADDR] [--canary] [--then CMD]\n       igbd info BDF";
+[--no-keep] [--bad-iova ADDR] [--canary] [--then CMD]\n       igbd info BDF";
 
 #[cfg(target_os = "redox")]
 mod redox;

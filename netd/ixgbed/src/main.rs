@@ -16,7 +16,7 @@ use ixgbed::Ixgbe;
 const USAGE: &str =
     "usage: ixgbed loop --tx BDF --rx BDF [--queues N] [--packets N] [--size BYTES] \
 [--window W] [--mapper phys|libdma] [--strategy S] [--flush F] [--socket PATH] [--no-pin] \
-[--bad-iova ADDR] [--canary] [--then CMD]\n       ixgbed info BDF";
+[--no-keep] [--bad-iova ADDR] [--canary] [--then CMD]\n       ixgbed info BDF";
 
 #[cfg(target_os = "redox")]
 mod redox;

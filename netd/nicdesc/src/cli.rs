@@ -3,7 +3,7 @@
 //! ```text
 //! <driver> loop --tx BDF --rx BDF [--queues N] [--packets N] [--size BYTES] [--window W]
 //!               [--mapper phys|libdma] [--strategy S] [--flush F] [--socket PATH]
-//!               [--no-pin] [--bad-iova ADDR] [--canary] [--then SHELL-COMMAND]
+//!               [--no-pin] [--no-keep] [--bad-iova ADDR] [--canary] [--then SHELL-COMMAND]
 //! <driver> info BDF
 //! ```
 //! `--packets` counts frames per queue. Output: one `<driver>: <bdf> up` line per NIC,
@@ -77,6 +77,9 @@ pub struct LoopOpts {
     pub socket: PathBuf,
     /// Pin worker q to CPU q.
     pub pin: bool,
+    /// Let a recycled buffer keep its IOVA where the mapper can (off with
+    /// `--no-keep`; docs/ARCHITECTURE.md, "Kept remaps").
+    pub keep: bool,
     /// Post a TX descriptor at this unmapped IOVA first.
     pub bad_iova: Option<u64>,
     /// Run the RX canary first.
@@ -107,6 +110,7 @@ pub fn parse_loop(args: &[String], usage: &str) -> std::result::Result<LoopOpts,
         flush: FlushPolicy::PerCore,
         socket: PathBuf::from(libdma::DEFAULT_SOCKET),
         pin: true,
+        keep: true,
         bad_iova: None,
         canary: false,
         then: None,
@@ -145,6 +149,7 @@ pub fn parse_loop(args: &[String], usage: &str) -> std::result::Result<LoopOpts,
             }
             "--socket" => o.socket = PathBuf::from(val()?),
             "--no-pin" => o.pin = false,
+            "--no-keep" => o.keep = false,
             "--bad-iova" => o.bad_iova = Some(parse_u64(&val()?)?),
             "--canary" => o.canary = true,
             "--then" => o.then = Some(val()?),
@@ -199,6 +204,7 @@ pub fn attach(
             let m = DmaDomain::open(sid, o.strategy, o.flush)
                 .map(LibdmaMapper::from_domain)
                 .map_err(|e| format!("{bdf}: iommu scheme: {e}"))?;
+            let m = m.with_keep(o.keep);
             let d = m.domain();
             Ok((Arc::new(m), Some(d)))
         }
@@ -217,10 +223,14 @@ pub fn print_domain(bdf: &str, d: &DmaDomain) {
         Err(err) => println!("domain {bdf} unreadable: {err}"),
     }
     let c = d.counts();
-    println!(
-        "domain {bdf} client_round_trips {} client_wakeups {}",
-        c.round_trips, c.wakeups
-    );
+    // One counter per line, as the server's: `domain <bdf> <key> <value>`.
+    for (k, v) in [
+        ("client_round_trips", c.round_trips),
+        ("client_wakeups", c.wakeups),
+        ("client_kept", c.kept),
+    ] {
+        println!("domain {bdf} {k} {v}");
+    }
 }
 
 /// A domain's numeric counters (`domains/<bdf>/stats`).
@@ -563,7 +573,7 @@ mod tests {
     #[test]
     fn loop_options() {
         let o = parse_loop(
-            &args("--queues 2 --packets 0x10 --size 64 --window 0 --no-pin --bad-iova 0x900000"),
+            &args("--queues 2 --packets 0x10 --size 64 --window 0 --no-pin --no-keep --bad-iova 0x900000"),
             "u",
         )
         .expect("valid");
@@ -572,6 +582,8 @@ mod tests {
             (2, 16, 64, 1, false)
         );
         assert_eq!(o.bad_iova, Some(0x90_0000));
+        assert!(!o.keep);
+        assert!(parse_loop(&args(""), "u").expect("defaults").keep);
         assert!(parse_loop(&args("--size 1501"), "u").is_err());
         assert!(parse_loop(&args("--size 47"), "u").is_err());
         assert!(parse_loop(&args("--queues 0"), "u").is_err());

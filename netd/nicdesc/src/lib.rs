@@ -8,7 +8,8 @@
 //! * [`desc`]: the advanced TX data and RX (read and write-back) descriptor encodings;
 //! * [`queue`]: one TX or RX ring of one queue, mapping every packet buffer through a
 //!   [`DmaMapper`] before the NIC sees it and unmapping it when the NIC is done, RX
-//!   refilled and TX completed in batches (one `map_batch` / `unmap_batch` per batch);
+//!   refilled and TX completed in batches, each unmap paired with the next map of the
+//!   same buffer (one remap batch; a mapper may keep the IOVA);
 //! * [`rss`]: the Toeplitz hash and the redirection-table lookup, so a sender can pick
 //!   UDP ports that land on a given RX queue;
 //! * [`frame`]: the loop's IPv4/UDP test frames (queue, sequence, length, FNV-1a checksum);
@@ -28,5 +29,5 @@ pub mod rss;
 
 #[cfg(target_os = "linux")]
 pub use e1000d::PhysMapper;
-pub use e1000d::{Dir, DmaBuf, DmaMapper, LibdmaMapper};
+pub use e1000d::{Collect, Dir, DmaBuf, DmaMapper, LibdmaMapper, PendingMaps, PendingUnmaps};
 pub use error::{Error, Result};

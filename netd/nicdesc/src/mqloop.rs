@@ -255,8 +255,8 @@ fn worker(
             let refs: Vec<&[u8]> = frames[..k].iter().map(Vec::as_slice).collect();
             t.sent += tx.send_batch(&refs)? as u64;
         }
+        // TX completions are reaped by the next send, paired with its frames.
         let got = rx.recv_batch(64, |f, m| t.classify(&mut seen, table, f, m))?;
-        tx.reap()?;
         let now = Instant::now();
         if got > 0 {
             last_rx = now;

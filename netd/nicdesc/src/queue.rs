@@ -4,9 +4,16 @@
 //! owns the descriptors from head up to, not including, tail; software keeps one slot
 //! back so `head == tail` always means "the NIC owns nothing". Descriptor rings are
 //! allocated and mapped once; every packet buffer is mapped just before its descriptor
-//! is handed to the NIC and unmapped when the NIC is done with it: TX completions are
-//! unmapped together (`unmap_batch`), received buffers are unmapped together, read, and
-//! mapped again together (`map_batch`) before one tail write hands them back.
+//! is handed to the NIC and unmapped when the NIC is done with it, in batches, each
+//! unmap paired with the map of the same buffer where one follows
+//! (docs/ARCHITECTURE.md, "Kept remaps"):
+//! * TX buffers are a pool. A send takes the finished descriptors' buffers first: each
+//!   new frame goes into a finished frame's buffer, whose unmap is submitted with the
+//!   new map as one remap (`remap_batch_nowait`), so a mapper may keep that buffer's
+//!   IOVA. Finished buffers no frame needs are unmapped ([`TxQueue::reap`]).
+//! * A receive submits the received buffers' unmaps and their maps again as one remap
+//!   batch (`remap_batch_submit`), reads the frames, collects the new IOVAs and hands
+//!   the buffers back with one tail write.
 
 use std::ptr;
 use std::sync::atomic::{fence, Ordering};
@@ -16,7 +23,7 @@ use e1000d::ring;
 
 use crate::desc::{self, RxWb, DESC_LEN};
 use crate::regs::Doorbell;
-use crate::{Dir, DmaBuf, DmaMapper, Error, Result};
+use crate::{Collect, Dir, DmaBuf, DmaMapper, Error, PendingMaps, Result};
 
 /// A mapper shared by the queues (threads) of one NIC.
 pub type SharedMapper = Arc<dyn DmaMapper + Send + Sync>;
@@ -93,9 +100,11 @@ impl Ring {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TxSlot {
     Free,
+    /// Buffer `buf` (an index into the pool), mapped at `iova` for `len` bytes.
     Mapped {
         iova: u64,
         len: usize,
+        buf: u16,
     },
     /// A descriptor at an address nobody mapped (fault injection).
     Raw,
@@ -106,7 +115,10 @@ pub struct TxQueue {
     index: u16,
     mapper: SharedMapper,
     ring: Ring,
+    /// The buffer pool: one per descriptor.
     bufs: Vec<DmaBuf>,
+    /// Pool buffers no slot holds, unmapped.
+    free: Vec<u16>,
     slots: Vec<TxSlot>,
     tail: u16,
     clean: u16,
@@ -137,6 +149,7 @@ impl TxQueue {
             mapper,
             ring,
             bufs,
+            free: (0..n).rev().collect(),
             slots: vec![TxSlot::Free; usize::from(n)],
             tail: 0,
             clean: 0,
@@ -173,9 +186,12 @@ impl TxQueue {
         ring::free_slots(self.clean, self.tail, self.ring.n)
     }
 
-    /// Copies `frames` into buffers, maps them all (one `map_batch`), writes their
-    /// descriptors and moves the tail once. Reaps first. Sends as many as fit; returns
-    /// how many were sent (0 and `ring_full` counted when none fit).
+    /// Copies `frames` into buffers, maps them, writes their descriptors and moves the
+    /// tail once. Sends as many as fit; returns how many were sent (0 and `ring_full`
+    /// counted when none fit). The descriptors the NIC finished are reaped here: a new
+    /// frame goes into a finished frame's buffer, its unmap and the new map submitted
+    /// as one remap (a mapper may keep the IOVA); the finished buffers left over are
+    /// unmapped; the other frames take unmapped buffers of the pool.
     pub fn send_batch(&mut self, frames: &[&[u8]]) -> Result<usize> {
         for f in frames {
             if f.len() > MAX_FRAME || f.is_empty() {
@@ -185,30 +201,123 @@ impl TxQueue {
                 });
             }
         }
-        self.reap()?;
-        let k = usize::from(self.room()).min(frames.len());
+        let done = self.done_slots();
+        // The finished slots' buffers: (iova, len) to unmap, and their pool index.
+        let finished: Vec<(u64, usize, u16)> = done
+            .iter()
+            .filter_map(|&i| match self.slots[usize::from(i)] {
+                TxSlot::Mapped { iova, len, buf } => Some((iova, len, buf)),
+                _ => None,
+            })
+            .collect();
+        let room = usize::from(self.room()) + done.len();
+        let k = room.min(frames.len());
         if k == 0 {
+            self.unmap_finished(&done, &finished)?;
             if !frames.is_empty() {
                 self.stats.ring_full += 1;
             }
             return Ok(0);
         }
+        let p = finished.len().min(k);
+        if k - p > self.free.len() {
+            // One buffer per descriptor: a slot with room always has one.
+            self.unmap_finished(&done, &finished)?;
+            return Err(Error::Device(format!(
+                "TX queue {}: {} frames, {} free buffers",
+                self.index,
+                k - p,
+                self.free.len()
+            )));
+        }
+        let unmaps: Vec<(u64, usize)> = finished.iter().map(|&(a, l, _)| (a, l)).collect();
+        let mut bufs: Vec<u16> = finished[..p].iter().map(|f| f.2).collect();
+        let fresh_from = self.free.len() - (k - p);
+        bufs.extend(self.free.drain(fresh_from..));
         let mut reqs = Vec::with_capacity(k);
-        let mut i = self.tail;
-        for f in &frames[..k] {
-            let buf = &self.bufs[usize::from(i)];
-            // SAFETY: the buffer holds BUF_LEN >= f.len() bytes; slot i is free (outside
-            // clean..tail), so the NIC does not read it; raw-pointer copy, no reference.
+        for (f, &b) in frames[..k].iter().zip(&bufs) {
+            let buf = &self.bufs[usize::from(b)];
+            // SAFETY: the buffer holds BUF_LEN >= f.len() bytes and no descriptor the
+            // NIC still owns points at it: it is free, or its descriptor is done (the
+            // NIC read it, and at most reads it again through its old mapping, which
+            // hands it the same device and direction it is about to get anyway).
+            // Raw-pointer copy, no reference.
             unsafe { ptr::copy_nonoverlapping(f.as_ptr(), buf.as_ptr(), f.len()) };
             reqs.push((buf, 0, f.len(), Dir::ToDevice));
-            i = ring::next(i, self.ring.n);
         }
-        let iovas = self.mapper.map_batch(&reqs)?;
+        // The finished buffers no frame takes are unmapped first: on failure nothing
+        // else was submitted, and the slots stay unreaped.
+        if unmaps.len() > p {
+            if let Err(e) = self.mapper.unmap_batch_nowait(&unmaps[p..], Dir::ToDevice) {
+                self.free.extend(bufs.drain(p..));
+                return Err(e.into());
+            }
+        }
+        let paired = (p > 0).then(|| {
+            self.mapper
+                .remap_batch_nowait(&unmaps[..p], &reqs[..p], Dir::ToDevice)
+        });
+        if matches!(paired, Some(Err(_))) {
+            // Whether or not the failed request got to them, the paired buffers are
+            // unmapped on their own (a second unmap is refused, harmlessly): a reaped
+            // slot's buffer never stays reachable.
+            let _ = self.mapper.unmap_batch_nowait(&unmaps[..p], Dir::ToDevice);
+        }
+        let rest = (k > p && !matches!(paired, Some(Err(_))))
+            .then(|| self.mapper.map_batch_submit(&reqs[p..]));
+        drop(reqs);
+        // Every finished buffer's unmap was submitted (or refused): the slots are free.
+        self.reaped(&done, unmaps.len());
+        self.free.extend(finished[p..].iter().map(|f| f.2));
+        // Each ticket with the frames it maps: the paired ones, then the rest.
+        let mut pending: Vec<(PendingMaps, std::ops::Range<usize>)> = Vec::with_capacity(2);
+        let mut failed: Option<Error> = None;
+        for (r, range) in paired
+            .into_iter()
+            .zip(Some(0..p))
+            .chain(rest.zip(Some(p..k)))
+        {
+            match r {
+                Ok(t) => pending.push((t, range)),
+                Err(e) => failed = Some(e.into()),
+            }
+        }
+        let mut iovas = vec![0u64; k];
+        let mut mapped: Vec<(u64, usize)> = Vec::with_capacity(k);
+        for (t, range) in pending {
+            // Every ticket is collected, so none is left outstanding.
+            match self.mapper.map_batch_complete(t) {
+                Ok(v) => {
+                    if v.len() != range.len() {
+                        failed = Some(Error::Device(format!(
+                            "{} IOVAs for {} frames",
+                            v.len(),
+                            range.len()
+                        )));
+                    }
+                    for (iova, j) in v.into_iter().zip(range) {
+                        iovas[j] = iova;
+                        mapped.push((iova, frames[j].len()));
+                    }
+                }
+                Err(e) => failed = Some(e.into()),
+            }
+        }
         self.stats.batches += 1;
-        for (f, &iova) in frames[..k].iter().zip(&iovas) {
+        if let Some(e) = failed {
+            // Nothing goes out: what was mapped is unmapped, the buffers are free.
+            let _ = self.mapper.unmap_batch(&mapped, Dir::ToDevice);
+            self.free.extend(bufs);
+            return Err(e);
+        }
+        for ((f, &iova), &buf) in frames[..k].iter().zip(&iovas).zip(&bufs) {
             let t = self.tail;
             self.ring.write(t, desc::tx_data(iova, f.len() as u16));
-            self.slots[usize::from(t)] = TxSlot::Mapped { iova, len: f.len() };
+            self.slots[usize::from(t)] = TxSlot::Mapped {
+                iova,
+                len: f.len(),
+                buf,
+            };
             self.tail = ring::next(t, self.ring.n);
             self.stats.packets += 1;
             self.stats.bytes += f.len() as u64;
@@ -236,30 +345,62 @@ impl TxQueue {
         self.tdt.ring(self.tail)
     }
 
-    /// Reaps the descriptors the NIC has written back (DD) and unmaps their buffers in
-    /// one batch. Returns how many were reaped.
-    pub fn reap(&mut self) -> Result<usize> {
-        let mut done: Vec<(u64, usize)> = Vec::new();
-        let mut n = 0;
-        while !ring::is_empty(self.clean, self.tail) {
-            let i = self.clean;
-            if !desc::tx_done(self.ring.read(i)[1]) {
-                break;
-            }
-            fence(Ordering::Acquire);
-            if let TxSlot::Mapped { iova, len } = self.slots[usize::from(i)] {
-                done.push((iova, len));
-            }
-            self.slots[usize::from(i)] = TxSlot::Free;
-            self.clean = ring::next(i, self.ring.n);
-            n += 1;
+    /// The slots the NIC has written back (DD), from `clean` on, in ring order.
+    fn done_slots(&self) -> Vec<u16> {
+        let mut done = Vec::new();
+        let mut i = self.clean;
+        while i != self.tail && desc::tx_done(self.ring.read(i)[1]) {
+            done.push(i);
+            i = ring::next(i, self.ring.n);
         }
         if !done.is_empty() {
-            self.mapper.unmap_batch(&done, Dir::ToDevice)?;
-            self.stats.unmaps += done.len() as u64;
+            // The buffers' reuse comes after the NIC's write-back of their status.
+            fence(Ordering::Acquire);
+        }
+        done
+    }
+
+    /// Frees the slots of a [`done_slots`](Self::done_slots) whose `unmapped`
+    /// buffers' unmaps were submitted.
+    fn reaped(&mut self, done: &[u16], unmapped: usize) {
+        for &i in done {
+            self.slots[usize::from(i)] = TxSlot::Free;
+        }
+        if let Some(&last) = done.last() {
+            self.clean = ring::next(last, self.ring.n);
+        }
+        if unmapped > 0 {
+            self.stats.unmaps += unmapped as u64;
             self.stats.batches += 1;
         }
-        Ok(n)
+    }
+
+    /// Unmaps the buffers of `done` slots (`finished`), in one batch, frees the slots
+    /// and returns the buffers to the pool. On failure the slots stay unreaped.
+    fn unmap_finished(&mut self, done: &[u16], finished: &[(u64, usize, u16)]) -> Result<()> {
+        if !finished.is_empty() {
+            let maps: Vec<(u64, usize)> = finished.iter().map(|&(a, l, _)| (a, l)).collect();
+            self.mapper.unmap_batch(&maps, Dir::ToDevice)?;
+        }
+        self.reaped(done, finished.len());
+        self.free.extend(finished.iter().map(|f| f.2));
+        Ok(())
+    }
+
+    /// Reaps the descriptors the NIC has written back (DD) and unmaps their buffers in
+    /// one batch. Returns how many were reaped. [`send_batch`](Self::send_batch) reaps
+    /// too, pairing finished buffers with new frames; call this when no send follows.
+    pub fn reap(&mut self) -> Result<usize> {
+        let done = self.done_slots();
+        let finished: Vec<(u64, usize, u16)> = done
+            .iter()
+            .filter_map(|&i| match self.slots[usize::from(i)] {
+                TxSlot::Mapped { iova, len, buf } => Some((iova, len, buf)),
+                _ => None,
+            })
+            .collect();
+        self.unmap_finished(&done, &finished)?;
+        Ok(done.len())
     }
 
     /// Reaps until nothing is in flight, for at most `ms` milliseconds.
@@ -282,9 +423,10 @@ impl TxQueue {
     /// stopped (queue disabled or the function reset).
     pub fn release(&mut self) -> Result<()> {
         for s in self.slots.iter_mut() {
-            if let TxSlot::Mapped { iova, len } = *s {
+            if let TxSlot::Mapped { iova, len, buf } = *s {
                 self.mapper.unmap(iova, len, Dir::ToDevice)?;
                 self.stats.unmaps += 1;
+                self.free.push(buf);
             }
             *s = TxSlot::Free;
         }
@@ -390,14 +532,17 @@ impl RxQueue {
         self.rdt.ring(self.ring.n - 1)
     }
 
-    /// Takes up to `max` frames the NIC has written back: unmaps their buffers (one
-    /// batch), passes each good frame to `f`, maps the buffers again (one batch) and
-    /// moves the tail once. Returns the number of good frames.
+    /// Takes up to `max` frames the NIC has written back: submits their buffers'
+    /// unmaps and maps again (one remap batch), passes each good frame to `f`,
+    /// collects the new IOVAs and moves the tail once. Returns the number of good
+    /// frames. Slots a failed refill left without a buffer are mapped again here.
     pub fn recv_batch(&mut self, max: usize, mut f: impl FnMut(&[u8], RxMeta)) -> Result<usize> {
         let mut slots: Vec<u16> = Vec::new();
         let mut i = self.next;
         while slots.len() < max && slots.len() + 1 < usize::from(self.ring.n) {
-            if !RxWb::decode(self.ring.read(i)).done() {
+            let idx = usize::from(i);
+            let unfilled = self.iova[idx].is_none() && !self.raw[idx];
+            if !unfilled && !RxWb::decode(self.ring.read(i)).done() {
                 break;
             }
             slots.push(i);
@@ -407,30 +552,62 @@ impl RxQueue {
             return Ok(0);
         };
         fence(Ordering::Acquire);
-        let maps: Vec<(u64, usize)> = slots
+        // The NIC is done with these buffers: their unmaps and their maps again (the
+        // same buffers, for the slots' next frames) are submitted before the frames
+        // are read, so a mapper serving them elsewhere (iommud's rings) works while
+        // this thread copies. Each frame is copied out to `scratch` and checked there,
+        // never in the buffer: what the device might still write through an old IOVA
+        // (an unmap not yet invalidated, or a kept one) cannot change what was
+        // checked, and the buffers go back to this same device, for the same direction.
+        let mut unmaps = Vec::with_capacity(slots.len());
+        let mut had = Vec::with_capacity(slots.len());
+        for &s in &slots {
+            let iova = self.iova[usize::from(s)].take();
+            had.push(iova.is_some());
+            if let Some(iova) = iova {
+                unmaps.push((iova, BUF_LEN));
+            }
+        }
+        let reqs: Vec<_> = slots
             .iter()
-            .filter_map(|&s| self.iova[usize::from(s)].take().map(|iova| (iova, BUF_LEN)))
+            .map(|&s| (&self.bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))
             .collect();
-        if !maps.is_empty() {
-            self.mapper.unmap_batch(&maps, Dir::FromDevice)?;
-            self.stats.unmaps += maps.len() as u64;
+        let (pending_unmaps, pending_maps) = if unmaps.len() == slots.len() {
+            let (u, m) =
+                self.mapper
+                    .remap_batch_submit(&unmaps, &reqs, Dir::FromDevice, Collect::Now)?;
+            (Some(u), m)
+        } else {
+            let u = if unmaps.is_empty() {
+                None
+            } else {
+                Some(self.mapper.unmap_batch_submit(&unmaps, Dir::FromDevice)?)
+            };
+            (u, self.mapper.map_batch_submit(&reqs))
+        };
+        drop(reqs);
+        if !unmaps.is_empty() {
+            self.stats.unmaps += unmaps.len() as u64;
             self.stats.batches += 1;
         }
         let mut good = 0;
-        for &s in &slots {
+        for (&s, &had) in slots.iter().zip(&had) {
             let idx = usize::from(s);
             let wb = RxWb::decode(self.ring.read(s));
             if std::mem::take(&mut self.raw[idx]) {
                 self.raw_done += 1;
+            } else if !had {
+                // A slot a failed refill left without a buffer: nothing to read.
             } else if wb.errors != 0 || !wb.eop() || usize::from(wb.len) > BUF_LEN || wb.len == 0 {
                 self.stats.errors += 1;
             } else {
                 let len = usize::from(wb.len);
                 self.scratch.clear();
                 self.scratch.resize(len, 0);
-                // SAFETY: the NIC wrote DD back for this slot (acquire fence above) and
-                // its buffer is unmapped, so the device no longer writes it; len <=
-                // BUF_LEN is inside the buffer; raw-pointer copy, no reference.
+                // SAFETY: the NIC wrote DD back for this slot (acquire fence above);
+                // len <= BUF_LEN is inside the buffer; raw-pointer copy, no reference,
+                // and everything after it reads the copy, whatever the device does to
+                // the buffer meanwhile.
                 unsafe {
                     ptr::copy_nonoverlapping(
                         self.bufs[idx].as_ptr(),
@@ -450,16 +627,30 @@ impl RxQueue {
                     },
                 );
             }
-            // Clear the write-back so a slot is never taken twice, even if the refill
-            // below fails.
+            // Clear the write-back so a slot is never taken twice; a slot whose refill
+            // fails below is taken again by the next call (no buffer).
             self.ring.write(s, [0, 0]);
         }
-        let reqs: Vec<_> = slots
-            .iter()
-            .map(|&s| (&self.bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))
-            .collect();
-        let iovas = self.mapper.map_batch(&reqs)?;
+        let unmapped = pending_unmaps.map_or(Ok(()), |u| self.mapper.unmap_batch_complete(u));
+        let iovas = pending_maps.and_then(|m| self.mapper.map_batch_complete(m));
         self.stats.batches += 1;
+        let iovas = match iovas {
+            Ok(v) if v.len() == slots.len() => v,
+            Ok(v) => {
+                let maps: Vec<(u64, usize)> = v.iter().map(|&iova| (iova, BUF_LEN)).collect();
+                let _ = self.mapper.unmap_batch(&maps, Dir::FromDevice);
+                unmapped?;
+                return Err(Error::Device(format!(
+                    "{} IOVAs for {} RX buffers",
+                    v.len(),
+                    slots.len()
+                )));
+            }
+            Err(e) => {
+                unmapped?;
+                return Err(e.into());
+            }
+        };
         self.stats.maps += iovas.len() as u64;
         for (&s, &iova) in slots.iter().zip(&iovas) {
             self.iova[usize::from(s)] = Some(iova);
@@ -469,6 +660,7 @@ impl RxQueue {
         fence(Ordering::SeqCst);
         self.rdt.ring(last)?;
         self.next = ring::next(last, self.ring.n);
+        unmapped?;
         Ok(good)
     }
 

@@ -249,3 +249,327 @@ fn an_rx_slot_holding_a_frame_is_never_overwritten_by_fault_injection() {
     assert!(!RxWb::decode(w).done());
     let _ = std::fs::remove_file(&dir);
 }
+
+/// A mapper that keeps a recycled buffer's IOVA, as libdma's kept remaps do: a
+/// remap pair whose new buffer starts where the old IOVA does keeps that IOVA (its
+/// recorded length updated), anything else is unmapped and mapped. Counts what it
+/// kept and records how each RX refill is to be collected.
+#[derive(Default)]
+struct KeepingMapper {
+    heap: HeapMapper,
+    kept: Mutex<u64>,
+    tx_pairs: Mutex<u64>,
+    rx_collect: Mutex<Vec<nicdesc::Collect>>,
+}
+
+impl KeepingMapper {
+    fn remap(&self, unmaps: &[(u64, usize)], reqs: &[(&DmaBuf, usize, usize, Dir)]) -> Vec<u64> {
+        assert_eq!(
+            unmaps.len(),
+            reqs.len(),
+            "a remap pairs each unmap with a map"
+        );
+        unmaps
+            .iter()
+            .zip(reqs)
+            .map(|(&(old, old_len), &(buf, off, len, dir))| {
+                if buf.phys() + off as u64 == old {
+                    let mut live = self.heap.live.lock().unwrap();
+                    let l = live.get_mut(&old).expect("kept IOVA is mapped");
+                    assert_eq!(*l, old_len, "unmap length");
+                    *l = len;
+                    *self.kept.lock().unwrap() += 1;
+                    old
+                } else {
+                    self.heap.unmap(old, old_len, dir).unwrap();
+                    self.heap.map(buf, off, len, dir).unwrap()
+                }
+            })
+            .collect()
+    }
+}
+
+impl DmaMapper for KeepingMapper {
+    fn alloc(&self, len: usize) -> e1000d::Result<DmaBuf> {
+        self.heap.alloc(len)
+    }
+    fn map(&self, buf: &DmaBuf, offset: usize, len: usize, dir: Dir) -> e1000d::Result<u64> {
+        self.heap.map(buf, offset, len, dir)
+    }
+    fn unmap(&self, iova: u64, len: usize, dir: Dir) -> e1000d::Result<()> {
+        self.heap.unmap(iova, len, dir)
+    }
+    fn remap_batch_nowait(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> e1000d::Result<nicdesc::PendingMaps> {
+        assert_eq!(dir, Dir::ToDevice);
+        *self.tx_pairs.lock().unwrap() += unmaps.len() as u64;
+        Ok(nicdesc::PendingMaps::Ready(self.remap(unmaps, reqs)))
+    }
+    fn remap_batch_submit(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+        collect: nicdesc::Collect,
+    ) -> e1000d::Result<(nicdesc::PendingUnmaps, e1000d::Result<nicdesc::PendingMaps>)> {
+        assert_eq!(dir, Dir::FromDevice);
+        self.rx_collect.lock().unwrap().push(collect);
+        let iovas = self.remap(unmaps, reqs);
+        Ok((
+            nicdesc::PendingUnmaps::Done,
+            Ok(nicdesc::PendingMaps::Ready(iovas)),
+        ))
+    }
+}
+
+#[test]
+fn finished_tx_buffers_and_received_buffers_are_remapped_in_pairs_and_keep_their_iovas() {
+    let dir = std::env::temp_dir().join(format!("nicdesc-keep-{}", std::process::id()));
+    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
+    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
+    let keeping = Arc::new(KeepingMapper::default());
+    let mapper: SharedMapper = keeping.clone();
+    let n = 16u16;
+    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
+    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
+    rx.arm().unwrap();
+    let mut model = Model {
+        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
+        tx_base: tx.ring_iova(),
+        rx_base: rx.ring_iova(),
+        n,
+        tdh: 0,
+        rdh: 0,
+    };
+    let total = 200u64;
+    let (mut sent, mut got) = (0u64, Vec::new());
+    while (got.len() as u64) < total {
+        // Batches of 7: the model moves each batch before the next send, which
+        // finds the previous 7 descriptors done (the last batch: 4 frames).
+        let f: Vec<Vec<u8>> = (sent..(sent + 7).min(total))
+            .map(|s| {
+                let mut v = Vec::new();
+                frame::build(
+                    [4; 6],
+                    [2; 6],
+                    4000,
+                    0,
+                    s,
+                    60 + (s as usize * 37) % 1400,
+                    &mut v,
+                );
+                v
+            })
+            .collect();
+        if !f.is_empty() {
+            let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+            sent += tx.send_batch(&refs).unwrap() as u64;
+        }
+        model.step(&keeping.heap);
+        rx.recv_batch(64, |fr, _| {
+            got.push(frame::check(fr).expect("intact frame").1)
+        })
+        .unwrap();
+    }
+    assert_eq!(
+        got,
+        (0..total).collect::<Vec<_>>(),
+        "every frame once, in order"
+    );
+    // TX: the first batch maps 7 pool buffers; every later frame goes into the buffer
+    // of a finished one, paired and kept (27 batches of 7, then 4 of the last 7).
+    assert_eq!(*keeping.tx_pairs.lock().unwrap(), total - 7);
+    // RX: each received buffer is refilled as a pair, collected at once.
+    let collect = keeping.rx_collect.lock().unwrap().clone();
+    assert!(collect.iter().all(|&c| c == nicdesc::Collect::Now));
+    assert_eq!(*keeping.kept.lock().unwrap(), (total - 7) + total);
+    // The last send took 4 of the 7 finished buffers: the other 3 were unmapped on
+    // their own; the last batch's 4 stay mapped until a reap.
+    assert_eq!(tx.stats().unmaps, (total - 7) + 3);
+    tx.flush(100).unwrap();
+    assert_eq!(tx.in_flight(), 0);
+    assert_eq!(tx.stats().unmaps, total);
+    tx.release().unwrap();
+    rx.release().unwrap();
+    assert!(
+        keeping.heap.live.lock().unwrap().is_empty(),
+        "mappings left after release"
+    );
+    let _ = std::fs::remove_file(&dir);
+}
+
+/// [`HeapMapper`] whose maps fail while `fail` is set, and whose TX remaps, while
+/// `lose_remaps` is set, unmap the old IOVAs and hand back no new ones.
+#[derive(Default)]
+struct FlakyMapper {
+    heap: HeapMapper,
+    fail: std::sync::atomic::AtomicBool,
+    lose_remaps: std::sync::atomic::AtomicBool,
+}
+
+impl DmaMapper for FlakyMapper {
+    fn alloc(&self, len: usize) -> e1000d::Result<DmaBuf> {
+        self.heap.alloc(len)
+    }
+    fn map(&self, buf: &DmaBuf, offset: usize, len: usize, dir: Dir) -> e1000d::Result<u64> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(e1000d::Error::Dma {
+                op: "map",
+                msg: "refused by the test".into(),
+            });
+        }
+        self.heap.map(buf, offset, len, dir)
+    }
+    fn unmap(&self, iova: u64, len: usize, dir: Dir) -> e1000d::Result<()> {
+        self.heap.unmap(iova, len, dir)
+    }
+    fn remap_batch_nowait(
+        &self,
+        unmaps: &[(u64, usize)],
+        reqs: &[(&DmaBuf, usize, usize, Dir)],
+        dir: Dir,
+    ) -> e1000d::Result<nicdesc::PendingMaps> {
+        if !self.lose_remaps.load(std::sync::atomic::Ordering::SeqCst) {
+            self.unmap_batch_nowait(unmaps, dir)?;
+            return self.map_batch_submit(reqs);
+        }
+        self.unmap_batch(unmaps, dir)?;
+        Ok(nicdesc::PendingMaps::Ready(Vec::new()))
+    }
+}
+
+#[test]
+fn a_tx_batch_whose_paired_maps_fail_unmaps_its_other_maps_with_their_own_lengths() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = std::env::temp_dir().join(format!("nicdesc-txfail-{}", std::process::id()));
+    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
+    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
+    let flaky = Arc::new(FlakyMapper::default());
+    let mapper: SharedMapper = flaky.clone();
+    let n = 8u16;
+    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
+    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
+    rx.arm().unwrap();
+    let mut model = Model {
+        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
+        tx_base: tx.ring_iova(),
+        rx_base: rx.ring_iova(),
+        n,
+        tdh: 0,
+        rdh: 0,
+    };
+    let frames = |from: u64, k: u64| -> Vec<Vec<u8>> {
+        (from..from + k)
+            .map(|s| {
+                let mut v = Vec::new();
+                frame::build([4; 6], [2; 6], 4000, 0, s, 100 + 50 * s as usize, &mut v);
+                v
+            })
+            .collect()
+    };
+    // The rings and the RX buffers.
+    let base = 2 + usize::from(n);
+    let f = frames(0, 2);
+    let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+    assert_eq!(tx.send_batch(&refs).unwrap(), 2);
+    assert_eq!(model.step(&flaky.heap), 2);
+    assert_eq!(rx.recv_batch(64, |_, _| {}).unwrap(), 2);
+    assert_eq!(flaky.heap.live.lock().unwrap().len(), base + 2);
+    // Five frames of five lengths: two go into the finished buffers (the remap that
+    // loses its maps), three into fresh ones, mapped and then unmapped again, each
+    // with its own length (HeapMapper checks it).
+    flaky.lose_remaps.store(true, SeqCst);
+    let f = frames(2, 5);
+    let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+    assert!(tx.send_batch(&refs).is_err());
+    assert_eq!(
+        flaky.heap.live.lock().unwrap().len(),
+        base,
+        "no TX buffer left mapped"
+    );
+    assert_eq!(tx.in_flight(), 0);
+    // The pool is whole again: a full ring's worth goes out.
+    flaky.lose_remaps.store(false, SeqCst);
+    let f = frames(7, u64::from(n) - 1);
+    let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+    assert_eq!(tx.send_batch(&refs).unwrap(), usize::from(n) - 1);
+    assert_eq!(model.step(&flaky.heap), usize::from(n) - 1);
+    let mut got = Vec::new();
+    rx.recv_batch(64, |fr, _| got.push(frame::check(fr).unwrap().1))
+        .unwrap();
+    assert_eq!(got, (7..7 + u64::from(n) - 1).collect::<Vec<_>>());
+    tx.flush(100).unwrap();
+    tx.release().unwrap();
+    rx.release().unwrap();
+    assert!(flaky.heap.live.lock().unwrap().is_empty());
+    let _ = std::fs::remove_file(&dir);
+}
+
+#[test]
+fn rx_slots_a_failed_refill_left_without_buffers_are_refilled_by_the_next_receive() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = std::env::temp_dir().join(format!("nicdesc-refill-{}", std::process::id()));
+    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
+    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
+    let flaky = Arc::new(FlakyMapper::default());
+    let mapper: SharedMapper = flaky.clone();
+    let n = 8u16;
+    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
+    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
+    rx.arm().unwrap();
+    let mut model = Model {
+        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
+        tx_base: tx.ring_iova(),
+        rx_base: rx.ring_iova(),
+        n,
+        tdh: 0,
+        rdh: 0,
+    };
+    let frames = |from: u64, k: u64| -> Vec<Vec<u8>> {
+        (from..from + k)
+            .map(|s| {
+                let mut v = Vec::new();
+                frame::build([4; 6], [2; 6], 4000, 0, s, 100, &mut v);
+                v
+            })
+            .collect()
+    };
+    let f = frames(0, 3);
+    let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+    assert_eq!(tx.send_batch(&refs).unwrap(), 3);
+    assert_eq!(model.step(&flaky.heap), 3);
+    let mut got = Vec::new();
+    flaky.fail.store(true, SeqCst);
+    assert!(rx
+        .recv_batch(64, |fr, _| got.push(frame::check(fr).unwrap().1))
+        .is_err());
+    assert_eq!(
+        got,
+        vec![0, 1, 2],
+        "the frames were read before the refill failed"
+    );
+    let live_before = flaky.heap.live.lock().unwrap().len();
+    flaky.fail.store(false, SeqCst);
+    // The three slots have no buffer now: the next receive maps them again.
+    assert_eq!(rx.recv_batch(64, |_, _| panic!("no frame")).unwrap(), 0);
+    assert_eq!(flaky.heap.live.lock().unwrap().len(), live_before + 3);
+    // And the ring keeps working: 20 more frames, in batches of 5.
+    for b in 0..4 {
+        let f = frames(3 + 5 * b, 5);
+        let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
+        assert_eq!(tx.send_batch(&refs).unwrap(), 5);
+        assert_eq!(model.step(&flaky.heap), 5);
+        rx.recv_batch(64, |fr, _| got.push(frame::check(fr).unwrap().1))
+            .unwrap();
+    }
+    assert_eq!(got, (0..23).collect::<Vec<_>>());
+    tx.flush(100).unwrap();
+    tx.release().unwrap();
+    rx.release().unwrap();
+    assert!(flaky.heap.live.lock().unwrap().is_empty());
+    let _ = std::fs::remove_file(&dir);
+}
