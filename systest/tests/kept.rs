@@ -221,6 +221,24 @@ fn a_delegated_percore_remap_keeps_locally_and_strict_does_not() {
             check_kept(&dev, bdf, &old, &new, &bufs);
             assert_eq!(kept, 1, "one pair kept by libdma");
             assert_eq!(kv(&common::domain_stats(&dom, bdf), "maps"), maps0 + 4 + 3);
+            // A batch whose every pair is its mapping again (a steady refill)
+            // keeps them all, in order, and maps nothing.
+            let (u, t) = dom
+                .remap_batch_submit_hinted(
+                    &[(new[2], 2048), (new[0], 2048)],
+                    &[
+                        (bufs[2].phys + 2048, 2048, Dir::Bidirectional),
+                        (bufs[0].phys, 2048, Dir::Bidirectional),
+                    ],
+                    KEEP,
+                )
+                .unwrap();
+            dom.unmap_batch_complete(u).unwrap();
+            assert_eq!(dom.map_batch_complete(t).unwrap(), vec![new[2], new[0]]);
+            assert_eq!(dom.counts().kept, 3);
+            assert_eq!(kv(&common::domain_stats(&dom, bdf), "maps"), maps0 + 4 + 3);
+            common::device_round_trip(&dev, bdf, new[2], &bufs[2], 2048, &[0x77; 32]);
+            common::device_round_trip(&dev, bdf, new[0], &bufs[0], 0, &[0x78; 32]);
         }
         let maps: Vec<(u64, usize)> = new.iter().map(|&v| (v, 2048)).collect();
         dom.unmap_batch(&maps).unwrap();

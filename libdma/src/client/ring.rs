@@ -545,17 +545,31 @@ impl DmaDomain {
         {
             return Ok(None);
         }
-        let kept: Vec<bool> = old
-            .iter()
-            .zip(bufs)
-            .map(|(&(iova, old_len), &(phys, len, dir))| {
-                self.entries_hold(arena, iova, old_len, phys, len, dir)
-            })
-            .collect();
-        let n_kept = kept.iter().filter(|&&k| k).count();
+        // One pass: the IOVA each pair keeps (its old one, at the new buffer's
+        // in-page offset), or `None`. A steady RX refill or TX sweep keeps every
+        // pair, and then this vector is the answer: nothing else is allocated.
+        let mut kept_at: Vec<Option<u64>> = Vec::with_capacity(old.len());
+        let mut n_kept = 0;
+        for (&(iova, old_len), &(phys, len, dir)) in old.iter().zip(bufs) {
+            let k = self.entries_hold(arena, iova, old_len, phys, len, dir);
+            n_kept += usize::from(k);
+            kept_at.push(k.then(|| iova - iova % PAGE + phys % PAGE));
+        }
         if n_kept == 0 {
             return Ok(None);
         }
+        if n_kept == old.len() {
+            self.stats.kept.fetch_add(n_kept as u64, Relaxed);
+            let mut iovas = Vec::with_capacity(old.len());
+            iovas.extend(kept_at.iter().flatten());
+            return Ok(Some((
+                super::fastbatch::UnmapTicket {
+                    wait: super::fastbatch::UnmapWait::Done,
+                },
+                MapTicket::ready(iovas),
+            )));
+        }
+        let kept: Vec<bool> = kept_at.iter().map(Option::is_some).collect();
         let rest_old: Vec<(u64, usize)> = old
             .iter()
             .zip(&kept)
@@ -591,16 +605,11 @@ impl DmaDomain {
             }
         }
         .into_iter();
-        let iovas = old
-            .iter()
-            .zip(bufs)
-            .zip(&kept)
-            .map(|((&(iova, _), &(phys, _, _)), &k)| {
-                if k {
-                    Ok(iova - iova % PAGE + phys % PAGE)
-                } else {
-                    fresh.next().ok_or(Error::Dead)
-                }
+        let iovas = kept_at
+            .into_iter()
+            .map(|k| match k {
+                Some(iova) => Ok(iova),
+                None => fresh.next().ok_or(Error::Dead),
             })
             .collect::<Result<Vec<u64>>>()?;
         // Counted once the whole batch stands (a failed rest unmaps them).
