@@ -58,6 +58,11 @@ pub struct Served {
     trust: &'static str,
     /// Maps (and unmaps) per request: 1, or a batch through the rings.
     batch: usize,
+    /// Batches recycle their buffers: each batch remaps the previous one's
+    /// mappings onto the same memory with the keep hint (a NIC's RX refill
+    /// and TX sweep, docs/ARCHITECTURE.md, "Kept remaps"), where the other
+    /// batched rows map and unmap.
+    recycle: bool,
     /// iommud's refusal, once the probe has seen one (skip later rows).
     refused: Mutex<Option<String>>,
 }
@@ -81,8 +86,18 @@ impl Served {
                 "delegated"
             },
             batch: 1,
+            recycle: false,
             refused: Mutex::new(None),
         }
+    }
+
+    /// `batch` pairs per request, each batch the previous one's buffers
+    /// remapped with the keep hint (`-keep<batch>`).
+    fn recycling(mut b: Served, label: &str, batch: usize) -> Served {
+        b.strategy_label = format!("{label}-keep{batch}");
+        b.batch = batch;
+        b.recycle = true;
+        b
     }
 
     /// The same strategy in validated trust, `batch` maps per request (the
@@ -208,6 +223,24 @@ fn rows() -> Vec<Served> {
     out.push(Served::validated(
         Strategy::Global,
         FlushPolicy::Strict,
+        VALIDATED_BATCH,
+    ));
+    // Recycled buffers, as a NIC driver remaps them: the delegated magazine
+    // keeps the IOVAs locally, the validated one on the rings, and no IOMMU
+    // makes the same calls, as the floor.
+    out.push(Served::recycling(
+        Served::new(Strategy::Magazine, FlushPolicy::PerCore),
+        "magazine",
+        VALIDATED_BATCH,
+    ));
+    out.push(Served::recycling(
+        Served::validated(Strategy::Magazine, FlushPolicy::PerCore, VALIDATED_BATCH),
+        "magazine-val",
+        VALIDATED_BATCH,
+    ));
+    out.push(Served::recycling(
+        Served::new(Strategy::NoIommu, FlushPolicy::ALL[0]),
+        "libdma-noiommu",
         VALIDATED_BATCH,
     ));
     // The research's design once more on a unit with ECAP.C = 0 (QEMU's),
@@ -398,6 +431,7 @@ impl Backend for Served {
         let dom = DmaDomain::connect(socket, bdf, self.strategy, self.flush).map_err(lib_err)?;
         let c = ServedClient {
             batch: self.batch,
+            recycle: self.recycle,
             dom: Some(Arc::new(dom)),
             stats_path: format!("domains/{}/stats", libdma::Bdf(bdf)),
             reads: AtomicU64::new(0),
@@ -430,6 +464,7 @@ fn kv(text: &str, key: &str) -> io::Result<u64> {
 
 struct ServedClient {
     batch: usize,
+    recycle: bool,
     /// `None` only while dropping.
     dom: Option<Arc<DmaDomain>>,
     stats_path: String,
@@ -458,6 +493,8 @@ impl Client for ServedClient {
             dom,
             buf,
             batch: self.batch,
+            recycle: self.recycle,
+            live: Vec::new(),
             done: 0,
         }))
     }
@@ -503,13 +540,73 @@ struct ServedRunner {
     buf: DmaBuffer,
     /// Pairs per batch (1: one map, one unmap).
     batch: usize,
+    /// Remap the previous batch's mappings instead of mapping and unmapping.
+    recycle: bool,
+    /// A recycling runner's mappings `(iova, len)`, remapped by each batch.
+    live: Vec<(u64, usize)>,
     /// Pairs of the current batch already counted.
     done: usize,
+}
+
+impl Drop for ServedRunner {
+    fn drop(&mut self) {
+        if !self.live.is_empty() {
+            if let Err(e) = self.dom.unmap_batch(&self.live) {
+                eprintln!("dmabench: unmapping a recycling runner's buffers: {e}");
+            }
+        }
+    }
+}
+
+impl ServedRunner {
+    /// One recycling batch: the previous batch's mappings remapped onto the
+    /// same memory with the keep hint (the first batch, or one of another
+    /// length, maps afresh). What is counted is the remaps: a pair is one
+    /// unmap and one map.
+    fn recycle(&mut self, len: usize) {
+        let bufs = vec![(self.buf.phys, len, Dir::Bidirectional); self.batch];
+        if self.live.len() != self.batch || self.live.iter().any(|&(_, l)| l != len) {
+            if !self.live.is_empty() {
+                self.dom
+                    .unmap_batch(&self.live)
+                    .unwrap_or_else(|e| panic!("dmabench: libdma unmap_batch: {e}"));
+            }
+            let iovas = self
+                .dom
+                .map_batch(&bufs)
+                .unwrap_or_else(|e| panic!("dmabench: libdma map_batch: {e}"));
+            self.live = iovas.into_iter().map(|v| (v, len)).collect();
+        }
+        let hints = libdma::RemapHints {
+            lazy: false,
+            keep: true,
+        };
+        let (u, t) = self
+            .dom
+            .remap_batch_submit_hinted(&self.live, &bufs, hints)
+            .unwrap_or_else(|e| panic!("dmabench: libdma remap: {e}"));
+        self.dom
+            .unmap_batch_complete(u)
+            .unwrap_or_else(|e| panic!("dmabench: libdma remap's unmaps: {e}"));
+        let iovas = self
+            .dom
+            .map_batch_complete(t)
+            .unwrap_or_else(|e| panic!("dmabench: libdma remap's maps: {e}"));
+        self.live.clear();
+        self.live.extend(iovas.into_iter().map(|v| (v, len)));
+    }
 }
 
 impl PairRunner for ServedRunner {
     fn pair(&mut self, pages: u64) {
         let len = (pages * PAGE) as usize;
+        if self.batch > 1 && self.recycle {
+            if self.done == 0 {
+                self.recycle(len);
+            }
+            self.done = (self.done + 1) % self.batch;
+            return;
+        }
         if self.batch > 1 {
             // A batch: `batch` maps of the buffer in one request, then their
             // unmaps in one; the work is done on the batch's first pair, so
@@ -562,9 +659,25 @@ mod tests {
         let b = backends();
         // Every strategy but noiommu and static x every flush policy, noiommu,
         // static, the noncoherent row, 2 delegated magazine-b32 rows, 3 + 2 + 2
-        // validated magazine rows (-val32, -val32-float, -val1), global-val32.
-        let n = (Strategy::ALL.len() - 2) * FlushPolicy::ALL.len() + 1 + 1 + 1 + 2 + 3 + 2 + 2 + 1;
+        // validated magazine rows (-val32, -val32-float, -val1), global-val32,
+        // and the 3 recycling rows.
+        let n =
+            (Strategy::ALL.len() - 2) * FlushPolicy::ALL.len() + 1 + 1 + 1 + 2 + 3 + 2 + 2 + 1 + 3;
         assert_eq!(b.len(), n);
+        let keep: Vec<(&str, &str, &str, usize)> = b
+            .iter()
+            .filter(|r| r.strategy().contains("-keep"))
+            .map(|r| (r.strategy(), r.flush(), r.trust(), r.batch()))
+            .collect();
+        assert_eq!(
+            keep,
+            [
+                ("magazine-keep32", "percore", "delegated", 32),
+                ("magazine-val-keep32", "percore", "validated", 32),
+                ("libdma-noiommu-keep32", "none", "none", 32)
+            ]
+        );
+        assert!(all_recycle(&rows()));
         // A coherent unit (as the peers assume), and one pinned service
         // thread per allowed CPU, but in the -float rows.
         let cpus = crate::harness::allowed_cpus();
@@ -614,6 +727,12 @@ mod tests {
             ]
         );
         assert_eq!((b[0].strategy(), b[0].flush()), ("libdma-noiommu", "none"));
+    }
+
+    /// The `-keep` rows, and they alone, recycle.
+    fn all_recycle(rows: &[Served]) -> bool {
+        rows.iter()
+            .all(|r| r.recycle == r.strategy_label.contains("-keep"))
     }
 
     #[test]
