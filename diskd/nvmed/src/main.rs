@@ -327,11 +327,15 @@ fn run<M: DmaMapper + Send + Sync + 'static>(
             // invalidations are its own.
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The counters' window: from the read before the job to the read after
+        // it (the job's own `secs` count its I/O only, not its start and end).
+        let window = Instant::now();
         let before = domain_stats(dom.as_deref(), &sbdf);
         let maps0: u64 = workers.iter_mut().map(|w| w.queue().maps).sum();
         let rt0 = dom.as_ref().map_or(0, |d| d.counts().round_trips);
         let s = bench::run_job(&mut workers, job).map_err(|e| e.to_string())?;
         let after = domain_stats(dom.as_deref(), &sbdf);
+        let window_secs = window.elapsed().as_secs_f64();
         let maps1: u64 = workers.iter_mut().map(|w| w.queue().maps).sum();
         let unmaps: u64 = workers.iter_mut().map(|w| w.queue().unmaps).sum();
         let rt1 = dom.as_ref().map_or(0, |d| d.counts().round_trips);
@@ -341,13 +345,15 @@ fn run<M: DmaMapper + Send + Sync + 'static>(
             _ => "-".into(),
         };
         println!(
-            "dma: job={} maps={} unmaps_total={} ipc_round_trips={} client_round_trips={} invalidations={}",
+            "dma: job={} maps={} unmaps_total={} ipc_round_trips={} client_round_trips={} invalidations={} timer_flushes={} hints={} window_secs={window_secs:.3}",
             job.name(),
             maps1 - maps0,
             unmaps,
             delta("ipc_round_trips"),
             rt1 - rt0,
-            delta("invalidations")
+            delta("invalidations"),
+            delta("timer_flushes"),
+            delta("ipc_wakeups")
         );
         if let Some(e) = &s.first_error {
             println!("bench: first error: {e}");
