@@ -113,6 +113,49 @@ pub enum Collect {
     Now,
 }
 
+/// Collects the map tickets of one batch of `n` buffers, each ticket with the
+/// indices (into the batch) of the buffers it maps: returns `(iovas, mapped,
+/// failed)`, where `mapped` is every `(iova, len_of(index))` a ticket gave (to
+/// unmap, each with its own buffer's length, if the batch does not go out) and
+/// `failed` the last error. Every ticket is collected, so none is left
+/// outstanding.
+pub fn collect_maps<M: DmaMapper + ?Sized>(
+    mapper: &M,
+    pending: Vec<(PendingMaps, std::ops::Range<usize>)>,
+    n: usize,
+    len_of: impl Fn(usize) -> usize,
+) -> (Vec<u64>, Vec<(u64, usize)>, Option<Error>) {
+    let mut iovas = vec![0u64; n];
+    let mut mapped = Vec::with_capacity(n);
+    let mut failed = None;
+    for (ticket, range) in pending {
+        match mapper.map_batch_complete(ticket) {
+            Ok(v) => {
+                if v.len() != range.len() {
+                    failed = Some(Error::Device(format!(
+                        "{} IOVAs for {} buffers",
+                        v.len(),
+                        range.len()
+                    )));
+                }
+                for (iova, j) in v.into_iter().zip(range) {
+                    match iovas.get_mut(j) {
+                        Some(slot) => *slot = iova,
+                        None => {
+                            failed = Some(Error::Device(format!(
+                                "a map ticket for buffer {j} of a batch of {n}"
+                            )))
+                        }
+                    }
+                    mapped.push((iova, len_of(j)));
+                }
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    (iovas, mapped, failed)
+}
+
 /// How the driver obtains DMA memory and device addresses (IOVAs) for it.
 pub trait DmaMapper {
     /// Allocates `len` bytes of zeroed, physically contiguous DMA-capable memory.

@@ -750,29 +750,8 @@ impl<M: DmaMapper> E1000<M> {
         self.tx_reserved = self.tx_reserved.saturating_sub(n);
         let free = usize::from(self.tx.n - 1).saturating_sub(self.tx_in_flight());
         let tm = cost::now();
-        let mut iovas = vec![0u64; n];
-        // What was mapped, to unmap if the batch does not go out.
-        let mut mapped: Vec<(u64, usize)> = Vec::with_capacity(n);
-        let mut failed = None;
-        for (p, range) in b.pending {
-            // Every ticket is collected, so none is left outstanding.
-            match self.mapper.map_batch_complete(p) {
-                Ok(v) => {
-                    if v.len() != range.len() {
-                        failed = Some(Error::Device(format!(
-                            "{} IOVAs for {} frames",
-                            v.len(),
-                            range.len()
-                        )));
-                    }
-                    for (iova, j) in v.into_iter().zip(range) {
-                        iovas[j] = iova;
-                        mapped.push((iova, b.lens[j]));
-                    }
-                }
-                Err(e) => failed = Some(e),
-            }
-        }
+        let (iovas, mapped, mut failed) =
+            crate::dma::collect_maps(&self.mapper, b.pending, n, |j| b.lens[j]);
         self.cost.map_ticks += cost::now().wrapping_sub(tm);
         self.cost.map_calls += 1;
         self.cost.map_entries += n as u64;

@@ -201,15 +201,7 @@ impl TxQueue {
                 });
             }
         }
-        let done = self.done_slots();
-        // The finished slots' buffers: (iova, len) to unmap, and their pool index.
-        let finished: Vec<(u64, usize, u16)> = done
-            .iter()
-            .filter_map(|&i| match self.slots[usize::from(i)] {
-                TxSlot::Mapped { iova, len, buf } => Some((iova, len, buf)),
-                _ => None,
-            })
-            .collect();
+        let (done, finished) = self.finished();
         let room = usize::from(self.room()) + done.len();
         let k = room.min(frames.len());
         if k == 0 {
@@ -282,26 +274,10 @@ impl TxQueue {
                 Err(e) => failed = Some(e.into()),
             }
         }
-        let mut iovas = vec![0u64; k];
-        let mut mapped: Vec<(u64, usize)> = Vec::with_capacity(k);
-        for (t, range) in pending {
-            // Every ticket is collected, so none is left outstanding.
-            match self.mapper.map_batch_complete(t) {
-                Ok(v) => {
-                    if v.len() != range.len() {
-                        failed = Some(Error::Device(format!(
-                            "{} IOVAs for {} frames",
-                            v.len(),
-                            range.len()
-                        )));
-                    }
-                    for (iova, j) in v.into_iter().zip(range) {
-                        iovas[j] = iova;
-                        mapped.push((iova, frames[j].len()));
-                    }
-                }
-                Err(e) => failed = Some(e.into()),
-            }
+        let (iovas, mapped, collected) =
+            crate::collect_maps(&*self.mapper, pending, k, |j| frames[j].len());
+        if let Some(e) = collected {
+            failed = Some(e.into());
         }
         self.stats.batches += 1;
         if let Some(e) = failed {
@@ -360,6 +336,20 @@ impl TxQueue {
         done
     }
 
+    /// [`done_slots`](Self::done_slots), and the buffers they hold: `(iova, len,
+    /// pool index)` of each mapped one, to unmap (a fault injection's slot has none).
+    fn finished(&self) -> (Vec<u16>, Vec<(u64, usize, u16)>) {
+        let done = self.done_slots();
+        let finished = done
+            .iter()
+            .filter_map(|&i| match self.slots[usize::from(i)] {
+                TxSlot::Mapped { iova, len, buf } => Some((iova, len, buf)),
+                _ => None,
+            })
+            .collect();
+        (done, finished)
+    }
+
     /// Frees the slots of a [`done_slots`](Self::done_slots) whose `unmapped`
     /// buffers' unmaps were submitted.
     fn reaped(&mut self, done: &[u16], unmapped: usize) {
@@ -391,14 +381,7 @@ impl TxQueue {
     /// one batch. Returns how many were reaped. [`send_batch`](Self::send_batch) reaps
     /// too, pairing finished buffers with new frames; call this when no send follows.
     pub fn reap(&mut self) -> Result<usize> {
-        let done = self.done_slots();
-        let finished: Vec<(u64, usize, u16)> = done
-            .iter()
-            .filter_map(|&i| match self.slots[usize::from(i)] {
-                TxSlot::Mapped { iova, len, buf } => Some((iova, len, buf)),
-                _ => None,
-            })
-            .collect();
+        let (done, finished) = self.finished();
         self.unmap_finished(&done, &finished)?;
         Ok(done.len())
     }
