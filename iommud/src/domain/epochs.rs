@@ -36,21 +36,26 @@ impl Domain {
     /// iommud's own epoch: a client that writes a huge value, or moves it
     /// around, gets at most the one flush that completes the current epoch
     /// per hint or tick — the same as a client that really unmaps that fast.
+    /// Read behind any flush in progress, so a hint and the timer that race
+    /// for one wish make one invalidation, not two.
     pub fn flush_if_wanted(&self) -> Result<bool, DomainError> {
         let c = self.client();
         // Clear the hint flag *before* reading `wanted` (see iommu_abi::shared).
         c.hint_pending.store(0, SeqCst);
-        let epoch = self.epoch();
-        let wanted = c
-            .wanted
-            .load(SeqCst)
-            .min(epoch)
-            .max(self.server_wanted.load(SeqCst));
-        if self.completed() < wanted {
-            self.flush()?;
-            return Ok(true);
-        }
-        Ok(false)
+        let e = {
+            let _g = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let wanted = c
+                .wanted
+                .load(SeqCst)
+                .min(self.epoch())
+                .max(self.server_wanted.load(SeqCst));
+            if self.completed() >= wanted {
+                return Ok(false);
+            }
+            self.flush_epoch(self.unit.iotlb_domain(self.did))?
+        };
+        self.release_parked(e);
+        Ok(true)
     }
 
     /// The epoch timer, run every tick: flushes what a client asked for, and
@@ -70,14 +75,36 @@ impl Domain {
     }
 
     pub(super) fn flush_with(&self, desc: vtd::desc::Descriptor) -> Result<(), DomainError> {
-        let e = self.flush_epoch(desc)?;
+        // Read after the caller's changes: a flush that completes this
+        // epoch advanced it later, so its invalidation covers them.
+        let e = self.flush_since(self.epoch(), desc)?;
         self.release_parked(e);
         Ok(())
     }
 
+    /// Runs `desc` as the invalidation that completes the current epoch,
+    /// unless epoch `since` completed while this call waited behind another
+    /// flush: that flush advanced the epoch past `since`, so after whatever
+    /// the caller changed before reading `since`, and its invalidation
+    /// covers those changes. Returns the completed epoch. Decided from
+    /// iommud's own epochs only.
+    pub(super) fn flush_since(
+        &self,
+        since: u64,
+        desc: vtd::desc::Descriptor,
+    ) -> Result<u64, DomainError> {
+        let _g = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let done = self.completed();
+        if done >= since {
+            return Ok(done);
+        }
+        self.flush_epoch(desc)
+    }
+
     /// Runs `desc` as the invalidation that completes the current epoch
     /// (unmap records taken, stale windows measured); returns the epoch
-    /// completed, whose parked work the caller releases.
+    /// completed, whose parked work the caller releases. The caller holds
+    /// `flush_lock`.
     pub(super) fn flush_epoch(&self, desc: vtd::desc::Descriptor) -> Result<u64, DomainError> {
         let p = self.page();
         // Take the unmap records before advancing the epoch (iommu_abi::shared).

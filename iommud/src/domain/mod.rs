@@ -235,6 +235,10 @@ pub struct Domain {
     epoch: AtomicU64,
     /// The authoritative completed epoch.
     completed: AtomicU64,
+    /// Serialises this domain's epoch flushes, so one that finds its need
+    /// covered by the flush it waited behind skips (`Domain::flush_since`).
+    /// Taken after the allocator lock, never before it.
+    flush_lock: Mutex<()>,
     /// The highest tag iommud's own unmaps wait for (percore policy).
     server_wanted: AtomicU64,
     /// The unmap record of iommud's own unmaps (stale windows).
@@ -389,6 +393,7 @@ impl Domain {
             client,
             epoch: AtomicU64::new(1),
             completed: AtomicU64::new(0),
+            flush_lock: Mutex::new(()),
             server_wanted: AtomicU64::new(0),
             server_unmaps: CpuCounters::default(),
             unmaps_seen: Mutex::default(),

@@ -93,6 +93,35 @@ fn a_percore_unmap_keeps_its_iova_until_the_flush_that_covers_it() {
 }
 
 #[test]
+fn a_flush_another_one_covered_meanwhile_makes_no_second_invalidation() {
+    // A hint's flush, the timer's and a `FlushSync` that race for one unmap:
+    // the one behind finds the epoch it read completed and skips.
+    let (m, d, pool) = rig(Strategy::Global, FlushPolicy::PerCore);
+    let a = d.map(pool.phys, PAGE, Dir::FromDevice, 0).unwrap();
+    d.unmap(a, PAGE).unwrap();
+    let since = d.epoch(); // read by a flusher after the unmap...
+    let model = m.counters().iotlb_domain;
+    d.flush().unwrap(); // ...before another flush got the lock
+    assert_eq!(m.counters().iotlb_domain, model + 1);
+    let desc = d.unit.iotlb_domain(d.did);
+    assert_eq!(d.flush_since(since, desc).unwrap(), since);
+    assert_eq!(m.counters().iotlb_domain, model + 1, "covered: none more");
+    assert_eq!(d.lock_uncounted().parked.len(), 0, "released by that flush");
+    // A change after that flush needs one of its own.
+    let b = d.map(pool.phys, PAGE, Dir::FromDevice, 0).unwrap();
+    d.unmap(b, PAGE).unwrap();
+    assert_eq!(d.flush_since(d.epoch(), desc).unwrap(), since + 1);
+    assert_eq!(m.counters().iotlb_domain, model + 2);
+    // And behind the flush the hint asked for, the timer makes none.
+    let c = d.map(pool.phys, PAGE, Dir::FromDevice, 0).unwrap();
+    d.unmap(c, PAGE).unwrap();
+    assert!(d.flush_if_wanted().unwrap());
+    assert_eq!(d.timer_flush().unwrap(), TimerFlush::Done);
+    assert_eq!(m.counters().iotlb_domain, model + 3);
+    assert_eq!(stats::get(&d.stats.timer_flushes), 0);
+}
+
+#[test]
 fn refcounted_pages_share_one_entry_widen_it_and_clear_it_with_the_last_unmap() {
     let (m, d, pool) = rig(Strategy::Identity, FlushPolicy::Strict);
     let p = pool.phys;
