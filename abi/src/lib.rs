@@ -29,7 +29,7 @@
 //!  5  Unmap       [iova, len]                      []
 //!  6  Exchange    [pages, returned, want]          [handed out] (IOVAs in the exchange area)
 //!  7  FlushHint   []                               none (one-way)
-//!  8  FlushSync   []                               [completed epoch]
+//!  8  FlushSync   [epoch, 0 = now]                 [completed epoch]
 //!  9  Detach      []                               []
 //! 10  ReadPath    payload: path                    payload: text
 //! 11  WritePath   payload: path NUL value          []

@@ -278,12 +278,12 @@ impl Session {
                 }
                 return None;
             }
-            Request::FlushSync => match self.need_domain() {
+            Request::FlushSync { upto } => match self.need_domain() {
                 Err(r) => r,
                 Ok(d) => {
                     // Storm control: counted, and the connection pauses, over budget.
                     crate::timer::on_sync(d);
-                    match d.flush() {
+                    match d.flush_to(upto) {
                         Ok(()) => Response::ok([d.completed(), 0, 0, 0, 0]),
                         Err(e) => e.into(),
                     }

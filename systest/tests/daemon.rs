@@ -146,10 +146,10 @@ fn hostile_requests_get_errors_and_iommud_keeps_serving() {
         reply_code(b"not a message at all"),
         Err(ErrorCode::Malformed)
     );
-    let mut m = Request::FlushSync.encode(9);
+    let mut m = Request::FlushSync { upto: 0 }.encode(9);
     m[4] = 99;
     assert_eq!(reply_code(&m), Err(ErrorCode::Malformed));
-    let mut m = Request::FlushSync.encode(9);
+    let mut m = Request::FlushSync { upto: 0 }.encode(9);
     m[6] = 0x55;
     assert_eq!(reply_code(&m), Err(ErrorCode::Malformed));
     let mut m = Request::Detach.encode(3);

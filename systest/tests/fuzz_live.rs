@@ -144,7 +144,7 @@ fn message(r: &mut Rng, seq: u32, pool: u64, iova: u64) -> Vec<u8> {
                     want: r.hostile(1),
                 },
                 7 => Request::FlushHint,
-                8 => Request::FlushSync,
+                8 => Request::FlushSync { upto: r.hostile(1) },
                 9 => Request::Detach,
                 10 => Request::ReadPath {
                     path: PATHS[r.below(PATHS.len() as u64) as usize].into(),

@@ -8,11 +8,13 @@
 //! policy the longest stale window, the median of the domains' longest
 //! windows, how many domains stayed within 10 ms plus one tick, and how late
 //! after a deadline the timer found a domain's oldest unmap. Issue 11 asks
-//! for every domain within the bound; on this shared, overloaded host that
-//! is NOT met (docs/PERFORMANCE.md, "Timers": the late deadlines come from
-//! unmap records that appear already old), so the bound is printed, not
-//! asserted. Asserted: every unmap of every client was measured, and the
-//! timer flushed every domain.
+//! for every domain within the bound; it is met since the timer stopped
+//! waiting for the domain list while clients attach (docs/PERFORMANCE.md,
+//! "Timers"; before, 20-35 ms). It is a time figure, so it is printed, not
+//! asserted; the cause it had is tested deterministically
+//! (`iommud` `timer_tests::the_timer_never_waits_for_the_domain_list`).
+//! Asserted: every unmap of every client was measured, and the timer
+//! flushed every domain.
 //!
 //! The clients are this test binary re-executed with `IOMMUD_TEST_CLIENT`
 //! set, running the ignored test `load_client`; each reports its domain's

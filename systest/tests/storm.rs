@@ -77,7 +77,7 @@ fn a_flush_storm_leaves_another_client_ninety_percent_of_its_throughput() {
                 let page = raw.client.as_ref().unwrap();
                 page.write_u64(0, u64::MAX).unwrap(); // `wanted`: every epoch there will be
                 raw.post(&Request::FlushHint);
-                raw.call(&Request::FlushSync).unwrap();
+                raw.call(&Request::FlushSync { upto: 0 }).unwrap();
                 storms.fetch_add(1, Relaxed);
             }
         })

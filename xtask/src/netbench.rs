@@ -345,9 +345,17 @@ impl Measured {
                 .entry(size)
                 .or_default()
                 .push(v.unwrap_or(f64::NAN));
-            if let Some(c) = r.cost.get(&size).and_then(|v| v.first()) {
-                self.cost.entry(size).or_default().push(*c);
-            }
+            // Aligned with the reps too (NaN parts when the boot gave none).
+            let nan = Cost {
+                map: f64::NAN,
+                unmap: f64::NAN,
+                ring: f64::NAN,
+                other: f64::NAN,
+                total: f64::NAN,
+                batch: f64::NAN,
+            };
+            let c = r.cost.get(&size).and_then(|v| v.first()).copied();
+            self.cost.entry(size).or_default().push(c.unwrap_or(nan));
         }
         self.p50s.extend(r.p50_us);
         self.p99s.extend(r.p99_us);
@@ -406,6 +414,29 @@ pub fn measure<'a>(lines: impl Iterator<Item = &'a str>) -> Measured {
     m
 }
 
+/// The ratio to translation off that the NIC model's translated DMA alone leaves,
+/// per rep (median, min, max): translation off's per-frame `total` over that total
+/// plus what `static`'s `ring` time (the tail writes, in which the NIC model does its
+/// DMA) spent above translation off's, in the same rep. `static` maps nothing per
+/// frame and never invalidates, so every IOTLB lookup of the emulated unit is a hit:
+/// no translating row's NIC DMA costs less, so no translating row can pass this bound
+/// (docs/PERFORMANCE.md, "The bound the emulated unit sets"). `None` without both rows.
+pub fn dma_bound(rows: &[(Config, Measured)], size: u64) -> Option<(f64, f64, f64)> {
+    let cost = |f: &dyn Fn(&Config) -> bool| {
+        rows.iter()
+            .find(|(c, _)| f(c))
+            .and_then(|(_, m)| m.cost.get(&size))
+    };
+    let base = cost(&|c| !c.translate)?;
+    let fixed = cost(&|c| c.translate && c.strategy == "static")?;
+    let v: Vec<f64> = base
+        .iter()
+        .zip(fixed)
+        .map(|(b, s)| b.total / (b.total + (s.ring - b.ring).max(0.0)))
+        .collect();
+    spread(&v)
+}
+
 /// The trust mode of a row: iommud's report for a translating domain, else the
 /// configuration's (`none` without translation).
 fn trust_of<'a>(c: &'a Config, m: &'a Measured) -> &'a str {
@@ -448,6 +479,15 @@ pub fn cost_table(rows: &[(Config, Measured)]) -> String {
                 part(3, 0),
                 part(4, 0),
                 part(5, 2),
+            );
+        }
+    }
+    for size in SIZES {
+        if let Some(b) = dma_bound(rows, size) {
+            let _ = writeln!(
+                t,
+                "\nBound at {size} B, from `static`'s ring column (the NIC model's translated DMA alone): {:.3} ({:.3}-{:.3})",
+                b.0, b.1, b.2
             );
         }
     }
@@ -508,6 +548,19 @@ fn to_json(
             }));
         }
     }
+    for size in SIZES {
+        if let Some(b) = dma_bound(rows, size) {
+            out.push(serde_json::json!({
+                "system": "bound",
+                "config": "translated-dma-bound",
+                "basis": "translation off's total per frame over it plus static's ring time above translation off's, per rep",
+                "frame_bytes": size,
+                "ratio_to_notrans": b.0,
+                "ratio_min": b.1,
+                "ratio_max": b.2,
+            }));
+        }
+    }
     out.extend(extra);
     out
 }
@@ -536,7 +589,9 @@ fn ratio_chart(rows: &[(Config, Measured)], peer: &[(String, Vec<Option<f64>>)])
             .iter()
             .map(|(c, m)| plot::Series {
                 name: if c.translate {
-                    format!("{} / {}", c.strategy, c.flush)
+                    // The configuration's own name: `strategy / flush` alone
+                    // named the delegated, validated and -rotate rows alike.
+                    c.name.clone()
                 } else {
                     "translation off".into()
                 },
@@ -548,6 +603,15 @@ fn ratio_chart(rows: &[(Config, Measured)], peer: &[(String, Vec<Option<f64>>)])
             .collect(),
         scale: plot::Scale::Linear,
     };
+    if SIZES.iter().any(|&size| dma_bound(rows, size).is_some()) {
+        chart.series.push(plot::Series {
+            name: "bound: the NIC's translated DMA (static's ring)".into(),
+            values: SIZES
+                .iter()
+                .map(|&size| dma_bound(rows, size).map(|b| b.0))
+                .collect(),
+        });
+    }
     chart
         .series
         .extend(peer.iter().map(|(name, values)| plot::Series {
@@ -722,6 +786,23 @@ pub fn run(args: &[String]) -> Result<()> {
             shown(m.p50_us)
         );
     }
+    let bound = |size| {
+        dma_bound(&rows, size).map_or("-".into(), |b| {
+            format!(
+                "{} ({}-{})",
+                shown(Some(b.0)),
+                shown(Some(b.1)),
+                shown(Some(b.2))
+            )
+        })
+    };
+    println!(
+        "{:<17} {:<9} 64 B: ratio {}  1500 B: ratio {}  (the NIC model's translated DMA alone: static's ring column)",
+        "bound",
+        "-",
+        bound(64),
+        bound(1500)
+    );
     peer.run_due(usize::MAX, &mut bad)?;
     let table = write_results(&rows, &o, &peer)?;
     println!("{table}");
@@ -1053,6 +1134,48 @@ loop: queues=2 sent=10 received=9 corrupt=0 lost=1 pps=170.0 size=64\n";
             t.contains(&format!("| {} | validated | 64 | 1050 | 0.650 (0.500-0.800) | 20 | 20 | 30 | 40 | 110 | 1.50 |", cs[4].name)),
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_translated_dma_bound_is_per_rep_from_static_ring_column() {
+        let boot = |ring: f64, total: f64| {
+            let t = format!(
+                "loop: sent=1 received=1 corrupt=0 lost=0 pps=1 size=64\n\
+                 cost_ns: map=1 unmap=0 ring={ring} other=1 total={total} batch=1 size=64\n"
+            );
+            measure(t.lines())
+        };
+        let cs = configs();
+        let by = |n: &str| cs.iter().find(|c| c.name == n).cloned().expect(n);
+        let (mut off, mut fixed, mut other) = Default::default();
+        // Rep 0: 1000 / (1000 + 250) = 0.8. Rep 1: 2000 / (2000 + 0) = 1 (static's
+        // ring below translation off's counts as no cost). Rep 2: 1000 / 1500.
+        for (r0, t0, r1) in [
+            (500.0, 1000.0, 750.0),
+            (900.0, 2000.0, 800.0),
+            (400.0, 1000.0, 900.0),
+        ] {
+            Measured::add_rep(&mut off, boot(r0, t0));
+            Measured::add_rep(&mut fixed, boot(r1, 5000.0));
+            Measured::add_rep(&mut other, boot(9999.0, 9999.0));
+        }
+        let rows = vec![
+            (by("notrans"), off),
+            (by("magazine-percore"), other),
+            (by("static"), fixed),
+        ];
+        let b = dma_bound(&rows, 64).expect("bound");
+        assert!(
+            (b.0 - 0.8).abs() < 1e-12 && (b.1 - 2.0 / 3.0).abs() < 1e-12 && b.2 == 1.0,
+            "{b:?}"
+        );
+        assert!(dma_bound(&rows, 1500).is_none(), "no cost line at 1500 B");
+        assert!(dma_bound(&rows[..2], 64).is_none(), "no static row");
+        let j = to_json(&rows, &parse(&[]).unwrap(), Vec::new());
+        let last = j.last().expect("rows");
+        assert_eq!(last["config"], "translated-dma-bound");
+        assert_eq!(last["ratio_to_notrans"], 0.8);
+        assert!(cost_table(&rows).contains("Bound at 64 B, from `static`'s ring column (the NIC model's translated DMA alone): 0.800 (0.667-1.000)"));
     }
 
     #[test]

@@ -422,7 +422,7 @@ mod tests {
                 }
             }),
             Just(Request::FlushHint),
-            Just(Request::FlushSync),
+            any::<u64>().prop_map(|upto| Request::FlushSync { upto }),
             Just(Request::Detach),
             "[a-z/0-9:.]{0,64}".prop_map(|path| Request::ReadPath { path }),
             ("[a-z/0-9:.]{0,64}", "[a-z0-9 ]{0,16}")

@@ -64,8 +64,15 @@ pub enum Request {
     },
     /// No args, no reply.
     FlushHint,
-    /// No args.
-    FlushSync,
+    /// args: [epoch]. Reply args: [completed epoch]. With `epoch` 0, an
+    /// invalidation that starts after the request arrived; otherwise one that
+    /// completes `epoch` (the tag a client waits for), which a flush already
+    /// under way may be. iommud bounds it by its own epoch.
+    FlushSync {
+        /// The epoch the client needs completed (0: whatever was cleared
+        /// before this request).
+        upto: u64,
+    },
     /// No args.
     Detach,
     /// Payload: UTF-8 path.
@@ -162,7 +169,7 @@ impl Request {
             Request::Unmap { .. } => Op::Unmap,
             Request::Exchange { .. } => Op::Exchange,
             Request::FlushHint => Op::FlushHint,
-            Request::FlushSync => Op::FlushSync,
+            Request::FlushSync { .. } => Op::FlushSync,
             Request::Detach => Op::Detach,
             Request::ReadPath { .. } => Op::ReadPath,
             Request::WritePath { .. } => Op::WritePath,
@@ -241,11 +248,8 @@ impl Request {
                     payload.extend_from_slice(&len.to_le_bytes());
                 }
             }
-            Request::FlushHint
-            | Request::FlushSync
-            | Request::Detach
-            | Request::SimInfo
-            | Request::Shutdown => {}
+            Request::FlushSync { upto } => args[0] = *upto,
+            Request::FlushHint | Request::Detach | Request::SimInfo | Request::Shutdown => {}
         }
         Frame {
             op: self.op(),
@@ -307,7 +311,7 @@ impl Request {
                 want: a[2],
             })?,
             Op::FlushHint => no_payload(Request::FlushHint)?,
-            Op::FlushSync => no_payload(Request::FlushSync)?,
+            Op::FlushSync => no_payload(Request::FlushSync { upto: a[0] })?,
             Op::Detach => no_payload(Request::Detach)?,
             Op::SimInfo => no_payload(Request::SimInfo)?,
             Op::Shutdown => no_payload(Request::Shutdown)?,

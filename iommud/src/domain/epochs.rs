@@ -29,6 +29,19 @@ impl Domain {
         self.flush_with(self.unit.iotlb_domain(self.did))
     }
 
+    /// A client's `FlushSync`: a flush that completes epoch `upto` (the tag
+    /// its unmaps wait for), or with 0 one that starts after this call.
+    /// `upto` is hostile: bounded by iommud's own epoch, a lie can at most
+    /// spare the flush the client itself waits for (it asks again) or ask
+    /// for the one any `FlushSync` gets; nothing iommud releases waits on it.
+    pub fn flush_to(&self, upto: u64) -> Result<(), DomainError> {
+        let now = self.epoch();
+        let since = if upto == 0 { now } else { upto.min(now) };
+        let e = self.flush_since(since, self.unit.iotlb_domain(self.did))?;
+        self.release_parked(e);
+        Ok(())
+    }
+
     /// Flushes if a client asked for an epoch not yet completed (after a
     /// one-way hint, or from the epoch timer).
     ///
@@ -104,7 +117,9 @@ impl Domain {
     /// Runs `desc` as the invalidation that completes the current epoch
     /// (unmap records taken, stale windows measured); returns the epoch
     /// completed, whose parked work the caller releases. The caller holds
-    /// `flush_lock`.
+    /// `flush_lock`, or is the epoch timer finding it held (safe to run
+    /// beside another flush: the records are taken under their own lock and
+    /// the epochs are atomics; see `Domain::timer_flush`).
     pub(super) fn flush_epoch(&self, desc: vtd::desc::Descriptor) -> Result<u64, DomainError> {
         let p = self.page();
         // Take the unmap records before advancing the epoch (iommu_abi::shared).

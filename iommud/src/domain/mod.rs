@@ -237,7 +237,8 @@ pub struct Domain {
     completed: AtomicU64,
     /// Serialises this domain's epoch flushes, so one that finds its need
     /// covered by the flush it waited behind skips (`Domain::flush_since`).
-    /// Taken after the allocator lock, never before it.
+    /// Taken after the allocator lock, never before it; the epoch timer only
+    /// tries it (`Domain::timer_flush`).
     flush_lock: Mutex<()>,
     /// The highest tag iommud's own unmaps wait for (percore policy).
     server_wanted: AtomicU64,

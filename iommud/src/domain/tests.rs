@@ -119,6 +119,31 @@ fn a_flush_another_one_covered_meanwhile_makes_no_second_invalidation() {
     assert_eq!(d.timer_flush().unwrap(), TimerFlush::Done);
     assert_eq!(m.counters().iotlb_domain, model + 3);
     assert_eq!(stats::get(&d.stats.timer_flushes), 0);
+    // A `FlushSync` for a tag that flush completed makes none; for the
+    // current epoch, or with 0 (now), one each.
+    let tag = d.completed();
+    d.flush_to(tag).unwrap();
+    assert_eq!(
+        m.counters().iotlb_domain,
+        model + 3,
+        "tag already completed"
+    );
+    d.flush_to(u64::MAX).unwrap(); // bounded by iommud's epoch
+    assert_eq!(m.counters().iotlb_domain, model + 4);
+    assert_eq!(d.completed(), tag + 1);
+    d.flush_to(0).unwrap();
+    assert_eq!(m.counters().iotlb_domain, model + 5);
+    // The timer never waits behind another flush (a preempted connection
+    // thread's): with the lock held it flushes beside it.
+    let e = d.map(pool.phys, PAGE, Dir::FromDevice, 0).unwrap();
+    d.unmap(e, PAGE).unwrap();
+    let held = d.flush_lock.lock().unwrap();
+    assert!(d.wants_flush());
+    assert_eq!(d.timer_flush().unwrap(), TimerFlush::Done);
+    drop(held);
+    assert_eq!(m.counters().iotlb_domain, model + 6);
+    assert_eq!(stats::get(&d.stats.timer_flushes), 1);
+    assert!(!d.wants_flush());
 }
 
 #[test]

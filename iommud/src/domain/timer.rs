@@ -148,23 +148,30 @@ impl Domain {
     /// The timer's flush: completes the current epoch, then releases what
     /// waited for it only if the allocator lock is free right now; if a
     /// request holds it, the release is owed and retried later
-    /// ([`Domain::retry_release`]). Never waits for the domain's lock (only
-    /// behind a flush in progress, bounded by the unit's invalidation
-    /// timeout); when that flush covered what the timer saw due (no wish
-    /// left, no unmap record that old), none more.
+    /// ([`Domain::retry_release`]). Never waits for a lock: if another flush
+    /// of the domain is running (a connection thread's, which the load may
+    /// preempt), the timer flushes beside it at once, as the deadline asks,
+    /// and a duplicate invalidation is the price; otherwise it first checks
+    /// that a wish or an unmap record that old is still there, and when the
+    /// flush before it covered them, makes none.
     pub fn timer_flush(&self) -> Result<TimerFlush, DomainError> {
-        let e = {
-            let _g = self.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = match self.flush_lock.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if guard.is_some() {
             let aged = self
                 .oldest_unmap_age()
                 .is_some_and(|age| age >= FLUSH_TIMEOUT_NS);
             if !aged && !self.wants_flush() {
                 return Ok(TimerFlush::Done);
             }
-            // As for a hint: clear the flag before the epoch advances.
-            self.client().hint_pending.store(0, SeqCst);
-            self.flush_epoch(self.unit.iotlb_domain(self.did))?
-        };
+        }
+        // As for a hint: clear the flag before the epoch advances.
+        self.client().hint_pending.store(0, SeqCst);
+        let e = self.flush_epoch(self.unit.iotlb_domain(self.did))?;
+        drop(guard);
         stats::add(&self.stats.timer_flushes, 1);
         Ok(self.try_release(e))
     }

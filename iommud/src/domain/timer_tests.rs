@@ -130,3 +130,39 @@ fn the_budget_allows_a_burst_then_one_flush_per_token() {
     assert!(b.take(t0 + token));
     assert!(!b.take(t0 + token));
 }
+
+#[test]
+fn the_timer_never_waits_for_the_domain_list() {
+    // An attach holds the list while it builds its domain, in a connection
+    // thread the load may preempt for tens of milliseconds: the real-time
+    // timer goes on flushing the domains it already knows.
+    let (_m, a, _) = rig(Strategy::Global, FlushPolicy::PerCore);
+    let st = Arc::new(crate::session::State::new(a.unit.clone(), "sim", true));
+    st.domains.lock().unwrap().insert(a.sid, a.clone());
+    let ticker = {
+        let st = st.clone();
+        std::thread::spawn(move || crate::timer::ticker(&st))
+    };
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < end, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    // The timer knows the domain once it made a timed flush of it.
+    let before = a.completed();
+    with_unmap(&a, None);
+    wait_for("no timed flush", &|| a.completed() > before);
+    let held = st.domains.lock().unwrap();
+    let before = a.completed();
+    with_unmap(&a, None);
+    wait_for("no timed flush while the domain list was held", &|| {
+        a.completed() > before
+    });
+    assert_eq!(parked(&a), 0, "released by the timed flush");
+    drop(held);
+    st.stop.store(true, SeqCst);
+    st.timer.kick();
+    ticker.join().unwrap();
+}

@@ -135,7 +135,7 @@ impl DmaDomain {
         let out: Vec<u64> = spans.iter().zip(&iovas).map(|(s, &i)| i + s.off).collect();
         if self.caching_mode() && !out.is_empty() {
             // CAP.CM: one invalidation makes the whole batch's new entries usable.
-            if let Err(e) = self.call(&Request::FlushSync) {
+            if let Err(e) = self.call(&Request::FlushSync { upto: 0 }) {
                 let maps: Vec<(u64, usize)> =
                     out.iter().zip(bufs).map(|(&i, b)| (i, b.1)).collect();
                 let _ = self.fast_unmap_batch(arena, &maps, true);
@@ -164,7 +164,7 @@ impl DmaDomain {
             }
         }
         if self.caching_mode() && !out.is_empty() {
-            if let Err(e) = self.call(&Request::FlushSync) {
+            if let Err(e) = self.call(&Request::FlushSync { upto: 0 }) {
                 undo(&out);
                 return Err(e);
             }

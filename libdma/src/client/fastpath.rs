@@ -168,7 +168,7 @@ impl DmaDomain {
                 if sync && self.caching_mode() {
                     // CAP.CM: a non-present → present change must be invalidated
                     // before the device may use it.
-                    self.call(&Request::FlushSync)?;
+                    self.call(&Request::FlushSync { upto: 0 })?;
                 }
                 Ok(iova + off)
             }

@@ -68,7 +68,7 @@ impl Backend for Remote<'_> {
             if self.0.page().dead.load(SeqCst) != 0 {
                 self.0.reattach_if_adopted()?;
             }
-            self.0.call(&Request::FlushSync)?;
+            self.0.call(&Request::FlushSync { upto: tag })?;
         }
         Ok(())
     }

@@ -99,7 +99,7 @@ impl Fake {
                 (Ok([*want, 0, 0, 0, 0]), vec![])
             }
             Request::Map { phys, .. } => (Ok([phys + 0x1000_0000, 0, 0, 0, 0]), vec![]),
-            Request::FlushSync => (Ok([0; 5]), vec![]),
+            Request::FlushSync { .. } => (Ok([0; 5]), vec![]),
             _ => (Ok([0; 5]), vec![]),
         }
     }

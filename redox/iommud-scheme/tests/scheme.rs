@@ -211,7 +211,7 @@ fn malformed_frames_are_einval_and_calls_need_a_session() {
     let mut s = IommuScheme::new(st);
     let id = open(&mut s, &session_path(TABLE_BDF), O_RDWR).unwrap();
     for mut bad in [vec![], vec![0u8; 10], vec![0xffu8; 64], {
-        let mut b = Request::FlushSync.encode(1);
+        let mut b = Request::FlushSync { upto: 0 }.encode(1);
         b[0] ^= 1; // magic
         b
     }] {
@@ -219,7 +219,7 @@ fn malformed_frames_are_einval_and_calls_need_a_session() {
         assert_eq!(s.call(id, &mut bad, &[], &ctx()).unwrap_err().errno, EINVAL);
     }
     let stats = open(&mut s, "stats", O_RDONLY).unwrap();
-    let mut frame = Request::FlushSync.encode(1);
+    let mut frame = Request::FlushSync { upto: 0 }.encode(1);
     assert_eq!(
         s.call(stats, &mut frame, &[], &ctx()).unwrap_err().errno,
         EBADF
