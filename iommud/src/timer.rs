@@ -50,6 +50,17 @@ pub const SCAN_PERIOD: Duration = Duration::from_nanos(crate::domain::FLUSH_TIME
 /// on the first unmap it records, which wakes the timer at once.
 pub const IDLE_SCAN: Duration = Duration::from_nanos(iommu_abi::shared::IDLE_SCAN_NS);
 
+/// What the real-time timer does instead of waiting for a lock: the guard
+/// when `m` is free (poison recovered, as everywhere in iommud), `None` when
+/// another thread holds it.
+pub(crate) fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 /// A wake-up for a sleeping thread (a flag and a condition variable).
 #[derive(Debug, Default)]
 pub struct Wake {
@@ -219,12 +230,9 @@ pub fn ticker(st: &State) {
         // tens of milliseconds (a timer blocked there was seen 60-370 ms
         // late with 12 busy clients attaching). Then the last list serves,
         // and the timer looks again soon.
-        let (doms, fresh): (Vec<Arc<Domain>>, bool) = match st.domains.try_lock() {
-            Ok(g) => (g.values().cloned().collect(), true),
-            Err(std::sync::TryLockError::Poisoned(p)) => {
-                (p.into_inner().values().cloned().collect(), true)
-            }
-            Err(std::sync::TryLockError::WouldBlock) => (
+        let (doms, fresh): (Vec<Arc<Domain>>, bool) = match try_lock(&st.domains) {
+            Some(g) => (g.values().cloned().collect(), true),
+            None => (
                 known.iter().filter_map(std::sync::Weak::upgrade).collect(),
                 false,
             ),

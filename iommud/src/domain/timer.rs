@@ -155,11 +155,7 @@ impl Domain {
     /// that a wish or an unmap record that old is still there, and when the
     /// flush before it covered them, makes none.
     pub fn timer_flush(&self) -> Result<TimerFlush, DomainError> {
-        let guard = match self.flush_lock.try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        };
+        let guard = crate::timer::try_lock(&self.flush_lock);
         if guard.is_some() {
             let aged = self
                 .oldest_unmap_age()
@@ -218,14 +214,10 @@ impl Domain {
     }
 
     fn try_release(&self, e: u64) -> TimerFlush {
-        let guard = match self.inner.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                stats::add(&self.stats.timer_lock_busy, 1);
-                self.release_owed.fetch_max(e, SeqCst);
-                return TimerFlush::ReleaseOwed;
-            }
+        let Some(guard) = crate::timer::try_lock(&self.inner) else {
+            stats::add(&self.stats.timer_lock_busy, 1);
+            self.release_owed.fetch_max(e, SeqCst);
+            return TimerFlush::ReleaseOwed;
         };
         stats::add(&self.stats.lock_acquisitions, 1);
         self.release_locked(guard, e);
