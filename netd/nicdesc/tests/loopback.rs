@@ -130,27 +130,54 @@ impl Model {
     }
 }
 
-#[test]
-fn frames_cross_the_rings_intact_and_every_map_is_unmapped_once() {
-    let dir = std::env::temp_dir().join(format!("nicdesc-loopback-{}", std::process::id()));
-    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
-    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
-    let model_regs = MmioRegion::from_file(&dir, 4096).unwrap();
-    let heap = Arc::new(HeapMapper::default());
-    let mapper: SharedMapper = heap.clone();
-    let n = 16u16;
-    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
-    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
+/// The register file's backing file, removed when the test ends.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A TX and an RX queue of `n` descriptors over `mapper`, with a register file in
+/// a temporary file named after `name`, the RX ring armed, and the NIC model at
+/// both rings.
+fn rig(name: &str, mapper: SharedMapper, n: u16) -> (TempFile, TxQueue, RxQueue, Model) {
+    let file =
+        TempFile(std::env::temp_dir().join(format!("nicdesc-{name}-{}", std::process::id())));
+    std::fs::write(&file.0, vec![0u8; 4096]).unwrap();
+    let regs = Regs::new(MmioRegion::from_file(&file.0, 4096).unwrap());
+    let tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
+    let mut rx = RxQueue::new(0, mapper, n, Doorbell::new(regs, RDT)).unwrap();
     rx.arm().unwrap();
-    assert_eq!(model_regs.read32(RDT).unwrap(), u32::from(n - 1));
-    let mut model = Model {
-        regs: model_regs,
+    let model = Model {
+        regs: MmioRegion::from_file(&file.0, 4096).unwrap(),
         tx_base: tx.ring_iova(),
         rx_base: rx.ring_iova(),
         n,
         tdh: 0,
         rdh: 0,
     };
+    (file, tx, rx, model)
+}
+
+/// Frames `from..from + k` (their sequence numbers), `len(seq)` bytes each.
+fn frames(from: u64, k: u64, len: impl Fn(u64) -> usize) -> Vec<Vec<u8>> {
+    (from..from + k)
+        .map(|s| {
+            let mut v = Vec::new();
+            frame::build([4; 6], [2; 6], 4000, 0, s, len(s), &mut v);
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn frames_cross_the_rings_intact_and_every_map_is_unmapped_once() {
+    let heap = Arc::new(HeapMapper::default());
+    let n = 16u16;
+    let (_file, mut tx, mut rx, mut model) = rig("loopback", heap.clone(), n);
+    assert_eq!(model.regs.read32(RDT).unwrap(), u32::from(n - 1));
     assert!(heap.mapped(tx.ring_iova(), tx.ring_bytes() as usize));
 
     let (a, b) = ([2u8; 6], [4u8; 6]);
@@ -207,27 +234,12 @@ fn frames_cross_the_rings_intact_and_every_map_is_unmapped_once() {
     assert_eq!(maps, unmaps);
     // RX: ring + n initial buffers + one re-map per received frame.
     assert_eq!(maps, (1 + total) + (1 + u64::from(n) + total));
-    let _ = std::fs::remove_file(&dir);
 }
 
 #[test]
 fn an_rx_slot_holding_a_frame_is_never_overwritten_by_fault_injection() {
-    let dir = std::env::temp_dir().join(format!("nicdesc-inject-{}", std::process::id()));
-    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
-    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
     let heap = Arc::new(HeapMapper::default());
-    let mapper: SharedMapper = heap.clone();
-    let mut tx = TxQueue::new(0, mapper.clone(), 8, Doorbell::new(regs.clone(), TDT)).unwrap();
-    let mut rx = RxQueue::new(0, mapper.clone(), 8, Doorbell::new(regs.clone(), RDT)).unwrap();
-    rx.arm().unwrap();
-    let mut model = Model {
-        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
-        tx_base: tx.ring_iova(),
-        rx_base: rx.ring_iova(),
-        n: 8,
-        tdh: 0,
-        rdh: 0,
-    };
+    let (_file, mut tx, mut rx, mut model) = rig("inject", heap.clone(), 8);
     let mut v = Vec::new();
     frame::build([4; 6], [2; 6], 4000, 0, 1, 100, &mut v);
     tx.send_batch(&[&v]).unwrap();
@@ -247,7 +259,6 @@ fn an_rx_slot_holding_a_frame_is_never_overwritten_by_fault_injection() {
     let w = unsafe { [d1.read_volatile(), d1.add(1).read_volatile()] };
     assert_eq!(w, [0xDEAD_0000, 0]);
     assert!(!RxWb::decode(w).done());
-    let _ = std::fs::remove_file(&dir);
 }
 
 /// A mapper that keeps a recycled buffer's IOVA, as libdma's kept remaps do: a
@@ -328,43 +339,17 @@ impl DmaMapper for KeepingMapper {
 
 #[test]
 fn finished_tx_buffers_and_received_buffers_are_remapped_in_pairs_and_keep_their_iovas() {
-    let dir = std::env::temp_dir().join(format!("nicdesc-keep-{}", std::process::id()));
-    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
-    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
     let keeping = Arc::new(KeepingMapper::default());
-    let mapper: SharedMapper = keeping.clone();
     let n = 16u16;
-    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
-    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
-    rx.arm().unwrap();
-    let mut model = Model {
-        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
-        tx_base: tx.ring_iova(),
-        rx_base: rx.ring_iova(),
-        n,
-        tdh: 0,
-        rdh: 0,
-    };
+    let (_file, mut tx, mut rx, mut model) = rig("keep", keeping.clone(), n);
     let total = 200u64;
     let (mut sent, mut got) = (0u64, Vec::new());
     while (got.len() as u64) < total {
         // Batches of 7: the model moves each batch before the next send, which
         // finds the previous 7 descriptors done (the last batch: 4 frames).
-        let f: Vec<Vec<u8>> = (sent..(sent + 7).min(total))
-            .map(|s| {
-                let mut v = Vec::new();
-                frame::build(
-                    [4; 6],
-                    [2; 6],
-                    4000,
-                    0,
-                    s,
-                    60 + (s as usize * 37) % 1400,
-                    &mut v,
-                );
-                v
-            })
-            .collect();
+        let f = frames(sent, (sent + 7).min(total) - sent, |s| {
+            60 + (s as usize * 37) % 1400
+        });
         if !f.is_empty() {
             let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
             sent += tx.send_batch(&refs).unwrap() as u64;
@@ -399,7 +384,6 @@ fn finished_tx_buffers_and_received_buffers_are_remapped_in_pairs_and_keep_their
         keeping.heap.live.lock().unwrap().is_empty(),
         "mappings left after release"
     );
-    let _ = std::fs::remove_file(&dir);
 }
 
 /// [`HeapMapper`] whose maps fail while `fail` is set, and whose TX remaps, while
@@ -445,32 +429,10 @@ impl DmaMapper for FlakyMapper {
 #[test]
 fn a_tx_batch_whose_paired_maps_fail_unmaps_its_other_maps_with_their_own_lengths() {
     use std::sync::atomic::Ordering::SeqCst;
-    let dir = std::env::temp_dir().join(format!("nicdesc-txfail-{}", std::process::id()));
-    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
-    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
     let flaky = Arc::new(FlakyMapper::default());
-    let mapper: SharedMapper = flaky.clone();
     let n = 8u16;
-    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
-    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
-    rx.arm().unwrap();
-    let mut model = Model {
-        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
-        tx_base: tx.ring_iova(),
-        rx_base: rx.ring_iova(),
-        n,
-        tdh: 0,
-        rdh: 0,
-    };
-    let frames = |from: u64, k: u64| -> Vec<Vec<u8>> {
-        (from..from + k)
-            .map(|s| {
-                let mut v = Vec::new();
-                frame::build([4; 6], [2; 6], 4000, 0, s, 100 + 50 * s as usize, &mut v);
-                v
-            })
-            .collect()
-    };
+    let (_file, mut tx, mut rx, mut model) = rig("txfail", flaky.clone(), n);
+    let frames = |from, k| frames(from, k, |s| 100 + 50 * s as usize);
     // The rings and the RX buffers.
     let base = 2 + usize::from(n);
     let f = frames(0, 2);
@@ -506,38 +468,15 @@ fn a_tx_batch_whose_paired_maps_fail_unmaps_its_other_maps_with_their_own_length
     tx.release().unwrap();
     rx.release().unwrap();
     assert!(flaky.heap.live.lock().unwrap().is_empty());
-    let _ = std::fs::remove_file(&dir);
 }
 
 #[test]
 fn rx_slots_a_failed_refill_left_without_buffers_are_refilled_by_the_next_receive() {
     use std::sync::atomic::Ordering::SeqCst;
-    let dir = std::env::temp_dir().join(format!("nicdesc-refill-{}", std::process::id()));
-    std::fs::write(&dir, vec![0u8; 4096]).unwrap();
-    let regs = Regs::new(MmioRegion::from_file(&dir, 4096).unwrap());
     let flaky = Arc::new(FlakyMapper::default());
-    let mapper: SharedMapper = flaky.clone();
     let n = 8u16;
-    let mut tx = TxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), TDT)).unwrap();
-    let mut rx = RxQueue::new(0, mapper.clone(), n, Doorbell::new(regs.clone(), RDT)).unwrap();
-    rx.arm().unwrap();
-    let mut model = Model {
-        regs: MmioRegion::from_file(&dir, 4096).unwrap(),
-        tx_base: tx.ring_iova(),
-        rx_base: rx.ring_iova(),
-        n,
-        tdh: 0,
-        rdh: 0,
-    };
-    let frames = |from: u64, k: u64| -> Vec<Vec<u8>> {
-        (from..from + k)
-            .map(|s| {
-                let mut v = Vec::new();
-                frame::build([4; 6], [2; 6], 4000, 0, s, 100, &mut v);
-                v
-            })
-            .collect()
-    };
+    let (_file, mut tx, mut rx, mut model) = rig("refill", flaky.clone(), n);
+    let frames = |from, k| frames(from, k, |_| 100);
     let f = frames(0, 3);
     let refs: Vec<&[u8]> = f.iter().map(Vec::as_slice).collect();
     assert_eq!(tx.send_batch(&refs).unwrap(), 3);
@@ -571,5 +510,4 @@ fn rx_slots_a_failed_refill_left_without_buffers_are_refilled_by_the_next_receiv
     tx.release().unwrap();
     rx.release().unwrap();
     assert!(flaky.heap.live.lock().unwrap().is_empty());
-    let _ = std::fs::remove_file(&dir);
 }
