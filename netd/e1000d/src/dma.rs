@@ -113,6 +113,26 @@ pub enum Collect {
     Now,
 }
 
+/// An RX refill's first step: takes the IOVAs of ring `slots` out of `iovas`,
+/// returning their unmaps (`len` bytes each) and, per slot, whether it had one (a
+/// slot a failed refill left without a buffer has none, and only needs its map).
+pub fn take_refill(
+    iovas: &mut [Option<u64>],
+    slots: &[u16],
+    len: usize,
+) -> (Vec<(u64, usize)>, Vec<bool>) {
+    let mut unmaps = Vec::with_capacity(slots.len());
+    let mut had = Vec::with_capacity(slots.len());
+    for &s in slots {
+        let iova = iovas.get_mut(usize::from(s)).and_then(Option::take);
+        had.push(iova.is_some());
+        if let Some(iova) = iova {
+            unmaps.push((iova, len));
+        }
+    }
+    (unmaps, had)
+}
+
 /// Collects the map tickets of one batch of `n` buffers, each ticket with the
 /// indices (into the batch) of the buffers it maps: returns `(iovas, mapped,
 /// failed)`, where `mapped` is every `(iova, len_of(index))` a ticket gave (to

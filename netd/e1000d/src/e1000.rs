@@ -880,15 +880,7 @@ impl<M: DmaMapper> E1000<M> {
         // invalidation (`strict`) is in flight cannot change what was checked; the
         // buffers go back to this same device only, for the same direction, and the
         // old IOVAs are reused only after that invalidation (the mapper's rule).
-        let mut unmaps = Vec::with_capacity(slots.len());
-        let mut had_buffer = Vec::with_capacity(slots.len());
-        for &s in &slots {
-            let iova = self.rx_iova[usize::from(s)].take();
-            had_buffer.push(iova.is_some());
-            if let Some(iova) = iova {
-                unmaps.push((iova, BUF_LEN));
-            }
-        }
+        let (unmaps, had_buffer) = crate::dma::take_refill(&mut self.rx_iova, &slots, BUF_LEN);
         let reqs: Vec<_> = slots
             .iter()
             .map(|&s| (&self.rx_bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))

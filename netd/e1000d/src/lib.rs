@@ -16,7 +16,9 @@ pub mod ring;
 
 #[cfg(target_os = "linux")]
 pub use dma::PhysMapper;
-pub use dma::{collect_maps, Collect, Dir, DmaBuf, DmaMapper, PendingMaps, PendingUnmaps};
+pub use dma::{
+    collect_maps, take_refill, Collect, Dir, DmaBuf, DmaMapper, PendingMaps, PendingUnmaps,
+};
 pub use e1000::{Stats, TxBatch, BUF_LEN, DEVICE, E1000, MAX_FRAME, RING_LEN, VENDOR};
 pub use error::{Error, Result};
 pub use libdma_mapper::LibdmaMapper;

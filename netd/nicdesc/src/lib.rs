@@ -30,6 +30,7 @@ pub mod rss;
 #[cfg(target_os = "linux")]
 pub use e1000d::PhysMapper;
 pub use e1000d::{
-    collect_maps, Collect, Dir, DmaBuf, DmaMapper, LibdmaMapper, PendingMaps, PendingUnmaps,
+    collect_maps, take_refill, Collect, Dir, DmaBuf, DmaMapper, LibdmaMapper, PendingMaps,
+    PendingUnmaps,
 };
 pub use error::{Error, Result};

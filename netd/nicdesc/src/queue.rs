@@ -542,15 +542,7 @@ impl RxQueue {
         // never in the buffer: what the device might still write through an old IOVA
         // (an unmap not yet invalidated, or a kept one) cannot change what was
         // checked, and the buffers go back to this same device, for the same direction.
-        let mut unmaps = Vec::with_capacity(slots.len());
-        let mut had = Vec::with_capacity(slots.len());
-        for &s in &slots {
-            let iova = self.iova[usize::from(s)].take();
-            had.push(iova.is_some());
-            if let Some(iova) = iova {
-                unmaps.push((iova, BUF_LEN));
-            }
-        }
+        let (unmaps, had) = crate::take_refill(&mut self.iova, &slots, BUF_LEN);
         let reqs: Vec<_> = slots
             .iter()
             .map(|&s| (&self.bufs[usize::from(s)], 0, BUF_LEN, Dir::FromDevice))
