@@ -174,6 +174,13 @@ pub struct GuestOutput {
 }
 
 impl GuestOutput {
+    /// The guest kernel hung before the job started: QEMU was killed at the timeout
+    /// and the console never showed the start marker. Seen under TCG on a slow host
+    /// as an RCU stall during boot; nothing of the job ran.
+    pub fn hung_in_boot(&self) -> bool {
+        self.timed_out && !self.console.contains(START_MARKER)
+    }
+
     /// The job ran to completion with exit status 0.
     pub fn success(&self) -> bool {
         self.exit_marker == Some(0) && !self.timed_out
@@ -263,9 +270,22 @@ impl GuestOutput {
 
 /// Ensures the dependencies, builds the image and boots it. Fails only if the harness
 /// itself fails (build, missing QEMU, ...); a failing or hung job is reported in the output.
+/// A boot whose kernel hung before the job started ([`GuestOutput::hung_in_boot`]) is
+/// booted once more, its log kept beside the new one; a job that started is never rerun.
 pub fn run(run: &GuestRun) -> Result<GuestOutput> {
     let assets = deps::ensure()?;
     let initrd = image::build(run, &assets)?;
+    let out = qemu::boot(run, &assets, &initrd)?;
+    if !out.hung_in_boot() {
+        return Ok(out);
+    }
+    let kept = out.log_path.with_extension("boot-hang.log");
+    let _ = std::fs::rename(&out.log_path, &kept);
+    eprintln!(
+        "xtask: guest `{}`: the kernel hung before the job started (log: {}); booting once more",
+        run.name,
+        kept.display()
+    );
     qemu::boot(run, &assets, &initrd)
 }
 
@@ -317,6 +337,15 @@ mod tests {
         .expect("write");
         let o = GuestOutput::from_log(&p).expect("read");
         assert!(o.timed_out && o.exit_marker.is_none());
+        assert!(!o.hung_in_boot(), "the job had started: not booted again");
+        std::fs::write(
+            &p,
+            "[   23.6] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n\
+             # xtask: guest `x` timed out after 1s; QEMU killed\n",
+        )
+        .expect("write");
+        let o = GuestOutput::from_log(&p).expect("read");
+        assert!(o.hung_in_boot(), "killed before the start marker");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
